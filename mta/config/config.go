@@ -1,0 +1,282 @@
+// Package config owns the appliance's configuration: the YAML file format,
+// the embedded defaults, and validation whose error messages name the field
+// at fault. The file is decoded strictly: an unknown key is an error, never
+// silently ignored.
+package config
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strings"
+
+	"go.yaml.in/yaml/v3"
+)
+
+// Config is the whole configuration. Every field is documented, with its
+// default, in docs/config.md.
+type Config struct {
+	Hostname        string   `yaml:"hostname"`         // name in the banner, EHLO and Received:; default: the OS host name
+	DataDir         string   `yaml:"data_dir"`         // spool and generated files; default ./data
+	LocalDomains    []string `yaml:"local_domains"`    // domains this appliance receives mail for
+	TrustedNetworks []string `yaml:"trusted_networks"` // CIDRs allowed to relay without AUTH
+	Listen          Listen   `yaml:"listen"`
+	SMTP            SMTP     `yaml:"smtp"`
+	TLS             TLS      `yaml:"tls"`
+	Auth            Auth     `yaml:"auth"`
+	Spool           Spool    `yaml:"spool"`
+	Log             Log      `yaml:"log"`
+
+	trusted []netip.Prefix
+}
+
+// Listen holds the listener addresses; an empty address disables a listener.
+type Listen struct {
+	SMTP       string `yaml:"smtp"`       // relay/MX SMTP
+	Submission string `yaml:"submission"` // message submission (RFC 6409): AUTH required
+	POP3       string `yaml:"pop3"`       // POP3 mailbox access
+	HTTP       string `yaml:"http"`       // /metrics, /healthz, /readyz and the admin API
+}
+
+// SMTP holds the inbound SMTP limits and policies.
+type SMTP struct {
+	MaxMessageSize         ByteSize `yaml:"max_message_size"`
+	MaxRecipients          int      `yaml:"max_recipients"`
+	MaxLineLength          int      `yaml:"max_line_length"`
+	MaxConnections         int      `yaml:"max_connections"`
+	MaxConnectionsPerIP    int      `yaml:"max_connections_per_ip"`
+	CommandTimeout         Duration `yaml:"command_timeout"`
+	DataTimeout            Duration `yaml:"data_timeout"`
+	ShutdownTimeout        Duration `yaml:"shutdown_timeout"`
+	BareLineEndings        string   `yaml:"bare_line_endings"`         // reject | normalize, for untrusted clients
+	BareLineEndingsTrusted string   `yaml:"bare_line_endings_trusted"` // reject | normalize, for trusted or authenticated clients
+	RejectEarlyData        bool     `yaml:"reject_early_data"`
+}
+
+// TLS holds the certificate used for STARTTLS.
+type TLS struct {
+	CertFile   string `yaml:"cert_file"`
+	KeyFile    string `yaml:"key_file"`
+	SelfSigned bool   `yaml:"self_signed"` // generate one in data_dir/tls when no cert_file is set
+}
+
+// Auth holds SMTP AUTH settings.
+type Auth struct {
+	UsersFile string `yaml:"users_file"` // lines "name:bcrypt-hash"; empty: no AUTH
+}
+
+// Spool holds the message store settings.
+type Spool struct {
+	Sync         bool     `yaml:"sync"`           // fsync before 250; off only for benchmarks
+	MinFreeSpace ByteSize `yaml:"min_free_space"` // below this free space on data_dir, new mail gets 452 4.3.1
+}
+
+// Log holds logging settings.
+type Log struct {
+	Level  string `yaml:"level"`  // debug | info | warn | error
+	Format string `yaml:"format"` // json | console
+}
+
+// Default returns the embedded defaults: everything on loopback, data in
+// ./data.
+func Default() *Config {
+	return &Config{
+		DataDir:         "./data",
+		TrustedNetworks: []string{"127.0.0.0/8", "::1/128"},
+		Listen: Listen{
+			SMTP:       "127.0.0.1:2525",
+			Submission: "127.0.0.1:2587",
+			POP3:       "127.0.0.1:2110",
+			HTTP:       "127.0.0.1:9725",
+		},
+		SMTP: SMTP{
+			MaxMessageSize:         10 << 20,
+			MaxRecipients:          1000,
+			MaxLineLength:          8192,
+			MaxConnections:         1000,
+			MaxConnectionsPerIP:    200,
+			CommandTimeout:         Duration(5 * 60e9),
+			DataTimeout:            Duration(10 * 60e9),
+			ShutdownTimeout:        Duration(30e9),
+			BareLineEndings:        "reject",
+			BareLineEndingsTrusted: "normalize",
+			RejectEarlyData:        true,
+		},
+		TLS:   TLS{SelfSigned: true},
+		Spool: Spool{Sync: true, MinFreeSpace: 100 << 20},
+		Log:   Log{Level: "info", Format: "json"},
+	}
+}
+
+// Load reads the file at path over the defaults and validates the result.
+// An empty path returns the validated defaults.
+func Load(path string) (*Config, error) {
+	cfg := Default()
+	if path != "" {
+		data, err := os.ReadFile(path)
+		if err != nil {
+			return nil, fmt.Errorf("config: %w", err)
+		}
+		if err := decode(data, cfg); err != nil {
+			return nil, fmt.Errorf("config %s: %w", path, err)
+		}
+	}
+	if err := cfg.validate(); err != nil {
+		if path != "" {
+			return nil, fmt.Errorf("config %s: %w", path, err)
+		}
+		return nil, fmt.Errorf("config: %w", err)
+	}
+	return cfg, nil
+}
+
+// Parse decodes and validates YAML text over the defaults.
+func Parse(data []byte) (*Config, error) {
+	cfg := Default()
+	if err := decode(data, cfg); err != nil {
+		return nil, fmt.Errorf("config: %w", err)
+	}
+	if err := cfg.validate(); err != nil {
+		return nil, fmt.Errorf("config: %w", err)
+	}
+	return cfg, nil
+}
+
+// decode unmarshals data into cfg, refusing unknown keys and naming the
+// field of any error by its dotted path.
+func decode(data []byte, cfg *Config) error {
+	var root yaml.Node
+	if err := yaml.Unmarshal(data, &root); err != nil {
+		return errors.New(strings.TrimPrefix(err.Error(), "yaml: "))
+	}
+	if root.Kind == 0 { // empty file
+		return nil
+	}
+	lines := map[int]string{}
+	if err := checkKnown(&root, cfg, "", lines); err != nil {
+		return err
+	}
+	dec := yaml.NewDecoder(bytes.NewReader(data))
+	dec.KnownFields(true)
+	if err := dec.Decode(cfg); err != nil {
+		return nameFields(err, lines)
+	}
+	return nil
+}
+
+// Trusted reports whether ip is in the trusted networks.
+func (c *Config) Trusted(ip netip.Addr) bool {
+	ip = ip.Unmap()
+	for _, p := range c.trusted {
+		if p.Contains(ip) {
+			return true
+		}
+	}
+	return false
+}
+
+// TrustedPrefixes returns the parsed trusted networks.
+func (c *Config) TrustedPrefixes() []netip.Prefix { return c.trusted }
+
+// FieldError is a validation failure of one field.
+type FieldError struct {
+	Field  string // dotted path, e.g. "smtp.max_message_size"
+	Reason string
+}
+
+func (e *FieldError) Error() string { return e.Field + ": " + e.Reason }
+
+func (c *Config) validate() error {
+	var errs []error
+	bad := func(field, format string, args ...any) {
+		errs = append(errs, &FieldError{field, fmt.Sprintf(format, args...)})
+	}
+	if c.Hostname == "" {
+		h, err := os.Hostname()
+		if err != nil || h == "" {
+			h = "localhost"
+		}
+		c.Hostname = h
+	} else if strings.ContainsAny(c.Hostname, " \t\r\n<>@") {
+		bad("hostname", "not a host name: %q", c.Hostname)
+	}
+	if c.DataDir == "" {
+		bad("data_dir", "must not be empty")
+	} else {
+		c.DataDir = filepath.Clean(c.DataDir)
+	}
+	for i, d := range c.LocalDomains {
+		d = strings.ToLower(strings.TrimSuffix(strings.TrimSpace(d), "."))
+		if d == "" || strings.ContainsAny(d, " @<>[]") {
+			bad(fmt.Sprintf("local_domains[%d]", i), "not a domain: %q", c.LocalDomains[i])
+		}
+		c.LocalDomains[i] = d
+	}
+	c.trusted = c.trusted[:0]
+	for i, n := range c.TrustedNetworks {
+		p, err := netip.ParsePrefix(strings.TrimSpace(n))
+		if err != nil {
+			if a, aerr := netip.ParseAddr(strings.TrimSpace(n)); aerr == nil {
+				p = netip.PrefixFrom(a, a.BitLen())
+			} else {
+				bad(fmt.Sprintf("trusted_networks[%d]", i), "not a CIDR network or IP address: %q", n)
+				continue
+			}
+		}
+		c.trusted = append(c.trusted, p.Masked())
+	}
+	for _, l := range []struct{ field, addr string }{
+		{"listen.smtp", c.Listen.SMTP}, {"listen.submission", c.Listen.Submission},
+		{"listen.pop3", c.Listen.POP3}, {"listen.http", c.Listen.HTTP},
+	} {
+		if l.addr == "" {
+			continue
+		}
+		if _, _, err := net.SplitHostPort(l.addr); err != nil {
+			bad(l.field, "not a host:port address: %q", l.addr)
+		}
+	}
+	s := &c.SMTP
+	positive := func(field string, v int64) {
+		if v <= 0 {
+			bad(field, "must be greater than zero, got %d", v)
+		}
+	}
+	positive("smtp.max_message_size", int64(s.MaxMessageSize))
+	positive("smtp.max_recipients", int64(s.MaxRecipients))
+	positive("smtp.max_connections", int64(s.MaxConnections))
+	positive("smtp.max_connections_per_ip", int64(s.MaxConnectionsPerIP))
+	positive("smtp.command_timeout", int64(s.CommandTimeout))
+	positive("smtp.data_timeout", int64(s.DataTimeout))
+	positive("smtp.shutdown_timeout", int64(s.ShutdownTimeout))
+	if s.MaxLineLength < 1000 {
+		bad("smtp.max_line_length", "must be at least 1000 (RFC 5321 §4.5.3.1.6), got %d", s.MaxLineLength)
+	}
+	for _, f := range []struct{ field, value string }{
+		{"smtp.bare_line_endings", s.BareLineEndings},
+		{"smtp.bare_line_endings_trusted", s.BareLineEndingsTrusted},
+	} {
+		if f.value != "reject" && f.value != "normalize" {
+			bad(f.field, "must be reject or normalize, got %q", f.value)
+		}
+	}
+	if (c.TLS.CertFile == "") != (c.TLS.KeyFile == "") {
+		bad("tls.cert_file", "cert_file and key_file must be set together")
+	}
+	if c.Spool.MinFreeSpace < 0 {
+		bad("spool.min_free_space", "must not be negative")
+	}
+	switch c.Log.Level {
+	case "debug", "info", "warn", "error":
+	default:
+		bad("log.level", "must be debug, info, warn or error, got %q", c.Log.Level)
+	}
+	if c.Log.Format != "json" && c.Log.Format != "console" {
+		bad("log.format", "must be json or console, got %q", c.Log.Format)
+	}
+	return errors.Join(errs...)
+}

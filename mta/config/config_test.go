@@ -1,0 +1,119 @@
+package config
+
+import (
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+)
+
+func TestDefaultsAreValidAndLoopback(t *testing.T) {
+	cfg, err := Load("")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for name, addr := range map[string]string{
+		"smtp": cfg.Listen.SMTP, "submission": cfg.Listen.Submission,
+		"pop3": cfg.Listen.POP3, "http": cfg.Listen.HTTP,
+	} {
+		if !strings.HasPrefix(addr, "127.0.0.1:") {
+			t.Errorf("default listen.%s = %q, not loopback", name, addr)
+		}
+	}
+	if cfg.DataDir != "data" {
+		t.Errorf("data_dir = %q", cfg.DataDir)
+	}
+	if !cfg.Trusted(netip.MustParseAddr("127.0.0.9")) || !cfg.Trusted(netip.MustParseAddr("::1")) {
+		t.Error("loopback is not trusted by default")
+	}
+	if cfg.Trusted(netip.MustParseAddr("192.0.2.1")) {
+		t.Error("192.0.2.1 trusted by default")
+	}
+	if !cfg.Spool.Sync {
+		t.Error("spool.sync must default to true")
+	}
+}
+
+func TestParseOverridesDefaults(t *testing.T) {
+	cfg, err := Parse([]byte(`
+hostname: mx.example.net
+local_domains: [Example.COM.]
+trusted_networks: [10.0.0.0/8, 192.0.2.7]
+smtp:
+  max_message_size: 25MiB
+  command_timeout: 90s
+spool:
+  sync: false
+`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cfg.SMTP.MaxMessageSize != 25<<20 || cfg.SMTP.CommandTimeout.D() != 90*time.Second {
+		t.Errorf("overrides not applied: %+v", cfg.SMTP)
+	}
+	if cfg.SMTP.MaxRecipients != 1000 {
+		t.Error("unset field lost its default")
+	}
+	if cfg.LocalDomains[0] != "example.com" {
+		t.Errorf("local domain not normalised: %q", cfg.LocalDomains[0])
+	}
+	if !cfg.Trusted(netip.MustParseAddr("192.0.2.7")) || cfg.Trusted(netip.MustParseAddr("127.0.0.1")) {
+		t.Error("trusted_networks not replaced")
+	}
+	if cfg.Spool.Sync {
+		t.Error("spool.sync: false ignored")
+	}
+}
+
+func TestErrorsNameTheField(t *testing.T) {
+	for _, tc := range []struct{ yaml, want string }{
+		{"smtp:\n  max_mesage_size: 1\n", "smtp.max_mesage_size: unknown field (line 2)"},
+		{"bogus: 1\n", "bogus: unknown field"},
+		{"smtp:\n  max_message_size: lots\n", "smtp.max_message_size: not a size"},
+		{"smtp:\n  max_recipients: many\n", "smtp.max_recipients: cannot unmarshal"},
+		{"smtp:\n  max_recipients: 0\n", "smtp.max_recipients: must be greater than zero"},
+		{"smtp:\n  command_timeout: soon\n", "smtp.command_timeout: not a duration"},
+		{"trusted_networks: [10.0.0.0/33]\n", "trusted_networks[0]: not a CIDR"},
+		{"listen:\n  smtp: 2525\n", "listen.smtp: not a host:port"},
+		{"smtp:\n  bare_line_endings: fix\n", "smtp.bare_line_endings: must be reject or normalize"},
+		{"tls:\n  cert_file: a.pem\n", "tls.cert_file: cert_file and key_file"},
+		{"log:\n  level: loud\n", "log.level: must be"},
+		{"smtp: [1]\n", "smtp: must be a mapping"},
+		{"local_domains: [\"a b\"]\n", "local_domains[0]: not a domain"},
+		{"smtp: {max_line_length: 80}\n", "smtp.max_line_length: must be at least 1000"},
+	} {
+		_, err := Parse([]byte(tc.yaml))
+		if err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("Parse(%q) error = %v, want it to contain %q", tc.yaml, err, tc.want)
+		}
+	}
+}
+
+func TestLoadNamesTheFile(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "mta.yaml")
+	if err := os.WriteFile(path, []byte("spool:\n  sink: true\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	_, err := Load(path)
+	if err == nil || !strings.Contains(err.Error(), path) || !strings.Contains(err.Error(), "spool.sink") {
+		t.Fatalf("error = %v", err)
+	}
+	if _, err := Load(filepath.Join(t.TempDir(), "missing.yaml")); err == nil {
+		t.Fatal("missing file accepted")
+	}
+}
+
+func TestByteSize(t *testing.T) {
+	for in, want := range map[string]int64{"10": 10, "10MiB": 10 << 20, "2 KB": 2000, "1GiB": 1 << 30, "7B": 7} {
+		var s ByteSize
+		if err := s.UnmarshalText([]byte(in)); err != nil || int64(s) != want {
+			t.Errorf("%q → %d, %v; want %d", in, s, err, want)
+		}
+	}
+	var s ByteSize
+	if s.UnmarshalText([]byte("1.5MiB")) == nil {
+		t.Error("fractional size accepted")
+	}
+}

@@ -1,0 +1,48 @@
+package mta
+
+import (
+	"errors"
+	"fmt"
+)
+
+// Enhanced is an RFC 3463 enhanced status code, class.subject.detail.
+type Enhanced [3]int
+
+// String renders the code as "c.s.d", or "" for the zero value.
+func (e Enhanced) String() string {
+	if e == (Enhanced{}) {
+		return ""
+	}
+	return fmt.Sprintf("%d.%d.%d", e[0], e[1], e[2])
+}
+
+// Reply is one SMTP reply: a three-digit code (RFC 5321 §4.2), an optional
+// enhanced status code (RFC 3463) and human-readable text. A Reply is also an
+// error, so that a failure can carry the exact reply meant for a peer.
+type Reply struct {
+	Code     int      // RFC 5321 reply code, e.g. 250, 451, 550
+	Enhanced Enhanced // RFC 3463 code; zero when not applicable
+	Text     string   // single line of text, without the codes
+}
+
+// Error renders the reply as it would appear on the wire.
+func (r *Reply) Error() string {
+	if r.Enhanced == (Enhanced{}) {
+		return fmt.Sprintf("%d %s", r.Code, r.Text)
+	}
+	return fmt.Sprintf("%d %s %s", r.Code, r.Enhanced, r.Text)
+}
+
+// Permanent reports whether the reply is a 5xx permanent failure.
+func (r *Reply) Permanent() bool { return r.Code >= 500 && r.Code < 600 }
+
+// Temporary reports whether the reply is a 4xx transient failure.
+func (r *Reply) Temporary() bool { return r.Code >= 400 && r.Code < 500 }
+
+// IsPermanent reports whether err is, or wraps, a permanent failure. Unknown
+// errors are temporary: a message is never given up on because of an error
+// nobody classified.
+func IsPermanent(err error) bool {
+	var r *Reply
+	return errors.As(err, &r) && r.Permanent()
+}
