@@ -46,3 +46,11 @@ func IsPermanent(err error) bool {
 	var r *Reply
 	return errors.As(err, &r) && r.Permanent()
 }
+
+// ErrStorageFull is returned by a store that refuses new data because its
+// disk is at or below the free-space reserve; the SMTP edge answers
+// 452 4.3.1 (RFC 3463: mail system full).
+var ErrStorageFull = errors.New("insufficient storage: free space below the reserve")
+
+// ErrNotFound is returned for a queue ID the store does not hold.
+var ErrNotFound = errors.New("no such message")

@@ -1,0 +1,82 @@
+package spool
+
+import (
+	"github.com/prometheus/client_golang/prometheus"
+	dto "github.com/prometheus/client_model/go"
+
+	"github.com/mtaproject/mta/metrics"
+)
+
+type spoolMetrics struct {
+	reg        prometheus.Registerer
+	commit     prometheus.Histogram
+	errors     *prometheus.CounterVec
+	collectors []prometheus.Collector
+}
+
+func newSpoolMetrics(s *Spool, reg prometheus.Registerer) *spoolMetrics {
+	m := &spoolMetrics{
+		reg: reg,
+		commit: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name:    "mta_spool_commit_duration_seconds",
+			Help:    "Time to commit (and, with spool.sync, fsync) the batch that accepts a message.",
+			Buckets: metrics.LatencyBuckets,
+		}),
+		errors: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "mta_spool_errors_total",
+			Help: "Spool operations that failed, by operation (put_full: refused for lack of free space).",
+		}, []string{"op"}),
+	}
+	m.collectors = []prometheus.Collector{
+		m.commit, m.errors,
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Name: "mta_spool_messages",
+			Help: "Messages in the spool (queued, deferred or held).",
+		}, func() float64 { return float64(s.Count()) }),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Name: "mta_spool_free_bytes",
+			Help: "Free space of the spool's file system, as last checked.",
+		}, func() float64 { return float64(s.free.get(s.opts.Now())) }),
+		prometheus.NewCounterFunc(prometheus.CounterOpts{
+			Name: "mta_spool_wal_fsyncs_total",
+			Help: "fsync calls made on the spool's write-ahead log.",
+		}, func() float64 { return float64(s.WALSyncs()) }),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Name: "mta_spool_healthy",
+			Help: "1 while the spool accepts writes, 0 once a fatal storage error broke it.",
+		}, func() float64 {
+			if s.Healthy() != nil {
+				return 0
+			}
+			return 1
+		}),
+	}
+	if reg != nil {
+		for _, c := range m.collectors {
+			reg.MustRegister(c)
+		}
+	}
+	return m
+}
+
+func (m *spoolMetrics) unregister() {
+	if m.reg == nil {
+		return
+	}
+	for _, c := range m.collectors {
+		m.reg.Unregister(c)
+	}
+}
+
+// WALSyncs returns how many fsyncs the write-ahead log has done since Open.
+func (s *Spool) WALSyncs() uint64 {
+	h := s.db.Metrics().LogWriter.FsyncLatency
+	if h == nil {
+		return 0
+	}
+	var d dto.Metric
+	if err := h.Write(&d); err != nil || d.Histogram == nil {
+		return 0
+	}
+	return d.Histogram.GetSampleCount()
+}

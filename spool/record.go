@@ -1,0 +1,253 @@
+package spool
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/mtaproject/mta/mta"
+)
+
+// Status is the delivery state of one recipient.
+type Status uint8
+
+// Recipient states. A message leaves the spool when no recipient is Queued.
+const (
+	Queued    Status = iota // waiting for delivery or a retry
+	Delivered               // the remote server accepted it (2xx)
+	Failed                  // permanently failed (5xx, or queue lifetime exceeded)
+)
+
+func (s Status) String() string {
+	switch s {
+	case Queued:
+		return "queued"
+	case Delivered:
+		return "delivered"
+	case Failed:
+		return "failed"
+	}
+	return fmt.Sprintf("status(%d)", uint8(s))
+}
+
+// RecipientState is one recipient and how its delivery stands.
+type RecipientState struct {
+	mta.Recipient
+	Domain      string    // lower-cased domain of Address: the unit of delivery
+	Status      Status    // queued, delivered or failed
+	Attempts    int       // delivery attempts made so far
+	NextAttempt time.Time // when a Queued recipient is due; its due-index key
+	LastAttempt time.Time // when the last attempt ended; zero before the first
+	LastReply   string    // the last remote reply or local reason, for queue show and DSNs
+}
+
+// Message is the spool record of one message: its envelope and the state of
+// every recipient. It is stored under m/<id>.
+type Message struct {
+	ID         string           // queue ID
+	From       string           // reverse-path; "" is the null sender
+	EnvID      string           // DSN ENVID
+	Ret        mta.Return       // DSN RET
+	SMTPUTF8   bool             // accepted with SMTPUTF8
+	Body8Bit   bool             // accepted with BODY=8BITMIME
+	Held       bool             // on hold: not due until released
+	ClientIP   string           // client that submitted it
+	HELO       string           // client's HELO name
+	AuthUser   string           // authenticated submitter, if any
+	Received   time.Time        // acceptance time
+	Size       int64            // bytes stored under b/<id>
+	Recipients []RecipientState // in the order accepted
+}
+
+// Pending returns the distinct domains that still have Queued recipients,
+// in first-seen order.
+func (m *Message) Pending() []string {
+	var out []string
+	for i := range m.Recipients {
+		r := &m.Recipients[i]
+		if r.Status != Queued {
+			continue
+		}
+		seen := false
+		for _, d := range out {
+			if d == r.Domain {
+				seen = true
+				break
+			}
+		}
+		if !seen {
+			out = append(out, r.Domain)
+		}
+	}
+	return out
+}
+
+// Done reports whether no recipient is still queued.
+func (m *Message) Done() bool {
+	for i := range m.Recipients {
+		if m.Recipients[i].Status == Queued {
+			return false
+		}
+	}
+	return true
+}
+
+// recordVersion is the first byte of every encoded Message.
+const recordVersion = 1
+
+const (
+	flagSMTPUTF8 = 1 << iota
+	flagBody8Bit
+	flagHeld
+)
+
+// encode appends the binary form of m to dst. The format is a version byte,
+// then fields in declaration order: strings as uvarint length + bytes,
+// integers as varints, times as varint Unix nanoseconds (0 for zero time).
+func (m *Message) encode(dst []byte) []byte {
+	var flags uint64
+	if m.SMTPUTF8 {
+		flags |= flagSMTPUTF8
+	}
+	if m.Body8Bit {
+		flags |= flagBody8Bit
+	}
+	if m.Held {
+		flags |= flagHeld
+	}
+	dst = append(dst, recordVersion)
+	dst = binary.AppendUvarint(dst, flags)
+	for _, s := range []string{m.From, m.EnvID, string(m.Ret), m.ClientIP, m.HELO, m.AuthUser} {
+		dst = appendString(dst, s)
+	}
+	dst = appendTime(dst, m.Received)
+	dst = binary.AppendVarint(dst, m.Size)
+	dst = binary.AppendUvarint(dst, uint64(len(m.Recipients)))
+	for i := range m.Recipients {
+		r := &m.Recipients[i]
+		dst = appendString(dst, r.Address)
+		dst = binary.AppendUvarint(dst, uint64(r.Notify))
+		dst = appendString(dst, r.ORcptType)
+		dst = appendString(dst, r.ORcpt)
+		dst = append(dst, byte(r.Status))
+		dst = binary.AppendUvarint(dst, uint64(r.Attempts))
+		dst = appendTime(dst, r.NextAttempt)
+		dst = appendTime(dst, r.LastAttempt)
+		dst = appendString(dst, r.LastReply)
+	}
+	return dst
+}
+
+var errCorrupt = errors.New("spool: corrupt message record")
+
+// decodeMessage parses a record made by encode. The domain of each
+// recipient is derived from its address, not stored.
+func decodeMessage(id string, b []byte) (*Message, error) {
+	d := decoder{b: b}
+	if v := d.byte(); v != recordVersion {
+		return nil, fmt.Errorf("spool: message %s: record version %d not supported", id, v)
+	}
+	m := &Message{ID: id}
+	flags := d.uvarint()
+	m.SMTPUTF8 = flags&flagSMTPUTF8 != 0
+	m.Body8Bit = flags&flagBody8Bit != 0
+	m.Held = flags&flagHeld != 0
+	m.From = d.string()
+	m.EnvID = d.string()
+	m.Ret = mta.Return(d.string())
+	m.ClientIP = d.string()
+	m.HELO = d.string()
+	m.AuthUser = d.string()
+	m.Received = d.time()
+	m.Size = d.varint()
+	n := d.uvarint()
+	if n > uint64(len(b)) { // each recipient takes several bytes
+		return nil, fmt.Errorf("%w %s", errCorrupt, id)
+	}
+	m.Recipients = make([]RecipientState, n)
+	for i := range m.Recipients {
+		r := &m.Recipients[i]
+		r.Address = d.string()
+		r.Domain = mta.Domain(r.Address)
+		r.Notify = mta.Notify(d.uvarint())
+		r.ORcptType = d.string()
+		r.ORcpt = d.string()
+		r.Status = Status(d.byte())
+		r.Attempts = int(d.uvarint())
+		r.NextAttempt = d.time()
+		r.LastAttempt = d.time()
+		r.LastReply = d.string()
+	}
+	if d.err || len(d.b) != 0 {
+		return nil, fmt.Errorf("%w %s", errCorrupt, id)
+	}
+	return m, nil
+}
+
+func appendString(dst []byte, s string) []byte {
+	dst = binary.AppendUvarint(dst, uint64(len(s)))
+	return append(dst, s...)
+}
+
+func appendTime(dst []byte, t time.Time) []byte {
+	if t.IsZero() {
+		return binary.AppendVarint(dst, 0)
+	}
+	return binary.AppendVarint(dst, t.UnixNano())
+}
+
+// decoder reads what encode wrote; any short read sets err and yields zeros.
+type decoder struct {
+	b   []byte
+	err bool
+}
+
+func (d *decoder) byte() byte {
+	if len(d.b) == 0 {
+		d.err = true
+		return 0
+	}
+	c := d.b[0]
+	d.b = d.b[1:]
+	return c
+}
+
+func (d *decoder) uvarint() uint64 {
+	v, n := binary.Uvarint(d.b)
+	if n <= 0 {
+		d.err = true
+		return 0
+	}
+	d.b = d.b[n:]
+	return v
+}
+
+func (d *decoder) varint() int64 {
+	v, n := binary.Varint(d.b)
+	if n <= 0 {
+		d.err = true
+		return 0
+	}
+	d.b = d.b[n:]
+	return v
+}
+
+func (d *decoder) string() string {
+	n := d.uvarint()
+	if n > uint64(len(d.b)) {
+		d.err = true
+		return ""
+	}
+	s := string(d.b[:n])
+	d.b = d.b[n:]
+	return s
+}
+
+func (d *decoder) time() time.Time {
+	v := d.varint()
+	if v == 0 {
+		return time.Time{}
+	}
+	return time.Unix(0, v)
+}

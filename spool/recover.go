@@ -1,0 +1,121 @@
+package spool
+
+import (
+	"errors"
+	"fmt"
+
+	"github.com/cockroachdb/pebble/v2"
+	"go.uber.org/zap"
+)
+
+// recover runs once at Open. Batches make every transition atomic, so a
+// crash cannot leave half a message; recovery still checks the invariants
+// rather than trusting them, because a spool outlives the code that wrote it:
+//   - every message with queued recipients that is not held has its due
+//     entries (a missing one is re-added, due at its recorded time);
+//   - every due entry points at a message (a dangling one is deleted);
+//   - every message has its bytes (a record without them is logged; it is
+//     kept so that an operator can see and remove it).
+func (s *Spool) recover() error {
+	var n int64
+	repaired, missingBody := 0, 0
+	b := s.db.NewBatch()
+	defer func() { b.Close() }()
+	flush := func() error {
+		if b.Empty() {
+			return nil
+		}
+		if err := b.Commit(pebble.Sync); err != nil {
+			return fmt.Errorf("spool: recover: %w", err)
+		}
+		b.Close()
+		b = s.db.NewBatch()
+		return nil
+	}
+	it, err := s.db.NewIter(&pebble.IterOptions{LowerBound: []byte(prefixMessage), UpperBound: []byte(prefixEnd(prefixMessage))})
+	if err != nil {
+		return fmt.Errorf("spool: recover: %w", err)
+	}
+	var k keyBuf
+	for ok := it.First(); ok; ok = it.Next() {
+		n++
+		id := string(it.Key()[len(prefixMessage):])
+		v, err := it.ValueAndErr()
+		if err != nil {
+			it.Close()
+			return fmt.Errorf("spool: recover: %w", err)
+		}
+		m, err := decodeMessage(id, v)
+		if err != nil {
+			s.log.Error("spool: unreadable message record kept for inspection", zap.String("id", id), zap.Error(err))
+			continue
+		}
+		if !s.exists(k.body(id)) {
+			missingBody++
+			s.log.Error("spool: message record without its bytes", zap.String("id", id))
+		}
+		if m.Held {
+			continue
+		}
+		for i := range m.Recipients {
+			r := &m.Recipients[i]
+			if r.Status != Queued {
+				continue
+			}
+			key := k.due(r.NextAttempt, id, r.Domain)
+			if !s.exists(key) {
+				_ = b.Set(key, nil, nil)
+				repaired++
+			}
+		}
+		if b.Len() > 1<<20 {
+			if err := flush(); err != nil {
+				it.Close()
+				return err
+			}
+		}
+	}
+	if err := errors.Join(it.Error(), it.Close()); err != nil {
+		return fmt.Errorf("spool: recover: %w", err)
+	}
+	dangling, err := s.dropDangling(b)
+	if err != nil {
+		return err
+	}
+	if err := flush(); err != nil {
+		return err
+	}
+	s.count.Store(n)
+	s.log.Info("spool recovered", zap.String("dir", s.dir), zap.Int64("messages", n),
+		zap.Int("due_entries_repaired", repaired), zap.Int("dangling_due_entries_removed", dangling),
+		zap.Int("records_without_bytes", missingBody))
+	return nil
+}
+
+// dropDangling adds to b the deletion of due entries whose message is gone.
+func (s *Spool) dropDangling(b *pebble.Batch) (int, error) {
+	it, err := s.db.NewIter(&pebble.IterOptions{LowerBound: []byte(prefixDue), UpperBound: []byte(prefixEnd(prefixDue))})
+	if err != nil {
+		return 0, fmt.Errorf("spool: recover: %w", err)
+	}
+	defer it.Close()
+	var k keyBuf
+	n := 0
+	for ok := it.First(); ok; ok = it.Next() {
+		e, err := parseDue(it.Key())
+		if err != nil || !s.exists(k.message(e.ID)) {
+			_ = b.Delete(it.Key(), nil)
+			n++
+		}
+	}
+	return n, it.Error()
+}
+
+func (s *Spool) exists(key []byte) bool {
+	_, closer, err := s.db.Get(key)
+	if err != nil {
+		return false
+	}
+	closer.Close()
+	return true
+}

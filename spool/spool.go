@@ -1,0 +1,541 @@
+package spool
+
+import (
+	"bytes"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"hash/fnv"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"github.com/cockroachdb/pebble/v2"
+	"github.com/prometheus/client_golang/prometheus"
+	"go.uber.org/zap"
+
+	"github.com/mtaproject/mta/mta"
+)
+
+// Options configure a Spool.
+type Options struct {
+	// Sync makes Put and every transition wait for the WAL fsync. Turning it
+	// off loses acknowledged mail on a crash; it exists to measure the cost.
+	Sync bool
+	// MinFreeSpace is the free-space reserve in bytes: while the spool's
+	// file system has less, Put returns mta.ErrStorageFull.
+	MinFreeSpace int64
+	// Logger receives Pebble's and the spool's own messages; nil discards them.
+	Logger *zap.Logger
+	// Registerer gets the spool's metrics; nil registers nothing.
+	Registerer prometheus.Registerer
+	// Now is the clock; nil means time.Now.
+	Now func() time.Time
+}
+
+// Spool is the durable message store. It is safe for concurrent use. The
+// caller MUST call Close to release the Pebble database.
+type Spool struct {
+	db      *pebble.DB
+	dir     string
+	opts    Options
+	log     *zap.Logger
+	write   *pebble.WriteOptions
+	ids     *idGen
+	locks   [256]sync.Mutex // per-message read-modify-write, striped by ID
+	count   atomic.Int64    // messages in the spool
+	broken  atomic.Pointer[error]
+	free    freeSpace
+	metrics *spoolMetrics
+}
+
+// DueEntry names one destination of one message whose attempt is due.
+type DueEntry struct {
+	ID     string    // queue ID
+	Domain string    // recipient domain
+	Due    time.Time // when it became due
+}
+
+// Open opens (creating if needed) the spool in dir and recovers it: it
+// counts the messages and repairs the due index, so that every message with
+// queued recipients that is not held has its due entries.
+func Open(dir string, opts Options) (*Spool, error) {
+	if opts.Logger == nil {
+		opts.Logger = zap.NewNop()
+	}
+	if opts.Now == nil {
+		opts.Now = time.Now
+	}
+	s := &Spool{dir: dir, opts: opts, log: opts.Logger, ids: newIDGen()}
+	s.write = pebble.NoSync
+	if opts.Sync {
+		s.write = pebble.Sync
+	}
+	s.free = freeSpace{dir: dir}
+	popts := &pebble.Options{Logger: pebbleLogger{s}}
+	db, err := pebble.Open(dir, popts)
+	if err != nil {
+		return nil, fmt.Errorf("spool: open %s: %w", dir, err)
+	}
+	s.db = db
+	if err := s.recover(); err != nil {
+		db.Close()
+		return nil, err
+	}
+	s.metrics = newSpoolMetrics(s, opts.Registerer)
+	return s, nil
+}
+
+// Close closes the database. Writes in flight must have returned first.
+func (s *Spool) Close() error {
+	if s.metrics != nil {
+		s.metrics.unregister()
+	}
+	return s.db.Close()
+}
+
+// NewID returns a fresh queue ID for a message about to be Put.
+func (s *Spool) NewID() string { return s.ids.next(s.opts.Now()) }
+
+// Count returns the number of messages in the spool.
+func (s *Spool) Count() int64 { return s.count.Load() }
+
+// Healthy returns nil while the spool accepts writes.
+func (s *Spool) Healthy() error {
+	if e := s.broken.Load(); e != nil {
+		return *e
+	}
+	return nil
+}
+
+// Put stores a new message: its record, its bytes (header followed by body,
+// stored as one value) and one due entry per recipient domain, in one batch.
+// With Options.Sync it returns only after the batch is on disk. m.ID must
+// come from NewID; Put sets m.Size, the recipients' Domain, Status and
+// NextAttempt, and m.Received if zero.
+func (s *Spool) Put(m *Message, header, body []byte) (err error) {
+	if err := s.Healthy(); err != nil {
+		return err
+	}
+	if !ValidID(m.ID) {
+		return fmt.Errorf("spool: put: invalid queue ID %q", m.ID)
+	}
+	size := int64(len(header) + len(body))
+	if s.free.below(s.opts.MinFreeSpace+size, s.opts.Now()) {
+		s.metrics.errors.WithLabelValues("put_full").Inc()
+		return mta.ErrStorageFull
+	}
+	now := s.opts.Now()
+	if m.Received.IsZero() {
+		m.Received = now
+	}
+	m.Size = size
+	for i := range m.Recipients {
+		r := &m.Recipients[i]
+		r.Domain = mta.Domain(r.Address)
+		r.Status = Queued
+		r.NextAttempt = now
+	}
+	b := s.db.NewBatch()
+	defer b.Close()
+	rec := recordPool.Get().(*[]byte)
+	*rec = m.encode((*rec)[:0])
+	key := keyBuf{}
+	_ = b.Set(key.message(m.ID), *rec, nil)
+	recordPool.Put(rec)
+	op := b.SetDeferred(len(key.body(m.ID)), int(size))
+	copy(op.Key, key.body(m.ID))
+	copy(op.Value[copy(op.Value, header):], body)
+	op.Finish()
+	if !m.Held {
+		for _, d := range m.Pending() {
+			_ = b.Set(key.due(now, m.ID, d), nil, nil)
+		}
+	}
+	start := time.Now()
+	if err := s.commit(b, "put"); err != nil {
+		return err
+	}
+	s.metrics.commit.Observe(time.Since(start).Seconds())
+	s.count.Add(1)
+	return nil
+}
+
+var recordPool = sync.Pool{New: func() any { b := make([]byte, 0, 512); return &b }}
+
+// commit applies a batch, turning a Pebble fatal error into a broken spool
+// and an ENOSPC into mta.ErrStorageFull.
+func (s *Spool) commit(b *pebble.Batch, op string) (err error) {
+	defer func() {
+		if r := recover(); r != nil {
+			f, ok := r.(pebbleFatal)
+			if !ok {
+				panic(r)
+			}
+			e := fmt.Errorf("spool: broken by a fatal storage error: %s", string(f))
+			s.broken.CompareAndSwap(nil, &e)
+			s.log.Error("spool broken: refusing all writes until restart", zap.String("reason", string(f)))
+			err = e
+		}
+		if err != nil {
+			s.metrics.errors.WithLabelValues(op).Inc()
+		}
+	}()
+	if err := b.Commit(s.write); err != nil {
+		if errors.Is(err, syscall.ENOSPC) {
+			return mta.ErrStorageFull
+		}
+		return fmt.Errorf("spool: %s: %w", op, err)
+	}
+	return nil
+}
+
+// Get returns the record of message id, or mta.ErrNotFound.
+func (s *Spool) Get(id string) (*Message, error) {
+	var k keyBuf
+	v, closer, err := s.db.Get(k.message(id))
+	if errors.Is(err, pebble.ErrNotFound) {
+		return nil, fmt.Errorf("%w: %s", mta.ErrNotFound, id)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("spool: get %s: %w", id, err)
+	}
+	defer closer.Close()
+	return decodeMessage(id, v)
+}
+
+// Body returns a copy of the stored bytes of message id.
+func (s *Spool) Body(id string) ([]byte, error) {
+	var k keyBuf
+	v, closer, err := s.db.Get(k.body(id))
+	if errors.Is(err, pebble.ErrNotFound) {
+		return nil, fmt.Errorf("%w: %s", mta.ErrNotFound, id)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("spool: body %s: %w", id, err)
+	}
+	defer closer.Close()
+	return bytes.Clone(v), nil
+}
+
+// Due returns up to limit due-index entries with a due time at or before
+// now, earliest first.
+func (s *Spool) Due(now time.Time, limit int) ([]DueEntry, error) {
+	var k keyBuf
+	upper := append([]byte(nil), k.dueBound(now.Add(time.Nanosecond))...)
+	it, err := s.db.NewIter(&pebble.IterOptions{LowerBound: []byte(prefixDue), UpperBound: upper})
+	if err != nil {
+		return nil, fmt.Errorf("spool: due: %w", err)
+	}
+	defer it.Close()
+	var out []DueEntry
+	for ok := it.First(); ok && len(out) < limit; ok = it.Next() {
+		e, perr := parseDue(it.Key())
+		if perr != nil {
+			s.log.Warn("spool: skipping malformed due entry", zap.ByteString("key", it.Key()))
+			continue
+		}
+		out = append(out, e)
+	}
+	return out, it.Error()
+}
+
+// List returns up to limit messages with IDs greater than after, in ID
+// (acceptance) order. It is for the admin CLI; it decodes every record.
+func (s *Spool) List(after string, limit int) ([]*Message, error) {
+	lower := []byte(prefixMessage + after + "\x00")
+	if after == "" {
+		lower = []byte(prefixMessage)
+	}
+	it, err := s.db.NewIter(&pebble.IterOptions{LowerBound: lower, UpperBound: []byte(prefixEnd(prefixMessage))})
+	if err != nil {
+		return nil, fmt.Errorf("spool: list: %w", err)
+	}
+	defer it.Close()
+	var out []*Message
+	for ok := it.First(); ok && len(out) < limit; ok = it.Next() {
+		id := string(it.Key()[len(prefixMessage):])
+		v, err := it.ValueAndErr()
+		if err != nil {
+			return out, fmt.Errorf("spool: list: %w", err)
+		}
+		m, err := decodeMessage(id, v)
+		if err != nil {
+			return out, err
+		}
+		out = append(out, m)
+	}
+	return out, it.Error()
+}
+
+// update runs fn on message id under its lock and commits the result in one
+// batch: the new record, and whatever due-index changes fn added to the
+// batch. If no recipient is left queued, the message is removed instead.
+func (s *Spool) update(op, id string, fn func(m *Message, b *pebble.Batch) error) error {
+	if err := s.Healthy(); err != nil {
+		return err
+	}
+	mu := &s.locks[stripe(id)]
+	mu.Lock()
+	defer mu.Unlock()
+	m, err := s.Get(id)
+	if err != nil {
+		return err
+	}
+	b := s.db.NewBatch()
+	defer b.Close()
+	if err := fn(m, b); err != nil {
+		return err
+	}
+	var k keyBuf
+	done := m.Done()
+	if done {
+		_ = b.Delete(k.message(id), nil)
+		_ = b.Delete(k.body(id), nil)
+	} else {
+		_ = b.Set(k.message(id), m.encode(nil), nil)
+	}
+	if err := s.commit(b, op); err != nil {
+		return err
+	}
+	if done {
+		s.count.Add(-1)
+	}
+	return nil
+}
+
+// dueKeys adds to b the deletion of the due entries of every pending domain
+// of m (those it has while not held).
+func deleteDue(b *pebble.Batch, m *Message) {
+	if m.Held {
+		return
+	}
+	var k keyBuf
+	for i := range m.Recipients {
+		r := &m.Recipients[i]
+		if r.Status == Queued {
+			_ = b.Delete(k.due(r.NextAttempt, m.ID, r.Domain), nil)
+		}
+	}
+}
+
+// setDue adds to b the due entries of every pending domain of m.
+func setDue(b *pebble.Batch, m *Message) {
+	if m.Held {
+		return
+	}
+	var k keyBuf
+	for i := range m.Recipients {
+		r := &m.Recipients[i]
+		if r.Status == Queued {
+			_ = b.Set(k.due(r.NextAttempt, m.ID, r.Domain), nil, nil)
+		}
+	}
+}
+
+// Defer records a failed attempt (a temporary failure) for the queued
+// recipients of domain in message id, with the reply that caused it, and
+// makes them due again at until.
+func (s *Spool) Defer(id, domain string, until time.Time, reply string) error {
+	now := s.opts.Now()
+	return s.update("defer", id, func(m *Message, b *pebble.Batch) error {
+		deleteDue(b, m)
+		for i := range m.Recipients {
+			r := &m.Recipients[i]
+			if r.Status == Queued && r.Domain == domain {
+				r.Attempts++
+				r.LastAttempt = now
+				r.LastReply = reply
+				r.NextAttempt = until
+			}
+		}
+		setDue(b, m)
+		return nil
+	})
+}
+
+// MarkDelivered records that the named recipients of message id were
+// accepted by their server with reply. The message is removed once no
+// recipient is queued.
+func (s *Spool) MarkDelivered(id string, recipients []string, reply string) error {
+	return s.finish("deliver", id, recipients, Delivered, reply)
+}
+
+// Fail records that the named recipients of message id failed permanently
+// with reply (a 5xx, or a local reason such as the queue lifetime).
+func (s *Spool) Fail(id string, recipients []string, reply string) error {
+	return s.finish("fail", id, recipients, Failed, reply)
+}
+
+func (s *Spool) finish(op, id string, recipients []string, st Status, reply string) error {
+	now := s.opts.Now()
+	return s.update(op, id, func(m *Message, b *pebble.Batch) error {
+		deleteDue(b, m)
+		for i := range m.Recipients {
+			r := &m.Recipients[i]
+			if r.Status != Queued || !contains(recipients, r.Address) {
+				continue
+			}
+			r.Status = st
+			r.Attempts++
+			r.LastAttempt = now
+			r.LastReply = reply
+		}
+		setDue(b, m)
+		return nil
+	})
+}
+
+// Hold takes message id out of the due index until Release.
+func (s *Spool) Hold(id string) error {
+	return s.update("hold", id, func(m *Message, b *pebble.Batch) error {
+		deleteDue(b, m)
+		m.Held = true
+		return nil
+	})
+}
+
+// Release puts a held message back in the due index, due now.
+func (s *Spool) Release(id string) error {
+	now := s.opts.Now()
+	return s.update("release", id, func(m *Message, b *pebble.Batch) error {
+		if !m.Held {
+			return nil
+		}
+		m.Held = false
+		reschedule(m, now)
+		setDue(b, m)
+		return nil
+	})
+}
+
+// Reschedule makes every queued recipient of message id due at t, unless it
+// is held. Flush uses it with t = now.
+func (s *Spool) Reschedule(id string, t time.Time) error {
+	return s.update("reschedule", id, func(m *Message, b *pebble.Batch) error {
+		deleteDue(b, m)
+		reschedule(m, t)
+		setDue(b, m)
+		return nil
+	})
+}
+
+func reschedule(m *Message, t time.Time) {
+	for i := range m.Recipients {
+		if m.Recipients[i].Status == Queued {
+			m.Recipients[i].NextAttempt = t
+		}
+	}
+}
+
+// Flush makes every message that is waiting for a retry due now. It returns
+// how many messages it rescheduled.
+func (s *Spool) Flush() (int, error) {
+	now := s.opts.Now()
+	n := 0
+	for {
+		ids, err := s.laterThan(now, 1000)
+		if err != nil || len(ids) == 0 {
+			return n, err
+		}
+		for _, id := range ids {
+			if err := s.Reschedule(id, now); err != nil && !errors.Is(err, mta.ErrNotFound) {
+				return n, err
+			}
+			n++
+		}
+	}
+}
+
+// laterThan returns up to limit distinct IDs with due entries after now.
+func (s *Spool) laterThan(now time.Time, limit int) ([]string, error) {
+	var k keyBuf
+	lower := append([]byte(nil), k.dueBound(now.Add(time.Nanosecond))...)
+	it, err := s.db.NewIter(&pebble.IterOptions{LowerBound: lower, UpperBound: []byte(prefixEnd(prefixDue))})
+	if err != nil {
+		return nil, err
+	}
+	defer it.Close()
+	seen := map[string]bool{}
+	var ids []string
+	for ok := it.First(); ok && len(ids) < limit; ok = it.Next() {
+		e, err := parseDue(it.Key())
+		if err == nil && !seen[e.ID] {
+			seen[e.ID] = true
+			ids = append(ids, e.ID)
+		}
+	}
+	return ids, it.Error()
+}
+
+// Remove deletes message id and all its entries, whatever their state.
+func (s *Spool) Remove(id string) error {
+	return s.update("remove", id, func(m *Message, b *pebble.Batch) error {
+		deleteDue(b, m)
+		for i := range m.Recipients {
+			if m.Recipients[i].Status == Queued {
+				m.Recipients[i].Status = Failed
+				m.Recipients[i].LastReply = "removed by the administrator"
+			}
+		}
+		return nil
+	})
+}
+
+func contains(list []string, s string) bool {
+	for _, x := range list {
+		if x == s {
+			return true
+		}
+	}
+	return false
+}
+
+func stripe(id string) uint8 {
+	h := fnv.New32a()
+	h.Write([]byte(id))
+	return uint8(h.Sum32())
+}
+
+// Key prefixes.
+const (
+	prefixMessage = "m/"
+	prefixBody    = "b/"
+	prefixDue     = "q/"
+)
+
+// prefixEnd returns the smallest key greater than every key with prefix p.
+func prefixEnd(p string) string { return p[:len(p)-1] + string(p[len(p)-1]+1) }
+
+// keyBuf builds keys without allocating more than once per key.
+type keyBuf struct{ b [64]byte }
+
+func (k *keyBuf) message(id string) []byte { return append(append(k.b[:0], prefixMessage...), id...) }
+func (k *keyBuf) body(id string) []byte    { return append(append(k.b[:0], prefixBody...), id...) }
+
+func (k *keyBuf) dueBound(t time.Time) []byte {
+	b := append(k.b[:0], prefixDue...)
+	return binary.BigEndian.AppendUint64(b, uint64(t.UnixNano()))
+}
+
+func (k *keyBuf) due(t time.Time, id, domain string) []byte {
+	b := k.dueBound(t)
+	b = append(b, '/')
+	b = append(b, id...)
+	b = append(b, '/')
+	return append(b, domain...)
+}
+
+func parseDue(key []byte) (DueEntry, error) {
+	const head = len(prefixDue) + 8 + 1
+	if len(key) < head+IDLen+1 || key[head-1] != '/' || key[head+IDLen] != '/' {
+		return DueEntry{}, errCorrupt
+	}
+	ns := binary.BigEndian.Uint64(key[len(prefixDue):])
+	return DueEntry{
+		ID:     string(key[head : head+IDLen]),
+		Domain: string(key[head+IDLen+1:]),
+		Due:    time.Unix(0, int64(ns)),
+	}, nil
+}

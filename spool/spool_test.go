@@ -1,0 +1,316 @@
+package spool
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"sort"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/mtaproject/mta/mta"
+)
+
+func openTest(t *testing.T, dir string, opts Options) *Spool {
+	t.Helper()
+	s, err := Open(dir, opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { s.Close() })
+	return s
+}
+
+func newMessage(s *Spool, rcpts ...string) *Message {
+	m := &Message{ID: s.NewID(), From: "sender@example.org", EnvID: "env-1", Ret: mta.ReturnHeaders, ClientIP: "127.0.0.1", HELO: "client.test"}
+	for _, r := range rcpts {
+		m.Recipients = append(m.Recipients, RecipientState{Recipient: mta.Recipient{Address: r, Notify: mta.NotifyFailure | mta.NotifyDelay, ORcptType: "rfc822", ORcpt: r}})
+	}
+	return m
+}
+
+func TestPutGetBody(t *testing.T) {
+	s := openTest(t, t.TempDir(), Options{Sync: true})
+	m := newMessage(s, "a@one.test", "b@two.test", "c@ONE.test")
+	if err := s.Put(m, []byte("Received: x\r\n"), []byte("Subject: hi\r\n\r\nbody\r\n")); err != nil {
+		t.Fatal(err)
+	}
+	got, err := s.Get(m.ID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got.From != m.From || got.EnvID != "env-1" || got.Ret != mta.ReturnHeaders || len(got.Recipients) != 3 {
+		t.Fatalf("record = %+v", got)
+	}
+	r := got.Recipients[2]
+	if r.Domain != "one.test" || r.Status != Queued || r.Notify != mta.NotifyFailure|mta.NotifyDelay || r.ORcpt != "c@ONE.test" {
+		t.Fatalf("recipient = %+v", r)
+	}
+	if d := got.Pending(); len(d) != 2 || d[0] != "one.test" || d[1] != "two.test" {
+		t.Fatalf("pending = %v", d)
+	}
+	body, err := s.Body(m.ID)
+	if err != nil || string(body) != "Received: x\r\nSubject: hi\r\n\r\nbody\r\n" {
+		t.Fatalf("body = %q, %v", body, err)
+	}
+	if got.Size != int64(len(body)) || s.Count() != 1 {
+		t.Fatalf("size %d count %d", got.Size, s.Count())
+	}
+	if _, err := s.Get("0000000000000000"); !errors.Is(err, mta.ErrNotFound) {
+		t.Fatalf("missing message: %v", err)
+	}
+}
+
+func TestDueIndexOneEntryPerDomain(t *testing.T) {
+	now := time.Unix(1_700_000_000, 0)
+	clock := now
+	s := openTest(t, t.TempDir(), Options{Now: func() time.Time { return clock }})
+	m := newMessage(s, "a@one.test", "b@two.test", "c@one.test", "d@three.test")
+	if err := s.Put(m, nil, []byte("x")); err != nil {
+		t.Fatal(err)
+	}
+	due, err := s.Due(now, 100)
+	if err != nil || len(due) != 3 {
+		t.Fatalf("due = %v, %v", due, err)
+	}
+	// Defer one.test by an hour: two entries remain due now.
+	if err := s.Defer(m.ID, "one.test", now.Add(time.Hour), "451 4.7.1 try later"); err != nil {
+		t.Fatal(err)
+	}
+	due, _ = s.Due(now, 100)
+	if len(due) != 2 {
+		t.Fatalf("after defer due = %v", due)
+	}
+	got, _ := s.Get(m.ID)
+	for _, r := range got.Recipients {
+		if r.Domain == "one.test" && (r.Attempts != 1 || r.LastReply != "451 4.7.1 try later" || !r.NextAttempt.Equal(now.Add(time.Hour))) {
+			t.Fatalf("deferred recipient = %+v", r)
+		}
+	}
+	due, _ = s.Due(now.Add(time.Hour), 100)
+	if len(due) != 3 || due[2].Domain != "one.test" || !due[2].Due.Equal(now.Add(time.Hour)) {
+		t.Fatalf("later due = %v", due)
+	}
+	// Deliver two.test, fail three.test: only one.test is left.
+	if err := s.MarkDelivered(m.ID, []string{"b@two.test"}, "250 ok"); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Fail(m.ID, []string{"d@three.test"}, "550 5.1.1 no such user"); err != nil {
+		t.Fatal(err)
+	}
+	due, _ = s.Due(now.Add(24*time.Hour), 100)
+	if len(due) != 1 || due[0].Domain != "one.test" {
+		t.Fatalf("due = %v", due)
+	}
+	got, _ = s.Get(m.ID)
+	if got.Recipients[1].Status != Delivered || got.Recipients[3].Status != Failed || got.Recipients[3].LastReply != "550 5.1.1 no such user" {
+		t.Fatalf("states = %+v", got.Recipients)
+	}
+	// Deliver the rest: the message leaves the spool, bytes and index too.
+	if err := s.MarkDelivered(m.ID, []string{"a@one.test", "c@one.test"}, "250 ok"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.Get(m.ID); !errors.Is(err, mta.ErrNotFound) {
+		t.Fatalf("finished message still there: %v", err)
+	}
+	if _, err := s.Body(m.ID); !errors.Is(err, mta.ErrNotFound) {
+		t.Fatalf("finished message's bytes still there: %v", err)
+	}
+	if due, _ := s.Due(now.Add(48*time.Hour), 100); len(due) != 0 || s.Count() != 0 {
+		t.Fatalf("due = %v count = %d", due, s.Count())
+	}
+}
+
+func TestHoldReleaseFlushRemove(t *testing.T) {
+	now := time.Unix(1_700_000_000, 0)
+	clock := now
+	s := openTest(t, t.TempDir(), Options{Now: func() time.Time { return clock }})
+	m1, m2 := newMessage(s, "a@one.test"), newMessage(s, "b@two.test")
+	for _, m := range []*Message{m1, m2} {
+		if err := s.Put(m, nil, []byte("x")); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := s.Hold(m1.ID); err != nil {
+		t.Fatal(err)
+	}
+	if due, _ := s.Due(now, 10); len(due) != 1 || due[0].ID != m2.ID {
+		t.Fatalf("held message still due: %v", due)
+	}
+	if err := s.Defer(m2.ID, "two.test", now.Add(time.Hour), "421"); err != nil {
+		t.Fatal(err)
+	}
+	clock = now.Add(time.Minute)
+	if err := s.Release(m1.ID); err != nil {
+		t.Fatal(err)
+	}
+	if due, _ := s.Due(clock, 10); len(due) != 1 || due[0].ID != m1.ID {
+		t.Fatalf("released message not due: %v", due)
+	}
+	n, err := s.Flush()
+	if err != nil || n != 1 {
+		t.Fatalf("flush = %d, %v", n, err)
+	}
+	if due, _ := s.Due(clock, 10); len(due) != 2 {
+		t.Fatalf("flushed message not due: %v", due)
+	}
+	if err := s.Remove(m2.ID); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Remove(m2.ID); !errors.Is(err, mta.ErrNotFound) {
+		t.Fatalf("second remove: %v", err)
+	}
+	if due, _ := s.Due(clock, 10); len(due) != 1 || s.Count() != 1 {
+		t.Fatalf("after remove due=%v count=%d", due, s.Count())
+	}
+	list, err := s.List("", 10)
+	if err != nil || len(list) != 1 || list[0].ID != m1.ID {
+		t.Fatalf("list = %v, %v", list, err)
+	}
+}
+
+func TestReopenRecoversAndRepairs(t *testing.T) {
+	dir := t.TempDir()
+	s, err := Open(dir, Options{Sync: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var ids []string
+	for i := 0; i < 5; i++ {
+		m := newMessage(s, fmt.Sprintf("r%d@d%d.test", i, i%2))
+		if err := s.Put(m, nil, []byte(fmt.Sprintf("message %d", i))); err != nil {
+			t.Fatal(err)
+		}
+		ids = append(ids, m.ID)
+	}
+	if err := s.Hold(ids[4]); err != nil {
+		t.Fatal(err)
+	}
+	// Break the index behind the spool's back: lose one entry, add a dangling one.
+	got, _ := s.Get(ids[0])
+	var k keyBuf
+	if err := s.db.Delete(k.due(got.Recipients[0].NextAttempt, ids[0], "d0.test"), nil); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.db.Set(k.due(time.Now(), "0000000000000001", "gone.test"), nil, nil); err != nil {
+		t.Fatal(err)
+	}
+	s.Close()
+
+	s = openTest(t, dir, Options{Sync: true})
+	if s.Count() != 5 {
+		t.Fatalf("count after reopen = %d", s.Count())
+	}
+	due, err := s.Due(time.Now().Add(time.Second), 100)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var dueIDs []string
+	for _, d := range due {
+		dueIDs = append(dueIDs, d.ID)
+	}
+	sort.Strings(dueIDs)
+	if fmt.Sprint(dueIDs) != fmt.Sprint(ids[:4]) {
+		t.Fatalf("due after recovery = %v, want %v", dueIDs, ids[:4])
+	}
+	for i, id := range ids {
+		b, err := s.Body(id)
+		if err != nil || string(b) != fmt.Sprintf("message %d", i) {
+			t.Fatalf("body %d = %q, %v", i, b, err)
+		}
+	}
+}
+
+func TestDiskReserveRefusesWithStorageFull(t *testing.T) {
+	s := openTest(t, t.TempDir(), Options{MinFreeSpace: 1 << 61})
+	err := s.Put(newMessage(s, "a@b.test"), nil, []byte("x"))
+	if !errors.Is(err, mta.ErrStorageFull) {
+		t.Fatalf("Put = %v, want ErrStorageFull", err)
+	}
+	if s.Count() != 0 {
+		t.Fatal("refused message counted")
+	}
+}
+
+func TestConcurrentPutsShareFsyncs(t *testing.T) {
+	s := openTest(t, t.TempDir(), Options{Sync: true})
+	before := s.WALSyncs()
+	const writers, each = 32, 40
+	var wg sync.WaitGroup
+	errs := make(chan error, writers)
+	for w := 0; w < writers; w++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := 0; i < each; i++ {
+				if err := s.Put(newMessage(s, "a@b.test"), nil, bytes.Repeat([]byte("x"), 1024)); err != nil {
+					errs <- err
+					return
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Fatal(err)
+	}
+	syncs := s.WALSyncs() - before
+	t.Logf("%d synced puts took %d WAL fsyncs", writers*each, syncs)
+	if syncs == 0 || syncs >= writers*each {
+		t.Fatalf("%d fsyncs for %d concurrent synced puts: no group commit", syncs, writers*each)
+	}
+	if s.Count() != writers*each {
+		t.Fatalf("count = %d", s.Count())
+	}
+}
+
+func TestIDsAreUniqueOrderedAndDecodable(t *testing.T) {
+	g := newIDGen()
+	now := time.UnixMilli(1_700_000_000_123)
+	prev := ""
+	for i := 0; i < 10000; i++ {
+		at := now
+		if i == 5000 {
+			now = now.Add(-time.Second) // clock steps back: IDs must not
+		}
+		id := g.next(at)
+		if !ValidID(id) || id <= prev {
+			t.Fatalf("id %d = %q after %q", i, id, prev)
+		}
+		prev = id
+	}
+	if got := IDTime(g.next(now.Add(time.Hour))); !got.Equal(now.Add(time.Hour)) {
+		t.Fatalf("IDTime = %v, want %v", got, now.Add(time.Hour))
+	}
+	for _, bad := range []string{"", "0123456789ABCDEI", "0123456789abcdef", "0123"} {
+		if ValidID(bad) {
+			t.Errorf("ValidID(%q)", bad)
+		}
+	}
+}
+
+func TestRecordRoundTripAndCorruption(t *testing.T) {
+	m := &Message{ID: "0123456789ABCDEF", From: "", EnvID: "e", Ret: mta.ReturnFull, SMTPUTF8: true, Held: true,
+		ClientIP: "::1", HELO: "h", AuthUser: "u", Received: time.Unix(5, 6), Size: 99,
+		Recipients: []RecipientState{{Recipient: mta.Recipient{Address: "x@Y.test", Notify: mta.NotifyNever},
+			Status: Failed, Attempts: 3, NextAttempt: time.Unix(7, 8), LastReply: "550 no"}}}
+	b := m.encode(nil)
+	got, err := decodeMessage(m.ID, b)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got.Recipients[0].Domain != "y.test" {
+		t.Fatalf("domain %q", got.Recipients[0].Domain)
+	}
+	got.Recipients[0].Domain = ""
+	if fmt.Sprintf("%+v", got) != fmt.Sprintf("%+v", m) {
+		t.Fatalf("round trip:\n got %+v\nwant %+v", got, m)
+	}
+	for i := 0; i < len(b); i++ {
+		if _, err := decodeMessage(m.ID, b[:i]); err == nil {
+			t.Fatalf("truncated record (%d of %d bytes) decoded", i, len(b))
+		}
+	}
+}
