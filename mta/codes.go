@@ -44,6 +44,8 @@ var (
 	ReplyBadSender = Reply{501, Enhanced{5, 1, 7}, "Bad sender address syntax"}
 	// ReplyBadRecipient refuses a malformed forward-path.
 	ReplyBadRecipient = Reply{501, Enhanced{5, 1, 3}, "Bad recipient address syntax"}
+	// ReplyNestedMail refuses MAIL inside a transaction (RFC 5321 §4.1.4).
+	ReplyNestedMail = Reply{503, Enhanced{5, 5, 1}, "Error: nested MAIL command"}
 	// ReplyInternal is sent when a handler failed unexpectedly (a recovered panic).
 	ReplyInternal = Reply{451, Enhanced{4, 3, 0}, "Internal error, please try again later"}
 )

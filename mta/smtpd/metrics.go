@@ -1,0 +1,50 @@
+package smtpd
+
+import "github.com/prometheus/client_golang/prometheus"
+
+// Metrics are the edge's instruments, shared by all its listeners.
+type Metrics struct {
+	connections *prometheus.CounterVec
+	active      *prometheus.GaugeVec
+	refused     *prometheus.CounterVec
+	accepted    *prometheus.CounterVec
+	bytes       *prometheus.CounterVec
+	rejected    *prometheus.CounterVec
+	auth        *prometheus.CounterVec
+	panics      prometheus.Counter
+}
+
+// NewMetrics creates the edge's instruments and registers them on reg
+// (nil: not registered).
+func NewMetrics(reg prometheus.Registerer) *Metrics {
+	m := &Metrics{
+		connections: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "mta_smtpd_connections_total", Help: "SMTP connections accepted, by listener.",
+		}, []string{"listener"}),
+		active: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "mta_smtpd_connections_active", Help: "SMTP connections open now, by listener.",
+		}, []string{"listener"}),
+		refused: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "mta_smtpd_connections_refused_total", Help: "SMTP connections refused with 421, by listener and limit.",
+		}, []string{"listener", "reason"}),
+		accepted: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "mta_smtpd_messages_accepted_total", Help: "Messages accepted (250 after the spool sync), by listener.",
+		}, []string{"listener"}),
+		bytes: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "mta_smtpd_bytes_accepted_total", Help: "Bytes of accepted messages as stored, by listener.",
+		}, []string{"listener"}),
+		rejected: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "mta_smtpd_rejections_total", Help: "Commands or messages refused, by listener and reason.",
+		}, []string{"listener", "reason"}),
+		auth: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "mta_smtpd_auth_total", Help: "AUTH attempts by result (success, failure).",
+		}, []string{"result"}),
+		panics: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "mta_smtpd_panics_total", Help: "Panics recovered in SMTP session handlers (each answered 451).",
+		}),
+	}
+	if reg != nil {
+		reg.MustRegister(m.connections, m.active, m.refused, m.accepted, m.bytes, m.rejected, m.auth, m.panics)
+	}
+	return m
+}
