@@ -66,7 +66,8 @@ type TLS struct {
 
 // Auth holds SMTP AUTH settings.
 type Auth struct {
-	UsersFile string `yaml:"users_file"` // lines "name:bcrypt-hash"; empty: no AUTH
+	UsersFile             string `yaml:"users_file"`              // lines "name:bcrypt-hash"; empty: no AUTH
+	CleartextFromLoopback bool   `yaml:"cleartext_from_loopback"` // allow AUTH without TLS from loopback clients
 }
 
 // Spool holds the message store settings.
@@ -107,6 +108,7 @@ func Default() *Config {
 			RejectEarlyData:        true,
 		},
 		TLS:   TLS{SelfSigned: true},
+		Auth:  Auth{CleartextFromLoopback: true},
 		Spool: Spool{Sync: true, MinFreeSpace: 100 << 20},
 		Log:   Log{Level: "info", Format: "json"},
 	}

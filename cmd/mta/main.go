@@ -1,0 +1,306 @@
+// Command mta is the appliance's one binary: the server (`mta serve`) and
+// the commands that administer a running server (`mta queue ...`).
+package main
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"os/signal"
+	"runtime/debug"
+	"strings"
+	"syscall"
+	"text/tabwriter"
+	"time"
+
+	"github.com/mtaproject/mta/mta/admin"
+	"github.com/mtaproject/mta/mta/auth"
+	"github.com/mtaproject/mta/mta/config"
+	"github.com/mtaproject/mta/mta/server"
+)
+
+// version is set at build time with -ldflags "-X main.version=...".
+var version = "dev"
+
+const usage = `usage:
+  mta serve [--config FILE]            run the server (embedded defaults without --config)
+  mta queue ls [--all]                 list queued messages
+  mta queue show ID                    show one message and its recipients
+  mta queue hold ID | release ID       hold a message back / put it back in the queue
+  mta queue rm ID                      remove a message from the queue
+  mta queue flush                      make every deferred message due now
+  mta config check [--config FILE]     validate a configuration file
+  mta user hash                        read a password on stdin, print a users-file hash
+  mta version                          print the version
+
+queue commands find the server through --config FILE (its listen.http) or
+--admin URL (default http://127.0.0.1:9725, or $MTA_ADMIN).
+`
+
+func main() {
+	if err := run(os.Args[1:], os.Stdin, os.Stdout); err != nil {
+		fmt.Fprintln(os.Stderr, "mta:", err)
+		os.Exit(1)
+	}
+}
+
+func run(args []string, stdin io.Reader, stdout io.Writer) error {
+	if len(args) == 0 {
+		fmt.Fprint(os.Stderr, usage)
+		return errors.New("no command given")
+	}
+	switch args[0] {
+	case "serve":
+		return serve(args[1:])
+	case "queue":
+		return queue(args[1:], stdout)
+	case "config":
+		return configCmd(args[1:], stdout)
+	case "user":
+		return user(args[1:], stdin, stdout)
+	case "version", "--version", "-v":
+		fmt.Fprintln(stdout, "mta", versionString())
+		return nil
+	case "help", "--help", "-h":
+		fmt.Fprint(stdout, usage)
+		return nil
+	}
+	fmt.Fprint(os.Stderr, usage)
+	return fmt.Errorf("unknown command %q", args[0])
+}
+
+func versionString() string {
+	v := version
+	if bi, ok := debug.ReadBuildInfo(); ok {
+		for _, s := range bi.Settings {
+			if s.Key == "vcs.revision" && len(s.Value) >= 12 {
+				v += " (" + s.Value[:12] + ")"
+			}
+		}
+	}
+	return v
+}
+
+func serve(args []string) error {
+	fs := flag.NewFlagSet("serve", flag.ContinueOnError)
+	cfgPath := fs.String("config", "", "configuration file (YAML); embedded defaults when empty")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	cfg, err := config.Load(*cfgPath)
+	if err != nil {
+		return err
+	}
+	log, err := server.NewLogger(cfg.Log)
+	if err != nil {
+		return err
+	}
+	defer log.Sync()
+	srv, err := server.New(cfg, log)
+	if err != nil {
+		return err
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
+	go func() {
+		<-ctx.Done()
+		stop() // a second signal now kills the process at once
+	}()
+	return srv.Run(ctx)
+}
+
+// adminClient finds the running server: --admin, $MTA_ADMIN, the
+// configuration's listen.http, or the default.
+func adminClient(fs *flag.FlagSet, args []string) (*admin.Client, []string, error) {
+	url := fs.String("admin", os.Getenv("MTA_ADMIN"), "admin API base URL")
+	cfgPath := fs.String("config", "", "configuration file, to find listen.http")
+	if err := fs.Parse(args); err != nil {
+		return nil, nil, err
+	}
+	base := *url
+	if base == "" {
+		cfg, err := config.Load(*cfgPath)
+		if err != nil {
+			return nil, nil, err
+		}
+		if cfg.Listen.HTTP == "" {
+			return nil, nil, errors.New("listen.http is disabled in the configuration: the queue commands need it")
+		}
+		base = "http://" + cfg.Listen.HTTP
+	}
+	return &admin.Client{Base: base}, fs.Args(), nil
+}
+
+func queue(args []string, out io.Writer) error {
+	if len(args) == 0 {
+		return errors.New("queue: want ls, show, hold, release, rm or flush")
+	}
+	fs := flag.NewFlagSet("queue "+args[0], flag.ContinueOnError)
+	all := fs.Bool("all", false, "ls: list every message, not just the first 1000")
+	c, rest, err := adminClient(fs, args[1:])
+	if err != nil {
+		return err
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+	needID := func() (string, error) {
+		if len(rest) != 1 {
+			return "", fmt.Errorf("queue %s: want one queue ID", args[0])
+		}
+		return rest[0], nil
+	}
+	switch args[0] {
+	case "ls":
+		return queueList(ctx, c, *all, out)
+	case "show":
+		id, err := needID()
+		if err != nil {
+			return err
+		}
+		m, err := c.Show(ctx, id)
+		if err != nil {
+			return err
+		}
+		printMessage(out, m)
+		return nil
+	case "hold", "release", "rm":
+		id, err := needID()
+		if err != nil {
+			return err
+		}
+		action := map[string]func(context.Context, string) error{"hold": c.Hold, "release": c.Release, "rm": c.Remove}[args[0]]
+		if err := action(ctx, id); err != nil {
+			return err
+		}
+		fmt.Fprintf(out, "%s: %s\n", id, map[string]string{"hold": "held", "release": "released", "rm": "removed"}[args[0]])
+		return nil
+	case "flush":
+		n, err := c.Flush(ctx)
+		if err != nil {
+			return err
+		}
+		fmt.Fprintf(out, "%d messages due now\n", n)
+		return nil
+	}
+	return fmt.Errorf("queue: unknown command %q", args[0])
+}
+
+func queueList(ctx context.Context, c *admin.Client, all bool, out io.Writer) error {
+	tw := tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "ID\tSIZE\tAGE\tSTATE\tFROM\tRCPTS\tQUEUED")
+	after, total := "", 0
+	for {
+		page, err := c.List(ctx, after, 1000)
+		if err != nil {
+			return err
+		}
+		for _, m := range page.Messages {
+			queued := 0
+			for _, r := range m.Recipients {
+				if r.Status == "queued" {
+					queued++
+				}
+			}
+			state := "active"
+			if m.Held {
+				state = "held"
+			} else if deferred(m) {
+				state = "deferred"
+			}
+			from := m.From
+			if from == "" {
+				from = "<>"
+			}
+			fmt.Fprintf(tw, "%s\t%d\t%s\t%s\t%s\t%d\t%d\n", m.ID, m.Size, time.Since(m.Received).Round(time.Second), state, from, len(m.Recipients), queued)
+			total++
+		}
+		if page.Next == "" || !all {
+			if page.Next != "" {
+				fmt.Fprintln(tw, "... more: use --all")
+			}
+			break
+		}
+		after = page.Next
+	}
+	if err := tw.Flush(); err != nil {
+		return err
+	}
+	fmt.Fprintf(out, "%d messages\n", total)
+	return nil
+}
+
+func deferred(m admin.Message) bool {
+	for _, r := range m.Recipients {
+		if r.Status == "queued" && r.Attempts > 0 {
+			return true
+		}
+	}
+	return false
+}
+
+func printMessage(out io.Writer, m admin.Message) {
+	from := m.From
+	if from == "" {
+		from = "<>"
+	}
+	fmt.Fprintf(out, "id:        %s\nfrom:      %s\nreceived:  %s from %s (%s)\nsize:      %d\nheld:      %v\n",
+		m.ID, from, m.Received.Format(time.RFC3339), m.ClientIP, m.HELO, m.Size, m.Held)
+	if m.AuthUser != "" {
+		fmt.Fprintf(out, "auth user: %s\n", m.AuthUser)
+	}
+	if m.EnvID != "" || m.Ret != "" {
+		fmt.Fprintf(out, "dsn:       envid=%s ret=%s\n", m.EnvID, m.Ret)
+	}
+	tw := tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "RECIPIENT\tSTATUS\tATTEMPTS\tNEXT\tLAST REPLY")
+	for _, r := range m.Recipients {
+		next := "-"
+		if r.NextAttempt != nil {
+			next = r.NextAttempt.Format(time.RFC3339)
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%d\t%s\t%s\n", r.Address, r.Status, r.Attempts, next, r.LastReply)
+	}
+	tw.Flush()
+}
+
+func configCmd(args []string, out io.Writer) error {
+	if len(args) == 0 || args[0] != "check" {
+		return errors.New("config: want check")
+	}
+	fs := flag.NewFlagSet("config check", flag.ContinueOnError)
+	cfgPath := fs.String("config", "", "configuration file")
+	if err := fs.Parse(args[1:]); err != nil {
+		return err
+	}
+	if *cfgPath == "" && fs.NArg() == 1 {
+		*cfgPath = fs.Arg(0)
+	}
+	if _, err := config.Load(*cfgPath); err != nil {
+		return err
+	}
+	fmt.Fprintln(out, "configuration ok")
+	return nil
+}
+
+func user(args []string, stdin io.Reader, out io.Writer) error {
+	if len(args) != 1 || args[0] != "hash" {
+		return errors.New("user: want hash")
+	}
+	line, err := bufio.NewReader(stdin).ReadString('\n')
+	if err != nil && !errors.Is(err, io.EOF) {
+		return err
+	}
+	pw := strings.TrimRight(line, "\r\n")
+	if pw == "" {
+		return errors.New("user hash: empty password on stdin")
+	}
+	h, err := auth.Hash(pw)
+	if err != nil {
+		return err
+	}
+	fmt.Fprintln(out, h)
+	return nil
+}

@@ -1,0 +1,184 @@
+// Package admin is the queue administration API that the `mta queue`
+// commands use: Pebble allows one process per database, so the CLI talks to
+// the running server over HTTP on its loopback port instead of opening the
+// spool. This package holds the JSON types, the HTTP handler and the client.
+package admin
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net/http"
+	"strconv"
+	"time"
+
+	"github.com/mtaproject/mta/mta"
+	"github.com/mtaproject/mta/spool"
+)
+
+// Store is what the API needs from the spool.
+type Store interface {
+	List(after string, limit int) ([]*spool.Message, error)
+	Get(id string) (*spool.Message, error)
+	Hold(id string) error
+	Release(id string) error
+	Remove(id string) error
+	Flush() (int, error)
+}
+
+// Message is one queued message as the API shows it.
+type Message struct {
+	ID         string      `json:"id"`
+	From       string      `json:"from"`
+	EnvID      string      `json:"envid,omitempty"`
+	Ret        string      `json:"ret,omitempty"`
+	ClientIP   string      `json:"client_ip"`
+	HELO       string      `json:"helo"`
+	AuthUser   string      `json:"auth_user,omitempty"`
+	Received   time.Time   `json:"received"`
+	Size       int64       `json:"size"`
+	Held       bool        `json:"held"`
+	Recipients []Recipient `json:"recipients"`
+}
+
+// Recipient is one recipient of a queued message and its delivery state.
+type Recipient struct {
+	Address     string     `json:"address"`
+	Status      string     `json:"status"` // queued, delivered, failed
+	Notify      string     `json:"notify,omitempty"`
+	ORcpt       string     `json:"orcpt,omitempty"`
+	Attempts    int        `json:"attempts"`
+	NextAttempt *time.Time `json:"next_attempt,omitempty"`
+	LastAttempt *time.Time `json:"last_attempt,omitempty"`
+	LastReply   string     `json:"last_reply,omitempty"`
+}
+
+// Page is one page of the queue listing.
+type Page struct {
+	Messages []Message `json:"messages"`
+	Next     string    `json:"next,omitempty"` // pass as ?after= for the next page
+}
+
+// Result is the answer to an action.
+type Result struct {
+	ID          string `json:"id,omitempty"`
+	Action      string `json:"action"`
+	Rescheduled int    `json:"rescheduled,omitempty"`
+}
+
+// Error is the body of every non-2xx answer.
+type Error struct {
+	Error string `json:"error"`
+}
+
+func fromSpool(m *spool.Message) Message {
+	out := Message{ID: m.ID, From: m.From, EnvID: m.EnvID, Ret: string(m.Ret), ClientIP: m.ClientIP,
+		HELO: m.HELO, AuthUser: m.AuthUser, Received: m.Received, Size: m.Size, Held: m.Held}
+	for _, r := range m.Recipients {
+		rr := Recipient{Address: r.Address, Status: r.Status.String(), Notify: r.Notify.String(),
+			Attempts: r.Attempts, LastReply: r.LastReply}
+		if r.ORcpt != "" {
+			rr.ORcpt = r.ORcptType + ";" + r.ORcpt
+		}
+		if r.Status == spool.Queued && !m.Held {
+			t := r.NextAttempt
+			rr.NextAttempt = &t
+		}
+		if !r.LastAttempt.IsZero() {
+			t := r.LastAttempt
+			rr.LastAttempt = &t
+		}
+		out.Recipients = append(out.Recipients, rr)
+	}
+	return out
+}
+
+// Handler serves the API under /api/v1/queue.
+func Handler(store Store) http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /api/v1/queue", func(w http.ResponseWriter, r *http.Request) {
+		limit := 100
+		if v := r.URL.Query().Get("limit"); v != "" {
+			n, err := strconv.Atoi(v)
+			if err != nil || n < 1 || n > 10000 {
+				writeJSON(w, http.StatusBadRequest, Error{"limit must be 1 to 10000"})
+				return
+			}
+			limit = n
+		}
+		after := r.URL.Query().Get("after")
+		if after != "" && !spool.ValidID(after) {
+			writeJSON(w, http.StatusBadRequest, Error{"after: not a queue ID"})
+			return
+		}
+		msgs, err := store.List(after, limit)
+		if err != nil {
+			writeJSON(w, http.StatusInternalServerError, Error{err.Error()})
+			return
+		}
+		page := Page{Messages: []Message{}}
+		for _, m := range msgs {
+			page.Messages = append(page.Messages, fromSpool(m))
+		}
+		if len(msgs) == limit {
+			page.Next = msgs[len(msgs)-1].ID
+		}
+		writeJSON(w, http.StatusOK, page)
+	})
+	mux.HandleFunc("GET /api/v1/queue/{id}", withID(func(w http.ResponseWriter, id string) {
+		m, err := store.Get(id)
+		if err != nil {
+			writeError(w, err)
+			return
+		}
+		writeJSON(w, http.StatusOK, fromSpool(m))
+	}))
+	action := func(name string, fn func(string) error) http.HandlerFunc {
+		return withID(func(w http.ResponseWriter, id string) {
+			if err := fn(id); err != nil {
+				writeError(w, err)
+				return
+			}
+			writeJSON(w, http.StatusOK, Result{ID: id, Action: name})
+		})
+	}
+	mux.HandleFunc("POST /api/v1/queue/{id}/hold", action("hold", store.Hold))
+	mux.HandleFunc("POST /api/v1/queue/{id}/release", action("release", store.Release))
+	mux.HandleFunc("DELETE /api/v1/queue/{id}", action("remove", store.Remove))
+	mux.HandleFunc("POST /api/v1/queue/flush", func(w http.ResponseWriter, r *http.Request) {
+		n, err := store.Flush()
+		if err != nil {
+			writeError(w, err)
+			return
+		}
+		writeJSON(w, http.StatusOK, Result{Action: "flush", Rescheduled: n})
+	})
+	return mux
+}
+
+func withID(fn func(http.ResponseWriter, string)) http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) {
+		id := r.PathValue("id")
+		if !spool.ValidID(id) {
+			writeJSON(w, http.StatusBadRequest, Error{fmt.Sprintf("%q is not a queue ID", id)})
+			return
+		}
+		fn(w, id)
+	}
+}
+
+func writeError(w http.ResponseWriter, err error) {
+	if errors.Is(err, mta.ErrNotFound) {
+		writeJSON(w, http.StatusNotFound, Error{err.Error()})
+		return
+	}
+	writeJSON(w, http.StatusInternalServerError, Error{err.Error()})
+}
+
+func writeJSON(w http.ResponseWriter, code int, v any) {
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(code)
+	enc := json.NewEncoder(w)
+	enc.SetIndent("", "  ")
+	_ = enc.Encode(v)
+}

@@ -1,0 +1,86 @@
+package admin
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net/http"
+	"net/url"
+	"strings"
+	"time"
+)
+
+// Client calls the admin API of a running server.
+type Client struct {
+	Base string       // e.g. http://127.0.0.1:9725
+	HTTP *http.Client // nil: a client with a 30 s timeout
+}
+
+func (c *Client) do(ctx context.Context, method, path string, out any) error {
+	hc := c.HTTP
+	if hc == nil {
+		hc = &http.Client{Timeout: 30 * time.Second}
+	}
+	req, err := http.NewRequestWithContext(ctx, method, strings.TrimRight(c.Base, "/")+path, nil)
+	if err != nil {
+		return err
+	}
+	resp, err := hc.Do(req)
+	if err != nil {
+		return fmt.Errorf("cannot reach the server's admin API at %s (is `mta serve` running?): %w", c.Base, err)
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(io.LimitReader(resp.Body, 64<<20))
+	if err != nil {
+		return err
+	}
+	if resp.StatusCode/100 != 2 {
+		var e Error
+		if json.Unmarshal(body, &e) == nil && e.Error != "" {
+			return fmt.Errorf("%s", e.Error)
+		}
+		return fmt.Errorf("%s %s: %s", method, path, resp.Status)
+	}
+	return json.Unmarshal(body, out)
+}
+
+// List returns one page of the queue.
+func (c *Client) List(ctx context.Context, after string, limit int) (Page, error) {
+	var p Page
+	q := url.Values{"limit": {fmt.Sprint(limit)}}
+	if after != "" {
+		q.Set("after", after)
+	}
+	err := c.do(ctx, http.MethodGet, "/api/v1/queue?"+q.Encode(), &p)
+	return p, err
+}
+
+// Show returns one message.
+func (c *Client) Show(ctx context.Context, id string) (Message, error) {
+	var m Message
+	err := c.do(ctx, http.MethodGet, "/api/v1/queue/"+url.PathEscape(id), &m)
+	return m, err
+}
+
+// Hold, Release and Remove act on one message.
+func (c *Client) Hold(ctx context.Context, id string) error {
+	return c.do(ctx, http.MethodPost, "/api/v1/queue/"+url.PathEscape(id)+"/hold", &Result{})
+}
+
+// Release puts a held message back in the queue.
+func (c *Client) Release(ctx context.Context, id string) error {
+	return c.do(ctx, http.MethodPost, "/api/v1/queue/"+url.PathEscape(id)+"/release", &Result{})
+}
+
+// Remove deletes a message from the queue.
+func (c *Client) Remove(ctx context.Context, id string) error {
+	return c.do(ctx, http.MethodDelete, "/api/v1/queue/"+url.PathEscape(id), &Result{})
+}
+
+// Flush makes every deferred message due now and returns how many.
+func (c *Client) Flush(ctx context.Context) (int, error) {
+	var r Result
+	err := c.do(ctx, http.MethodPost, "/api/v1/queue/flush", &r)
+	return r.Rescheduled, err
+}

@@ -1,0 +1,275 @@
+// Package server is the composition root of the appliance: it turns a
+// config.Config into a logger, a metrics registry, the spool, the SMTP
+// listeners and the HTTP endpoint, runs them, and stops them gracefully:
+// stop accepting, let the transactions in flight finish, close the spool.
+package server
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
+
+	"github.com/mtaproject/mta/metrics"
+	"github.com/mtaproject/mta/mta/admin"
+	"github.com/mtaproject/mta/mta/auth"
+	"github.com/mtaproject/mta/mta/certs"
+	"github.com/mtaproject/mta/mta/config"
+	"github.com/mtaproject/mta/mta/smtpd"
+	"github.com/mtaproject/mta/spool"
+)
+
+// Server is the running appliance.
+type Server struct {
+	cfg      *config.Config
+	log      *zap.Logger
+	registry *prometheus.Registry
+	spool    *spool.Spool
+	smtp     []*smtpListener
+	http     *http.Server
+	httpLn   net.Listener
+	ready    atomic.Bool
+}
+
+type smtpListener struct {
+	name string
+	srv  *smtpd.Server
+	ln   net.Listener
+}
+
+// NewLogger builds the zap logger the configuration asks for.
+func NewLogger(c config.Log) (*zap.Logger, error) {
+	level, err := zapcore.ParseLevel(c.Level)
+	if err != nil {
+		return nil, fmt.Errorf("log.level: %w", err)
+	}
+	zc := zap.NewProductionConfig()
+	if c.Format == "console" {
+		zc = zap.NewDevelopmentConfig()
+	}
+	zc.Level = zap.NewAtomicLevelAt(level)
+	zc.Sampling = nil // every accepted message is logged
+	zc.EncoderConfig.TimeKey = "ts"
+	zc.EncoderConfig.EncodeTime = zapcore.ISO8601TimeEncoder
+	return zc.Build()
+}
+
+// New opens the spool and binds every listener, so that a port in use or a
+// bad certificate stops start-up with a clear error before anything runs.
+func New(cfg *config.Config, log *zap.Logger) (s *Server, err error) {
+	s = &Server{cfg: cfg, log: log, registry: metrics.NewRegistry()}
+	defer func() {
+		if err != nil {
+			s.closeAll()
+		}
+	}()
+	if err := os.MkdirAll(cfg.DataDir, 0o750); err != nil {
+		return nil, fmt.Errorf("data_dir: %w", err)
+	}
+	s.spool, err = spool.Open(filepath.Join(cfg.DataDir, "spool"), spool.Options{
+		Sync:         cfg.Spool.Sync,
+		MinFreeSpace: int64(cfg.Spool.MinFreeSpace),
+		Logger:       log.Named("spool"),
+		Registerer:   s.registry,
+	})
+	if err != nil {
+		return nil, err
+	}
+	if !cfg.Spool.Sync {
+		log.Warn("spool.sync is off: acknowledged messages can be lost in a crash")
+	}
+	tlsCfg, err := loadTLS(cfg)
+	if err != nil {
+		return nil, err
+	}
+	var users smtpd.Authenticator
+	if cfg.Auth.UsersFile != "" {
+		u, err := auth.LoadUsers(cfg.Auth.UsersFile)
+		if err != nil {
+			return nil, err
+		}
+		users = u
+	}
+	limits := smtpd.NewConnLimits(cfg.SMTP.MaxConnections, cfg.SMTP.MaxConnectionsPerIP)
+	m := smtpd.NewMetrics(s.registry)
+	for _, l := range []struct {
+		name, addr string
+		submission bool
+	}{{"smtp", cfg.Listen.SMTP, false}, {"submission", cfg.Listen.Submission, true}} {
+		if l.addr == "" {
+			continue
+		}
+		ln, err := net.Listen("tcp", l.addr)
+		if err != nil {
+			return nil, fmt.Errorf("listen.%s: %w", l.name, err)
+		}
+		srv := smtpd.New(smtpd.Options{
+			Name:                      l.name,
+			Hostname:                  cfg.Hostname,
+			Submission:                l.submission,
+			LocalDomains:              cfg.LocalDomains,
+			Trusted:                   cfg.Trusted,
+			MaxMessageSize:            int64(cfg.SMTP.MaxMessageSize),
+			MaxRecipients:             cfg.SMTP.MaxRecipients,
+			MaxLineLength:             cfg.SMTP.MaxLineLength,
+			CommandTimeout:            cfg.SMTP.CommandTimeout.D(),
+			DataTimeout:               cfg.SMTP.DataTimeout.D(),
+			BareLineEndings:           smtpd.LineEndings(cfg.SMTP.BareLineEndings),
+			BareLineEndingsTrusted:    smtpd.LineEndings(cfg.SMTP.BareLineEndingsTrusted),
+			RejectEarlyData:           cfg.SMTP.RejectEarlyData,
+			TLS:                       tlsCfg,
+			Spool:                     s.spool,
+			Auth:                      users,
+			CleartextAuthFromLoopback: cfg.Auth.CleartextFromLoopback,
+			Limits:                    limits,
+			Metrics:                   m,
+			Logger:                    log.Named("smtpd"),
+		})
+		s.smtp = append(s.smtp, &smtpListener{name: l.name, srv: srv, ln: ln})
+	}
+	if cfg.Listen.HTTP != "" {
+		s.httpLn, err = net.Listen("tcp", cfg.Listen.HTTP)
+		if err != nil {
+			return nil, fmt.Errorf("listen.http: %w", err)
+		}
+		s.http = &http.Server{Handler: s.routes(), ReadHeaderTimeout: 10 * time.Second}
+	}
+	return s, nil
+}
+
+func loadTLS(cfg *config.Config) (*tls.Config, error) {
+	switch {
+	case cfg.TLS.CertFile != "":
+		return certs.Load(cfg.TLS.CertFile, cfg.TLS.KeyFile)
+	case cfg.TLS.SelfSigned:
+		return certs.SelfSigned(filepath.Join(cfg.DataDir, "tls"), cfg.Hostname)
+	}
+	return nil, nil
+}
+
+func (s *Server) routes() http.Handler {
+	mux := http.NewServeMux()
+	mux.Handle("GET /metrics", metrics.Handler(s.registry))
+	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) {
+		fmt.Fprintln(w, "ok")
+	})
+	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, r *http.Request) {
+		if !s.ready.Load() {
+			http.Error(w, "not ready: starting or stopping", http.StatusServiceUnavailable)
+			return
+		}
+		if err := s.spool.Healthy(); err != nil {
+			http.Error(w, "not ready: "+err.Error(), http.StatusServiceUnavailable)
+			return
+		}
+		fmt.Fprintln(w, "ready")
+	})
+	mux.Handle("/api/", admin.Handler(s.spool))
+	return mux
+}
+
+// Addr returns the bound address of a listener ("smtp", "submission",
+// "http"), or "" if it is disabled.
+func (s *Server) Addr(name string) string {
+	if name == "http" && s.httpLn != nil {
+		return s.httpLn.Addr().String()
+	}
+	for _, l := range s.smtp {
+		if l.name == name {
+			return l.ln.Addr().String()
+		}
+	}
+	return ""
+}
+
+// Spool returns the server's spool.
+func (s *Server) Spool() *spool.Spool { return s.spool }
+
+// Run serves until ctx is cancelled, then stops gracefully within
+// smtp.shutdown_timeout. It returns the first listener error, if any.
+func (s *Server) Run(ctx context.Context) error {
+	errc := make(chan error, len(s.smtp)+1)
+	var wg sync.WaitGroup
+	for _, l := range s.smtp {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if err := l.srv.Serve(l.ln); err != nil {
+				errc <- fmt.Errorf("listen.%s: %w", l.name, err)
+			}
+		}()
+	}
+	if s.http != nil {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if err := s.http.Serve(s.httpLn); err != nil && !errors.Is(err, http.ErrServerClosed) {
+				errc <- fmt.Errorf("listen.http: %w", err)
+			}
+		}()
+	}
+	s.ready.Store(true)
+	fields := []zap.Field{zap.String("data_dir", s.cfg.DataDir), zap.Int64("queued", s.spool.Count())}
+	for _, name := range []string{"smtp", "submission", "http"} {
+		if a := s.Addr(name); a != "" {
+			fields = append(fields, zap.String(name, a))
+		}
+	}
+	s.log.Info("mta started", fields...)
+
+	var runErr error
+	select {
+	case <-ctx.Done():
+	case runErr = <-errc:
+		s.log.Error("listener failed, stopping", zap.Error(runErr))
+	}
+	s.ready.Store(false)
+	s.log.Info("stopping: no new connections, finishing transactions in flight")
+	sctx, cancel := context.WithTimeout(context.Background(), s.cfg.SMTP.ShutdownTimeout.D())
+	defer cancel()
+	var swg sync.WaitGroup
+	for _, l := range s.smtp {
+		swg.Add(1)
+		go func() {
+			defer swg.Done()
+			if err := l.srv.Shutdown(sctx); err != nil {
+				s.log.Warn("shutdown timeout: closed sessions still open", zap.String("listener", l.name), zap.Error(err))
+			}
+		}()
+	}
+	swg.Wait()
+	if s.http != nil {
+		_ = s.http.Shutdown(sctx)
+	}
+	wg.Wait()
+	if err := s.spool.Close(); err != nil {
+		s.log.Error("closing the spool", zap.Error(err))
+		runErr = errors.Join(runErr, err)
+	}
+	s.log.Info("mta stopped")
+	return runErr
+}
+
+// closeAll releases what New opened when New fails.
+func (s *Server) closeAll() {
+	for _, l := range s.smtp {
+		l.ln.Close()
+	}
+	if s.httpLn != nil {
+		s.httpLn.Close()
+	}
+	if s.spool != nil {
+		s.spool.Close()
+	}
+}
