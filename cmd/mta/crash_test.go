@@ -35,7 +35,7 @@ func TestCrashLosesNoAcknowledgedMessage(t *testing.T) {
 	loadDone := make(chan bench.LoadResult, 1)
 	go func() {
 		res, _ := bench.RunLoad(ctx, bench.LoadConfig{
-			Addr:                 p.smtp,
+			Addr:                 p.SMTP,
 			Sessions:             50,
 			Messages:             1_000_000, // far more than will be sent before the kill
 			Size:                 2048,
@@ -51,7 +51,7 @@ func TestCrashLosesNoAcknowledgedMessage(t *testing.T) {
 				mu.Unlock()
 				if n >= killAfter {
 					once.Do(func() {
-						_ = p.cmd.Process.Signal(syscall.SIGKILL)
+						_ = p.Cmd.Process.Signal(syscall.SIGKILL)
 						close(killed)
 					})
 				}
@@ -64,7 +64,7 @@ func TestCrashLosesNoAcknowledgedMessage(t *testing.T) {
 	case <-time.After(60 * time.Second):
 		t.Fatal("never reached the kill point")
 	}
-	p.wait(t, 10*time.Second)
+	waitExit(t, p, 10*time.Second)
 	cancel()
 	res := <-loadDone
 	mu.Lock()
@@ -77,11 +77,12 @@ func TestCrashLosesNoAcknowledgedMessage(t *testing.T) {
 
 	// Restart on the same directory: it must recover and serve.
 	p2 := startMTA(t, dataDir, "")
-	if !strings.Contains(p2.log(), `"msg":"spool recovered"`) {
-		t.Fatalf("no recovery log line:\n%s", p2.log())
+	if !strings.Contains(p2.Log(), `"msg":"spool recovered"`) {
+		t.Fatalf("no recovery log line:\n%s", p2.Log())
 	}
-	_ = p2.cmd.Process.Signal(syscall.SIGTERM)
-	p2.wait(t, 30*time.Second)
+	if err := p2.Stop(30 * time.Second); err != nil {
+		t.Fatal(err)
+	}
 
 	// Inspect the spool as the restarted server left it.
 	sp, err := spool.Open(dataDir+"/spool", spool.Options{})

@@ -1,17 +1,15 @@
 package main
 
 import (
-	"bufio"
-	"encoding/json"
 	"fmt"
-	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
-	"strings"
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/mtaproject/mta/bench"
 )
 
 var (
@@ -41,89 +39,28 @@ func mtaBinary(t *testing.T) string {
 	return binPath
 }
 
-// mtaProcess is `mta serve` running as a child process.
-type mtaProcess struct {
-	cmd  *exec.Cmd
-	smtp string
-	http string
-	done chan struct{}
-	mu   sync.Mutex
-	logs strings.Builder
-}
-
-// startMTA runs `mta serve` on dataDir with every listener on a free
-// loopback port, and waits until it logs that it started. extra is YAML
-// appended to the configuration.
-func startMTA(t *testing.T, dataDir, extra string) *mtaProcess {
+// startMTA runs the binary on dataDir and stops it when the test ends,
+// showing its log if the test failed.
+func startMTA(t *testing.T, dataDir, extra string) *bench.Process {
 	t.Helper()
-	cfg := filepath.Join(t.TempDir(), "mta.yaml")
-	yaml := fmt.Sprintf(`data_dir: %s
-hostname: mx.test
-listen:
-  smtp: 127.0.0.1:0
-  submission: ""
-  pop3: ""
-  http: 127.0.0.1:0
-%s`, dataDir, extra)
-	if err := os.WriteFile(cfg, []byte(yaml), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	p := &mtaProcess{cmd: exec.Command(mtaBinary(t), "serve", "--config", cfg), done: make(chan struct{})}
-	stderr, err := p.cmd.StderrPipe()
+	p, err := bench.StartMTA(mtaBinary(t), dataDir, extra)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := p.cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	started := make(chan map[string]any, 1)
-	go func() {
-		defer close(p.done)
-		sc := bufio.NewScanner(stderr)
-		sc.Buffer(make([]byte, 1<<20), 1<<20)
-		for sc.Scan() {
-			line := sc.Text()
-			p.mu.Lock()
-			p.logs.WriteString(line + "\n")
-			p.mu.Unlock()
-			var entry map[string]any
-			if json.Unmarshal([]byte(line), &entry) == nil && entry["msg"] == "mta started" {
-				started <- entry
-			}
-		}
-		io.Copy(io.Discard, stderr)
-		_ = p.cmd.Wait()
-	}()
 	t.Cleanup(func() {
-		_ = p.cmd.Process.Kill()
-		<-p.done
+		p.Kill()
 		if t.Failed() {
-			t.Logf("mta log:\n%s", p.log())
+			t.Logf("mta log:\n%s", p.Log())
 		}
 	})
-	select {
-	case entry := <-started:
-		p.smtp, _ = entry["smtp"].(string)
-		p.http, _ = entry["http"].(string)
-	case <-p.done:
-		t.Fatalf("mta exited during start:\n%s", p.log())
-	case <-time.After(30 * time.Second):
-		t.Fatalf("mta did not start:\n%s", p.log())
-	}
 	return p
 }
 
-func (p *mtaProcess) log() string {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	return p.logs.String()
-}
-
-// wait waits for the process to exit.
-func (p *mtaProcess) wait(t *testing.T, timeout time.Duration) {
+// waitExit waits for the process to exit.
+func waitExit(t *testing.T, p *bench.Process, timeout time.Duration) {
 	t.Helper()
 	select {
-	case <-p.done:
+	case <-p.Done():
 	case <-time.After(timeout):
 		t.Fatalf("mta did not exit within %v", timeout)
 	}

@@ -1,0 +1,212 @@
+package bench
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"runtime"
+	"sort"
+	"strings"
+	"text/tabwriter"
+	"time"
+)
+
+// AcceptOptions configure the acceptance scenario: SMTP in, spool only.
+type AcceptOptions struct {
+	MTA        string // path of the mta binary
+	WorkDir    string // data directories are made under it
+	Sessions   int
+	Messages   int // per run
+	Size       int
+	Pipelining bool
+	Runs       int       // runs per mode; medians are reported
+	Progress   io.Writer // live progress; nil for none
+}
+
+// AcceptRun is the outcome of one run.
+type AcceptRun struct {
+	Mode            string        `json:"mode"` // "fsync" or "no-fsync"
+	Accepted        int           `json:"accepted"`
+	Failed          int           `json:"failed"`
+	Elapsed         time.Duration `json:"elapsed_ns"`
+	Rate            float64       `json:"messages_per_second"`
+	P50             time.Duration `json:"p50_ns"`
+	P99             time.Duration `json:"p99_ns"`
+	FsyncsPerMsg    float64       `json:"wal_fsyncs_per_message"`
+	CPUPer1000      float64       `json:"cpu_seconds_per_1000"`
+	PeakRSS         int64         `json:"peak_rss_bytes"`
+	StoredAfterRun  int64         `json:"spool_messages_after"`
+	LoadGenCPUPer1k float64       `json:"loadgen_cpu_seconds_per_1000"`
+}
+
+// AcceptReport is the whole scenario's result.
+type AcceptReport struct {
+	Scenario string        `json:"scenario"`
+	Date     time.Time     `json:"date"`
+	Machine  string        `json:"machine"`
+	Options  AcceptOptions `json:"options"`
+	Runs     []AcceptRun   `json:"runs"`
+	Synced   AcceptRun     `json:"median_fsync"`
+	Unsynced AcceptRun     `json:"median_no_fsync"`
+	Ratio    float64       `json:"fsync_over_no_fsync"`
+}
+
+// RunAccept measures acceptance with the spool syncing (the production
+// setting) and without (the ceiling of our own code path), alternating the
+// two so that a noisy neighbour hits both alike.
+func RunAccept(ctx context.Context, o AcceptOptions) (AcceptReport, error) {
+	rep := AcceptReport{Scenario: "accept", Date: time.Now().UTC(), Machine: MachineInfo(), Options: o}
+	for i := 0; i < o.Runs; i++ {
+		for _, sync := range []bool{true, false} {
+			run, err := acceptOnce(ctx, o, sync, i)
+			if err != nil {
+				return rep, err
+			}
+			rep.Runs = append(rep.Runs, run)
+		}
+	}
+	rep.Synced = medianRun(rep.Runs, "fsync")
+	rep.Unsynced = medianRun(rep.Runs, "no-fsync")
+	if rep.Unsynced.Rate > 0 {
+		rep.Ratio = rep.Synced.Rate / rep.Unsynced.Rate
+	}
+	return rep, nil
+}
+
+func acceptOnce(ctx context.Context, o AcceptOptions, sync bool, i int) (AcceptRun, error) {
+	mode := map[bool]string{true: "fsync", false: "no-fsync"}[sync]
+	dir := filepath.Join(o.WorkDir, fmt.Sprintf("accept-%s-%d", mode, i))
+	_ = os.RemoveAll(dir)
+	defer os.RemoveAll(dir)
+	// Info logging stays on: it is part of the production path.
+	p, err := StartMTA(o.MTA, dir, fmt.Sprintf("spool:\n  sync: %v\nsmtp:\n  max_connections_per_ip: %d\n", sync, o.Sessions+10))
+	if err != nil {
+		return AcceptRun{}, err
+	}
+	defer p.Kill()
+	before, err := p.Usage()
+	if err != nil {
+		return AcceptRun{}, err
+	}
+	fsyncs0, _ := p.Metric("mta_spool_wal_fsyncs_total")
+	self0 := selfCPU()
+	res, err := RunLoad(ctx, LoadConfig{
+		Addr: p.SMTP, Sessions: o.Sessions, Messages: o.Messages, Size: o.Size,
+		Pipelining: o.Pipelining, Seed: int64(i + 1),
+		Progress: progressPrinter(o.Progress, mode, o.Messages),
+	})
+	if o.Progress != nil {
+		fmt.Fprintln(o.Progress)
+	}
+	if err != nil {
+		return AcceptRun{}, fmt.Errorf("%s run %d: %w", mode, i, err)
+	}
+	self := selfCPU() - self0
+	after, err := p.Usage()
+	if err != nil {
+		return AcceptRun{}, err
+	}
+	fsyncs1, _ := p.Metric("mta_spool_wal_fsyncs_total")
+	stored, _ := p.Metric("mta_spool_messages")
+	run := AcceptRun{
+		Mode: mode, Accepted: res.Accepted, Failed: res.Attempted - res.Accepted,
+		Elapsed: res.Elapsed, Rate: res.Rate(),
+		P50: res.Latency.Percentile(50), P99: res.Latency.Percentile(99),
+		PeakRSS: after.PeakRSS, StoredAfterRun: int64(stored),
+	}
+	if res.Accepted > 0 {
+		run.FsyncsPerMsg = (fsyncs1 - fsyncs0) / float64(res.Accepted)
+		run.CPUPer1000 = (after.CPU - before.CPU).Seconds() * 1000 / float64(res.Accepted)
+		run.LoadGenCPUPer1k = self.Seconds() * 1000 / float64(res.Accepted)
+	}
+	if err := p.Stop(30 * time.Second); err != nil {
+		return run, err
+	}
+	return run, nil
+}
+
+func medianRun(runs []AcceptRun, mode string) AcceptRun {
+	var rs []AcceptRun
+	for _, r := range runs {
+		if r.Mode == mode {
+			rs = append(rs, r)
+		}
+	}
+	if len(rs) == 0 {
+		return AcceptRun{}
+	}
+	sort.Slice(rs, func(i, j int) bool { return rs[i].Rate < rs[j].Rate })
+	m := rs[len(rs)/2]
+	// Each figure is its own median, not the median run's.
+	med := func(f func(AcceptRun) float64) float64 {
+		xs := make([]float64, len(rs))
+		for i, r := range rs {
+			xs[i] = f(r)
+		}
+		return MedianFloat(xs)
+	}
+	m.P50 = time.Duration(med(func(r AcceptRun) float64 { return float64(r.P50) }))
+	m.P99 = time.Duration(med(func(r AcceptRun) float64 { return float64(r.P99) }))
+	m.FsyncsPerMsg = med(func(r AcceptRun) float64 { return r.FsyncsPerMsg })
+	m.CPUPer1000 = med(func(r AcceptRun) float64 { return r.CPUPer1000 })
+	m.PeakRSS = int64(med(func(r AcceptRun) float64 { return float64(r.PeakRSS) }))
+	return m
+}
+
+// WriteTable prints the report as a table.
+func (r AcceptReport) WriteTable(w io.Writer) {
+	fmt.Fprintf(w, "acceptance: %d sessions, %d × %d B messages per run, pipelining %v, %d runs per mode (medians)\n",
+		r.Options.Sessions, r.Options.Messages, r.Options.Size, r.Options.Pipelining, r.Options.Runs)
+	fmt.Fprintf(w, "machine: %s\n\n", r.Machine)
+	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', tabwriter.AlignRight)
+	fmt.Fprintln(tw, "mode\tmsg/s\tp50 ms\tp99 ms\tfsyncs/msg\tCPU s/1000 msg\tpeak RSS MiB\t")
+	for _, m := range []AcceptRun{r.Synced, r.Unsynced} {
+		fmt.Fprintf(tw, "%s\t%.0f\t%.2f\t%.2f\t%.3f\t%.3f\t%.0f\t\n", m.Mode, m.Rate,
+			millis(m.P50), millis(m.P99), m.FsyncsPerMsg, m.CPUPer1000, float64(m.PeakRSS)/(1<<20))
+	}
+	tw.Flush()
+	fmt.Fprintf(w, "\nfsync / no-fsync rate: %.0f %%\n", r.Ratio*100)
+}
+
+func millis(d time.Duration) float64 { return float64(d) / float64(time.Millisecond) }
+
+// MachineInfo describes the machine in one line: CPU model, cores, kernel.
+func MachineInfo() string {
+	model := "unknown CPU"
+	if b, err := os.ReadFile("/proc/cpuinfo"); err == nil {
+		for _, line := range strings.Split(string(b), "\n") {
+			if strings.HasPrefix(line, "model name") {
+				model = strings.TrimSpace(line[strings.IndexByte(line, ':')+1:])
+				break
+			}
+		}
+	}
+	kernel := ""
+	if b, err := os.ReadFile("/proc/sys/kernel/osrelease"); err == nil {
+		kernel = ", Linux " + strings.TrimSpace(string(b))
+	}
+	return fmt.Sprintf("%s, %d cores%s, %s", model, runtime.NumCPU(), kernel, runtime.Version())
+}
+
+// selfCPU is this process's CPU time so far.
+func selfCPU() time.Duration {
+	u, err := ProcUsage(os.Getpid())
+	if err != nil {
+		return 0
+	}
+	return u.CPU
+}
+
+// progressPrinter returns a Progress callback that rewrites one line.
+func progressPrinter(w io.Writer, label string, total int) func(sent, accepted int) {
+	if w == nil {
+		return nil
+	}
+	start := time.Now()
+	return func(sent, accepted int) {
+		el := time.Since(start).Seconds()
+		fmt.Fprintf(w, "\r%-10s %8d / %d sent, %8d accepted, %8.0f msg/s", label, sent, total, accepted, float64(accepted)/max(el, 1e-9))
+	}
+}
