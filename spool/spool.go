@@ -73,7 +73,14 @@ func Open(dir string, opts Options) (*Spool, error) {
 		s.write = pebble.Sync
 	}
 	s.free = freeSpace{dir: dir}
-	popts := &pebble.Options{Logger: pebbleLogger{s}}
+	popts := &pebble.Options{
+		Logger: pebbleLogger{s},
+		// A large memtable lets a message that is delivered soon after it
+		// was accepted be deleted before it is ever flushed to a table:
+		// most mail then costs one WAL write and no compaction.
+		MemTableSize:                64 << 20,
+		MemTableStopWritesThreshold: 4,
+	}
 	db, err := pebble.Open(dir, popts)
 	if err != nil {
 		return nil, fmt.Errorf("spool: open %s: %w", dir, err)

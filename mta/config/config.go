@@ -30,6 +30,7 @@ type Config struct {
 	Auth            Auth     `yaml:"auth"`
 	Spool           Spool    `yaml:"spool"`
 	Log             Log      `yaml:"log"`
+	Debug           Debug    `yaml:"debug"`
 
 	trusted []netip.Prefix
 }
@@ -74,6 +75,11 @@ type Auth struct {
 type Spool struct {
 	Sync         bool     `yaml:"sync"`           // fsync before 250; off only for benchmarks
 	MinFreeSpace ByteSize `yaml:"min_free_space"` // below this free space on data_dir, new mail gets 452 4.3.1
+}
+
+// Debug holds settings for diagnosing the server.
+type Debug struct {
+	Pprof bool `yaml:"pprof"` // serve /debug/pprof/ on the HTTP listener
 }
 
 // Log holds logging settings.
