@@ -117,7 +117,8 @@ func serve(args []string) error {
 func adminClient(fs *flag.FlagSet, args []string) (*admin.Client, []string, error) {
 	url := fs.String("admin", os.Getenv("MTA_ADMIN"), "admin API base URL")
 	cfgPath := fs.String("config", "", "configuration file, to find listen.http")
-	if err := fs.Parse(args); err != nil {
+	rest, err := parseInterspersed(fs, args)
+	if err != nil {
 		return nil, nil, err
 	}
 	base := *url
@@ -131,7 +132,24 @@ func adminClient(fs *flag.FlagSet, args []string) (*admin.Client, []string, erro
 		}
 		base = "http://" + cfg.Listen.HTTP
 	}
-	return &admin.Client{Base: base}, fs.Args(), nil
+	return &admin.Client{Base: base}, rest, nil
+}
+
+// parseInterspersed parses flags that may come before or after the
+// positional arguments ("queue show ID --admin URL"), which package flag
+// alone does not allow, and returns the positional arguments.
+func parseInterspersed(fs *flag.FlagSet, args []string) ([]string, error) {
+	var positional []string
+	for {
+		if err := fs.Parse(args); err != nil {
+			return nil, err
+		}
+		if fs.NArg() == 0 {
+			return positional, nil
+		}
+		positional = append(positional, fs.Arg(0))
+		args = fs.Args()[1:]
+	}
 }
 
 func queue(args []string, out io.Writer) error {

@@ -1,0 +1,156 @@
+package main
+
+import (
+	"io"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/emersion/go-smtp"
+)
+
+// mtaCmd runs the binary with args and returns its combined output.
+func mtaCmd(t *testing.T, wantOK bool, args ...string) string {
+	t.Helper()
+	out, err := exec.Command(mtaBinary(t), args...).CombinedOutput()
+	if (err == nil) != wantOK {
+		t.Fatalf("mta %s: err=%v\n%s", strings.Join(args, " "), err, out)
+	}
+	return string(out)
+}
+
+func httpGet(t *testing.T, url string) (int, string) {
+	t.Helper()
+	resp, err := http.Get(url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	return resp.StatusCode, string(b)
+}
+
+// TestQueueCommandsAgainstRunningServer drives `mta queue` against a
+// running `mta serve` over its admin API.
+func TestQueueCommandsAgainstRunningServer(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts subprocesses")
+	}
+	p := startMTA(t, t.TempDir(), "")
+	for i := 0; i < 3; i++ {
+		c, err := smtp.Dial(p.SMTP)
+		if err != nil {
+			t.Fatal(err)
+		}
+		err = c.SendMail("app@example.org", []string{"a@one.test", "b@two.test"}, strings.NewReader("Subject: cli\r\n\r\nbody\r\n"))
+		c.Close()
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	admin := "--admin=http://" + p.HTTP
+	ls := mtaCmd(t, true, "queue", "ls", admin)
+	lines := strings.Split(strings.TrimSpace(ls), "\n")
+	if len(lines) != 5 || !strings.HasPrefix(lines[0], "ID") || lines[4] != "3 messages" {
+		t.Fatalf("queue ls:\n%s", ls)
+	}
+	id := strings.Fields(lines[1])[0]
+	show := mtaCmd(t, true, "queue", "show", id, admin)
+	for _, want := range []string{"id:        " + id, "from:      app@example.org", "a@one.test", "b@two.test", "queued"} {
+		if !strings.Contains(show, want) {
+			t.Errorf("queue show lacks %q:\n%s", want, show)
+		}
+	}
+	if out := mtaCmd(t, true, "queue", "hold", id, admin); out != id+": held\n" {
+		t.Fatalf("hold: %q", out)
+	}
+	if ls := mtaCmd(t, true, "queue", "ls", admin); !strings.Contains(ls, id) || !strings.Contains(ls, "held") {
+		t.Fatalf("held message not shown as held:\n%s", ls)
+	}
+	mtaCmd(t, true, "queue", "release", id, admin)
+	if ls := mtaCmd(t, true, "queue", "ls", admin); strings.Contains(ls, "held") {
+		t.Fatalf("released message still held:\n%s", ls)
+	}
+	if out := mtaCmd(t, true, "queue", "flush", admin); !strings.HasSuffix(out, "messages due now\n") {
+		t.Fatalf("flush: %q", out)
+	}
+	mtaCmd(t, true, "queue", "rm", id, admin)
+	if ls := mtaCmd(t, true, "queue", "ls", admin); strings.Contains(ls, id) || !strings.Contains(ls, "2 messages") {
+		t.Fatalf("removed message still listed:\n%s", ls)
+	}
+	if out := mtaCmd(t, false, "queue", "show", id, admin); !strings.Contains(out, "no such message") {
+		t.Fatalf("show of a removed message: %q", out)
+	}
+	if out := mtaCmd(t, false, "queue", "hold", "not-an-id", admin); !strings.Contains(out, "not a queue ID") {
+		t.Fatalf("hold of a bad ID: %q", out)
+	}
+
+	// Health, readiness and metrics.
+	if code, body := httpGet(t, "http://"+p.HTTP+"/healthz"); code != 200 || body != "ok\n" {
+		t.Fatalf("/healthz: %d %q", code, body)
+	}
+	if code, body := httpGet(t, "http://"+p.HTTP+"/readyz"); code != 200 || body != "ready\n" {
+		t.Fatalf("/readyz: %d %q", code, body)
+	}
+	_, metrics := httpGet(t, "http://"+p.HTTP+"/metrics")
+	for _, want := range []string{
+		`mta_smtpd_messages_accepted_total{listener="smtp"} 3`,
+		`mta_smtpd_connections_total{listener="smtp"} 3`,
+		"mta_spool_messages 2",
+		"mta_spool_commit_duration_seconds_count 3",
+		"mta_spool_healthy 1",
+		"mta_smtpd_bytes_accepted_total",
+		"mta_spool_wal_fsyncs_total",
+	} {
+		if !strings.Contains(metrics, want) {
+			t.Errorf("/metrics lacks %q", want)
+		}
+	}
+	// A graceful stop exits 0 and says so.
+	if err := p.Stop(30 * time.Second); err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(p.Log(), `"msg":"mta stopped"`) {
+		t.Fatalf("no stop log line:\n%s", p.Log())
+	}
+}
+
+func TestBadConfigNamesTheField(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "bad.yaml")
+	os.WriteFile(path, []byte("smtp:\n  max_recipients: -3\n"), 0o600)
+	out := mtaCmd(t, false, "serve", "--config", path)
+	if !strings.Contains(out, "smtp.max_recipients: must be greater than zero, got -3") {
+		t.Fatalf("serve with a bad config: %q", out)
+	}
+	out = mtaCmd(t, false, "config", "check", "--config", path)
+	if !strings.Contains(out, "smtp.max_recipients") {
+		t.Fatalf("config check: %q", out)
+	}
+	os.WriteFile(path, []byte("smtp:\n  max_recipients: 10\n"), 0o600)
+	if out := mtaCmd(t, true, "config", "check", path); out != "configuration ok\n" {
+		t.Fatalf("config check of a good file: %q", out)
+	}
+}
+
+func TestQueueCommandWithoutServer(t *testing.T) {
+	out := mtaCmd(t, false, "queue", "ls", "--admin=http://127.0.0.1:1")
+	if !strings.Contains(out, "is `mta serve` running?") {
+		t.Fatalf("queue ls without a server: %q", out)
+	}
+}
+
+func TestVersionAndUserHash(t *testing.T) {
+	if out := mtaCmd(t, true, "version"); !strings.HasPrefix(out, "mta ") {
+		t.Fatalf("version: %q", out)
+	}
+	cmd := exec.Command(mtaBinary(t), "user", "hash")
+	cmd.Stdin = strings.NewReader("s3cret\n")
+	out, err := cmd.Output()
+	if err != nil || !strings.HasPrefix(string(out), "$2a$") {
+		t.Fatalf("user hash: %q %v", out, err)
+	}
+}
