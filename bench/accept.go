@@ -21,8 +21,11 @@ type AcceptOptions struct {
 	Messages   int // per run
 	Size       int
 	Pipelining bool
-	Runs       int       // runs per mode; medians are reported
-	Progress   io.Writer // live progress; nil for none
+	Runs       int    // runs per mode; medians are reported
+	ExtraYAML  string // appended to the mta configuration of every run (not the spool or smtp sections)
+	// MinSyncInterval is the mta's spool.min_sync_interval.
+	MinSyncInterval time.Duration
+	Progress        io.Writer // live progress; nil for none
 }
 
 // AcceptRun is the outcome of one run.
@@ -81,7 +84,8 @@ func acceptOnce(ctx context.Context, o AcceptOptions, sync bool, i int) (AcceptR
 	_ = os.RemoveAll(dir)
 	defer os.RemoveAll(dir)
 	// Info logging stays on: it is part of the production path.
-	p, err := StartMTA(o.MTA, dir, fmt.Sprintf("spool:\n  sync: %v\nsmtp:\n  max_connections_per_ip: %d\n", sync, o.Sessions+10))
+	p, err := StartMTA(o.MTA, dir, fmt.Sprintf("spool:\n  sync: %v\n  min_sync_interval: %v\nsmtp:\n  max_connections_per_ip: %d\n%s",
+		sync, o.MinSyncInterval, o.Sessions+10, o.ExtraYAML))
 	if err != nil {
 		return AcceptRun{}, err
 	}

@@ -26,6 +26,10 @@ type Options struct {
 	// MinFreeSpace is the free-space reserve in bytes: while the spool's
 	// file system has less, Put returns mta.ErrStorageFull.
 	MinFreeSpace int64
+	// MinSyncInterval delays a WAL sync until this long after the previous
+	// one, so that more concurrent commits share it (group commit). Zero
+	// syncs as soon as the previous sync is done.
+	MinSyncInterval time.Duration
 	// Logger receives Pebble's and the spool's own messages; nil discards them.
 	Logger *zap.Logger
 	// Registerer gets the spool's metrics; nil registers nothing.
@@ -80,6 +84,10 @@ func Open(dir string, opts Options) (*Spool, error) {
 		// most mail then costs one WAL write and no compaction.
 		MemTableSize:                64 << 20,
 		MemTableStopWritesThreshold: 4,
+	}
+	if opts.MinSyncInterval > 0 {
+		interval := opts.MinSyncInterval
+		popts.WALMinSyncInterval = func() time.Duration { return interval }
 	}
 	db, err := pebble.Open(dir, popts)
 	if err != nil {

@@ -54,6 +54,8 @@ func accept(ctx context.Context, args []string) error {
 	fs.IntVar(&o.Size, "size", 1024, "message size in bytes")
 	fs.BoolVar(&o.Pipelining, "pipelining", true, "pipeline MAIL/RCPT/DATA")
 	fs.IntVar(&o.Runs, "runs", 3, "runs per mode")
+	fs.StringVar(&o.ExtraYAML, "mta-config", "", "YAML appended to the mta configuration (e.g. \"log:\\n  level: warn\\n\")")
+	fs.DurationVar(&o.MinSyncInterval, "min-sync-interval", 0, "the mta's spool.min_sync_interval")
 	jsonPath := fs.String("json", "", "write the report as JSON to this file")
 	quiet := fs.Bool("quiet", false, "no live progress")
 	_ = fs.Parse(args)

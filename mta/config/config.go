@@ -13,6 +13,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"time"
 
 	"go.yaml.in/yaml/v3"
 )
@@ -73,8 +74,9 @@ type Auth struct {
 
 // Spool holds the message store settings.
 type Spool struct {
-	Sync         bool     `yaml:"sync"`           // fsync before 250; off only for benchmarks
-	MinFreeSpace ByteSize `yaml:"min_free_space"` // below this free space on data_dir, new mail gets 452 4.3.1
+	Sync            bool     `yaml:"sync"`              // fsync before 250; off only for benchmarks
+	MinFreeSpace    ByteSize `yaml:"min_free_space"`    // below this free space on data_dir, new mail gets 452 4.3.1
+	MinSyncInterval Duration `yaml:"min_sync_interval"` // group commit: delay a WAL sync so that more messages share it
 }
 
 // Debug holds settings for diagnosing the server.
@@ -274,6 +276,9 @@ func (c *Config) validate() error {
 	}
 	if (c.TLS.CertFile == "") != (c.TLS.KeyFile == "") {
 		bad("tls.cert_file", "cert_file and key_file must be set together")
+	}
+	if c.Spool.MinSyncInterval < 0 || c.Spool.MinSyncInterval.D() > time.Second/10 {
+		bad("spool.min_sync_interval", "must be between 0 and 100ms, got %v", c.Spool.MinSyncInterval.D())
 	}
 	if c.Spool.MinFreeSpace < 0 {
 		bad("spool.min_free_space", "must not be negative")

@@ -79,10 +79,11 @@ func New(cfg *config.Config, log *zap.Logger) (s *Server, err error) {
 		return nil, fmt.Errorf("data_dir: %w", err)
 	}
 	s.spool, err = spool.Open(filepath.Join(cfg.DataDir, "spool"), spool.Options{
-		Sync:         cfg.Spool.Sync,
-		MinFreeSpace: int64(cfg.Spool.MinFreeSpace),
-		Logger:       log.Named("spool"),
-		Registerer:   s.registry,
+		Sync:            cfg.Spool.Sync,
+		MinFreeSpace:    int64(cfg.Spool.MinFreeSpace),
+		MinSyncInterval: cfg.Spool.MinSyncInterval.D(),
+		Logger:          log.Named("spool"),
+		Registerer:      s.registry,
 	})
 	if err != nil {
 		return nil, err

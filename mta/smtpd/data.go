@@ -84,25 +84,35 @@ func (s *session) Data(r io.Reader) (err error) {
 		return s.reject("spool_error", &mta.ReplySpoolError)
 	}
 	size := len(hdr) + len(body)
-	s.srv.opts.Metrics.accepted.WithLabelValues(s.srv.opts.Name).Inc()
-	s.srv.opts.Metrics.bytes.WithLabelValues(s.srv.opts.Name).Add(float64(size))
-	s.srv.log.Info("message accepted", zap.String("id", id), zap.String("client_ip", s.ip.String()),
-		zap.String("from", env.From), zap.Int("rcpts", len(env.Recipients)), zap.Int("size", size),
-		zap.String("auth_user", s.authUser), zap.Bool("tls", s.tls),
-		zap.Duration("store", time.Since(now)))
+	s.srv.acceptedMsgs.Inc()
+	s.srv.acceptedBytes.Add(float64(size))
+	if ce := s.srv.log.Check(zap.InfoLevel, "message accepted"); ce != nil {
+		fields := []zap.Field{zap.String("id", id), zap.String("client_ip", s.ip.String()),
+			zap.String("from", env.From), zap.Int("rcpts", len(env.Recipients)), zap.Int("size", size)}
+		if s.authUser != "" {
+			fields = append(fields, zap.String("auth_user", s.authUser))
+		}
+		ce.Write(fields...)
+	}
 	return toSMTP(mta.ReplyQueued.With("Ok: queued as " + id))
 }
 
-// deadlineReader gives every block of message data its own read deadline,
-// so a large message is not cut off by the command timeout.
+// deadlineReader keeps moving the read deadline while message data
+// arrives, so a large message is not cut off by the command timeout: the
+// client must send some data every timeout. The deadline is moved when a
+// tenth of it has passed, not on every read.
 type deadlineReader struct {
 	r       io.Reader
 	conn    *trackedConn
 	timeout time.Duration
+	set     time.Time
 }
 
 func (d *deadlineReader) Read(b []byte) (int, error) {
-	_ = d.conn.SetReadDeadline(time.Now().Add(d.timeout))
+	if now := time.Now(); now.Sub(d.set) > d.timeout/10 {
+		_ = d.conn.SetReadDeadline(now.Add(d.timeout))
+		d.set = now
+	}
 	return d.r.Read(b)
 }
 

@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/emersion/go-smtp"
+	"github.com/prometheus/client_golang/prometheus"
 	"go.uber.org/zap"
 
 	"github.com/mtaproject/mta/mta"
@@ -84,6 +85,9 @@ type Server struct {
 	mu       sync.Mutex
 	conns    map[*trackedConn]struct{}
 	stopping bool
+
+	// This listener's children of the per-message counters.
+	acceptedMsgs, acceptedBytes prometheus.Counter
 }
 
 // New returns a listener ready to Serve.
@@ -99,6 +103,8 @@ func New(opts Options) *Server {
 	}
 	s := &Server{opts: opts, local: map[string]bool{}, conns: map[*trackedConn]struct{}{},
 		log: opts.Logger.With(zap.String("listener", opts.Name))}
+	s.acceptedMsgs = opts.Metrics.accepted.WithLabelValues(opts.Name)
+	s.acceptedBytes = opts.Metrics.bytes.WithLabelValues(opts.Name)
 	for _, d := range opts.LocalDomains {
 		s.local[strings.ToLower(d)] = true
 	}

@@ -1,0 +1,33 @@
+# The two commands of the README:
+#   make run    run the appliance on embedded defaults (loopback, ./data)
+#   make test   install what the tests need, then run the whole suite
+GO ?= go
+
+.PHONY: run test deps build bench-accept check
+
+run:
+	$(GO) run ./cmd/mta serve
+
+# deps installs the outside tools some tests use (python3 for the smtplib
+# interoperability test). Without them those tests skip and say what to
+# install; with them nothing is skipped.
+deps:
+	@if ! command -v python3 >/dev/null 2>&1; then \
+		echo "installing python3 (apt)"; \
+		if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq python3; \
+		else sudo apt-get update -qq && sudo apt-get install -y -qq python3; fi; \
+	fi
+
+test: deps
+	gofmt -l . | tee /dev/stderr | (! read)
+	$(GO) vet ./...
+	$(GO) test -race -count=1 ./...
+
+build:
+	mkdir -p bin
+	$(GO) build -o bin/mta ./cmd/mta
+	$(GO) build -o bin/mtabench ./cmd/mtabench
+
+# Acceptance benchmark (see BENCHMARKS.md).
+bench-accept: build
+	./bin/mtabench accept --mta bin/mta --sessions 50 --messages 100000 --size 1024 --runs 3 --json bench-accept.json
