@@ -1,6 +1,7 @@
 package main
 
 import (
+	"errors"
 	"io"
 	"net/http"
 	"os"
@@ -152,5 +153,27 @@ func TestVersionAndUserHash(t *testing.T) {
 	out, err := cmd.Output()
 	if err != nil || !strings.HasPrefix(string(out), "$2a$") {
 		t.Fatalf("user hash: %q %v", out, err)
+	}
+}
+
+// TestFullDiskGets452 runs the server with a free-space reserve no disk
+// can meet: new mail is refused with 452 4.3.1 and nothing is stored.
+func TestFullDiskGets452(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts subprocesses")
+	}
+	p := startMTA(t, t.TempDir(), "spool:\n  min_free_space: 1000TiB\n")
+	c, err := smtp.Dial(p.SMTP)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	err = c.Mail("app@example.org", nil)
+	var se *smtp.SMTPError
+	if !errors.As(err, &se) || se.Code != 452 || se.EnhancedCode != (smtp.EnhancedCode{4, 3, 1}) {
+		t.Fatalf("MAIL with the disk below the reserve: %v", err)
+	}
+	if _, body := httpGet(t, "http://"+p.HTTP+"/metrics"); !strings.Contains(body, `mta_smtpd_rejections_total{listener="smtp",reason="storage_full"} 1`) {
+		t.Fatal("storage_full rejection not counted")
 	}
 }

@@ -117,3 +117,17 @@ func TestByteSize(t *testing.T) {
 		t.Error("fractional size accepted")
 	}
 }
+
+// TestDeployExamplesAreValid keeps the configurations shipped in deploy/
+// loadable.
+func TestDeployExamplesAreValid(t *testing.T) {
+	for _, path := range []string{"../../deploy/mta.example.yaml", "../../deploy/container/mta.yaml"} {
+		data, err := os.ReadFile(path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := Parse(data); err != nil {
+			t.Errorf("%s: %v", path, err)
+		}
+	}
+}
