@@ -36,6 +36,11 @@ type Options struct {
 	Registerer prometheus.Registerer
 	// Now is the clock; nil means time.Now.
 	Now func() time.Time
+	// FreshLease makes a new message due this long after it is accepted
+	// instead of at once: the scheduler receives new messages in memory, and
+	// the lease is the next attempt time written before that attempt, so a
+	// crash cannot make the message due again at once.
+	FreshLease time.Duration
 }
 
 // Spool is the durable message store. It is safe for concurrent use. The
@@ -146,11 +151,12 @@ func (s *Spool) Put(m *Message, header, body []byte) (err error) {
 		m.Received = now
 	}
 	m.Size = size
+	due := now.Add(s.opts.FreshLease)
 	for i := range m.Recipients {
 		r := &m.Recipients[i]
 		r.Domain = mta.Domain(r.Address)
 		r.Status = Queued
-		r.NextAttempt = now
+		r.NextAttempt = due
 	}
 	b := s.db.NewBatch()
 	defer b.Close()
@@ -165,7 +171,7 @@ func (s *Spool) Put(m *Message, header, body []byte) (err error) {
 	op.Finish()
 	if !m.Held {
 		for _, d := range m.Pending() {
-			_ = b.Set(key.due(now, m.ID, d), nil, nil)
+			_ = b.Set(key.due(due, m.ID, d), nil, nil)
 		}
 	}
 	start := time.Now()

@@ -314,3 +314,36 @@ func TestRecordRoundTripAndCorruption(t *testing.T) {
 		}
 	}
 }
+
+func TestLeaseMovesDueEntriesWithoutAttempts(t *testing.T) {
+	now := time.Unix(1_700_000_000, 0)
+	s := openTest(t, t.TempDir(), Options{Now: func() time.Time { return now }, FreshLease: time.Minute})
+	m1, m2 := newMessage(s, "a@one.test", "b@two.test"), newMessage(s, "c@one.test")
+	for _, m := range []*Message{m1, m2} {
+		if err := s.Put(m, nil, []byte("x")); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if due, _ := s.Due(now, 10); len(due) != 0 {
+		t.Fatalf("fresh messages due before their lease: %v", due)
+	}
+	if due, _ := s.Due(now.Add(time.Minute), 10); len(due) != 3 {
+		t.Fatalf("fresh messages not due after their lease: %v", due)
+	}
+	later := now.Add(time.Hour)
+	err := s.Lease([]LeaseItem{{m1.ID, "one.test", later}, {m1.ID, "two.test", later.Add(time.Second)}, {m2.ID, "one.test", later}, {"0000000000000009", "x.test", later}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if due, _ := s.Due(later.Add(-time.Second), 10); len(due) != 0 {
+		t.Fatalf("leased entries still due early: %v", due)
+	}
+	due, _ := s.Due(later.Add(time.Second), 10)
+	if len(due) != 3 {
+		t.Fatalf("leased entries = %v", due)
+	}
+	got, _ := s.Get(m1.ID)
+	if got.Recipients[0].Attempts != 0 || !got.Recipients[1].NextAttempt.Equal(later.Add(time.Second)) {
+		t.Fatalf("record after lease: %+v", got.Recipients)
+	}
+}

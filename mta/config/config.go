@@ -21,17 +21,20 @@ import (
 // Config is the whole configuration. Every field is documented, with its
 // default, in docs/config.md.
 type Config struct {
-	Hostname        string   `yaml:"hostname"`         // name in the banner, EHLO and Received:; default: the OS host name
-	DataDir         string   `yaml:"data_dir"`         // spool and generated files; default ./data
-	LocalDomains    []string `yaml:"local_domains"`    // domains this appliance receives mail for
-	TrustedNetworks []string `yaml:"trusted_networks"` // CIDRs allowed to relay without AUTH
-	Listen          Listen   `yaml:"listen"`
-	SMTP            SMTP     `yaml:"smtp"`
-	TLS             TLS      `yaml:"tls"`
-	Auth            Auth     `yaml:"auth"`
-	Spool           Spool    `yaml:"spool"`
-	Log             Log      `yaml:"log"`
-	Debug           Debug    `yaml:"debug"`
+	Hostname        string           `yaml:"hostname"`         // name in the banner, EHLO and Received:; default: the OS host name
+	DataDir         string           `yaml:"data_dir"`         // spool and generated files; default ./data
+	LocalDomains    []string         `yaml:"local_domains"`    // domains this appliance receives mail for
+	TrustedNetworks []string         `yaml:"trusted_networks"` // CIDRs allowed to relay without AUTH
+	Listen          Listen           `yaml:"listen"`
+	SMTP            SMTP             `yaml:"smtp"`
+	TLS             TLS              `yaml:"tls"`
+	Auth            Auth             `yaml:"auth"`
+	Spool           Spool            `yaml:"spool"`
+	Delivery        Delivery         `yaml:"delivery"`
+	DNS             DNS              `yaml:"dns"`
+	Routes          map[string]Route `yaml:"routes"`
+	Log             Log              `yaml:"log"`
+	Debug           Debug            `yaml:"debug"`
 
 	trusted []netip.Prefix
 }
@@ -79,6 +82,52 @@ type Spool struct {
 	MinSyncInterval Duration `yaml:"min_sync_interval"` // group commit: delay a WAL sync so that more messages share it
 }
 
+// Delivery holds the outbound side: scheduler and SMTP client.
+type Delivery struct {
+	HeloName                     string   `yaml:"helo_name"`                       // EHLO name; default: hostname
+	Port                         int      `yaml:"port"`                            // SMTP port of MX hosts
+	TLS                          string   `yaml:"tls"`                             // none | opportunistic | required
+	MaxConnections               int      `yaml:"max_connections"`                 // outbound connections in total
+	MaxConnectionsPerDestination int      `yaml:"max_connections_per_destination"` // per next-hop set
+	MaxMessagesPerConnection     int      `yaml:"max_messages_per_connection"`
+	IdleTimeout                  Duration `yaml:"idle_timeout"` // idle connection kept for reuse
+	MinBackoff                   Duration `yaml:"min_backoff"`
+	MaxBackoff                   Duration `yaml:"max_backoff"`
+	MaxLifetime                  Duration `yaml:"max_lifetime"`  // then a deferred recipient fails (bounce)
+	ActiveWindow                 int      `yaml:"active_window"` // messages×domains held in memory
+	Timeouts                     Timeouts `yaml:"timeouts"`
+}
+
+// Timeouts are the SMTP client timeouts (RFC 5321 §4.5.3.2).
+type Timeouts struct {
+	Connect   Duration `yaml:"connect"`
+	Greeting  Duration `yaml:"greeting"`
+	Command   Duration `yaml:"command"`
+	DataInit  Duration `yaml:"data_init"`
+	DataBlock Duration `yaml:"data_block"`
+	DataDone  Duration `yaml:"data_done"`
+}
+
+// DNS holds the resolver settings.
+type DNS struct {
+	Servers []string `yaml:"servers"` // "host:port"; empty: /etc/resolv.conf
+	Timeout Duration `yaml:"timeout"` // per query
+	IPv6    bool     `yaml:"ipv6"`    // also deliver to AAAA addresses (after the A ones)
+}
+
+// Route is a static next hop for a domain (or "*" for all others).
+type Route struct {
+	Hosts []string   `yaml:"hosts"` // "host:port" (A/AAAA lookup, no MX) or "[ip]:port"
+	TLS   string     `yaml:"tls"`   // none | opportunistic | required; default delivery.tls
+	Auth  *RouteAuth `yaml:"auth"`
+}
+
+// RouteAuth is SMTP AUTH for a smarthost.
+type RouteAuth struct {
+	Username     string `yaml:"username"`
+	PasswordFile string `yaml:"password_file"` // file holding the password (first line)
+}
+
 // Debug holds settings for diagnosing the server.
 type Debug struct {
 	Pprof bool `yaml:"pprof"` // serve /debug/pprof/ on the HTTP listener
@@ -115,8 +164,25 @@ func Default() *Config {
 			BareLineEndingsTrusted: "normalize",
 			RejectEarlyData:        true,
 		},
-		TLS:   TLS{SelfSigned: true},
-		Auth:  Auth{CleartextFromLoopback: true},
+		TLS:  TLS{SelfSigned: true},
+		Auth: Auth{CleartextFromLoopback: true},
+		Delivery: Delivery{
+			Port:                         25,
+			TLS:                          "opportunistic",
+			MaxConnections:               500,
+			MaxConnectionsPerDestination: 20,
+			MaxMessagesPerConnection:     1000,
+			IdleTimeout:                  Duration(10e9),
+			MinBackoff:                   Duration(5 * 60e9),
+			MaxBackoff:                   Duration(4000e9),
+			MaxLifetime:                  Duration(5 * 24 * 3600e9),
+			ActiveWindow:                 20000,
+			Timeouts: Timeouts{
+				Connect: Duration(30e9), Greeting: Duration(5 * 60e9), Command: Duration(5 * 60e9),
+				DataInit: Duration(2 * 60e9), DataBlock: Duration(3 * 60e9), DataDone: Duration(10 * 60e9),
+			},
+		},
+		DNS:   DNS{Timeout: Duration(5e9), IPv6: true},
 		Spool: Spool{Sync: true, MinFreeSpace: 100 << 20},
 		Log:   Log{Level: "info", Format: "json"},
 	}
@@ -283,6 +349,7 @@ func (c *Config) validate() error {
 	if c.Spool.MinFreeSpace < 0 {
 		bad("spool.min_free_space", "must not be negative")
 	}
+	c.validateDelivery(bad)
 	switch c.Log.Level {
 	case "debug", "info", "warn", "error":
 	default:
@@ -292,4 +359,80 @@ func (c *Config) validate() error {
 		bad("log.format", "must be json or console, got %q", c.Log.Format)
 	}
 	return errors.Join(errs...)
+}
+
+func (c *Config) validateDelivery(bad func(field, format string, args ...any)) {
+	d := &c.Delivery
+	if d.HeloName == "" {
+		d.HeloName = c.Hostname
+	}
+	if d.Port < 1 || d.Port > 65535 {
+		bad("delivery.port", "must be a port number, got %d", d.Port)
+	}
+	tlsPolicy := func(field, v string) {
+		if v != "none" && v != "opportunistic" && v != "required" {
+			bad(field, "must be none, opportunistic or required, got %q", v)
+		}
+	}
+	tlsPolicy("delivery.tls", d.TLS)
+	for _, f := range []struct {
+		field string
+		v     int
+	}{
+		{"delivery.max_connections", d.MaxConnections},
+		{"delivery.max_connections_per_destination", d.MaxConnectionsPerDestination},
+		{"delivery.max_messages_per_connection", d.MaxMessagesPerConnection},
+		{"delivery.active_window", d.ActiveWindow},
+	} {
+		if f.v <= 0 {
+			bad(f.field, "must be greater than zero, got %d", f.v)
+		}
+	}
+	for _, f := range []struct {
+		field string
+		v     Duration
+	}{
+		{"delivery.idle_timeout", d.IdleTimeout}, {"delivery.min_backoff", d.MinBackoff},
+		{"delivery.max_backoff", d.MaxBackoff}, {"delivery.max_lifetime", d.MaxLifetime},
+		{"delivery.timeouts.connect", d.Timeouts.Connect}, {"delivery.timeouts.greeting", d.Timeouts.Greeting},
+		{"delivery.timeouts.command", d.Timeouts.Command}, {"delivery.timeouts.data_init", d.Timeouts.DataInit},
+		{"delivery.timeouts.data_block", d.Timeouts.DataBlock}, {"delivery.timeouts.data_done", d.Timeouts.DataDone},
+		{"dns.timeout", c.DNS.Timeout},
+	} {
+		if f.v <= 0 {
+			bad(f.field, "must be greater than zero, got %v", f.v.D())
+		}
+	}
+	if d.MaxBackoff < d.MinBackoff {
+		bad("delivery.max_backoff", "must not be less than delivery.min_backoff (%v)", d.MinBackoff.D())
+	}
+	for i, s := range c.DNS.Servers {
+		if _, _, err := net.SplitHostPort(s); err != nil {
+			bad(fmt.Sprintf("dns.servers[%d]", i), "not a host:port address: %q", s)
+		}
+	}
+	routes := map[string]Route{}
+	for dom, r := range c.Routes {
+		key := strings.ToLower(strings.TrimSuffix(strings.TrimSpace(dom), "."))
+		field := "routes." + dom
+		if key == "" || strings.ContainsAny(key, " @<>[]") {
+			bad(field, "not a domain or *: %q", dom)
+		}
+		if len(r.Hosts) == 0 {
+			bad(field+".hosts", "needs at least one host")
+		}
+		for i, h := range r.Hosts {
+			if strings.TrimSpace(h) == "" || strings.ContainsAny(h, " /@") {
+				bad(fmt.Sprintf("%s.hosts[%d]", field, i), "not a host, host:port or [ip]:port: %q", h)
+			}
+		}
+		if r.TLS != "" {
+			tlsPolicy(field+".tls", r.TLS)
+		}
+		if r.Auth != nil && (r.Auth.Username == "" || r.Auth.PasswordFile == "") {
+			bad(field+".auth", "needs username and password_file")
+		}
+		routes[key] = r
+	}
+	c.Routes = routes
 }

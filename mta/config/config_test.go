@@ -131,3 +131,36 @@ func TestDeployExamplesAreValid(t *testing.T) {
 		}
 	}
 }
+
+func TestDeliveryAndRoutes(t *testing.T) {
+	cfg, err := Parse([]byte(`
+hostname: mx.test
+delivery:
+  min_backoff: 2s
+  max_backoff: 10s
+routes:
+  Example.COM.: {hosts: ["[127.0.0.1]:2600"]}
+  "*": {hosts: ["smart.test:587"], tls: required, auth: {username: u, password_file: /p}}
+`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cfg.Delivery.HeloName != "mx.test" || cfg.Delivery.MinBackoff.D() != 2*time.Second {
+		t.Fatalf("delivery = %+v", cfg.Delivery)
+	}
+	if r := cfg.Routes["example.com"]; len(r.Hosts) != 1 {
+		t.Fatalf("routes = %+v", cfg.Routes)
+	}
+	for _, tc := range []struct{ yaml, want string }{
+		{"delivery: {min_backoff: 1h, max_backoff: 1m}", "delivery.max_backoff: must not be less than"},
+		{"delivery: {tls: always}", "delivery.tls: must be none, opportunistic or required"},
+		{"routes: {x.test: {hosts: []}}", "routes.x.test.hosts: needs at least one host"},
+		{"routes: {x.test: {hosts: [a], auth: {username: u}}}", "routes.x.test.auth: needs username and password_file"},
+		{"routes: {x.test: {hostz: [a]}}", "routes.x.test.hostz: unknown field"},
+		{"dns: {servers: [8.8.8.8]}", "dns.servers[0]: not a host:port"},
+	} {
+		if _, err := Parse([]byte(tc.yaml)); err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("Parse(%q) = %v, want %q", tc.yaml, err, tc.want)
+		}
+	}
+}

@@ -1,0 +1,195 @@
+// Package conncache keeps idle outbound connections for reuse, keyed by
+// destination (the next-hop set) and remembering each one's endpoint. A
+// connection is reused until it has carried MaxMessages messages or sat
+// idle for IdleTimeout; the user checks it with RSET when it sends the next
+// message (pipelined with MAIL, so the check costs no round trip).
+package conncache
+
+import (
+	"sync"
+	"time"
+)
+
+// Conn is what the cache needs of a connection.
+type Conn interface {
+	Usable() bool
+	Endpoint() string
+	Close() error
+}
+
+// Options configure a Cache.
+type Options struct {
+	IdleTimeout time.Duration    // close a connection idle this long
+	MaxMessages int              // close a connection after this many messages
+	MaxIdle     int              // idle connections kept per destination
+	Now         func() time.Time // nil: time.Now
+	// OnClose is told why the cache closed a connection: "idle_timeout",
+	// "message_limit", "unusable", "too_many_idle", "shutdown".
+	OnClose func(reason string)
+}
+
+type entry[C Conn] struct {
+	conn     C
+	messages int
+	since    time.Time
+}
+
+// Cache holds idle connections. It is safe for concurrent use. Close
+// closes every connection it holds.
+type Cache[C Conn] struct {
+	opts Options
+	mu   sync.Mutex
+	idle map[string][]entry[C]
+	stop chan struct{}
+	done chan struct{}
+}
+
+// New returns a cache and starts its janitor, which closes expired
+// connections.
+func New[C Conn](opts Options) *Cache[C] {
+	if opts.Now == nil {
+		opts.Now = time.Now
+	}
+	if opts.OnClose == nil {
+		opts.OnClose = func(string) {}
+	}
+	c := &Cache[C]{opts: opts, idle: map[string][]entry[C]{}, stop: make(chan struct{}), done: make(chan struct{})}
+	go c.janitor()
+	return c
+}
+
+// Get takes the most recently parked connection of dest, with the number
+// of messages it has carried.
+func (c *Cache[C]) Get(dest string) (conn C, messages int, ok bool) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	list := c.idle[dest]
+	for len(list) > 0 {
+		e := list[len(list)-1]
+		list = list[:len(list)-1]
+		if c.opts.Now().Sub(e.since) >= c.opts.IdleTimeout || !e.conn.Usable() {
+			go c.close(e.conn, "idle_timeout")
+			continue
+		}
+		c.set(dest, list)
+		return e.conn, e.messages, true
+	}
+	c.set(dest, list)
+	return conn, 0, false
+}
+
+// Put parks a connection that has carried messages messages, or closes it
+// when it is unusable or at its message limit.
+func (c *Cache[C]) Put(dest string, conn C, messages int) {
+	switch {
+	case !conn.Usable():
+		c.close(conn, "unusable")
+		return
+	case c.opts.MaxMessages > 0 && messages >= c.opts.MaxMessages:
+		c.close(conn, "message_limit")
+		return
+	}
+	c.mu.Lock()
+	select {
+	case <-c.stop:
+		c.mu.Unlock()
+		c.close(conn, "shutdown")
+		return
+	default:
+	}
+	list := append(c.idle[dest], entry[C]{conn: conn, messages: messages, since: c.opts.Now()})
+	var evicted []C
+	for c.opts.MaxIdle > 0 && len(list) > c.opts.MaxIdle {
+		evicted = append(evicted, list[0].conn)
+		list = list[1:]
+	}
+	c.set(dest, list)
+	c.mu.Unlock()
+	for _, e := range evicted {
+		c.close(e, "too_many_idle")
+	}
+}
+
+// Idle returns how many connections the cache holds.
+func (c *Cache[C]) Idle() int {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	n := 0
+	for _, l := range c.idle {
+		n += len(l)
+	}
+	return n
+}
+
+// Close closes every idle connection and stops the janitor.
+func (c *Cache[C]) Close() {
+	c.mu.Lock()
+	select {
+	case <-c.stop:
+		c.mu.Unlock()
+		return
+	default:
+	}
+	close(c.stop)
+	all := c.idle
+	c.idle = map[string][]entry[C]{}
+	c.mu.Unlock()
+	<-c.done
+	for _, l := range all {
+		for _, e := range l {
+			c.close(e.conn, "shutdown")
+		}
+	}
+}
+
+func (c *Cache[C]) set(dest string, list []entry[C]) {
+	if len(list) == 0 {
+		delete(c.idle, dest)
+	} else {
+		c.idle[dest] = list
+	}
+}
+
+func (c *Cache[C]) close(conn C, reason string) {
+	_ = conn.Close()
+	c.opts.OnClose(reason)
+}
+
+func (c *Cache[C]) janitor() {
+	defer close(c.done)
+	period := c.opts.IdleTimeout / 2
+	if period <= 0 || period > time.Second {
+		period = time.Second
+	}
+	t := time.NewTicker(period)
+	defer t.Stop()
+	for {
+		select {
+		case <-c.stop:
+			return
+		case <-t.C:
+			c.expire()
+		}
+	}
+}
+
+func (c *Cache[C]) expire() {
+	now := c.opts.Now()
+	var expired []C
+	c.mu.Lock()
+	for dest, list := range c.idle {
+		keep := list[:0]
+		for _, e := range list {
+			if now.Sub(e.since) >= c.opts.IdleTimeout {
+				expired = append(expired, e.conn)
+			} else {
+				keep = append(keep, e)
+			}
+		}
+		c.set(dest, keep)
+	}
+	c.mu.Unlock()
+	for _, e := range expired {
+		c.close(e, "idle_timeout")
+	}
+}

@@ -1,0 +1,88 @@
+package conncache
+
+import (
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+)
+
+type fakeConn struct {
+	name   string
+	usable bool
+	closed atomic.Bool
+}
+
+func (f *fakeConn) Usable() bool     { return f.usable && !f.closed.Load() }
+func (f *fakeConn) Endpoint() string { return f.name }
+func (f *fakeConn) Close() error     { f.closed.Store(true); return nil }
+
+func TestReuseLimitsAndExpiry(t *testing.T) {
+	var mu sync.Mutex
+	now := time.Unix(1000, 0)
+	clock := func() time.Time { mu.Lock(); defer mu.Unlock(); return now }
+	reasons := map[string]int{}
+	var rmu sync.Mutex
+	c := New[*fakeConn](Options{IdleTimeout: 10 * time.Second, MaxMessages: 3, MaxIdle: 2, Now: clock,
+		OnClose: func(r string) { rmu.Lock(); reasons[r]++; rmu.Unlock() }})
+	defer c.Close()
+
+	a, b, d := &fakeConn{name: "a", usable: true}, &fakeConn{name: "b", usable: true}, &fakeConn{name: "d", usable: true}
+	c.Put("dest1", a, 1)
+	c.Put("dest1", b, 2)
+	if got, n, ok := c.Get("dest1"); !ok || got != b || n != 2 {
+		t.Fatalf("Get = %v %d %v, want the newest (b, 2)", got, n, ok)
+	}
+	if _, _, ok := c.Get("dest2"); ok {
+		t.Fatal("a connection of another destination was returned")
+	}
+	c.Put("dest1", b, 3) // at the message limit: closed
+	if !b.closed.Load() {
+		t.Fatal("connection at its message limit was kept")
+	}
+	c.Put("dest1", d, 1)
+	e := &fakeConn{name: "e", usable: true}
+	c.Put("dest1", e, 1) // three idle for dest1: the oldest (a) goes
+	if !a.closed.Load() || c.Idle() != 2 {
+		t.Fatalf("MaxIdle not enforced: a closed %v, idle %d", a.closed.Load(), c.Idle())
+	}
+	bad := &fakeConn{name: "bad"}
+	c.Put("dest1", bad, 0)
+	if !bad.closed.Load() {
+		t.Fatal("unusable connection was kept")
+	}
+	mu.Lock()
+	now = now.Add(11 * time.Second)
+	mu.Unlock()
+	if _, _, ok := c.Get("dest1"); ok {
+		t.Fatal("expired connection returned")
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for !(d.closed.Load() && e.closed.Load()) {
+		if time.Now().After(deadline) {
+			t.Fatal("expired connections not closed")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	rmu.Lock()
+	defer rmu.Unlock()
+	if reasons["message_limit"] != 1 || reasons["too_many_idle"] != 1 || reasons["unusable"] != 1 || reasons["idle_timeout"] != 2 {
+		t.Fatalf("close reasons %v", reasons)
+	}
+}
+
+func TestCloseClosesEverything(t *testing.T) {
+	c := New[*fakeConn](Options{IdleTimeout: time.Hour})
+	a := &fakeConn{name: "a", usable: true}
+	c.Put("x", a, 0)
+	c.Close()
+	if !a.closed.Load() || c.Idle() != 0 {
+		t.Fatal("Close left a connection open")
+	}
+	b := &fakeConn{name: "b", usable: true}
+	c.Put("x", b, 0)
+	if !b.closed.Load() {
+		t.Fatal("Put after Close kept the connection")
+	}
+	c.Close() // idempotent
+}

@@ -1,0 +1,570 @@
+package scheduler
+
+import (
+	"context"
+	"errors"
+	"math/rand/v2"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"go.uber.org/zap"
+
+	"github.com/mtaproject/mta/mta"
+	"github.com/mtaproject/mta/scheduler/conncache"
+)
+
+// ErrStale is wrapped by a Conn's Send error when a reused connection
+// turned out to be dead before the transaction started (RSET or MAIL got
+// no reply): the work is retried at once on a new connection, without
+// counting an attempt.
+var ErrStale = errors.New("stale connection")
+
+// Options configure a Scheduler. Zero values get the defaults in brackets.
+type Options struct {
+	Store     Store
+	Transport Transport
+
+	MaxConnections           int           // all destinations (500)
+	MaxPerDestination        int           // per destination (20)
+	MaxMessagesPerConnection int           // then a new connection (1000)
+	IdleTimeout              time.Duration // idle connection kept for reuse (10s)
+	MinBackoff, MaxBackoff   time.Duration // retry delay bounds (5m, 4000s)
+	MaxLifetime              time.Duration // then a deferral is a failure (5 days)
+	Lease                    time.Duration // next attempt written before an attempt (1m)
+	WindowSize               int           // work items in memory (20000)
+	ScanInterval             time.Duration // due-index scan period (1s)
+	RouteTTL                 time.Duration // domain → destination kept this long (30s)
+
+	Logger     *zap.Logger
+	Registerer prometheus.Registerer
+	Now        func() time.Time
+	Seed       uint64 // jitter; 0: random
+}
+
+func (o *Options) defaults() {
+	def := func(v *int, d int) {
+		if *v <= 0 {
+			*v = d
+		}
+	}
+	defd := func(v *time.Duration, d time.Duration) {
+		if *v <= 0 {
+			*v = d
+		}
+	}
+	def(&o.MaxConnections, 500)
+	def(&o.MaxPerDestination, 20)
+	def(&o.MaxMessagesPerConnection, 1000)
+	def(&o.WindowSize, 20000)
+	defd(&o.IdleTimeout, 10*time.Second)
+	defd(&o.MinBackoff, 5*time.Minute)
+	defd(&o.MaxBackoff, 4000*time.Second)
+	defd(&o.MaxLifetime, 5*24*time.Hour)
+	defd(&o.Lease, time.Minute)
+	defd(&o.ScanInterval, time.Second)
+	defd(&o.RouteTTL, 30*time.Second)
+	if o.Logger == nil {
+		o.Logger = zap.NewNop()
+	}
+	if o.Now == nil {
+		o.Now = time.Now
+	}
+	if o.Seed == 0 {
+		o.Seed = rand.Uint64()
+	}
+}
+
+// Scheduler delivers the queue. Create it with New, start it with Run.
+type Scheduler struct {
+	opts  Options
+	log   *zap.Logger
+	m     *instruments
+	cache *conncache.Cache[Conn]
+
+	// Channels into the state-owning goroutine.
+	fresh  chan Due
+	next   chan nextReq
+	events chan event
+	kick   chan struct{}
+	drops  chan string
+
+	// Owned by run.
+	window  map[workKey]*work
+	domains map[string]*domainState
+	dests   map[string]*dest
+	waiting []*dest // destinations with queued work waiting for a global slot
+	active  int     // connection workers running
+	rnd     *rand.Rand
+	full    bool // the last scan filled its limit: scan again soon
+
+	rndMu     sync.Mutex // guards workerRnd, shared by workers
+	workerRnd *rand.Rand
+
+	windowSize atomic.Int64 // len(window), for metrics
+
+	workers sync.WaitGroup
+	ctx     context.Context
+}
+
+type workKey struct{ id, domain string }
+
+// work is one (message, domain) pair in the active window.
+type work struct {
+	key      workKey
+	dropped  bool // held or removed while queued
+	requeued bool // already retried once on a fresh connection
+}
+
+type domainState struct {
+	route     Route
+	routedAt  time.Time
+	resolving bool
+	waiting   []*work
+}
+
+// dest is a destination: a next-hop set and its queue.
+type dest struct {
+	key       string
+	route     Route
+	queue     []*work
+	active    int       // connection workers
+	deadUntil time.Time // backed off after connection failures
+	failures  int       // consecutive connection failures
+	inWaiting bool
+}
+
+type nextReq struct {
+	key    string
+	served int
+	reply  chan *work
+}
+
+// event is what workers and resolvers report to run.
+type event struct {
+	kind   eventKind
+	key    string // destination key
+	domain string
+	route  Route
+	err    error
+	work   *work
+}
+
+type eventKind int
+
+const (
+	evDone     eventKind = iota // work finished (any outcome)
+	evRequeue                   // work goes back to the front of its queue
+	evExit                      // a connection worker ended
+	evConnOK                    // a connection was made: the destination is alive
+	evConnFail                  // a connection could not be made or broke with 421
+	evRouted                    // a domain was resolved (or failed to)
+)
+
+// New returns a scheduler; Run starts it.
+func New(opts Options) *Scheduler {
+	opts.defaults()
+	s := &Scheduler{
+		opts:    opts,
+		log:     opts.Logger,
+		fresh:   make(chan Due, 8192),
+		next:    make(chan nextReq),
+		events:  make(chan event, 1024),
+		kick:    make(chan struct{}, 1),
+		drops:   make(chan string, 64),
+		window:  map[workKey]*work{},
+		domains: map[string]*domainState{},
+		dests:   map[string]*dest{},
+		rnd:     rand.New(rand.NewPCG(opts.Seed, opts.Seed^0x9e3779b97f4a7c15)),
+	}
+	s.workerRnd = rand.New(rand.NewPCG(opts.Seed+1, opts.Seed))
+	s.m = newMetrics(s, opts.Registerer)
+	s.cache = conncache.New[Conn](conncache.Options{
+		IdleTimeout: opts.IdleTimeout,
+		MaxMessages: opts.MaxMessagesPerConnection,
+		MaxIdle:     opts.MaxPerDestination,
+		Now:         opts.Now,
+		OnClose:     func(reason string) { s.m.connClosed.WithLabelValues(reason).Inc() },
+	})
+	return s
+}
+
+// Submit hands over a message that was just accepted: its work enters the
+// window at once, without waiting for a scan. It never blocks; if the
+// scheduler is busy the work is found by the next scan instead.
+func (s *Scheduler) Submit(id string, domains []string) {
+	for _, d := range domains {
+		select {
+		case s.fresh <- Due{ID: id, Domain: d}:
+		default:
+			s.m.submitDropped.Inc()
+		}
+	}
+}
+
+// Kick makes the scheduler scan the due index now (after flush or release).
+func (s *Scheduler) Kick() {
+	select {
+	case s.kick <- struct{}{}:
+	default:
+	}
+}
+
+// Drop removes a message's queued work from memory (after hold or remove).
+// Work already being delivered finishes.
+func (s *Scheduler) Drop(id string) {
+	s.drops <- id
+}
+
+// Run delivers until ctx is cancelled, then waits for the transactions in
+// flight to end and closes the cached connections.
+func (s *Scheduler) Run(ctx context.Context) {
+	s.ctx = ctx
+	tick := time.NewTicker(s.opts.ScanInterval)
+	defer tick.Stop()
+	s.scan()
+	for {
+		select {
+		case <-ctx.Done():
+			s.stop()
+			return
+		case d := <-s.fresh:
+			s.add(d.ID, d.Domain)
+		case r := <-s.next:
+			r.reply <- s.nextFor(r)
+		case ev := <-s.events:
+			s.handle(ev)
+		case id := <-s.drops:
+			s.drop(id)
+		case <-s.kick:
+			s.scan()
+		case <-tick.C:
+			s.scan()
+		}
+		if s.full && len(s.window) < s.opts.WindowSize/2 {
+			s.scan()
+		}
+		s.windowSize.Store(int64(len(s.window)))
+	}
+}
+
+// stop drains the workers: they see ctx cancelled and finish.
+func (s *Scheduler) stop() {
+	done := make(chan struct{})
+	go func() { s.workers.Wait(); close(done) }()
+	for {
+		select {
+		case <-done:
+			s.cache.Close()
+			return
+		case r := <-s.next:
+			r.reply <- nil
+		case ev := <-s.events:
+			if ev.kind == evDone || ev.kind == evRequeue {
+				s.forget(ev.work)
+			}
+		}
+	}
+}
+
+// scan brings due work from the store into the window, leasing it first.
+func (s *Scheduler) scan() {
+	room := s.opts.WindowSize - len(s.window)
+	if room <= 0 {
+		return
+	}
+	limit := min(room, 5000)
+	now := s.opts.Now()
+	due, err := s.opts.Store.Due(now, limit)
+	if err != nil {
+		s.log.Error("scheduler: reading the due index", zap.Error(err))
+		return
+	}
+	s.full = len(due) == limit
+	fresh := due[:0]
+	for _, d := range due {
+		if _, ok := s.window[workKey{d.ID, d.Domain}]; !ok {
+			fresh = append(fresh, d)
+		}
+	}
+	if len(fresh) == 0 {
+		return
+	}
+	if err := s.opts.Store.Lease(fresh, now.Add(s.opts.Lease)); err != nil {
+		s.log.Error("scheduler: leasing due work", zap.Error(err))
+		return
+	}
+	for _, d := range fresh {
+		s.add(d.ID, d.Domain)
+	}
+}
+
+// add puts work in the window and routes it.
+func (s *Scheduler) add(id, domain string) {
+	k := workKey{id, domain}
+	if _, ok := s.window[k]; ok || len(s.window) >= s.opts.WindowSize {
+		return
+	}
+	w := &work{key: k}
+	s.window[k] = w
+	ds := s.domains[domain]
+	if ds == nil {
+		ds = &domainState{}
+		s.domains[domain] = ds
+	}
+	if ds.route != nil && s.opts.Now().Sub(ds.routedAt) < s.opts.RouteTTL {
+		s.enqueue(s.destFor(ds.route), w)
+		return
+	}
+	ds.waiting = append(ds.waiting, w)
+	if !ds.resolving {
+		ds.resolving = true
+		s.workers.Add(1)
+		go s.resolve(domain)
+	}
+}
+
+func (s *Scheduler) resolve(domain string) {
+	defer s.workers.Done()
+	ctx, cancel := context.WithTimeout(s.ctx, time.Minute)
+	defer cancel()
+	r, err := s.opts.Transport.Route(ctx, domain)
+	s.events <- event{kind: evRouted, domain: domain, route: r, err: err}
+}
+
+func (s *Scheduler) destFor(r Route) *dest {
+	d := s.dests[r.Key()]
+	if d == nil {
+		d = &dest{key: r.Key(), route: r}
+		s.dests[r.Key()] = d
+	}
+	d.route = r
+	return d
+}
+
+// enqueue queues work for its destination, or postpones it if the
+// destination is backed off.
+func (s *Scheduler) enqueue(d *dest, w *work) {
+	now := s.opts.Now()
+	if now.Before(d.deadUntil) {
+		s.postpone([]*work{w}, d.deadUntil, "destination "+d.key+" is backed off after connection failures")
+		return
+	}
+	d.queue = append(d.queue, w)
+	s.serve(d)
+}
+
+// limit is the connection limit of d: one probe while it is failing.
+func (s *Scheduler) limit(d *dest) int {
+	if d.failures > 0 {
+		return 1
+	}
+	return s.opts.MaxPerDestination
+}
+
+// serve starts connection workers for d while it has queued work and
+// slots; a destination that is out of global slots waits its turn.
+func (s *Scheduler) serve(d *dest) {
+	for len(d.queue) > 0 && d.active < s.limit(d) {
+		if s.active >= s.opts.MaxConnections {
+			if !d.inWaiting {
+				d.inWaiting = true
+				s.waiting = append(s.waiting, d)
+			}
+			return
+		}
+		w := s.pop(d)
+		if w == nil {
+			return
+		}
+		d.active++
+		s.active++
+		s.workers.Add(1)
+		go s.worker(d.key, d.route, w)
+	}
+}
+
+// pop takes the next live work of d's queue.
+func (s *Scheduler) pop(d *dest) *work {
+	for len(d.queue) > 0 {
+		w := d.queue[0]
+		d.queue[0] = nil
+		d.queue = d.queue[1:]
+		if !w.dropped {
+			return w
+		}
+	}
+	d.queue = nil
+	return nil
+}
+
+// fairShare is how many messages a worker sends in a row while other
+// destinations wait for a global connection slot; then it yields.
+const fairShare = 100
+
+func (s *Scheduler) nextFor(r nextReq) *work {
+	d := s.dests[r.key]
+	if d == nil || s.ctx.Err() != nil {
+		return nil
+	}
+	if len(s.waiting) > 0 && r.served >= fairShare {
+		return nil
+	}
+	return s.pop(d)
+}
+
+func (s *Scheduler) handle(ev event) {
+	switch ev.kind {
+	case evDone:
+		s.forget(ev.work)
+	case evRequeue:
+		d := s.dests[ev.key]
+		switch {
+		case d == nil || ev.work.dropped:
+			s.forget(ev.work)
+		case s.opts.Now().Before(d.deadUntil):
+			s.postpone([]*work{ev.work}, d.deadUntil, "destination "+d.key+" is backed off")
+		default:
+			d.queue = append([]*work{ev.work}, d.queue...)
+			s.serve(d)
+		}
+	case evExit:
+		s.active--
+		if d := s.dests[ev.key]; d != nil {
+			d.active--
+			s.serve(d)
+		}
+		s.serveWaiting()
+	case evConnOK:
+		if d := s.dests[ev.key]; d != nil && d.failures > 0 {
+			s.log.Info("destination reachable again", zap.String("destination", d.key), zap.Int("failures", d.failures))
+			d.failures = 0
+			d.deadUntil = time.Time{}
+			s.serve(d)
+		}
+	case evConnFail:
+		s.backOff(ev.key, ev.err)
+	case evRouted:
+		s.routed(ev.domain, ev.route, ev.err)
+	}
+}
+
+// serveWaiting gives freed global slots to waiting destinations in turn.
+func (s *Scheduler) serveWaiting() {
+	for len(s.waiting) > 0 && s.active < s.opts.MaxConnections {
+		d := s.waiting[0]
+		s.waiting = s.waiting[1:]
+		d.inWaiting = false
+		s.serve(d)
+	}
+}
+
+// backOff marks a destination dead after a connection failure and
+// postpones its queued work to the end of the backoff.
+func (s *Scheduler) backOff(key string, cause error) {
+	d := s.dests[key]
+	if d == nil {
+		return
+	}
+	d.failures++
+	until := s.opts.Now().Add(backoff(d.failures, s.opts.MinBackoff, s.opts.MaxBackoff, s.rnd))
+	if until.After(d.deadUntil) {
+		d.deadUntil = until
+	}
+	s.m.destBackoffs.Inc()
+	s.log.Warn("destination backed off", zap.String("destination", key), zap.Int("failures", d.failures),
+		zap.Time("until", d.deadUntil), zap.Error(cause))
+	queued := make([]*work, 0, len(d.queue))
+	for _, w := range d.queue {
+		if !w.dropped {
+			queued = append(queued, w)
+		}
+	}
+	d.queue = nil
+	s.postpone(queued, d.deadUntil, "destination backed off: "+errText(cause))
+}
+
+// postpone moves work out of the window and makes it due again at until,
+// without counting an attempt. The store write happens off this goroutine.
+func (s *Scheduler) postpone(ws []*work, until time.Time, why string) {
+	if len(ws) == 0 {
+		return
+	}
+	items := make([]Due, len(ws))
+	for i, w := range ws {
+		delete(s.window, w.key)
+		// Spread the return of a large backlog over a tenth of the delay.
+		spread := time.Duration(s.rnd.Int64N(int64(until.Sub(s.opts.Now())/10 + 1)))
+		items[i] = Due{ID: w.key.id, Domain: w.key.domain, At: until.Add(spread)}
+	}
+	s.m.postponed.Add(float64(len(ws)))
+	s.workers.Add(1)
+	go func() {
+		defer s.workers.Done()
+		// Lease writes each entry at its own time when At is set.
+		if err := s.opts.Store.Lease(items, time.Time{}); err != nil {
+			s.log.Error("scheduler: postponing work", zap.Error(err), zap.String("why", why))
+		}
+	}()
+}
+
+// routed handles the resolution of a domain.
+func (s *Scheduler) routed(domain string, r Route, err error) {
+	ds := s.domains[domain]
+	if ds == nil {
+		return
+	}
+	ds.resolving = false
+	waiting := ds.waiting
+	ds.waiting = nil
+	if err != nil {
+		s.m.routeErrors.Inc()
+		s.log.Info("routing failed", zap.String("domain", domain), zap.Error(err), zap.Bool("permanent", mta.IsPermanent(err)))
+		for _, w := range waiting {
+			if w.dropped {
+				delete(s.window, w.key)
+				continue
+			}
+			s.workers.Add(1)
+			go s.failDomain(w, err)
+		}
+		delete(s.domains, domain)
+		return
+	}
+	ds.route, ds.routedAt = r, s.opts.Now()
+	d := s.destFor(r)
+	for _, w := range waiting {
+		if w.dropped {
+			delete(s.window, w.key)
+			continue
+		}
+		s.enqueue(d, w)
+	}
+}
+
+// forget removes finished work from the window, unless the window already
+// holds newer work for the same key (the message was released and due
+// again while this work was in flight).
+func (s *Scheduler) forget(w *work) {
+	if s.window[w.key] == w {
+		delete(s.window, w.key)
+	}
+}
+
+// drop forgets the queued work of message id.
+func (s *Scheduler) drop(id string) {
+	for k, w := range s.window {
+		if k.id == id {
+			w.dropped = true
+			delete(s.window, k)
+		}
+	}
+}
+
+func errText(err error) string {
+	if err == nil {
+		return ""
+	}
+	return err.Error()
+}

@@ -1,0 +1,105 @@
+package scheduler
+
+import (
+	"context"
+	"time"
+
+	"github.com/mtaproject/mta/mta"
+)
+
+// Due names one destination domain of one message whose attempt is due.
+type Due struct {
+	ID     string
+	Domain string
+	At     time.Time
+}
+
+// Message is what the scheduler needs of a queued message.
+type Message struct {
+	ID         string
+	From       string // "" is the null sender
+	EnvID      string
+	Ret        mta.Return
+	SMTPUTF8   bool
+	Body8Bit   bool
+	Received   time.Time
+	Recipients []Recipient
+}
+
+// Recipient is one recipient and whether it still waits for delivery.
+type Recipient struct {
+	mta.Recipient
+	Domain   string
+	Queued   bool
+	Attempts int
+}
+
+// Store is the queue on disk. Every method is one atomic, durable
+// transition; the scheduler calls them from worker goroutines, never from
+// its state-owning goroutine, except Due and Lease, which the periodic scan
+// uses.
+type Store interface {
+	// Due returns up to limit entries due at or before now, earliest first.
+	Due(now time.Time, limit int) ([]Due, error)
+	// Lease moves the due entries of the given (ID, Domain) pairs to until,
+	// or, when until is zero, each to its own At, in one batch and without
+	// counting an attempt. The scheduler leases work before attempting it,
+	// so a crash cannot make it due again at once, and postpones the work
+	// of a backed-off destination with it.
+	Lease(items []Due, until time.Time) error
+	// Message returns the envelope and recipient states of message id.
+	Message(id string) (*Message, error)
+	// Body returns the message bytes.
+	Body(id string) ([]byte, error)
+	// Defer records a temporary failure of domain's queued recipients and
+	// makes them due at until.
+	Defer(id, domain string, until time.Time, reply string) error
+	// Delivered and Failed record final outcomes of named recipients.
+	Delivered(id string, recipients []string, reply string) error
+	Failed(id string, recipients []string, reply string) error
+}
+
+// Route is a resolved destination, opaque to the scheduler but for its key.
+type Route interface {
+	// Key identifies the next-hop set: domains with equal keys share a
+	// destination queue, its limits and its connections.
+	Key() string
+	// Class labels metrics: "mx" or "route".
+	Class() string
+}
+
+// Transport reaches remote servers.
+type Transport interface {
+	// Route resolves a domain. A permanent error (mta.IsPermanent) fails
+	// its recipients; any other defers them.
+	Route(ctx context.Context, domain string) (Route, error)
+	// Connect opens a connection to one of the route's hosts, trying them
+	// in order. An error means no host could be reached.
+	Connect(ctx context.Context, r Route) (Conn, error)
+}
+
+// Conn is one open connection to a destination.
+type Conn interface {
+	// Send runs one transaction. The replies are per recipient, in order.
+	// An error means the connection failed (I/O, timeout, 421): the
+	// recipients are not known to be delivered and the Conn is unusable.
+	Send(ctx context.Context, env *Envelope, body []byte) ([]*mta.Reply, error)
+	// Usable reports whether the connection may carry another message.
+	Usable() bool
+	// Endpoint is the remote address ("ip:port"), for the connection cache.
+	Endpoint() string
+	// Close ends the connection (QUIT) and releases it.
+	Close() error
+}
+
+// Envelope is one transaction: a message and the recipients of one
+// destination domain.
+type Envelope struct {
+	ID         string
+	From       string
+	EnvID      string
+	Ret        mta.Return
+	SMTPUTF8   bool
+	Body8Bit   bool
+	Recipients []mta.Recipient
+}

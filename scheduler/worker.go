@@ -1,0 +1,274 @@
+package scheduler
+
+import (
+	"errors"
+	"fmt"
+	"runtime/debug"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/mtaproject/mta/mta"
+)
+
+// worker is one connection to destination key: it sends the destination's
+// queued messages one after another until the queue is empty, then parks
+// the connection in the cache.
+func (s *Scheduler) worker(key string, route Route, first *work) {
+	defer s.workers.Done()
+	defer func() { s.events <- event{kind: evExit, key: key} }()
+	conn, messages, reused := s.cache.Get(key)
+	if reused {
+		s.m.connReused.Inc()
+	} else {
+		start := time.Now()
+		c, err := s.opts.Transport.Connect(s.ctx, route)
+		if err != nil {
+			s.m.connFailed.Inc()
+			s.events <- event{kind: evConnFail, key: key, err: err}
+			s.events <- event{kind: evRequeue, key: key, work: first}
+			return
+		}
+		s.m.connOpened.Inc()
+		s.m.connectLatency.Observe(time.Since(start).Seconds())
+		conn = c
+		s.events <- event{kind: evConnOK, key: key}
+	}
+	s.m.activeConns.WithLabelValues(route.Class()).Inc()
+	defer s.m.activeConns.WithLabelValues(route.Class()).Dec()
+
+	w, served := first, 0
+	for w != nil {
+		reused := messages > 0
+		err := s.deliverSafely(conn, route, w, reused)
+		messages++
+		served++
+		switch {
+		case retryOnNewConn(reused, w, err):
+			// A cached connection had died: try again on a new one.
+			w.requeued = true
+			_ = conn.Close()
+			s.m.connClosed.WithLabelValues("stale").Inc()
+			s.events <- event{kind: evRequeue, key: key, work: w}
+			return
+		case err != nil:
+			s.events <- event{kind: evDone, work: w}
+			_ = conn.Close()
+			s.m.messagesPerConn.Observe(float64(messages))
+			s.m.connClosed.WithLabelValues("error").Inc()
+			var r *mta.Reply
+			if errors.As(err, &r) && r.Code == 421 {
+				s.events <- event{kind: evConnFail, key: key, err: err}
+			}
+			return
+		}
+		s.events <- event{kind: evDone, work: w}
+		if !conn.Usable() || messages >= s.opts.MaxMessagesPerConnection {
+			break
+		}
+		reply := make(chan *work, 1)
+		s.next <- nextReq{key: key, served: served, reply: reply}
+		w = <-reply
+	}
+	s.m.messagesPerConn.Observe(float64(messages))
+	if s.ctx.Err() != nil {
+		_ = conn.Close()
+		s.m.connClosed.WithLabelValues("shutdown").Inc()
+		return
+	}
+	s.cache.Put(key, conn, messages)
+}
+
+// retryOnNewConn reports whether work whose send failed with err is tried
+// again at once on a new connection instead of being deferred: once, when
+// a reused connection turned out to be dead before the transaction began.
+func retryOnNewConn(reused bool, w *work, err error) bool {
+	return reused && !w.requeued && errors.Is(err, ErrStale)
+}
+
+// deliverSafely is deliver with a panic quarantined to the one message:
+// it is deferred, counted and logged, and the connection is dropped.
+func (s *Scheduler) deliverSafely(conn Conn, route Route, w *work, reused bool) (err error) {
+	defer func() {
+		if r := recover(); r != nil {
+			s.m.panics.Inc()
+			s.log.Error("panic delivering a message; deferred", zap.String("id", w.key.id),
+				zap.String("domain", w.key.domain), zap.Any("panic", r), zap.ByteString("stack", debug.Stack()))
+			s.deferWork(w, nil, fmt.Sprintf("451 4.3.0 internal error: %v", r))
+			err = fmt.Errorf("panic: %v", r)
+		}
+	}()
+	return s.deliver(conn, route, w, reused)
+}
+
+// deliver sends one message to the recipients of one domain and records
+// the outcome of each recipient in the store. It returns the connection's
+// error, if the connection failed.
+func (s *Scheduler) deliver(conn Conn, route Route, w *work, reused bool) error {
+	m, err := s.opts.Store.Message(w.key.id)
+	if errors.Is(err, mta.ErrNotFound) {
+		return nil // removed meanwhile
+	}
+	if err != nil {
+		s.log.Error("scheduler: reading a message", zap.String("id", w.key.id), zap.Error(err))
+		s.deferWork(w, nil, "451 4.3.0 local error reading the queue")
+		return nil
+	}
+	env := &Envelope{ID: m.ID, From: m.From, EnvID: m.EnvID, Ret: m.Ret, SMTPUTF8: m.SMTPUTF8, Body8Bit: m.Body8Bit}
+	attempts := 0
+	for _, r := range m.Recipients {
+		if r.Queued && r.Domain == w.key.domain {
+			env.Recipients = append(env.Recipients, r.Recipient)
+			attempts = max(attempts, r.Attempts)
+		}
+	}
+	if len(env.Recipients) == 0 {
+		return nil
+	}
+	if s.opts.Now().Sub(m.Received) >= s.opts.MaxLifetime {
+		s.expire(w, env, "no attempt made")
+		return nil
+	}
+	body, err := s.opts.Store.Body(m.ID)
+	if err != nil {
+		s.log.Error("scheduler: reading a message body", zap.String("id", m.ID), zap.Error(err))
+		s.deferWork(w, m, "451 4.3.0 local error reading the queue")
+		return nil
+	}
+	start := time.Now()
+	replies, err := conn.Send(s.ctx, env, body)
+	s.m.attemptLatency.Observe(time.Since(start).Seconds())
+	if err != nil {
+		if retryOnNewConn(reused, w, err) {
+			return err
+		}
+		s.m.outcomes.WithLabelValues("deferred", route.Class()).Add(float64(len(env.Recipients)))
+		s.temporary(w, m, attempts, "connection failed: "+err.Error())
+		return err
+	}
+	var delivered, failed []string
+	var deliveredReply, failedReply, deferredReply string
+	for i, r := range env.Recipients {
+		rep := replies[i]
+		switch {
+		case rep != nil && rep.Code/100 == 2:
+			delivered = append(delivered, r.Address)
+			deliveredReply = rep.Error()
+		case rep != nil && rep.Permanent():
+			failed = append(failed, r.Address)
+			failedReply = rep.Error()
+		default:
+			deferredReply = errText(rep)
+			if rep == nil {
+				deferredReply = "no reply"
+			}
+		}
+	}
+	class := route.Class()
+	if len(delivered) > 0 {
+		s.m.outcomes.WithLabelValues("delivered", class).Add(float64(len(delivered)))
+		if err := s.opts.Store.Delivered(m.ID, delivered, deliveredReply); err != nil {
+			s.log.Error("scheduler: recording a delivery (it may be repeated)", zap.String("id", m.ID), zap.Error(err))
+		}
+	}
+	if len(failed) > 0 {
+		s.m.outcomes.WithLabelValues("failed", class).Add(float64(len(failed)))
+		if err := s.opts.Store.Failed(m.ID, failed, failedReply); err != nil {
+			s.log.Error("scheduler: recording a failure", zap.String("id", m.ID), zap.Error(err))
+		}
+	}
+	if n := len(env.Recipients) - len(delivered) - len(failed); n > 0 {
+		s.m.outcomes.WithLabelValues("deferred", class).Add(float64(n))
+		s.temporary(w, m, attempts, deferredReply)
+	}
+	s.log.Debug("delivery attempt", zap.String("id", m.ID), zap.String("domain", w.key.domain),
+		zap.Int("delivered", len(delivered)), zap.Int("failed", len(failed)))
+	return nil
+}
+
+// temporary defers the domain's queued recipients with backoff, or fails
+// them if the message has outlived MaxLifetime.
+func (s *Scheduler) temporary(w *work, m *Message, attempts int, reply string) {
+	next := s.opts.Now().Add(s.backoffFor(attempts + 1))
+	if next.Sub(m.Received) >= s.opts.MaxLifetime {
+		env := &Envelope{}
+		for _, r := range m.Recipients {
+			if r.Queued && r.Domain == w.key.domain {
+				env.Recipients = append(env.Recipients, r.Recipient)
+			}
+		}
+		s.expire(w, env, reply)
+		return
+	}
+	if err := s.opts.Store.Defer(w.key.id, w.key.domain, next, reply); err != nil {
+		s.log.Error("scheduler: deferring", zap.String("id", w.key.id), zap.Error(err))
+	}
+}
+
+// deferWork defers after a local problem; m may be nil.
+func (s *Scheduler) deferWork(w *work, m *Message, reply string) {
+	attempts := 0
+	if m != nil {
+		for _, r := range m.Recipients {
+			if r.Domain == w.key.domain {
+				attempts = max(attempts, r.Attempts)
+			}
+		}
+	}
+	_ = s.opts.Store.Defer(w.key.id, w.key.domain, s.opts.Now().Add(s.backoffFor(attempts+1)), reply)
+}
+
+func (s *Scheduler) backoffFor(attempt int) time.Duration {
+	// The jitter source is shared by workers: guard it.
+	s.rndMu.Lock()
+	defer s.rndMu.Unlock()
+	return backoff(attempt, s.opts.MinBackoff, s.opts.MaxBackoff, s.workerRnd)
+}
+
+// expire fails recipients whose message outlived the queue lifetime
+// (RFC 3463 5.4.7: delivery time expired).
+func (s *Scheduler) expire(w *work, env *Envelope, last string) {
+	var rcpts []string
+	for _, r := range env.Recipients {
+		rcpts = append(rcpts, r.Address)
+	}
+	reply := fmt.Sprintf("550 5.4.7 Delivery time expired after %s; last error: %s", s.opts.MaxLifetime, last)
+	s.m.outcomes.WithLabelValues("expired", "").Add(float64(len(rcpts)))
+	if err := s.opts.Store.Failed(w.key.id, rcpts, reply); err != nil {
+		s.log.Error("scheduler: expiring", zap.String("id", w.key.id), zap.Error(err))
+	}
+}
+
+// failDomain fails (permanent routing error) or defers (temporary) the
+// recipients of a domain that could not be routed.
+func (s *Scheduler) failDomain(w *work, cause error) {
+	defer s.workers.Done()
+	defer func() { s.events <- event{kind: evDone, work: w} }()
+	m, err := s.opts.Store.Message(w.key.id)
+	if err != nil {
+		return
+	}
+	var rcpts []string
+	attempts := 0
+	for _, r := range m.Recipients {
+		if r.Queued && r.Domain == w.key.domain {
+			rcpts = append(rcpts, r.Address)
+			attempts = max(attempts, r.Attempts)
+		}
+	}
+	if len(rcpts) == 0 {
+		return
+	}
+	var reply *mta.Reply
+	text := cause.Error()
+	if errors.As(cause, &reply) {
+		text = reply.Error()
+	}
+	if mta.IsPermanent(cause) {
+		s.m.outcomes.WithLabelValues("failed", "").Add(float64(len(rcpts)))
+		_ = s.opts.Store.Failed(m.ID, rcpts, text)
+		return
+	}
+	s.m.outcomes.WithLabelValues("deferred", "").Add(float64(len(rcpts)))
+	s.temporary(w, m, attempts, text)
+}

@@ -1,0 +1,83 @@
+package spool
+
+import (
+	"errors"
+	"sort"
+	"time"
+
+	"github.com/mtaproject/mta/mta"
+)
+
+// LeaseItem names the queued recipients of one domain of one message and
+// the time they become due.
+type LeaseItem struct {
+	ID     string
+	Domain string
+	At     time.Time
+}
+
+// Lease makes the queued recipients of each (ID, Domain) due at its At,
+// without counting an attempt, for all items in one batch. The scheduler
+// uses it to write the next attempt time before an attempt, and to
+// postpone the work of a backed-off destination. Messages that are gone or
+// held are skipped.
+func (s *Spool) Lease(items []LeaseItem) error {
+	if err := s.Healthy(); err != nil {
+		return err
+	}
+	if len(items) == 0 {
+		return nil
+	}
+	// Lock every stripe involved, in order, for the whole batch.
+	stripes := map[uint8]bool{}
+	for _, it := range items {
+		stripes[stripe(it.ID)] = true
+	}
+	order := make([]int, 0, len(stripes))
+	for st := range stripes {
+		order = append(order, int(st))
+	}
+	sort.Ints(order)
+	for _, st := range order {
+		s.locks[st].Lock()
+	}
+	defer func() {
+		for _, st := range order {
+			s.locks[st].Unlock()
+		}
+	}()
+
+	b := s.db.NewBatch()
+	defer b.Close()
+	changed := map[string]*Message{}
+	var k keyBuf
+	for _, it := range items {
+		m := changed[it.ID]
+		if m == nil {
+			var err error
+			m, err = s.Get(it.ID)
+			if errors.Is(err, mta.ErrNotFound) {
+				continue
+			}
+			if err != nil {
+				return err
+			}
+			if m.Held {
+				continue
+			}
+			changed[it.ID] = m
+		}
+		for i := range m.Recipients {
+			r := &m.Recipients[i]
+			if r.Status == Queued && r.Domain == it.Domain {
+				_ = b.Delete(k.due(r.NextAttempt, m.ID, r.Domain), nil)
+				r.NextAttempt = it.At
+			}
+		}
+	}
+	for _, m := range changed {
+		setDue(b, m)
+		_ = b.Set(k.message(m.ID), m.encode(nil), nil)
+	}
+	return s.commit(b, "lease")
+}
