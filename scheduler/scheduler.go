@@ -431,11 +431,15 @@ func (s *Scheduler) handle(ev event) {
 		}
 	case evExit:
 		s.active--
-		if d := s.dests[ev.key]; d != nil {
+		d := s.dests[ev.key]
+		if d != nil {
 			d.active--
+		}
+		// Destinations that waited for a slot go first; d queues behind.
+		s.serveWaiting()
+		if d != nil {
 			s.serve(d)
 		}
-		s.serveWaiting()
 	case evConnOK:
 		if d := s.dests[ev.key]; d != nil && d.failures > 0 {
 			s.log.Info("destination reachable again", zap.String("destination", d.key), zap.Int("failures", d.failures))

@@ -1,0 +1,254 @@
+package scheduler
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sort"
+	"sync"
+	"time"
+
+	"github.com/mtaproject/mta/mta"
+)
+
+// memStore is an in-memory Store for testing the scheduler's policy.
+type memStore struct {
+	mu       sync.Mutex
+	msgs     map[string]*Message
+	due      map[workKey]time.Time
+	events   []string
+	defers   map[workKey]int
+	failures map[string]string // address → reply
+	done     map[string]string // address → reply
+}
+
+func newMemStore() *memStore {
+	return &memStore{msgs: map[string]*Message{}, due: map[workKey]time.Time{}, defers: map[workKey]int{},
+		failures: map[string]string{}, done: map[string]string{}}
+}
+
+func (s *memStore) add(id string, received, due time.Time, rcpts ...string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	m := &Message{ID: id, From: "from@example.org", Received: received}
+	for _, r := range rcpts {
+		d := mta.Domain(r)
+		m.Recipients = append(m.Recipients, Recipient{Recipient: mta.Recipient{Address: r}, Domain: d, Queued: true})
+		s.due[workKey{id, d}] = due
+	}
+	s.msgs[id] = m
+}
+
+func (s *memStore) Due(now time.Time, limit int) ([]Due, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	var out []Due
+	for k, t := range s.due {
+		if !t.After(now) {
+			out = append(out, Due{ID: k.id, Domain: k.domain, At: t})
+		}
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].At.Before(out[j].At) || out[i].At.Equal(out[j].At) && out[i].ID < out[j].ID })
+	if len(out) > limit {
+		out = out[:limit]
+	}
+	return out, nil
+}
+
+func (s *memStore) Lease(items []Due, until time.Time) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for _, it := range items {
+		k := workKey{it.ID, it.Domain}
+		if _, ok := s.due[k]; !ok {
+			continue
+		}
+		if until.IsZero() {
+			s.due[k] = it.At
+		} else {
+			s.due[k] = until
+		}
+	}
+	return nil
+}
+
+func (s *memStore) Message(id string) (*Message, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	m, ok := s.msgs[id]
+	if !ok {
+		return nil, mta.ErrNotFound
+	}
+	c := *m
+	c.Recipients = append([]Recipient(nil), m.Recipients...)
+	return &c, nil
+}
+
+func (s *memStore) Body(id string) ([]byte, error) { return []byte("Subject: " + id + "\r\n\r\nx\r\n"), nil }
+
+func (s *memStore) Defer(id, domain string, until time.Time, reply string) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	m := s.msgs[id]
+	for i := range m.Recipients {
+		if r := &m.Recipients[i]; r.Queued && r.Domain == domain {
+			r.Attempts++
+		}
+	}
+	s.due[workKey{id, domain}] = until
+	s.defers[workKey{id, domain}]++
+	s.events = append(s.events, fmt.Sprintf("defer %s %s %s", id, domain, reply))
+	return nil
+}
+
+func (s *memStore) finish(id string, rcpts []string, reply string, into map[string]string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	m := s.msgs[id]
+	for i := range m.Recipients {
+		r := &m.Recipients[i]
+		for _, a := range rcpts {
+			if r.Address == a && r.Queued {
+				r.Queued = false
+				into[id+" "+a] = reply
+			}
+		}
+	}
+	for _, r := range m.Recipients {
+		if !r.Queued {
+			continue
+		}
+		return
+	}
+	for k := range s.due {
+		if k.id == id {
+			delete(s.due, k)
+		}
+	}
+}
+
+func (s *memStore) Delivered(id string, rcpts []string, reply string) error {
+	s.finish(id, rcpts, reply, s.done)
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for _, r := range s.msgs[id].Recipients {
+		if r.Queued {
+			return nil
+		}
+	}
+	return nil
+}
+
+func (s *memStore) Failed(id string, rcpts []string, reply string) error {
+	s.finish(id, rcpts, reply, s.failures)
+	return nil
+}
+
+func (s *memStore) counts() (delivered, failed int) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return len(s.done), len(s.failures)
+}
+
+// fakeRoute routes every domain to the destination named by domainDest.
+type fakeRoute struct{ key string }
+
+func (r fakeRoute) Key() string   { return r.key }
+func (r fakeRoute) Class() string { return "mx" }
+
+type fakeTransport struct {
+	mu         sync.Mutex
+	dests      map[string]string // domain → destination key; missing: the domain itself
+	routeErr   map[string]error
+	connectErr map[string]error // destination → error
+	replies    func(rcpt string) *mta.Reply
+	delay      map[string]time.Duration // destination → per-message delay
+	connects   map[string]int
+	sent       map[string]int // destination → messages
+	active     map[string]int
+	maxActive  map[string]int
+	sendErr    func(dest string, n int) error
+}
+
+func newFakeTransport() *fakeTransport {
+	return &fakeTransport{dests: map[string]string{}, routeErr: map[string]error{}, connectErr: map[string]error{},
+		delay: map[string]time.Duration{}, connects: map[string]int{}, sent: map[string]int{},
+		active: map[string]int{}, maxActive: map[string]int{},
+		replies: func(string) *mta.Reply { return &mta.Reply{Code: 250, Text: "ok"} }}
+}
+
+func (f *fakeTransport) Route(ctx context.Context, domain string) (Route, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if err := f.routeErr[domain]; err != nil {
+		return nil, err
+	}
+	if d, ok := f.dests[domain]; ok {
+		return fakeRoute{d}, nil
+	}
+	return fakeRoute{domain}, nil
+}
+
+func (f *fakeTransport) Connect(ctx context.Context, r Route) (Conn, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.connects[r.Key()]++
+	if err := f.connectErr[r.Key()]; err != nil {
+		return nil, err
+	}
+	f.active[r.Key()]++
+	f.maxActive[r.Key()] = max(f.maxActive[r.Key()], f.active[r.Key()])
+	return &fakeConn{f: f, dest: r.Key(), usable: true}, nil
+}
+
+func (f *fakeTransport) stats(dest string) (connects, sent, maxActive int) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.connects[dest], f.sent[dest], f.maxActive[dest]
+}
+
+type fakeConn struct {
+	f      *fakeTransport
+	dest   string
+	usable bool
+	closed bool
+	n      int
+}
+
+func (c *fakeConn) Send(ctx context.Context, env *Envelope, body []byte) ([]*mta.Reply, error) {
+	c.f.mu.Lock()
+	d := c.f.delay[c.dest]
+	c.f.mu.Unlock()
+	if d > 0 {
+		time.Sleep(d)
+	}
+	c.f.mu.Lock()
+	defer c.f.mu.Unlock()
+	c.n++
+	if c.f.sendErr != nil {
+		if err := c.f.sendErr(c.dest, c.n); err != nil {
+			c.usable = false
+			return nil, err
+		}
+	}
+	c.f.sent[c.dest]++
+	out := make([]*mta.Reply, len(env.Recipients))
+	for i, r := range env.Recipients {
+		out[i] = c.f.replies(r.Address)
+	}
+	return out, nil
+}
+
+func (c *fakeConn) Usable() bool     { return c.usable && !c.closed }
+func (c *fakeConn) Endpoint() string { return c.dest }
+func (c *fakeConn) Close() error {
+	c.f.mu.Lock()
+	defer c.f.mu.Unlock()
+	if !c.closed {
+		c.closed = true
+		c.f.active[c.dest]--
+	}
+	return nil
+}
+
+var errRefused = errors.New("connection refused")

@@ -1,0 +1,222 @@
+package scheduler
+
+import (
+	"context"
+	"fmt"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/mtaproject/mta/mta"
+)
+
+type harness struct {
+	store *memStore
+	tr    *fakeTransport
+	s     *Scheduler
+	stop  func()
+}
+
+func start(t *testing.T, edit func(*Options), store *memStore, tr *fakeTransport) *harness {
+	t.Helper()
+	opts := Options{Store: store, Transport: tr, MinBackoff: time.Hour, MaxBackoff: 2 * time.Hour,
+		ScanInterval: 20 * time.Millisecond, IdleTimeout: time.Minute, Seed: 42}
+	if edit != nil {
+		edit(&opts)
+	}
+	s := New(opts)
+	ctx, cancel := context.WithCancel(context.Background())
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() { defer wg.Done(); s.Run(ctx) }()
+	h := &harness{store: store, tr: tr, s: s, stop: func() { cancel(); wg.Wait() }}
+	t.Cleanup(h.stop)
+	return h
+}
+
+func waitFor(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+func TestConnectionsAreReusedForManyMessages(t *testing.T) {
+	store, tr := newMemStore(), newFakeTransport()
+	h := start(t, func(o *Options) { o.MaxPerDestination = 3; o.MaxMessagesPerConnection = 50 }, store, tr)
+	now := time.Now()
+	for i := 0; i < 300; i++ {
+		id := fmt.Sprintf("m%03d", i)
+		store.add(id, now, now.Add(time.Hour), "r@one.test")
+		h.s.Submit(id, []string{"one.test"})
+	}
+	waitFor(t, "300 deliveries", func() bool { d, _ := store.counts(); return d == 300 })
+	connects, sent, maxActive := tr.stats("one.test")
+	t.Logf("300 messages over %d connections, at most %d at once", connects, maxActive)
+	if sent != 300 || maxActive > 3 {
+		t.Fatalf("sent %d, max active %d", sent, maxActive)
+	}
+	// At most N / limit + concurrency connections.
+	if connects > 300/50+3 {
+		t.Fatalf("%d connections for 300 messages (limit 50 per connection, 3 at once)", connects)
+	}
+}
+
+func TestDeadDestinationCostsOneProbe(t *testing.T) {
+	store, tr := newMemStore(), newFakeTransport()
+	tr.connectErr["dead.test"] = errRefused
+	h := start(t, func(o *Options) { o.MaxPerDestination = 5 }, store, tr)
+	now := time.Now()
+	for i := 0; i < 100; i++ {
+		id := fmt.Sprintf("d%03d", i)
+		store.add(id, now, now, "r@dead.test")
+		id2 := fmt.Sprintf("a%03d", i)
+		store.add(id2, now, now, "r@alive.test")
+	}
+	waitFor(t, "alive deliveries", func() bool { d, _ := store.counts(); return d == 100 })
+	waitFor(t, "dead work postponed", func() bool {
+		due, _ := store.Due(time.Now(), 1000)
+		return len(due) == 0
+	})
+	connects, _, _ := tr.stats("dead.test")
+	if connects > 5 {
+		t.Fatalf("%d connection attempts to a dead destination for 100 messages", connects)
+	}
+	// The work was postponed to the backoff, not attempted: no attempts counted.
+	store.mu.Lock()
+	for k, n := range store.defers {
+		if k.domain == "dead.test" && n > 0 {
+			store.mu.Unlock()
+			t.Fatalf("dead destination work was deferred as an attempt: %v", k)
+		}
+	}
+	later := 0
+	for k, t0 := range store.due {
+		if k.domain == "dead.test" && t0.After(now.Add(50*time.Minute)) {
+			later++
+		}
+	}
+	store.mu.Unlock()
+	if later != 100 {
+		t.Fatalf("%d of 100 dead-destination items postponed to the backoff", later)
+	}
+	_ = h
+}
+
+func TestOutcomesPerRecipient(t *testing.T) {
+	store, tr := newMemStore(), newFakeTransport()
+	tr.replies = func(rcpt string) *mta.Reply {
+		switch {
+		case strings.HasPrefix(rcpt, "bad"):
+			return &mta.Reply{Code: 550, Enhanced: mta.Enhanced{5, 1, 1}, Text: "no such user"}
+		case strings.HasPrefix(rcpt, "later"):
+			return &mta.Reply{Code: 451, Enhanced: mta.Enhanced{4, 7, 1}, Text: "greylisted"}
+		}
+		return &mta.Reply{Code: 250, Text: "ok"}
+	}
+	h := start(t, nil, store, tr)
+	now := time.Now()
+	store.add("m1", now, now.Add(time.Hour), "good@x.test", "bad@x.test", "later@x.test")
+	h.s.Submit("m1", []string{"x.test"})
+	waitFor(t, "outcomes", func() bool {
+		store.mu.Lock()
+		defer store.mu.Unlock()
+		return store.defers[workKey{"m1", "x.test"}] == 1
+	})
+	store.mu.Lock()
+	defer store.mu.Unlock()
+	if store.done["m1 good@x.test"] == "" || !strings.HasPrefix(store.failures["m1 bad@x.test"], "550 5.1.1") {
+		t.Fatalf("done %v failures %v", store.done, store.failures)
+	}
+	m := store.msgs["m1"]
+	if !m.Recipients[2].Queued || m.Recipients[2].Attempts != 1 {
+		t.Fatalf("deferred recipient %+v", m.Recipients[2])
+	}
+	if due := store.due[workKey{"m1", "x.test"}]; due.Sub(now) < 47*time.Minute || due.Sub(now) > 73*time.Minute {
+		t.Fatalf("retry due in %v, want an hour ±20%%", due.Sub(now))
+	}
+}
+
+func TestExpiredMessageFails(t *testing.T) {
+	store, tr := newMemStore(), newFakeTransport()
+	tr.replies = func(string) *mta.Reply { return &mta.Reply{Code: 451, Text: "try later"} }
+	h := start(t, func(o *Options) { o.MaxLifetime = 90 * time.Minute }, store, tr)
+	now := time.Now()
+	store.add("old", now.Add(-time.Hour), now.Add(time.Hour), "r@x.test")
+	h.s.Submit("old", []string{"x.test"})
+	waitFor(t, "expiry", func() bool { _, f := store.counts(); return f == 1 })
+	store.mu.Lock()
+	defer store.mu.Unlock()
+	if got := store.failures["old r@x.test"]; !strings.HasPrefix(got, "550 5.4.7 Delivery time expired") || !strings.Contains(got, "try later") {
+		t.Fatalf("expiry reply %q", got)
+	}
+}
+
+func TestRoutingErrors(t *testing.T) {
+	store, tr := newMemStore(), newFakeTransport()
+	tr.routeErr["nx.test"] = &mta.Reply{Code: 550, Enhanced: mta.Enhanced{5, 1, 2}, Text: "no such domain"}
+	tr.routeErr["flaky.test"] = &mta.Reply{Code: 451, Enhanced: mta.Enhanced{4, 4, 3}, Text: "dns timeout"}
+	h := start(t, nil, store, tr)
+	now := time.Now()
+	store.add("m1", now, now.Add(time.Hour), "a@nx.test", "b@flaky.test", "c@ok.test")
+	h.s.Submit("m1", []string{"nx.test", "flaky.test", "ok.test"})
+	waitFor(t, "outcomes", func() bool {
+		store.mu.Lock()
+		defer store.mu.Unlock()
+		return len(store.failures) == 1 && len(store.done) == 1 && store.defers[workKey{"m1", "flaky.test"}] == 1
+	})
+}
+
+func TestSlowDestinationDoesNotStarveOthers(t *testing.T) {
+	store, tr := newMemStore(), newFakeTransport()
+	tr.delay["slow.test"] = 20 * time.Millisecond
+	h := start(t, func(o *Options) { o.MaxConnections = 2; o.MaxPerDestination = 2 }, store, tr)
+	now := time.Now()
+	for i := 0; i < 400; i++ {
+		id := fmt.Sprintf("s%03d", i)
+		store.add(id, now, now.Add(time.Hour), "r@slow.test")
+		h.s.Submit(id, []string{"slow.test"})
+	}
+	time.Sleep(50 * time.Millisecond) // slow.test holds both global slots
+	for i := 0; i < 20; i++ {
+		id := fmt.Sprintf("f%03d", i)
+		store.add(id, now, now.Add(time.Hour), "r@fast.test")
+		h.s.Submit(id, []string{"fast.test"})
+	}
+	start := time.Now()
+	waitFor(t, "fast deliveries", func() bool {
+		_, sent, _ := tr.stats("fast.test")
+		return sent == 20
+	})
+	_, slowSent, _ := tr.stats("slow.test")
+	t.Logf("fast destination served after %v, with %d of 400 slow messages sent", time.Since(start), slowSent)
+	if slowSent >= 400 {
+		t.Fatal("the fast destination waited for the whole slow queue")
+	}
+}
+
+func TestDropForgetsQueuedWork(t *testing.T) {
+	store, tr := newMemStore(), newFakeTransport()
+	tr.delay["x.test"] = 30 * time.Millisecond
+	h := start(t, func(o *Options) { o.MaxPerDestination = 1 }, store, tr)
+	now := time.Now()
+	for i := 0; i < 5; i++ {
+		id := fmt.Sprintf("m%d", i)
+		store.add(id, now, now.Add(time.Hour), "r@x.test")
+		h.s.Submit(id, []string{"x.test"})
+	}
+	time.Sleep(10 * time.Millisecond)
+	h.s.Drop("m4")
+	waitFor(t, "four deliveries", func() bool { d, _ := store.counts(); return d == 4 })
+	time.Sleep(100 * time.Millisecond)
+	store.mu.Lock()
+	defer store.mu.Unlock()
+	if _, ok := store.done["m4 r@x.test"]; ok || !store.msgs["m4"].Recipients[0].Queued {
+		t.Fatalf("dropped message was delivered")
+	}
+}
