@@ -401,7 +401,7 @@ func (s *Scheduler) pop(d *dest) *work {
 
 // fairShare is how many messages a worker sends in a row while other
 // destinations wait for a global connection slot; then it yields.
-const fairShare = 100
+const fairShare = 10
 
 func (s *Scheduler) nextFor(r nextReq) *work {
 	d := s.dests[r.key]
