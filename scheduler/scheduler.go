@@ -36,6 +36,7 @@ type Options struct {
 	WindowSize               int           // work items in memory (20000)
 	ScanInterval             time.Duration // due-index scan period (1s)
 	RouteTTL                 time.Duration // domain → destination kept this long (30s)
+	StopGrace                time.Duration // on stop, transactions in flight may finish this long (30s)
 
 	Logger     *zap.Logger
 	Registerer prometheus.Registerer
@@ -65,6 +66,7 @@ func (o *Options) defaults() {
 	defd(&o.Lease, time.Minute)
 	defd(&o.ScanInterval, time.Second)
 	defd(&o.RouteTTL, 30*time.Second)
+	defd(&o.StopGrace, 30*time.Second)
 	if o.Logger == nil {
 		o.Logger = zap.NewNop()
 	}
@@ -105,7 +107,8 @@ type Scheduler struct {
 	windowSize atomic.Int64 // len(window), for metrics
 
 	workers sync.WaitGroup
-	ctx     context.Context
+	ctx     context.Context // cancelled when Run is told to stop: no new work
+	sendCtx context.Context // cancelled StopGrace later: transactions abort
 }
 
 type workKey struct{ id, domain string }
@@ -221,6 +224,10 @@ func (s *Scheduler) Drop(id string) {
 // flight to end and closes the cached connections.
 func (s *Scheduler) Run(ctx context.Context) {
 	s.ctx = ctx
+	sendCtx, abort := context.WithCancel(context.WithoutCancel(ctx))
+	defer abort()
+	s.sendCtx = sendCtx
+	context.AfterFunc(ctx, func() { time.AfterFunc(s.opts.StopGrace, abort) })
 	tick := time.NewTicker(s.opts.ScanInterval)
 	defer tick.Stop()
 	s.scan()
@@ -327,7 +334,7 @@ func (s *Scheduler) add(id, domain string) {
 
 func (s *Scheduler) resolve(domain string) {
 	defer s.workers.Done()
-	ctx, cancel := context.WithTimeout(s.ctx, time.Minute)
+	ctx, cancel := context.WithTimeout(s.sendCtx, time.Minute)
 	defer cancel()
 	r, err := s.opts.Transport.Route(ctx, domain)
 	s.events <- event{kind: evRouted, domain: domain, route: r, err: err}

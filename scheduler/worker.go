@@ -22,7 +22,7 @@ func (s *Scheduler) worker(key string, route Route, first *work) {
 		s.m.connReused.Inc()
 	} else {
 		start := time.Now()
-		c, err := s.opts.Transport.Connect(s.ctx, route)
+		c, err := s.opts.Transport.Connect(s.sendCtx, route)
 		if err != nil {
 			s.m.connFailed.Inc()
 			s.events <- event{kind: evConnFail, key: key, err: err}
@@ -136,7 +136,7 @@ func (s *Scheduler) deliver(conn Conn, route Route, w *work, reused bool) error 
 		return nil
 	}
 	start := time.Now()
-	replies, err := conn.Send(s.ctx, env, body)
+	replies, err := conn.Send(s.sendCtx, env, body)
 	s.m.attemptLatency.Observe(time.Since(start).Seconds())
 	if err != nil {
 		if retryOnNewConn(reused, w, err) {

@@ -28,6 +28,7 @@ import (
 	"github.com/mtaproject/mta/mta/certs"
 	"github.com/mtaproject/mta/mta/config"
 	"github.com/mtaproject/mta/mta/smtpd"
+	"github.com/mtaproject/mta/scheduler"
 	"github.com/mtaproject/mta/spool"
 )
 
@@ -37,6 +38,7 @@ type Server struct {
 	log      *zap.Logger
 	registry *prometheus.Registry
 	spool    *spool.Spool
+	sched    *scheduler.Scheduler
 	smtp     []*smtpListener
 	http     *http.Server
 	httpLn   net.Listener
@@ -82,6 +84,7 @@ func New(cfg *config.Config, log *zap.Logger) (s *Server, err error) {
 		Sync:            cfg.Spool.Sync,
 		MinFreeSpace:    int64(cfg.Spool.MinFreeSpace),
 		MinSyncInterval: cfg.Spool.MinSyncInterval.D(),
+		FreshLease:      freshLease,
 		Logger:          log.Named("spool"),
 		Registerer:      s.registry,
 	})
@@ -91,6 +94,27 @@ func New(cfg *config.Config, log *zap.Logger) (s *Server, err error) {
 	if !cfg.Spool.Sync {
 		log.Warn("spool.sync is off: acknowledged messages can be lost in a crash")
 	}
+	transport, err := s.newTransport(cfg)
+	if err != nil {
+		return nil, err
+	}
+	d := cfg.Delivery
+	s.sched = scheduler.New(scheduler.Options{
+		Store:                    queueStore{s.spool},
+		Transport:                transport,
+		MaxConnections:           d.MaxConnections,
+		MaxPerDestination:        d.MaxConnectionsPerDestination,
+		MaxMessagesPerConnection: d.MaxMessagesPerConnection,
+		IdleTimeout:              d.IdleTimeout.D(),
+		MinBackoff:               d.MinBackoff.D(),
+		MaxBackoff:               d.MaxBackoff.D(),
+		MaxLifetime:              d.MaxLifetime.D(),
+		Lease:                    freshLease,
+		WindowSize:               d.ActiveWindow,
+		StopGrace:                cfg.SMTP.ShutdownTimeout.D(),
+		Logger:                   log.Named("scheduler"),
+		Registerer:               s.registry,
+	})
 	tlsCfg, err := loadTLS(cfg)
 	if err != nil {
 		return nil, err
@@ -131,7 +155,7 @@ func New(cfg *config.Config, log *zap.Logger) (s *Server, err error) {
 			BareLineEndingsTrusted:    smtpd.LineEndings(cfg.SMTP.BareLineEndingsTrusted),
 			RejectEarlyData:           cfg.SMTP.RejectEarlyData,
 			TLS:                       tlsCfg,
-			Spool:                     s.spool,
+			Spool:                     acceptor{sp: s.spool, sched: s.sched},
 			Auth:                      users,
 			CleartextAuthFromLoopback: cfg.Auth.CleartextFromLoopback,
 			Limits:                    limits,
@@ -177,7 +201,7 @@ func (s *Server) routes() http.Handler {
 		}
 		fmt.Fprintln(w, "ready")
 	})
-	mux.Handle("/api/", admin.Handler(s.spool))
+	mux.Handle("/api/", admin.Handler(adminStore{Spool: s.spool, sched: s.sched}))
 	if s.cfg.Debug.Pprof {
 		mux.HandleFunc("/debug/pprof/", pprof.Index)
 		mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
@@ -227,6 +251,9 @@ func (s *Server) Run(ctx context.Context) error {
 			}
 		}()
 	}
+	schedCtx, stopSched := context.WithCancel(context.Background())
+	schedDone := make(chan struct{})
+	go func() { defer close(schedDone); s.sched.Run(schedCtx) }()
 	s.ready.Store(true)
 	fields := []zap.Field{zap.String("data_dir", s.cfg.DataDir), zap.Int64("queued", s.spool.Count())}
 	for _, name := range []string{"smtp", "submission", "http"} {
@@ -257,6 +284,10 @@ func (s *Server) Run(ctx context.Context) error {
 		}()
 	}
 	swg.Wait()
+	// Deliveries in flight finish (up to smtp.shutdown_timeout) before the
+	// spool closes.
+	stopSched()
+	<-schedDone
 	if s.http != nil {
 		_ = s.http.Shutdown(sctx)
 	}

@@ -1,0 +1,120 @@
+// Package outbound is the scheduler's Transport: it routes a domain with
+// mta/resolve and opens connections with mta/smtpclient, trying a
+// destination's hosts and addresses in order.
+package outbound
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/netip"
+	"strings"
+
+	"github.com/mtaproject/mta/mta"
+	"github.com/mtaproject/mta/mta/resolve"
+	"github.com/mtaproject/mta/mta/smtpclient"
+	"github.com/mtaproject/mta/scheduler"
+)
+
+// Transport implements scheduler.Transport.
+type Transport struct {
+	Resolver *resolve.Resolver
+	// Client holds the SMTP client options; TLS policy and AUTH are set
+	// per destination from its route.
+	Client smtpclient.Options
+	// LocalDomains are delivered locally, not over SMTP. Until local
+	// mailboxes exist their mail is deferred.
+	LocalDomains map[string]bool
+}
+
+type route struct{ dest *resolve.Destination }
+
+func (r route) Key() string { return r.dest.Key }
+
+func (r route) Class() string {
+	if r.dest.Route != nil {
+		return "route"
+	}
+	return "mx"
+}
+
+// errLocal defers mail for local domains until local delivery exists.
+var errLocal = &mta.Reply{Code: 451, Enhanced: mta.Enhanced{4, 3, 2}, Text: "local delivery is not available yet"}
+
+// Route resolves domain. Errors wrap *mta.Reply (permanent or temporary).
+func (t *Transport) Route(ctx context.Context, domain string) (scheduler.Route, error) {
+	if t.LocalDomains[strings.ToLower(domain)] {
+		return nil, errLocal
+	}
+	d, err := t.Resolver.Resolve(ctx, domain)
+	if err != nil {
+		return nil, err
+	}
+	return route{d}, nil
+}
+
+// Connect dials the destination's hosts in order (MX preference, then
+// each host's addresses) and returns the first connection made.
+func (t *Transport) Connect(ctx context.Context, r scheduler.Route) (scheduler.Conn, error) {
+	rt, ok := r.(route)
+	if !ok {
+		return nil, fmt.Errorf("outbound: foreign route %T", r)
+	}
+	opts := t.Client
+	opts.TLS = smtpclient.TLSPolicy(rt.dest.TLS)
+	if rt.dest.Route != nil && rt.dest.Route.Auth != nil {
+		opts.Auth = &smtpclient.Auth{Username: rt.dest.Route.Auth.Username, Password: rt.dest.Route.Auth.Password}
+	}
+	var errs []error
+	tried := 0
+	for _, h := range rt.dest.Hosts {
+		for _, a := range h.Addrs {
+			if ctx.Err() != nil {
+				return nil, ctx.Err()
+			}
+			addr := netip.AddrPortFrom(a, uint16(h.Port)).String()
+			name := h.Name
+			if name == "" {
+				name = a.String()
+			}
+			tried++
+			c, err := smtpclient.Dial(ctx, addr, name, opts)
+			if err == nil {
+				return &conn{c: c}, nil
+			}
+			errs = append(errs, err)
+		}
+	}
+	if tried == 0 {
+		return nil, fmt.Errorf("no address to connect to for %s", rt.dest.Key)
+	}
+	// The last error decides the class (a 421 backs the destination off
+	// like any other failure to connect).
+	return nil, fmt.Errorf("all %d addresses of %s failed: %w", tried, rt.dest.Key, errs[len(errs)-1])
+}
+
+// conn adapts an smtpclient.Conn to scheduler.Conn.
+type conn struct{ c *smtpclient.Conn }
+
+func (c *conn) Usable() bool     { return c.c.Usable() }
+func (c *conn) Endpoint() string { return c.c.RemoteAddr() }
+func (c *conn) Close() error     { return c.c.Close() }
+
+// Send runs one transaction. A failure of RSET, or of MAIL without any
+// reply, on a connection that already carried messages means the server
+// dropped it while idle: the error wraps scheduler.ErrStale so the work is
+// retried on a new connection without counting an attempt.
+func (c *conn) Send(ctx context.Context, env *scheduler.Envelope, body []byte) ([]*mta.Reply, error) {
+	res, err := c.c.Send(ctx, &smtpclient.Message{
+		From: env.From, Recipients: env.Recipients, EnvID: env.EnvID, Ret: env.Ret,
+		SMTPUTF8: env.SMTPUTF8, Body8Bit: env.Body8Bit, Data: body,
+	})
+	if err != nil {
+		var e *smtpclient.Error
+		if errors.As(err, &e) && (e.Stage == "rset" || e.Stage == "mail" && e.Reply == nil) {
+			return nil, fmt.Errorf("%w: %w", scheduler.ErrStale, err)
+		}
+		return nil, err
+	}
+	return res.Recipients, nil
+}

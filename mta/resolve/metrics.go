@@ -1,0 +1,66 @@
+package resolve
+
+import (
+	"errors"
+
+	"github.com/miekg/dns"
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// metrics are the optional Prometheus counters; a nil *metrics counts
+// nothing.
+type metrics struct {
+	queries *prometheus.CounterVec
+	hits    prometheus.Counter
+}
+
+func newMetrics(reg prometheus.Registerer) (*metrics, error) {
+	m := &metrics{
+		queries: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "mta_dns_queries_total",
+			Help: "DNS queries sent to servers, by query type and result (ok, nxdomain, nodata, servfail, timeout, error).",
+		}, []string{"qtype", "result"}),
+		hits: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "mta_dns_cache_hits_total",
+			Help: "DNS lookups answered from the cache.",
+		}),
+	}
+	// Another Resolver may have registered the counters already: share them.
+	if err := reg.Register(m.queries); err != nil {
+		var are prometheus.AlreadyRegisteredError
+		if !errors.As(err, &are) {
+			return nil, err
+		}
+		c, ok := are.ExistingCollector.(*prometheus.CounterVec)
+		if !ok {
+			return nil, err
+		}
+		m.queries = c
+	}
+	if err := reg.Register(m.hits); err != nil {
+		var are prometheus.AlreadyRegisteredError
+		if !errors.As(err, &are) {
+			return nil, err
+		}
+		c, ok := are.ExistingCollector.(prometheus.Counter)
+		if !ok {
+			return nil, err
+		}
+		m.hits = c
+	}
+	return m, nil
+}
+
+func (m *metrics) query(qtype uint16, result string) {
+	if m == nil {
+		return
+	}
+	m.queries.WithLabelValues(dns.TypeToString[qtype], result).Inc()
+}
+
+func (m *metrics) hit() {
+	if m == nil {
+		return
+	}
+	m.hits.Inc()
+}

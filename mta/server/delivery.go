@@ -1,0 +1,197 @@
+package server
+
+import (
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"os"
+	"strings"
+	"time"
+
+	"github.com/mtaproject/mta/mta"
+	"github.com/mtaproject/mta/mta/config"
+	"github.com/mtaproject/mta/mta/outbound"
+	"github.com/mtaproject/mta/mta/resolve"
+	"github.com/mtaproject/mta/mta/smtpclient"
+	"github.com/mtaproject/mta/scheduler"
+	"github.com/mtaproject/mta/spool"
+)
+
+// freshLease is how long after acceptance a new message becomes due on
+// disk; the scheduler gets it in memory at once. After a crash, mail that
+// was in flight is retried after at most this long.
+const freshLease = time.Minute
+
+// newTransport builds the resolver and the SMTP client options.
+func (s *Server) newTransport(cfg *config.Config) (*outbound.Transport, error) {
+	routes := map[string]resolve.Route{}
+	for dom, r := range cfg.Routes {
+		rr := resolve.Route{Hosts: r.Hosts, TLS: resolve.TLSPolicy(r.TLS)}
+		if r.Auth != nil {
+			pw, err := os.ReadFile(r.Auth.PasswordFile)
+			if err != nil {
+				return nil, fmt.Errorf("routes.%s.auth.password_file: %w", dom, err)
+			}
+			first, _, _ := strings.Cut(string(pw), "\n")
+			rr.Auth = &resolve.Auth{Username: r.Auth.Username, Password: strings.TrimRight(first, "\r")}
+		}
+		routes[dom] = rr
+	}
+	res, err := resolve.New(resolve.Config{
+		Servers:    cfg.DNS.Servers,
+		Timeout:    cfg.DNS.Timeout.D(),
+		Port:       cfg.Delivery.Port,
+		Routes:     routes,
+		DefaultTLS: resolve.TLSPolicy(cfg.Delivery.TLS),
+		IPv6:       cfg.DNS.IPv6,
+		Registerer: s.registry,
+	})
+	if err != nil {
+		return nil, fmt.Errorf("dns: %w", err)
+	}
+	local := map[string]bool{}
+	for _, d := range cfg.LocalDomains {
+		local[d] = true
+	}
+	t := cfg.Delivery.Timeouts
+	return &outbound.Transport{
+		Resolver:     res,
+		LocalDomains: local,
+		Client: smtpclient.Options{
+			LocalName: cfg.Delivery.HeloName,
+			TLSConfig: &tls.Config{MinVersion: tls.VersionTLS12},
+			Timeouts: smtpclient.Timeouts{
+				Connect: t.Connect.D(), Greeting: t.Greeting.D(), Command: t.Command.D(),
+				DataInit: t.DataInit.D(), DataBlock: t.DataBlock.D(), DataDone: t.DataDone.D(),
+			},
+		},
+	}, nil
+}
+
+// queueStore adapts the spool to the scheduler's Store.
+type queueStore struct{ sp *spool.Spool }
+
+func (q queueStore) Due(now time.Time, limit int) ([]scheduler.Due, error) {
+	entries, err := q.sp.Due(now, limit)
+	out := make([]scheduler.Due, len(entries))
+	for i, e := range entries {
+		out[i] = scheduler.Due{ID: e.ID, Domain: e.Domain, At: e.Due}
+	}
+	return out, err
+}
+
+func (q queueStore) Lease(items []scheduler.Due, until time.Time) error {
+	li := make([]spool.LeaseItem, len(items))
+	for i, it := range items {
+		at := until
+		if at.IsZero() {
+			at = it.At
+		}
+		li[i] = spool.LeaseItem{ID: it.ID, Domain: it.Domain, At: at}
+	}
+	return q.sp.Lease(li)
+}
+
+func (q queueStore) Message(id string) (*scheduler.Message, error) {
+	m, err := q.sp.Get(id)
+	if err != nil {
+		return nil, err
+	}
+	out := &scheduler.Message{ID: m.ID, From: m.From, EnvID: m.EnvID, Ret: m.Ret, SMTPUTF8: m.SMTPUTF8,
+		Body8Bit: m.Body8Bit, Received: m.Received, Recipients: make([]scheduler.Recipient, len(m.Recipients))}
+	for i, r := range m.Recipients {
+		out.Recipients[i] = scheduler.Recipient{Recipient: r.Recipient, Domain: r.Domain, Queued: r.Status == spool.Queued, Attempts: r.Attempts}
+	}
+	return out, nil
+}
+
+func (q queueStore) Body(id string) ([]byte, error) { return q.sp.Body(id) }
+
+func (q queueStore) Defer(id, domain string, until time.Time, reply string) error {
+	return ignoreGone(q.sp.Defer(id, domain, until, reply))
+}
+
+func (q queueStore) Delivered(id string, rcpts []string, reply string) error {
+	return ignoreGone(q.sp.MarkDelivered(id, rcpts, reply))
+}
+
+func (q queueStore) Failed(id string, rcpts []string, reply string) error {
+	return ignoreGone(q.sp.Fail(id, rcpts, reply))
+}
+
+// ignoreGone: a message removed by the administrator while in flight.
+func ignoreGone(err error) error {
+	if errors.Is(err, mta.ErrNotFound) {
+		return nil
+	}
+	return err
+}
+
+// acceptor is the SMTP edge's Spooler: it stores a message and hands it to
+// the scheduler in memory.
+type acceptor struct {
+	sp    *spool.Spool
+	sched *scheduler.Scheduler
+}
+
+func (a acceptor) NewID() string         { return a.sp.NewID() }
+func (a acceptor) Room(size int64) error { return a.sp.Room(size) }
+
+func (a acceptor) Accept(id string, env *mta.Envelope, header, body []byte) error {
+	if err := a.sp.Accept(id, env, header, body); err != nil {
+		return err
+	}
+	var domains []string
+	for _, r := range env.Recipients {
+		d := mta.Domain(r.Address)
+		seen := false
+		for _, x := range domains {
+			if x == d {
+				seen = true
+				break
+			}
+		}
+		if !seen {
+			domains = append(domains, d)
+		}
+	}
+	a.sched.Submit(id, domains)
+	return nil
+}
+
+// adminStore is the admin API's store: the spool, with the scheduler told
+// of every change so that it takes effect at once.
+type adminStore struct {
+	*spool.Spool
+	sched *scheduler.Scheduler
+}
+
+func (a adminStore) Hold(id string) error {
+	err := a.Spool.Hold(id)
+	if err == nil {
+		a.sched.Drop(id)
+	}
+	return err
+}
+
+func (a adminStore) Remove(id string) error {
+	err := a.Spool.Remove(id)
+	if err == nil {
+		a.sched.Drop(id)
+	}
+	return err
+}
+
+func (a adminStore) Release(id string) error {
+	err := a.Spool.Release(id)
+	if err == nil {
+		a.sched.Kick()
+	}
+	return err
+}
+
+func (a adminStore) Flush() (int, error) {
+	n, err := a.Spool.Flush()
+	a.sched.Kick()
+	return n, err
+}

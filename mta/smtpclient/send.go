@@ -1,0 +1,397 @@
+package smtpclient
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"strconv"
+	"strings"
+
+	"github.com/mtaproject/mta/mta"
+)
+
+// Message is one message to send.
+type Message struct {
+	From       string          // reverse-path without brackets; "" is the null sender <>
+	Recipients []mta.Recipient // forward-paths with their DSN parameters
+	EnvID      string          // DSN ENVID, sent (xtext-encoded) only when the server offers DSN
+	Ret        mta.Return      // DSN RET, sent only when the server offers DSN
+	// SMTPUTF8 says the message needs SMTPUTF8 (RFC 6531). When the server
+	// does not offer it, nothing is sent and every recipient fails with
+	// 550 5.6.7.
+	SMTPUTF8 bool
+	// Body8Bit asks for BODY=8BITMIME (RFC 6152) when the server offers it;
+	// when it does not, the message is sent anyway, as Postfix does.
+	Body8Bit bool
+	// Data is the message with CRLF line endings, not dot-stuffed: Send
+	// stuffs it while writing, and adds a final CRLF when it is missing.
+	Data []byte
+}
+
+// Result is the outcome of one transaction.
+type Result struct {
+	// Recipients has one reply per Message.Recipients, in the same order:
+	// the reply to RCPT when it was not 2xx, else the reply to the end of
+	// the data (SMTP gives one reply for all accepted recipients), or the
+	// reply to MAIL or DATA when those failed. Replies may be shared
+	// between recipients and must not be modified.
+	Recipients []*mta.Reply
+}
+
+// Send runs one mail transaction. When this is not the Conn's first
+// transaction it starts with RSET. With PIPELINING, RSET, MAIL, every RCPT
+// and DATA go in one write, and the replies are read in order; without it,
+// one command at a time.
+//
+// Outcomes that concern the message (a 4xx or 5xx reply to MAIL, RCPT, DATA
+// or the final ".", other than 421) are returned in the Result with a nil
+// error, and the Conn stays usable. Refusals made without talking to the
+// server also come as a Result: the message is larger than the server's SIZE
+// limit (552 5.3.4), or needs SMTPUTF8 the server does not offer (550 5.6.7).
+//
+// Failures of the connection (I/O errors, timeouts, a cancelled ctx,
+// malformed or unexpected replies, and any 421) are returned as *Error with
+// a nil Result, and the Conn is then unusable. A stale cached connection shows
+// as Stage "rset": the message was not attempted.
+//
+// One case both returns a Result and makes the Conn unusable: when no
+// recipient was accepted but the server still answered the pipelined DATA
+// with 354. Sending "." would complete a transaction, so the socket is closed
+// instead, which makes the server abort it (RFC 5321 §3.8).
+//
+// If ctx is already done, Send returns an *Error at once and leaves the Conn
+// as it was. Invalid messages (no recipients, line breaks in addresses) are refused
+// with a plain error before anything is sent; the Conn is unaffected.
+func (c *Conn) Send(ctx context.Context, m *Message) (*Result, error) {
+	if err := checkMessage(m); err != nil {
+		return nil, err
+	}
+	if !c.Usable() {
+		return nil, &Error{Stage: "mail", Host: c.host, Addr: c.addr, Err: ErrUnusable}
+	}
+	if ctx.Err() != nil {
+		return nil, &Error{Stage: "mail", Host: c.host, Addr: c.addr, Err: context.Cause(ctx)}
+	}
+	if res := c.refuse(m); res != nil {
+		return res, nil
+	}
+	stop := context.AfterFunc(ctx, c.abort)
+	res, err := c.send(m)
+	if !stop() {
+		c.broken = true
+		if err != nil {
+			err = c.cancelled(ctx, err, "mail")
+		}
+	}
+	if err != nil {
+		return nil, err
+	}
+	return res, nil
+}
+
+func checkMessage(m *Message) error {
+	if len(m.Recipients) == 0 {
+		return errors.New("smtpclient: message has no recipients")
+	}
+	bad := func(s string) bool { return strings.ContainsAny(s, "\r\n<>") }
+	if bad(m.From) {
+		return fmt.Errorf("smtpclient: invalid sender %q", m.From)
+	}
+	for _, r := range m.Recipients {
+		if r.Address == "" || bad(r.Address) || strings.ContainsAny(r.ORcptType, " \t\r\n;") {
+			return fmt.Errorf("smtpclient: invalid recipient %q", r.Address)
+		}
+	}
+	return nil
+}
+
+// refuse returns the Result for a message the server cannot take, decided
+// from its EHLO reply alone, or nil.
+func (c *Conn) refuse(m *Message) *Result {
+	var r *mta.Reply
+	switch {
+	case m.SMTPUTF8 && !c.hasUTF8:
+		r = &mta.Reply{Code: 550, Enhanced: mta.Enhanced{5, 6, 7},
+			Text: "SMTPUTF8 required but not supported by " + c.host}
+	case c.sizeLimit > 0 && int64(len(m.Data)) > c.sizeLimit:
+		r = &mta.Reply{Code: 552, Enhanced: mta.Enhanced{5, 3, 4},
+			Text: fmt.Sprintf("message size exceeds %s's limit of %d bytes", c.host, c.sizeLimit)}
+	default:
+		return nil
+	}
+	res := &Result{Recipients: make([]*mta.Reply, len(m.Recipients))}
+	for i := range res.Recipients {
+		res.Recipients[i] = r
+	}
+	return res
+}
+
+// send runs the transaction.
+func (c *Conn) send(m *Message) (*Result, error) {
+	res := &Result{Recipients: make([]*mta.Reply, len(m.Recipients))}
+	rset := c.messages > 0 // a transaction was started before
+	if rset && !c.pipelining {
+		if err := c.writeCommands("rset", append(c.scratch[:0], "RSET\r\n"...)); err != nil {
+			return nil, err
+		}
+		if err := c.readRSET(); err != nil {
+			return nil, err
+		}
+	}
+	c.messages++
+
+	b := c.scratch[:0]
+	if rset && c.pipelining {
+		b = append(b, "RSET\r\n"...)
+	}
+	b = c.appendMail(b, m)
+	if c.pipelining {
+		for i := range m.Recipients {
+			b = c.appendRcpt(b, &m.Recipients[i])
+		}
+		b = append(b, "DATA\r\n"...)
+	}
+	stage := "mail"
+	if rset && c.pipelining {
+		stage = "rset"
+	}
+	if err := c.writeCommands(stage, b); err != nil {
+		return nil, err
+	}
+	if rset && c.pipelining {
+		if err := c.readRSET(); err != nil {
+			return nil, err
+		}
+	}
+
+	// MAIL
+	mail, err := c.readReply(c.t.Command)
+	if err != nil {
+		return nil, c.ioFail("mail", err)
+	}
+	if err := c.check("mail", mail); err != nil {
+		return nil, err
+	}
+	mailOK := mail.Code/100 == 2
+	if !mailOK {
+		for i := range res.Recipients {
+			res.Recipients[i] = mail
+		}
+		if !c.pipelining {
+			return res, nil
+		}
+	}
+
+	// RCPT
+	accepted := 0
+	for i := range m.Recipients {
+		if !c.pipelining {
+			b := c.appendRcpt(c.scratch[:0], &m.Recipients[i])
+			if err := c.writeCommands("rcpt", b); err != nil {
+				return nil, err
+			}
+		}
+		r, err := c.readReply(c.t.Command)
+		if err != nil {
+			return nil, c.ioFail("rcpt", err)
+		}
+		if err := c.check("rcpt", r); err != nil {
+			return nil, err
+		}
+		switch {
+		case !mailOK: // replies to RCPT after a failed MAIL mean nothing
+		case r.Code/100 == 2:
+			accepted++
+		default:
+			res.Recipients[i] = r
+		}
+	}
+
+	// DATA
+	if !c.pipelining {
+		if accepted == 0 {
+			return res, nil
+		}
+		if err := c.writeCommands("data", append(c.scratch[:0], "DATA\r\n"...)); err != nil {
+			return nil, err
+		}
+	}
+	data, err := c.readReply(c.t.DataInit)
+	if err != nil {
+		return nil, c.ioFail("data", err)
+	}
+	if data.Code == 421 {
+		return nil, c.replyFail("data", data)
+	}
+	if accepted == 0 {
+		switch {
+		case data.Code == 354:
+			// The server waits for a message nobody should get: drop the
+			// connection rather than complete the transaction.
+			c.broken = true
+			c.abort()
+			return res, nil
+		case data.Code/100 == 4 || data.Code/100 == 5:
+			return res, nil
+		}
+		return nil, c.outOfStep("data", data)
+	}
+	if data.Code != 354 {
+		if data.Code/100 == 4 || data.Code/100 == 5 {
+			fill(res, data)
+			return res, nil
+		}
+		return nil, c.outOfStep("data", data)
+	}
+
+	// The message, then "."
+	c.tw.timeout = c.t.DataBlock
+	err = writeDotStuffed(c.bw, m.Data)
+	c.tw.timeout = c.t.Command
+	if err != nil {
+		return nil, c.ioFail("data", err)
+	}
+	done, err := c.readReply(c.t.DataDone)
+	if err != nil {
+		return nil, c.ioFail("dot", err)
+	}
+	if err := c.check("dot", done); err != nil {
+		return nil, err
+	}
+	fill(res, done)
+	return res, nil
+}
+
+// check classifies a reply to MAIL, RCPT or ".": 2xx, 4xx and 5xx are
+// outcomes, except 421 which ends the session; 3xx is out of step.
+func (c *Conn) check(stage string, r *mta.Reply) error {
+	switch {
+	case r.Code == 421:
+		return c.replyFail(stage, r)
+	case r.Code/100 == 3:
+		return c.outOfStep(stage, r)
+	}
+	return nil
+}
+
+// readRSET reads the reply to RSET, which must be 250.
+func (c *Conn) readRSET() error {
+	r, err := c.readReply(c.t.Command)
+	if err != nil {
+		return c.ioFail("rset", err)
+	}
+	if r.Code == 250 {
+		return nil
+	}
+	if r.Code == 421 {
+		return c.replyFail("rset", r)
+	}
+	// A refused RSET says nothing about the message: report it without
+	// the Reply so that the error does not read as permanent.
+	c.broken = true
+	return &Error{Stage: "rset", Host: c.host, Addr: c.addr,
+		Err: fmt.Errorf("%w to RSET: %s", ErrUnexpectedReply, r.Error())}
+}
+
+// fill gives r to every recipient that has no reply yet.
+func fill(res *Result, r *mta.Reply) {
+	for i, x := range res.Recipients {
+		if x == nil {
+			res.Recipients[i] = r
+		}
+	}
+}
+
+// writeCommands writes b in one flush and keeps it as the scratch buffer.
+func (c *Conn) writeCommands(stage string, b []byte) error {
+	c.scratch = b[:0]
+	c.tw.timeout = c.t.Command
+	c.bw.Write(b)
+	if err := c.bw.Flush(); err != nil {
+		return c.ioFail(stage, err)
+	}
+	return nil
+}
+
+func (c *Conn) appendMail(b []byte, m *Message) []byte {
+	b = append(b, "MAIL FROM:<"...)
+	b = append(b, m.From...)
+	b = append(b, '>')
+	if c.hasSize {
+		b = append(b, " SIZE="...)
+		b = strconv.AppendInt(b, int64(len(m.Data)), 10)
+	}
+	if m.Body8Bit && c.has8bit {
+		b = append(b, " BODY=8BITMIME"...)
+	}
+	if m.SMTPUTF8 && c.hasUTF8 {
+		b = append(b, " SMTPUTF8"...)
+	}
+	if c.hasDSN {
+		if m.Ret == mta.ReturnFull || m.Ret == mta.ReturnHeaders {
+			b = append(b, " RET="...)
+			b = append(b, m.Ret...)
+		}
+		if m.EnvID != "" {
+			b = append(b, " ENVID="...)
+			b = appendXtext(b, m.EnvID)
+		}
+	}
+	return append(b, "\r\n"...)
+}
+
+func (c *Conn) appendRcpt(b []byte, r *mta.Recipient) []byte {
+	b = append(b, "RCPT TO:<"...)
+	b = append(b, r.Address...)
+	b = append(b, '>')
+	if c.hasDSN {
+		if r.Notify != 0 {
+			b = append(b, " NOTIFY="...)
+			b = append(b, r.Notify.String()...)
+		}
+		if r.ORcptType != "" && r.ORcpt != "" {
+			b = append(b, " ORCPT="...)
+			b = append(b, r.ORcptType...)
+			b = append(b, ';')
+			if strings.EqualFold(r.ORcptType, "utf-8") {
+				b = appendUTF8AddrXtext(b, r.ORcpt)
+			} else {
+				b = appendXtext(b, r.ORcpt)
+			}
+		}
+	}
+	return append(b, "\r\n"...)
+}
+
+var crlfDot = []byte("\n.")
+
+// writeDotStuffed writes data dot-stuffed (RFC 5321 §4.5.2), ending with
+// CRLF, followed by ".\r\n", and flushes. It copies runs between the lines
+// that start with "." as they are, without looking at each byte.
+func writeDotStuffed(w *bufio.Writer, data []byte) error {
+	if len(data) > 0 && data[0] == '.' {
+		w.WriteByte('.')
+	}
+	rest := data
+	for {
+		i := bytes.Index(rest, crlfDot)
+		if i < 0 {
+			break
+		}
+		w.Write(rest[:i+1])
+		w.WriteByte('.')
+		rest = rest[i+1:] // starts with the line's own "."
+	}
+	w.Write(rest)
+	switch {
+	case len(data) == 0 || bytes.HasSuffix(data, []byte("\r\n")):
+	case data[len(data)-1] == '\r':
+		w.WriteByte('\n')
+	default:
+		w.WriteString("\r\n")
+	}
+	w.WriteString(".\r\n")
+	return w.Flush()
+}
