@@ -93,6 +93,24 @@ func (m *Message) Done() bool {
 	return true
 }
 
+// OwesBounce reports whether a failure notice is owed for this message: a
+// recipient failed, the sender is not the null sender, and that recipient
+// did not ask for NOTIFY=NEVER. Such a message stays in the spool after
+// its last recipient is done, visible with its failures, until a bounce is
+// made for it (or an administrator removes it).
+func (m *Message) OwesBounce() bool {
+	if m.From == "" {
+		return false
+	}
+	for i := range m.Recipients {
+		r := &m.Recipients[i]
+		if r.Status == Failed && r.Notify&mta.NotifyNever == 0 {
+			return true
+		}
+	}
+	return false
+}
+
 // recordVersion is the first byte of every encoded Message.
 const recordVersion = 1
 

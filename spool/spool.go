@@ -310,7 +310,7 @@ func (s *Spool) update(op, id string, fn func(m *Message, b *pebble.Batch) error
 		return err
 	}
 	var k keyBuf
-	done := m.Done()
+	done := m.Done() && (op == "remove" || !m.OwesBounce())
 	if done {
 		_ = b.Delete(k.message(id), nil)
 		_ = b.Delete(k.body(id), nil)

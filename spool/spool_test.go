@@ -107,18 +107,46 @@ func TestDueIndexOneEntryPerDomain(t *testing.T) {
 	if got.Recipients[1].Status != Delivered || got.Recipients[3].Status != Failed || got.Recipients[3].LastReply != "550 5.1.1 no such user" {
 		t.Fatalf("states = %+v", got.Recipients)
 	}
-	// Deliver the rest: the message leaves the spool, bytes and index too.
+	// Deliver the rest: no recipient is queued, but one failed, so the
+	// message stays (a bounce is owed), out of the due index.
 	if err := s.MarkDelivered(m.ID, []string{"a@one.test", "c@one.test"}, "250 ok"); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := s.Get(m.ID); !errors.Is(err, mta.ErrNotFound) {
-		t.Fatalf("finished message still there: %v", err)
+	got, err = s.Get(m.ID)
+	if err != nil || !got.Done() || !got.OwesBounce() {
+		t.Fatalf("message with a failure: %+v, %v", got, err)
 	}
-	if _, err := s.Body(m.ID); !errors.Is(err, mta.ErrNotFound) {
-		t.Fatalf("finished message's bytes still there: %v", err)
-	}
-	if due, _ := s.Due(now.Add(48*time.Hour), 100); len(due) != 0 || s.Count() != 0 {
+	if due, _ := s.Due(now.Add(48*time.Hour), 100); len(due) != 0 || s.Count() != 1 {
 		t.Fatalf("due = %v count = %d", due, s.Count())
+	}
+
+	// A message whose recipients are all delivered leaves the spool,
+	// bytes and index too; so does one from the null sender.
+	for _, from := range []string{"x@example.org", ""} {
+		m2 := newMessage(s, "a@one.test", "b@two.test")
+		m2.From = from
+		if err := s.Put(m2, nil, []byte("x")); err != nil {
+			t.Fatal(err)
+		}
+		if err := s.MarkDelivered(m2.ID, []string{"a@one.test"}, "250 ok"); err != nil {
+			t.Fatal(err)
+		}
+		finish := s.MarkDelivered
+		if from == "" {
+			finish = s.Fail
+		}
+		if err := finish(m2.ID, []string{"b@two.test"}, "done"); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := s.Get(m2.ID); !errors.Is(err, mta.ErrNotFound) {
+			t.Fatalf("finished message (from %q) still there: %v", from, err)
+		}
+		if _, err := s.Body(m2.ID); !errors.Is(err, mta.ErrNotFound) {
+			t.Fatalf("finished message's bytes still there: %v", err)
+		}
+	}
+	if s.Count() != 1 {
+		t.Fatalf("count = %d", s.Count())
 	}
 }
 

@@ -223,9 +223,12 @@ func queueList(ctx context.Context, c *admin.Client, all bool, out io.Writer) er
 				}
 			}
 			state := "active"
-			if m.Held {
+			switch {
+			case m.Held:
 				state = "held"
-			} else if deferred(m) {
+			case queued == 0:
+				state = "failed" // done, with failures waiting for a bounce
+			case deferred(m):
 				state = "deferred"
 			}
 			from := m.From
