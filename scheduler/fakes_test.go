@@ -48,7 +48,9 @@ func (s *memStore) Due(now time.Time, limit int) ([]Due, error) {
 			out = append(out, Due{ID: k.id, Domain: k.domain, At: t})
 		}
 	}
-	sort.Slice(out, func(i, j int) bool { return out[i].At.Before(out[j].At) || out[i].At.Equal(out[j].At) && out[i].ID < out[j].ID })
+	sort.Slice(out, func(i, j int) bool {
+		return out[i].At.Before(out[j].At) || out[i].At.Equal(out[j].At) && out[i].ID < out[j].ID
+	})
 	if len(out) > limit {
 		out = out[:limit]
 	}
@@ -84,7 +86,9 @@ func (s *memStore) Message(id string) (*Message, error) {
 	return &c, nil
 }
 
-func (s *memStore) Body(id string) ([]byte, error) { return []byte("Subject: " + id + "\r\n\r\nx\r\n"), nil }
+func (s *memStore) Body(id string) ([]byte, error) {
+	return []byte("Subject: " + id + "\r\n\r\nx\r\n"), nil
+}
 
 func (s *memStore) Defer(id, domain string, until time.Time, reply string) error {
 	s.mu.Lock()

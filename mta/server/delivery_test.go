@@ -276,7 +276,9 @@ func TestPermanentAndMixedRecipientResults(t *testing.T) {
 	id := w.send("app@example.org", rcpts, msg)
 	// After the first transaction: what the sink accepted is delivered,
 	// 550s failed, 452s still queued.
-	w.waitFor("first transaction", 15*time.Second, func() bool { return s.Stats().Messages+s.Stats().PermFails > 0 && w.record(id).Recipients[0].Attempts > 0 })
+	w.waitFor("first transaction", 15*time.Second, func() bool {
+		return s.Stats().Messages+s.Stats().PermFails > 0 && w.record(id).Recipients[0].Attempts > 0
+	})
 	first := s.Messages()
 	if len(first) != 1 {
 		t.Fatalf("sink got %d messages in the first transaction", len(first))
