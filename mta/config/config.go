@@ -95,6 +95,7 @@ type Delivery struct {
 	MaxBackoff                   Duration `yaml:"max_backoff"`
 	MaxLifetime                  Duration `yaml:"max_lifetime"`  // then a deferred recipient fails (bounce)
 	ActiveWindow                 int      `yaml:"active_window"` // messages×domains held in memory
+	Lease                        Duration `yaml:"lease"`         // next attempt written before an attempt: the retry delay after a crash
 	Timeouts                     Timeouts `yaml:"timeouts"`
 }
 
@@ -177,6 +178,7 @@ func Default() *Config {
 			MaxBackoff:                   Duration(4000e9),
 			MaxLifetime:                  Duration(5 * 24 * 3600e9),
 			ActiveWindow:                 20000,
+			Lease:                        Duration(60e9),
 			Timeouts: Timeouts{
 				Connect: Duration(30e9), Greeting: Duration(5 * 60e9), Command: Duration(5 * 60e9),
 				DataInit: Duration(2 * 60e9), DataBlock: Duration(3 * 60e9), DataDone: Duration(10 * 60e9),
@@ -392,7 +394,7 @@ func (c *Config) validateDelivery(bad func(field, format string, args ...any)) {
 		field string
 		v     Duration
 	}{
-		{"delivery.idle_timeout", d.IdleTimeout}, {"delivery.min_backoff", d.MinBackoff},
+		{"delivery.idle_timeout", d.IdleTimeout}, {"delivery.min_backoff", d.MinBackoff}, {"delivery.lease", d.Lease},
 		{"delivery.max_backoff", d.MaxBackoff}, {"delivery.max_lifetime", d.MaxLifetime},
 		{"delivery.timeouts.connect", d.Timeouts.Connect}, {"delivery.timeouts.greeting", d.Timeouts.Greeting},
 		{"delivery.timeouts.command", d.Timeouts.Command}, {"delivery.timeouts.data_init", d.Timeouts.DataInit},

@@ -17,11 +17,6 @@ import (
 	"github.com/mtaproject/mta/spool"
 )
 
-// freshLease is how long after acceptance a new message becomes due on
-// disk; the scheduler gets it in memory at once. After a crash, mail that
-// was in flight is retried after at most this long.
-const freshLease = time.Minute
-
 // newTransport builds the resolver and the SMTP client options.
 func (s *Server) newTransport(cfg *config.Config) (*outbound.Transport, error) {
 	routes := map[string]resolve.Route{}

@@ -84,9 +84,12 @@ func New(cfg *config.Config, log *zap.Logger) (s *Server, err error) {
 		Sync:            cfg.Spool.Sync,
 		MinFreeSpace:    int64(cfg.Spool.MinFreeSpace),
 		MinSyncInterval: cfg.Spool.MinSyncInterval.D(),
-		FreshLease:      freshLease,
-		Logger:          log.Named("spool"),
-		Registerer:      s.registry,
+		// A new message becomes due on disk one lease after acceptance;
+		// the scheduler gets it in memory at once. After a crash, mail
+		// that was in flight is retried after at most this long.
+		FreshLease: cfg.Delivery.Lease.D(),
+		Logger:     log.Named("spool"),
+		Registerer: s.registry,
 	})
 	if err != nil {
 		return nil, err
@@ -109,7 +112,7 @@ func New(cfg *config.Config, log *zap.Logger) (s *Server, err error) {
 		MinBackoff:               d.MinBackoff.D(),
 		MaxBackoff:               d.MaxBackoff.D(),
 		MaxLifetime:              d.MaxLifetime.D(),
-		Lease:                    freshLease,
+		Lease:                    d.Lease.D(),
 		WindowSize:               d.ActiveWindow,
 		StopGrace:                cfg.SMTP.ShutdownTimeout.D(),
 		Logger:                   log.Named("scheduler"),
