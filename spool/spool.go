@@ -57,6 +57,10 @@ type Spool struct {
 	broken  atomic.Pointer[error]
 	free    freeSpace
 	metrics *spoolMetrics
+
+	syncPending atomic.Bool  // a sync for unsynced outcomes is scheduled
+	closeMu     sync.RWMutex // held for reading by the delayed sync, for writing by Close
+	closed      bool
 }
 
 // DueEntry names one destination of one message whose attempt is due.
@@ -109,6 +113,9 @@ func Open(dir string, opts Options) (*Spool, error) {
 
 // Close closes the database. Writes in flight must have returned first.
 func (s *Spool) Close() error {
+	s.closeMu.Lock()
+	s.closed = true
+	s.closeMu.Unlock()
 	if s.metrics != nil {
 		s.metrics.unregister()
 	}
@@ -188,6 +195,19 @@ var recordPool = sync.Pool{New: func() any { b := make([]byte, 0, 512); return &
 // commit applies a batch, turning a Pebble fatal error into a broken spool
 // and an ENOSPC into mta.ErrStorageFull.
 func (s *Spool) commit(b *pebble.Batch, op string) (err error) {
+	return s.commitWith(b, op, s.write)
+}
+
+// outcomeOps are the transitions that record a delivery attempt's outcome.
+// They are committed without waiting for an fsync: losing one in a crash
+// can only repeat an attempt (a delivery is at least once anyway), never
+// lose a message, and they become durable with the next synced commit —
+// Pebble's WAL is ordered, and acceptances sync continuously — or within
+// outcomeSyncDelay on an otherwise idle spool. Delivery workers therefore do
+// not wait for the disk after every message.
+var outcomeOps = map[string]bool{"deliver": true, "fail": true, "defer": true}
+
+func (s *Spool) commitWith(b *pebble.Batch, op string, wo *pebble.WriteOptions) (err error) {
 	defer func() {
 		if r := recover(); r != nil {
 			f, ok := r.(pebbleFatal)
@@ -203,7 +223,7 @@ func (s *Spool) commit(b *pebble.Batch, op string) (err error) {
 			s.metrics.errors.WithLabelValues(op).Inc()
 		}
 	}()
-	if err := b.Commit(s.write); err != nil {
+	if err := b.Commit(wo); err != nil {
 		if errors.Is(err, syscall.ENOSPC) {
 			return mta.ErrStorageFull
 		}
@@ -317,7 +337,12 @@ func (s *Spool) update(op, id string, fn func(m *Message, b *pebble.Batch) error
 	} else {
 		_ = b.Set(k.message(id), m.encode(nil), nil)
 	}
-	if err := s.commit(b, op); err != nil {
+	wo := s.write
+	if outcomeOps[op] {
+		wo = pebble.NoSync
+		s.syncSoon()
+	}
+	if err := s.commitWith(b, op, wo); err != nil {
 		return err
 	}
 	if done {

@@ -6,6 +6,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/cockroachdb/pebble/v2"
 	"go.uber.org/zap"
 )
 
@@ -64,4 +65,24 @@ func (l pebbleLogger) Fatalf(format string, args ...any) {
 	msg := fmt.Sprintf(format, args...)
 	l.s.log.Error("pebble fatal error", zap.String("error", msg))
 	panic(pebbleFatal(msg))
+}
+
+// outcomeSyncDelay bounds how long an unsynced outcome waits for an fsync
+// when no acceptance comes along to sync it.
+const outcomeSyncDelay = 100 * time.Millisecond
+
+// syncSoon arranges one WAL sync within outcomeSyncDelay, for outcomes
+// committed without one.
+func (s *Spool) syncSoon() {
+	if !s.opts.Sync || !s.syncPending.CompareAndSwap(false, true) {
+		return
+	}
+	time.AfterFunc(outcomeSyncDelay, func() {
+		s.syncPending.Store(false)
+		s.closeMu.RLock()
+		defer s.closeMu.RUnlock()
+		if !s.closed && s.Healthy() == nil {
+			_ = s.db.LogData(nil, pebble.Sync)
+		}
+	})
 }

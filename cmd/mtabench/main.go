@@ -10,7 +10,10 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"slices"
+	"strings"
 	"syscall"
+	"time"
 
 	"github.com/mtaproject/mta/bench"
 )
@@ -18,7 +21,11 @@ import (
 const usage = `usage: mtabench SCENARIO [flags]
 
 scenarios:
-  accept   SMTP acceptance into the spool, fsync on vs. off
+  accept       SMTP acceptance into the spool, fsync on vs. off
+  relay        end to end: inject over SMTP, deliver to a sink; one destination
+  relay-1000   the same to 1,000 destinations
+  distant      one destination that takes 50 ms per reply
+  faults       10 % temporary and 1 % permanent recipient failures at the sink
 
 run "mtabench SCENARIO -h" for its flags.
 `
@@ -34,6 +41,8 @@ func main() {
 	switch os.Args[1] {
 	case "accept":
 		err = accept(ctx, os.Args[2:])
+	case "relay", "relay-1000", "distant", "faults":
+		err = relay(ctx, os.Args[1], os.Args[2:])
 	default:
 		fmt.Fprint(os.Stderr, usage)
 		os.Exit(2)
@@ -72,6 +81,58 @@ func accept(ctx context.Context, args []string) error {
 		if err := os.WriteFile(*jsonPath, b, 0o644); err != nil {
 			return err
 		}
+	}
+	return nil
+}
+
+func relay(ctx context.Context, scenario string, args []string) error {
+	fs := flag.NewFlagSet(scenario, flag.ExitOnError)
+	o := bench.RelayOptions{DrainLimit: 5 * time.Minute}
+	fs.StringVar(&o.MTA, "mta", "bin/mta", "path of the mta binary")
+	fs.StringVar(&o.WorkDir, "dir", filepath.Join(os.TempDir(), "mtabench"), "work directory for data")
+	targets := fs.String("targets", "mta,postfix,direct", "systems to run: mta, postfix, direct (generator to sink)")
+	fs.IntVar(&o.Sessions, "sessions", 50, "concurrent SMTP sessions injecting")
+	fs.IntVar(&o.Messages, "messages", 20000, "messages per run")
+	fs.IntVar(&o.Size, "size", 1024, "message size in bytes")
+	fs.IntVar(&o.Runs, "runs", 3, "runs per target")
+	fs.DurationVar(&o.DrainLimit, "drain-limit", o.DrainLimit, "how long to wait for delivery to finish")
+	fs.StringVar(&o.Profile, "profile", "", "write a CPU profile of the mta process (first run) to this file")
+	jsonPath := fs.String("json", "", "write the report as JSON here, and the chart next to it (.svg)")
+	quiet := fs.Bool("quiet", false, "no live progress")
+	o.Domains = 1
+	switch scenario {
+	case "relay-1000":
+		o.Domains = 1000
+	case "distant":
+		o.Faults.Latency = 50 * time.Millisecond
+	case "faults":
+		o.Faults.RcptTempFail, o.Faults.RcptPermFail = 0.10, 0.01
+	}
+	fs.IntVar(&o.Domains, "domains", o.Domains, "recipient domains")
+	_ = fs.Parse(args)
+	o.Targets = strings.Split(*targets, ",")
+	if why := bench.PostfixAvailable(); why != "" && slices.Contains(o.Targets, "postfix") {
+		fmt.Fprintf(os.Stderr, "mtabench: skipping postfix: %s\n", why)
+		o.Targets = slices.DeleteFunc(o.Targets, func(t string) bool { return t == "postfix" })
+	}
+	if !*quiet {
+		o.Progress = os.Stderr
+	}
+	rep, err := bench.RunRelay(ctx, scenario, o)
+	if err != nil {
+		return err
+	}
+	rep.WriteTable(os.Stdout)
+	if *jsonPath != "" {
+		b, _ := json.MarshalIndent(rep, "", "  ")
+		if err := os.WriteFile(*jsonPath, b, 0o644); err != nil {
+			return err
+		}
+		svg := strings.TrimSuffix(*jsonPath, filepath.Ext(*jsonPath)) + ".svg"
+		if err := rep.WriteSVG(svg); err != nil {
+			return err
+		}
+		fmt.Printf("wrote %s and %s\n", *jsonPath, svg)
 	}
 	return nil
 }
