@@ -26,6 +26,7 @@ scenarios:
   relay-1000   the same to 1,000 destinations
   distant      one destination that takes 50 ms per reply
   faults       10 % temporary and 1 % permanent recipient failures at the sink
+  backlog      queue a million messages with the receiver down, then time the drain and watch RSS
 
 run "mtabench SCENARIO -h" for its flags.
 `
@@ -41,6 +42,8 @@ func main() {
 	switch os.Args[1] {
 	case "accept":
 		err = accept(ctx, os.Args[2:])
+	case "backlog":
+		err = backlog(ctx, os.Args[2:])
 	case "relay", "relay-1000", "distant", "faults":
 		err = relay(ctx, os.Args[1], os.Args[2:])
 	default:
@@ -133,6 +136,33 @@ func relay(ctx context.Context, scenario string, args []string) error {
 			return err
 		}
 		fmt.Printf("wrote %s and %s\n", *jsonPath, svg)
+	}
+	return nil
+}
+
+func backlog(ctx context.Context, args []string) error {
+	fs := flag.NewFlagSet("backlog", flag.ExitOnError)
+	o := bench.BacklogOptions{}
+	fs.StringVar(&o.MTA, "mta", "bin/mta", "path of the mta binary")
+	fs.StringVar(&o.WorkDir, "dir", filepath.Join(os.TempDir(), "mtabench"), "work directory for data")
+	fs.IntVar(&o.Sessions, "sessions", 50, "concurrent SMTP sessions injecting")
+	fs.IntVar(&o.Messages, "messages", 1_000_000, "messages to queue")
+	fs.IntVar(&o.Size, "size", 1024, "message size in bytes")
+	fs.IntVar(&o.Domains, "domains", 1, "recipient domains")
+	jsonPath := fs.String("json", "", "write the report as JSON to this file")
+	quiet := fs.Bool("quiet", false, "no live progress")
+	_ = fs.Parse(args)
+	if !*quiet {
+		o.Progress = os.Stderr
+	}
+	rep, err := bench.RunBacklog(ctx, o)
+	if err != nil {
+		return err
+	}
+	rep.WriteTable(os.Stdout)
+	if *jsonPath != "" {
+		b, _ := json.MarshalIndent(rep, "", "  ")
+		return os.WriteFile(*jsonPath, b, 0o644)
 	}
 	return nil
 }
