@@ -54,17 +54,12 @@ func RunBacklog(ctx context.Context, o BacklogOptions) (BacklogReport, error) {
 		return rep, err
 	}
 	defer sink.Close()
-	dns, err := StartDNSStub()
+	domains := relayDomains(o.Domains)
+	dns, err := startDomainsDNS(domains)
 	if err != nil {
 		return rep, err
 	}
 	defer dns.Close()
-	domains := relayDomains(o.Domains)
-	for i, d := range domains {
-		mx := fmt.Sprintf("mx%d.bench.test", i)
-		dns.SetMX(d, MX{Pref: 10, Host: mx})
-		dns.SetA(mx, "127.0.0.1")
-	}
 	_, port, _ := net.SplitHostPort(sink.Addr())
 	cfg := fmt.Sprintf("dns: {servers: [%q], ipv6: false}\ndelivery: {port: %s, tls: none, min_backoff: 2s, max_backoff: 10s}\nsmtp: {max_connections_per_ip: %d}\nlog: {level: warn}\n",
 		dns.Addr(), port, o.Sessions+10)

@@ -186,16 +186,11 @@ func relayOnce(ctx context.Context, o RelayOptions, name string, run int) (Relay
 	var tgt target
 	switch name {
 	case "mta":
-		dns, err := StartDNSStub()
+		dns, err := startDomainsDNS(domains)
 		if err != nil {
 			return res, err
 		}
 		defer dns.Close()
-		for i, d := range domains {
-			mx := fmt.Sprintf("mx%d.bench.test", i)
-			dns.SetMX(d, MX{Pref: 10, Host: mx})
-			dns.SetA(mx, "127.0.0.1")
-		}
 		_, port, _ := net.SplitHostPort(sink.Addr())
 		cfg := fmt.Sprintf("dns: {servers: [%q], ipv6: false}\ndelivery: {port: %s, tls: none, min_backoff: 1s, max_backoff: 5s}\nsmtp: {max_connections_per_ip: %d}\n%s",
 			dns.Addr(), port, o.Sessions+10, o.MTAConfig)
@@ -377,4 +372,19 @@ func profile(addr, path string) {
 	}
 	defer f.Close()
 	_, _ = io.Copy(f, resp.Body)
+}
+
+// startDomainsDNS serves each domain with its own MX host on 127.0.0.1, so
+// that each is its own destination.
+func startDomainsDNS(domains []string) (*DNSStub, error) {
+	dns, err := StartDNSStub()
+	if err != nil {
+		return nil, err
+	}
+	for i, d := range domains {
+		mx := fmt.Sprintf("mx%d.bench.test", i)
+		dns.SetMX(d, MX{Pref: 10, Host: mx})
+		dns.SetA(mx, "127.0.0.1")
+	}
+	return dns, nil
 }

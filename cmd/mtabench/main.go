@@ -1,5 +1,7 @@
 // Command mtabench runs the benchmark scenarios of package bench against
-// the mta binary and prints a table; with --json it also writes the result.
+// the mta binary (and, side by side, a private Postfix instance and the
+// direct generator-to-sink ceiling), prints a table, and with --json writes
+// the result and a chart.
 package main
 
 import (
@@ -7,6 +9,7 @@ import (
 	"encoding/json"
 	"flag"
 	"fmt"
+	"io"
 	"os"
 	"os/signal"
 	"path/filepath"
@@ -56,53 +59,66 @@ func main() {
 	}
 }
 
+// common holds the flags every scenario has.
+type common struct {
+	mta, dir, json           string
+	sessions, messages, size int
+	quiet                    bool
+}
+
+func commonFlags(fs *flag.FlagSet, messages int) *common {
+	c := &common{}
+	fs.StringVar(&c.mta, "mta", "bin/mta", "path of the mta binary")
+	fs.StringVar(&c.dir, "dir", filepath.Join(os.TempDir(), "mtabench"), "work directory for data")
+	fs.StringVar(&c.json, "json", "", "write the report as JSON to this file")
+	fs.IntVar(&c.sessions, "sessions", 50, "concurrent SMTP sessions injecting")
+	fs.IntVar(&c.messages, "messages", messages, "messages per run")
+	fs.IntVar(&c.size, "size", 1024, "message size in bytes")
+	fs.BoolVar(&c.quiet, "quiet", false, "no live progress")
+	return c
+}
+
+func (c *common) progress() io.Writer {
+	if c.quiet {
+		return nil
+	}
+	return os.Stderr
+}
+
+// finish prints a report and writes it as JSON if asked.
+func (c *common) finish(rep interface{ WriteTable(io.Writer) }) error {
+	rep.WriteTable(os.Stdout)
+	if c.json == "" {
+		return nil
+	}
+	b, err := json.MarshalIndent(rep, "", "  ")
+	if err != nil {
+		return err
+	}
+	return os.WriteFile(c.json, b, 0o644)
+}
+
 func accept(ctx context.Context, args []string) error {
 	fs := flag.NewFlagSet("accept", flag.ExitOnError)
+	c := commonFlags(fs, 100000)
 	o := bench.AcceptOptions{}
-	fs.StringVar(&o.MTA, "mta", "bin/mta", "path of the mta binary")
-	fs.StringVar(&o.WorkDir, "dir", filepath.Join(os.TempDir(), "mtabench"), "work directory for data")
-	fs.IntVar(&o.Sessions, "sessions", 50, "concurrent SMTP sessions")
-	fs.IntVar(&o.Messages, "messages", 100000, "messages per run")
-	fs.IntVar(&o.Size, "size", 1024, "message size in bytes")
 	fs.BoolVar(&o.Pipelining, "pipelining", true, "pipeline MAIL/RCPT/DATA")
 	fs.IntVar(&o.Runs, "runs", 3, "runs per mode")
 	fs.StringVar(&o.ExtraYAML, "mta-config", "", "YAML appended to the mta configuration (e.g. \"log:\\n  level: warn\\n\")")
 	fs.DurationVar(&o.MinSyncInterval, "min-sync-interval", 0, "the mta's spool.min_sync_interval")
-	jsonPath := fs.String("json", "", "write the report as JSON to this file")
-	quiet := fs.Bool("quiet", false, "no live progress")
 	_ = fs.Parse(args)
-	if !*quiet {
-		o.Progress = os.Stderr
-	}
+	o.MTA, o.WorkDir, o.Sessions, o.Messages, o.Size, o.Progress = c.mta, c.dir, c.sessions, c.messages, c.size, c.progress()
 	rep, err := bench.RunAccept(ctx, o)
 	if err != nil {
 		return err
 	}
-	rep.WriteTable(os.Stdout)
-	if *jsonPath != "" {
-		b, _ := json.MarshalIndent(rep, "", "  ")
-		if err := os.WriteFile(*jsonPath, b, 0o644); err != nil {
-			return err
-		}
-	}
-	return nil
+	return c.finish(rep)
 }
 
 func relay(ctx context.Context, scenario string, args []string) error {
 	fs := flag.NewFlagSet(scenario, flag.ExitOnError)
-	o := bench.RelayOptions{DrainLimit: 5 * time.Minute}
-	fs.StringVar(&o.MTA, "mta", "bin/mta", "path of the mta binary")
-	fs.StringVar(&o.WorkDir, "dir", filepath.Join(os.TempDir(), "mtabench"), "work directory for data")
-	targets := fs.String("targets", "mta,postfix,direct", "systems to run: mta, postfix, direct (generator to sink)")
-	fs.IntVar(&o.Sessions, "sessions", 50, "concurrent SMTP sessions injecting")
-	fs.IntVar(&o.Messages, "messages", 20000, "messages per run")
-	fs.IntVar(&o.Size, "size", 1024, "message size in bytes")
-	fs.IntVar(&o.Runs, "runs", 3, "runs per target")
-	fs.DurationVar(&o.DrainLimit, "drain-limit", o.DrainLimit, "how long to wait for delivery to finish")
-	fs.StringVar(&o.Profile, "profile", "", "write a CPU profile of the mta process (first run) to this file")
-	jsonPath := fs.String("json", "", "write the report as JSON here, and the chart next to it (.svg)")
-	quiet := fs.Bool("quiet", false, "no live progress")
-	o.Domains = 1
+	c := commonFlags(fs, 20000)
+	o := bench.RelayOptions{DrainLimit: 5 * time.Minute, Domains: 1}
 	switch scenario {
 	case "relay-1000":
 		o.Domains = 1000
@@ -111,58 +127,45 @@ func relay(ctx context.Context, scenario string, args []string) error {
 	case "faults":
 		o.Faults.RcptTempFail, o.Faults.RcptPermFail = 0.10, 0.01
 	}
+	targets := fs.String("targets", "mta,postfix,direct", "systems to run: mta, postfix, direct (generator to sink)")
+	fs.IntVar(&o.Runs, "runs", 3, "runs per target")
 	fs.IntVar(&o.Domains, "domains", o.Domains, "recipient domains")
+	fs.DurationVar(&o.DrainLimit, "drain-limit", o.DrainLimit, "how long to wait for delivery to finish")
+	fs.StringVar(&o.Profile, "profile", "", "write a CPU profile of the mta process (first run) to this file")
 	_ = fs.Parse(args)
+	o.MTA, o.WorkDir, o.Sessions, o.Messages, o.Size, o.Progress = c.mta, c.dir, c.sessions, c.messages, c.size, c.progress()
 	o.Targets = strings.Split(*targets, ",")
 	if why := bench.PostfixAvailable(); why != "" && slices.Contains(o.Targets, "postfix") {
 		fmt.Fprintf(os.Stderr, "mtabench: skipping postfix: %s\n", why)
 		o.Targets = slices.DeleteFunc(o.Targets, func(t string) bool { return t == "postfix" })
 	}
-	if !*quiet {
-		o.Progress = os.Stderr
-	}
 	rep, err := bench.RunRelay(ctx, scenario, o)
 	if err != nil {
 		return err
 	}
-	rep.WriteTable(os.Stdout)
-	if *jsonPath != "" {
-		b, _ := json.MarshalIndent(rep, "", "  ")
-		if err := os.WriteFile(*jsonPath, b, 0o644); err != nil {
-			return err
-		}
-		svg := strings.TrimSuffix(*jsonPath, filepath.Ext(*jsonPath)) + ".svg"
+	if err := c.finish(rep); err != nil {
+		return err
+	}
+	if c.json != "" {
+		svg := strings.TrimSuffix(c.json, filepath.Ext(c.json)) + ".svg"
 		if err := rep.WriteSVG(svg); err != nil {
 			return err
 		}
-		fmt.Printf("wrote %s and %s\n", *jsonPath, svg)
+		fmt.Printf("wrote %s and %s\n", c.json, svg)
 	}
 	return nil
 }
 
 func backlog(ctx context.Context, args []string) error {
 	fs := flag.NewFlagSet("backlog", flag.ExitOnError)
+	c := commonFlags(fs, 1_000_000)
 	o := bench.BacklogOptions{}
-	fs.StringVar(&o.MTA, "mta", "bin/mta", "path of the mta binary")
-	fs.StringVar(&o.WorkDir, "dir", filepath.Join(os.TempDir(), "mtabench"), "work directory for data")
-	fs.IntVar(&o.Sessions, "sessions", 50, "concurrent SMTP sessions injecting")
-	fs.IntVar(&o.Messages, "messages", 1_000_000, "messages to queue")
-	fs.IntVar(&o.Size, "size", 1024, "message size in bytes")
 	fs.IntVar(&o.Domains, "domains", 1, "recipient domains")
-	jsonPath := fs.String("json", "", "write the report as JSON to this file")
-	quiet := fs.Bool("quiet", false, "no live progress")
 	_ = fs.Parse(args)
-	if !*quiet {
-		o.Progress = os.Stderr
-	}
+	o.MTA, o.WorkDir, o.Sessions, o.Messages, o.Size, o.Progress = c.mta, c.dir, c.sessions, c.messages, c.size, c.progress()
 	rep, err := bench.RunBacklog(ctx, o)
 	if err != nil {
 		return err
 	}
-	rep.WriteTable(os.Stdout)
-	if *jsonPath != "" {
-		b, _ := json.MarshalIndent(rep, "", "  ")
-		return os.WriteFile(*jsonPath, b, 0o644)
-	}
-	return nil
+	return c.finish(rep)
 }
