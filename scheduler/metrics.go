@@ -63,6 +63,12 @@ func newMetrics(s *Scheduler, reg prometheus.Registerer) *instruments {
 				Name: "mta_delivery_window_size", Help: "Work items (message, domain) in the scheduler's active window.",
 			}, func() float64 { return float64(s.windowSize.Load()) }),
 			prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+				Name: "mta_delivery_destinations_backed_off", Help: "Destinations currently backed off after connection failures.",
+			}, func() float64 { return float64(s.backedOff.Load()) }),
+			prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+				Name: "mta_delivery_destinations_active", Help: "Destinations with queued work or open connections.",
+			}, func() float64 { return float64(s.activeDests.Load()) }),
+			prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 				Name: "mta_delivery_connections_idle", Help: "Idle outbound connections in the connection cache.",
 			}, func() float64 { return float64(s.cache.Idle()) }),
 		)

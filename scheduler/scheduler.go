@@ -104,7 +104,9 @@ type Scheduler struct {
 	rndMu     sync.Mutex // guards workerRnd, shared by workers
 	workerRnd *rand.Rand
 
-	windowSize atomic.Int64 // len(window), for metrics
+	windowSize  atomic.Int64 // len(window), for metrics
+	backedOff   atomic.Int64 // destinations backed off now, for metrics
+	activeDests atomic.Int64 // destinations with work or connections, for metrics
 
 	workers sync.WaitGroup
 	ctx     context.Context // cancelled when Run is told to stop: no new work
@@ -248,6 +250,7 @@ func (s *Scheduler) Run(ctx context.Context) {
 			s.scan()
 		case <-tick.C:
 			s.scan()
+			s.sweep()
 		}
 		if s.full && len(s.window) < s.opts.WindowSize/2 {
 			s.scan()
@@ -552,6 +555,30 @@ func (s *Scheduler) routed(domain string, r Route, err error) {
 		}
 		s.enqueue(d, w)
 	}
+}
+
+// sweep forgets idle destinations and domains, and updates the
+// destination gauges; it runs once per scan interval.
+func (s *Scheduler) sweep() {
+	now := s.opts.Now()
+	var backed, active int64
+	for k, d := range s.dests {
+		switch {
+		case now.Before(d.deadUntil):
+			backed++
+		case len(d.queue) > 0 || d.active > 0:
+			active++
+		case !d.inWaiting && (d.failures == 0 || now.After(d.deadUntil.Add(s.opts.MaxBackoff))):
+			delete(s.dests, k) // idle: forget it; routing re-creates it
+		}
+	}
+	for name, ds := range s.domains {
+		if !ds.resolving && len(ds.waiting) == 0 && now.Sub(ds.routedAt) > s.opts.RouteTTL {
+			delete(s.domains, name)
+		}
+	}
+	s.backedOff.Store(backed)
+	s.activeDests.Store(active)
 }
 
 // forget removes finished work from the window, unless the window already

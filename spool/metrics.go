@@ -1,6 +1,9 @@
 package spool
 
 import (
+	"time"
+
+	"github.com/cockroachdb/pebble/v2"
 	"github.com/prometheus/client_golang/prometheus"
 	dto "github.com/prometheus/client_model/go"
 
@@ -42,6 +45,15 @@ func newSpoolMetrics(s *Spool, reg prometheus.Registerer) *spoolMetrics {
 			Help: "fsync calls made on the spool's write-ahead log.",
 		}, func() float64 { return float64(s.WALSyncs()) }),
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Name: "mta_spool_oldest_message_age_seconds",
+			Help: "Age of the oldest message in the spool (0 when empty): how long the deferred queue has been waiting.",
+		}, func() float64 {
+			if t := s.Oldest(); !t.IsZero() {
+				return s.opts.Now().Sub(t).Seconds()
+			}
+			return 0
+		}),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 			Name: "mta_spool_healthy",
 			Help: "1 while the spool accepts writes, 0 once a fatal storage error broke it.",
 		}, func() float64 {
@@ -79,4 +91,19 @@ func (s *Spool) WALSyncs() uint64 {
 		return 0
 	}
 	return d.Histogram.GetSampleCount()
+}
+
+// Oldest returns the acceptance time of the oldest message in the spool, or
+// the zero time when it is empty. Queue IDs sort by acceptance time, so
+// this is the first record.
+func (s *Spool) Oldest() time.Time {
+	it, err := s.db.NewIter(&pebble.IterOptions{LowerBound: []byte(prefixMessage), UpperBound: []byte(prefixEnd(prefixMessage))})
+	if err != nil {
+		return time.Time{}
+	}
+	defer it.Close()
+	if !it.First() {
+		return time.Time{}
+	}
+	return IDTime(string(it.Key()[len(prefixMessage):]))
 }
