@@ -57,10 +57,17 @@ func (s *session) Data(r io.Reader) (err error) {
 	if s.mayRelay() {
 		policy = s.srv.opts.BareLineEndingsTrusted
 	}
-	if policy == RejectBareLineEndings && s.conn.sync.sawBareLineEnding() {
+	// On cleartext sessions the raw stream was already checked as it
+	// arrived, before go-smtp's dot handling; dot handling adds no CR or
+	// LF, so a clean stream means a clean body. Over TLS, check the body.
+	bare := s.conn.sync.sawBareLineEnding()
+	if !s.conn.sync.enabled {
+		bare = hasBareLineEnding(body)
+	}
+	if policy == RejectBareLineEndings && bare {
 		return s.reject("bare_line_ending", &mta.ReplyBareLineEnding)
 	}
-	if hasBareLineEnding(body) {
+	if bare && hasBareLineEnding(body) {
 		if policy == RejectBareLineEndings {
 			return s.reject("bare_line_ending", &mta.ReplyBareLineEnding)
 		}
