@@ -84,7 +84,9 @@ func acceptOnce(ctx context.Context, o AcceptOptions, sync bool, i int) (AcceptR
 	_ = os.RemoveAll(dir)
 	defer os.RemoveAll(dir)
 	// Info logging stays on: it is part of the production path.
-	p, err := StartMTA(o.MTA, dir, fmt.Sprintf("spool:\n  sync: %v\n  min_sync_interval: %v\nsmtp:\n  max_connections_per_ip: %d\n%s",
+	// Acceptance only: delivery is off, and the resolver points at a
+	// closed loopback port anyway.
+	p, err := StartMTA(o.MTA, dir, fmt.Sprintf("spool:\n  sync: %v\n  min_sync_interval: %v\nsmtp:\n  max_connections_per_ip: %d\ndelivery: {enabled: false}\ndns: {servers: [\"127.0.0.1:1\"]}\n%s",
 		sync, o.MinSyncInterval, o.Sessions+10, o.ExtraYAML))
 	if err != nil {
 		return AcceptRun{}, err

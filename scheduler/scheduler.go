@@ -86,11 +86,13 @@ type Scheduler struct {
 	cache *conncache.Cache[Conn]
 
 	// Channels into the state-owning goroutine.
-	fresh  chan Due
-	next   chan nextReq
-	events chan event
-	kick   chan struct{}
-	drops  chan string
+	fresh   chan Due
+	next    chan nextReq
+	events  chan event
+	kick    chan struct{}
+	drops   chan struct{} // signals that dropIDs has IDs
+	dropMu  sync.Mutex
+	dropIDs []string
 
 	// Owned by run.
 	window  map[workKey]*work
@@ -177,7 +179,7 @@ func New(opts Options) *Scheduler {
 		next:    make(chan nextReq),
 		events:  make(chan event, 1024),
 		kick:    make(chan struct{}, 1),
-		drops:   make(chan string, 64),
+		drops:   make(chan struct{}, 1),
 		window:  map[workKey]*work{},
 		domains: map[string]*domainState{},
 		dests:   map[string]*dest{},
@@ -217,9 +219,15 @@ func (s *Scheduler) Kick() {
 }
 
 // Drop removes a message's queued work from memory (after hold or remove).
-// Work already being delivered finishes.
+// Work already being delivered finishes. It never blocks.
 func (s *Scheduler) Drop(id string) {
-	s.drops <- id
+	s.dropMu.Lock()
+	s.dropIDs = append(s.dropIDs, id)
+	s.dropMu.Unlock()
+	select {
+	case s.drops <- struct{}{}:
+	default:
+	}
 }
 
 // Run delivers until ctx is cancelled, then waits for the transactions in
@@ -244,8 +252,14 @@ func (s *Scheduler) Run(ctx context.Context) {
 			r.reply <- s.nextFor(r)
 		case ev := <-s.events:
 			s.handle(ev)
-		case id := <-s.drops:
-			s.drop(id)
+		case <-s.drops:
+			s.dropMu.Lock()
+			ids := s.dropIDs
+			s.dropIDs = nil
+			s.dropMu.Unlock()
+			for _, id := range ids {
+				s.drop(id)
+			}
 		case <-s.kick:
 			s.scan()
 		case <-tick.C:

@@ -5,6 +5,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -41,8 +42,14 @@ func mtaBinary(t *testing.T) string {
 
 // startMTA runs the binary on dataDir and stops it when the test ends,
 // showing its log if the test failed.
+//
+// Unless extra configures DNS, delivery is off and the resolver points at
+// a closed loopback port: tests never send traffic off the machine.
 func startMTA(t *testing.T, dataDir, extra string) *bench.Process {
 	t.Helper()
+	if !strings.Contains(extra, "dns:") {
+		extra += "delivery: {enabled: false}\ndns: {servers: [\"127.0.0.1:1\"]}\n"
+	}
 	p, err := bench.StartMTA(mtaBinary(t), dataDir, extra)
 	if err != nil {
 		t.Fatal(err)

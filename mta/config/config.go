@@ -84,6 +84,7 @@ type Spool struct {
 
 // Delivery holds the outbound side: scheduler and SMTP client.
 type Delivery struct {
+	Enabled                      bool     `yaml:"enabled"`                         // false: accept and queue, deliver nothing
 	HeloName                     string   `yaml:"helo_name"`                       // EHLO name; default: hostname
 	Port                         int      `yaml:"port"`                            // SMTP port of MX hosts
 	TLS                          string   `yaml:"tls"`                             // none | opportunistic | required
@@ -168,6 +169,7 @@ func Default() *Config {
 		TLS:  TLS{SelfSigned: true},
 		Auth: Auth{CleartextFromLoopback: true},
 		Delivery: Delivery{
+			Enabled:                      true,
 			Port:                         25,
 			TLS:                          "opportunistic",
 			MaxConnections:               500,

@@ -256,7 +256,12 @@ func (s *Server) Run(ctx context.Context) error {
 	}
 	schedCtx, stopSched := context.WithCancel(context.Background())
 	schedDone := make(chan struct{})
-	go func() { defer close(schedDone); s.sched.Run(schedCtx) }()
+	if s.cfg.Delivery.Enabled {
+		go func() { defer close(schedDone); s.sched.Run(schedCtx) }()
+	} else {
+		close(schedDone)
+		s.log.Warn("delivery.enabled is false: messages are accepted and queued, not delivered")
+	}
 	s.ready.Store(true)
 	fields := []zap.Field{zap.String("data_dir", s.cfg.DataDir), zap.Int64("queued", s.spool.Count())}
 	for _, name := range []string{"smtp", "submission", "http"} {
