@@ -523,7 +523,10 @@ func (s *Scheduler) postpone(ws []*work, until time.Time, why string) {
 	for i, w := range ws {
 		delete(s.window, w.key)
 		// Spread the return of a large backlog over a tenth of the delay.
-		spread := time.Duration(s.rnd.Int64N(int64(until.Sub(s.opts.Now())/10 + 1)))
+		var spread time.Duration
+		if window := until.Sub(s.opts.Now()) / 10; window > 0 {
+			spread = time.Duration(s.rnd.Int64N(int64(window)))
+		}
 		items[i] = Due{ID: w.key.id, Domain: w.key.domain, At: until.Add(spread)}
 	}
 	s.m.postponed.Add(float64(len(ws)))
