@@ -210,7 +210,7 @@ func TestDropForgetsQueuedWork(t *testing.T) {
 		store.add(id, now, now.Add(time.Hour), "r@x.test")
 		h.s.Submit(id, []string{"x.test"})
 	}
-	time.Sleep(10 * time.Millisecond)
+	waitFor(t, "all five in the window", func() bool { return h.s.windowSize.Load() == 5 })
 	h.s.Drop("m4")
 	waitFor(t, "four deliveries", func() bool { d, _ := store.counts(); return d == 4 })
 	time.Sleep(100 * time.Millisecond)
