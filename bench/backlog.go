@@ -23,6 +23,7 @@ type BacklogOptions struct {
 	Size     int
 	Domains  int
 	Progress io.Writer
+	Profile  string // if set, a heap profile of the mta with the backlog queued is written here
 }
 
 // BacklogReport is the scenario's result.
@@ -34,6 +35,7 @@ type BacklogReport struct {
 	Accepted     int            `json:"accepted"`
 	AcceptRate   float64        `json:"accept_per_second"`
 	RSSQueued    int64          `json:"rss_with_backlog_bytes"` // resident memory with everything queued, receiver down
+	GoHeapQueued int64          `json:"go_heap_inuse_with_backlog_bytes"`
 	Delivered    int            `json:"delivered"`
 	DrainTime    time.Duration  `json:"drain_ns"`
 	DrainRate    float64        `json:"drain_per_second"`
@@ -61,7 +63,7 @@ func RunBacklog(ctx context.Context, o BacklogOptions) (BacklogReport, error) {
 	}
 	defer dns.Close()
 	_, port, _ := net.SplitHostPort(sink.Addr())
-	cfg := fmt.Sprintf("dns: {servers: [%q], ipv6: false}\ndelivery: {port: %s, tls: none, min_backoff: 2s, max_backoff: 10s}\nsmtp: {max_connections_per_ip: %d}\nlog: {level: warn}\n",
+	cfg := fmt.Sprintf("dns: {servers: [%q], ipv6: false}\ndelivery: {port: %s, tls: none, min_backoff: 2s, max_backoff: 10s}\nsmtp: {max_connections_per_ip: %d}\ndebug: {pprof: true}\n",
 		dns.Addr(), port, o.Sessions+10)
 	p, err := StartMTA(o.MTA, dir, cfg)
 	if err != nil {
@@ -104,6 +106,12 @@ func RunBacklog(ctx context.Context, o BacklogOptions) (BacklogReport, error) {
 		rep.RSSQueued = statusField(string(st), "VmRSS:")
 	}
 	rep.DiskBytes = dirSize(filepath.Join(dir, "spool"))
+	if h, err := p.Metric("go_memstats_heap_inuse_bytes"); err == nil {
+		rep.GoHeapQueued = int64(h)
+	}
+	if o.Profile != "" {
+		saveProfile(p.HTTP, "heap", o.Profile)
+	}
 	rep.ConnAttempts = sink.Stats().ConnectionsRefused
 
 	start := time.Now()
@@ -147,7 +155,8 @@ func (r BacklogReport) WriteTable(w io.Writer) {
 	fmt.Fprintf(w, "machine: %s\n\n", r.Machine)
 	fmt.Fprintf(w, "accepted            %d at %.0f msg/s\n", r.Accepted, r.AcceptRate)
 	fmt.Fprintf(w, "refused connections %d while the receiver was down\n", r.ConnAttempts)
-	fmt.Fprintf(w, "RSS with backlog    %.0f MiB (spool on disk %.0f MiB)\n", float64(r.RSSQueued)/(1<<20), float64(r.DiskBytes)/(1<<20))
+	fmt.Fprintf(w, "RSS with backlog    %.0f MiB, of which Go heap in use %.0f MiB (spool on disk %.0f MiB)\n",
+		float64(r.RSSQueued)/(1<<20), float64(r.GoHeapQueued)/(1<<20), float64(r.DiskBytes)/(1<<20))
 	fmt.Fprintf(w, "drain               %d delivered in %.1f s = %.0f msg/s\n", r.Delivered, r.DrainTime.Seconds(), r.DrainRate)
 	fmt.Fprintf(w, "peak RSS            %.0f MiB\n", float64(r.PeakRSS)/(1<<20))
 	fmt.Fprintf(w, "accounted           %v\n", r.Accounted)

@@ -204,7 +204,7 @@ func relayOnce(ctx context.Context, o RelayOptions, name string, run int) (Relay
 		defer p.Kill()
 		tgt = mtaTarget{p}
 		if o.Profile != "" && run == 0 {
-			go profile(p.HTTP, o.Profile)
+			go saveProfile(p.HTTP, "profile?seconds=5", o.Profile)
 		}
 	case "postfix":
 		l, err := net.Listen("tcp", "127.0.0.1:0")
@@ -359,9 +359,10 @@ func medianRelay(runs []RelayRun, target string) RelayRun {
 	return m
 }
 
-// profile saves a CPU profile of the mta process at addr.
-func profile(addr, path string) {
-	resp, err := http.Get("http://" + addr + "/debug/pprof/profile?seconds=5")
+// saveProfile saves a pprof profile ("heap", "profile?seconds=5") of the
+// mta process whose HTTP listener is addr.
+func saveProfile(addr, which, path string) {
+	resp, err := http.Get("http://" + addr + "/debug/pprof/" + which)
 	if err != nil {
 		return
 	}

@@ -106,6 +106,10 @@ type Scheduler struct {
 	rndMu     sync.Mutex // guards workerRnd, shared by workers
 	workerRnd *rand.Rand
 
+	postponing   []Due  // postponements not yet written
+	postponeWhy  string // for the log, should writing them fail
+	postponeBusy bool   // a batch of postponements is being written
+
 	windowSize  atomic.Int64 // len(window), for metrics
 	backedOff   atomic.Int64 // destinations backed off now, for metrics
 	activeDests atomic.Int64 // destinations with work or connections, for metrics
@@ -161,12 +165,13 @@ type event struct {
 type eventKind int
 
 const (
-	evDone     eventKind = iota // work finished (any outcome)
-	evRequeue                   // work goes back to the front of its queue
-	evExit                      // a connection worker ended
-	evConnOK                    // a connection was made: the destination is alive
-	evConnFail                  // a connection could not be made or broke with 421
-	evRouted                    // a domain was resolved (or failed to)
+	evDone      eventKind = iota // work finished (any outcome)
+	evRequeue                    // work goes back to the front of its queue
+	evExit                       // a connection worker ended
+	evConnOK                     // a connection was made: the destination is alive
+	evConnFail                   // a connection could not be made or broke with 421
+	evRouted                     // a domain was resolved (or failed to)
+	evPostponed                  // a batch of postponements is written
 )
 
 // New returns a scheduler; Run starts it.
@@ -269,6 +274,7 @@ func (s *Scheduler) Run(ctx context.Context) {
 		if s.full && len(s.window) < s.opts.WindowSize/2 {
 			s.scan()
 		}
+		s.flushPostponed()
 		s.windowSize.Store(int64(len(s.window)))
 	}
 }
@@ -293,6 +299,8 @@ func (s *Scheduler) stop() {
 }
 
 // scan brings due work from the store into the window, leasing it first.
+// Work for a destination that is backed off is postponed in the same batch
+// instead, without entering the window.
 func (s *Scheduler) scan() {
 	room := s.opts.WindowSize - len(s.window)
 	if room <= 0 {
@@ -306,22 +314,56 @@ func (s *Scheduler) scan() {
 		return
 	}
 	s.full = len(due) == limit
-	fresh := due[:0]
+	items := due[:0]
+	var live []Due
+	postponed := 0
 	for _, d := range due {
-		if _, ok := s.window[workKey{d.ID, d.Domain}]; !ok {
-			fresh = append(fresh, d)
+		if _, ok := s.window[workKey{d.ID, d.Domain}]; ok {
+			continue
 		}
+		if dead, until := s.domainBackedOff(d.Domain, now); dead {
+			d.At = s.spread(until, now)
+			postponed++
+		} else {
+			d.At = now.Add(s.opts.Lease)
+			live = append(live, d)
+		}
+		items = append(items, d)
 	}
-	if len(fresh) == 0 {
+	if len(items) == 0 {
 		return
 	}
-	if err := s.opts.Store.Lease(fresh, now.Add(s.opts.Lease)); err != nil {
+	if err := s.opts.Store.Lease(items, time.Time{}); err != nil {
 		s.log.Error("scheduler: leasing due work", zap.Error(err))
 		return
 	}
-	for _, d := range fresh {
+	s.m.postponed.Add(float64(postponed))
+	for _, d := range live {
 		s.add(d.ID, d.Domain)
 	}
+}
+
+// domainBackedOff reports whether domain is known to route to a destination that
+// is backed off, and until when.
+func (s *Scheduler) domainBackedOff(domain string, now time.Time) (bool, time.Time) {
+	ds := s.domains[domain]
+	if ds == nil || ds.route == nil {
+		return false, time.Time{}
+	}
+	d := s.dests[ds.route.Key()]
+	if d == nil || !now.Before(d.deadUntil) {
+		return false, time.Time{}
+	}
+	return true, d.deadUntil
+}
+
+// spread returns until plus a random part of a tenth of the delay, so that
+// a backlog postponed together does not come due at one instant.
+func (s *Scheduler) spread(until, now time.Time) time.Time {
+	if window := until.Sub(now) / 10; window > 0 {
+		return until.Add(time.Duration(s.rnd.Int64N(int64(window))))
+	}
+	return until
 }
 
 // add puts work in the window and routes it.
@@ -475,6 +517,8 @@ func (s *Scheduler) handle(ev event) {
 		s.backOff(ev.key, ev.err)
 	case evRouted:
 		s.routed(ev.domain, ev.route, ev.err)
+	case evPostponed:
+		s.postponeBusy = false
 	}
 }
 
@@ -514,29 +558,36 @@ func (s *Scheduler) backOff(key string, cause error) {
 }
 
 // postpone moves work out of the window and makes it due again at until,
-// without counting an attempt. The store write happens off this goroutine.
+// without counting an attempt. The store write is batched: see
+// flushPostponed.
 func (s *Scheduler) postpone(ws []*work, until time.Time, why string) {
-	if len(ws) == 0 {
-		return
-	}
-	items := make([]Due, len(ws))
-	for i, w := range ws {
+	now := s.opts.Now()
+	for _, w := range ws {
 		delete(s.window, w.key)
-		// Spread the return of a large backlog over a tenth of the delay.
-		var spread time.Duration
-		if window := until.Sub(s.opts.Now()) / 10; window > 0 {
-			spread = time.Duration(s.rnd.Int64N(int64(window)))
-		}
-		items[i] = Due{ID: w.key.id, Domain: w.key.domain, At: until.Add(spread)}
+		s.postponing = append(s.postponing, Due{ID: w.key.id, Domain: w.key.domain, At: s.spread(until, now)})
 	}
 	s.m.postponed.Add(float64(len(ws)))
+	if len(ws) > 0 {
+		s.postponeWhy = why
+	}
+}
+
+// flushPostponed writes the postponements collected in one turn of the
+// loop as one batch, off this goroutine, one batch at a time.
+func (s *Scheduler) flushPostponed() {
+	if len(s.postponing) == 0 || s.postponeBusy {
+		return
+	}
+	items, why := s.postponing, s.postponeWhy
+	s.postponing = nil
+	s.postponeBusy = true
 	s.workers.Add(1)
 	go func() {
 		defer s.workers.Done()
-		// Lease writes each entry at its own time when At is set.
 		if err := s.opts.Store.Lease(items, time.Time{}); err != nil {
 			s.log.Error("scheduler: postponing work", zap.Error(err), zap.String("why", why))
 		}
+		s.events <- event{kind: evPostponed}
 	}()
 }
 

@@ -161,6 +161,7 @@ func backlog(ctx context.Context, args []string) error {
 	c := commonFlags(fs, 1_000_000)
 	o := bench.BacklogOptions{}
 	fs.IntVar(&o.Domains, "domains", 1, "recipient domains")
+	fs.StringVar(&o.Profile, "profile", "", "write a heap profile of the mta with the backlog queued to this file")
 	_ = fs.Parse(args)
 	o.MTA, o.WorkDir, o.Sessions, o.Messages, o.Size, o.Progress = c.mta, c.dir, c.sessions, c.messages, c.size, c.progress()
 	rep, err := bench.RunBacklog(ctx, o)
