@@ -12,18 +12,22 @@ const module = "github.com/mtaproject/mta"
 // import directly (tests excepted). A package missing here may import
 // nothing of ours but mta and metrics. cmd/* may import anything.
 var allowed = map[string][]string{
-	"mta":               {},
-	"metrics":           {},
-	"spool":             {"mta", "metrics"},
-	"scheduler":         {"mta", "mta/dsn", "metrics"},
-	"mta/config":        {},
-	"mta/smtpd":         {"mta", "metrics"},
-	"mta/auth":          {},
-	"mta/certs":         {},
-	"mta/admin":         {"mta", "spool"},
-	"mta/server":        {"*"},
-	"bench":             {"*"},
-	"internal/archtest": {},
+	"mta":                 {},
+	"metrics":             {},
+	"spool":               {"mta", "metrics"},
+	"scheduler":           {"mta", "mta/dsn", "metrics", "scheduler/conncache"},
+	"scheduler/conncache": {"mta", "metrics"},
+	"mta/outbound":        {"mta", "mta/resolve", "mta/smtpclient", "scheduler"},
+	"mta/resolve":         {"mta", "metrics"},
+	"mta/smtpclient":      {"mta", "metrics"},
+	"mta/config":          {},
+	"mta/smtpd":           {"mta", "metrics"},
+	"mta/auth":            {},
+	"mta/certs":           {},
+	"mta/admin":           {"mta", "spool"},
+	"mta/server":          {"*"},
+	"bench":               {"*"},
+	"internal/archtest":   {},
 }
 
 // TestImportRules runs `go list` over the module and checks every direct
