@@ -143,6 +143,7 @@ type dest struct {
 	active    int       // connection workers
 	deadUntil time.Time // backed off after connection failures
 	failures  int       // consecutive connection failures
+	why       string    // the last connection failure, for the queue listing
 	inWaiting bool
 }
 
@@ -321,8 +322,9 @@ func (s *Scheduler) scan() {
 		if _, ok := s.window[workKey{d.ID, d.Domain}]; ok {
 			continue
 		}
-		if dead, until := s.domainBackedOff(d.Domain, now); dead {
-			d.At = s.spread(until, now)
+		if dst := s.backedOffDest(d.Domain, now); dst != nil {
+			d.At = s.spread(dst.deadUntil, now)
+			d.Reply = dst.why
 			postponed++
 		} else {
 			d.At = now.Add(s.opts.Lease)
@@ -343,18 +345,17 @@ func (s *Scheduler) scan() {
 	}
 }
 
-// domainBackedOff reports whether domain is known to route to a destination that
-// is backed off, and until when.
-func (s *Scheduler) domainBackedOff(domain string, now time.Time) (bool, time.Time) {
+// backedOffDest returns the destination domain is known to route to if
+// that destination is backed off now, else nil.
+func (s *Scheduler) backedOffDest(domain string, now time.Time) *dest {
 	ds := s.domains[domain]
 	if ds == nil || ds.route == nil {
-		return false, time.Time{}
+		return nil
 	}
-	d := s.dests[ds.route.Key()]
-	if d == nil || !now.Before(d.deadUntil) {
-		return false, time.Time{}
+	if d := s.dests[ds.route.Key()]; d != nil && now.Before(d.deadUntil) {
+		return d
 	}
-	return true, d.deadUntil
+	return nil
 }
 
 // spread returns until plus a random part of a tenth of the delay, so that
@@ -414,7 +415,7 @@ func (s *Scheduler) destFor(r Route) *dest {
 func (s *Scheduler) enqueue(d *dest, w *work) {
 	now := s.opts.Now()
 	if now.Before(d.deadUntil) {
-		s.postpone([]*work{w}, d.deadUntil, "destination "+d.key+" is backed off after connection failures")
+		s.postpone([]*work{w}, d.deadUntil, d.why)
 		return
 	}
 	d.queue = append(d.queue, w)
@@ -490,7 +491,7 @@ func (s *Scheduler) handle(ev event) {
 		case d == nil || ev.work.dropped:
 			s.forget(ev.work)
 		case s.opts.Now().Before(d.deadUntil):
-			s.postpone([]*work{ev.work}, d.deadUntil, "destination "+d.key+" is backed off")
+			s.postpone([]*work{ev.work}, d.deadUntil, d.why)
 		default:
 			d.queue = append([]*work{ev.work}, d.queue...)
 			s.serve(d)
@@ -554,7 +555,8 @@ func (s *Scheduler) backOff(key string, cause error) {
 		}
 	}
 	d.queue = nil
-	s.postpone(queued, d.deadUntil, "destination backed off: "+errText(cause))
+	d.why = "451 4.4.1 destination backed off after a connection failure: " + errText(cause)
+	s.postpone(queued, d.deadUntil, d.why)
 }
 
 // postpone moves work out of the window and makes it due again at until,
@@ -564,12 +566,9 @@ func (s *Scheduler) postpone(ws []*work, until time.Time, why string) {
 	now := s.opts.Now()
 	for _, w := range ws {
 		delete(s.window, w.key)
-		s.postponing = append(s.postponing, Due{ID: w.key.id, Domain: w.key.domain, At: s.spread(until, now)})
+		s.postponing = append(s.postponing, Due{ID: w.key.id, Domain: w.key.domain, At: s.spread(until, now), Reply: why})
 	}
 	s.m.postponed.Add(float64(len(ws)))
-	if len(ws) > 0 {
-		s.postponeWhy = why
-	}
 }
 
 // flushPostponed writes the postponements collected in one turn of the
@@ -578,14 +577,14 @@ func (s *Scheduler) flushPostponed() {
 	if len(s.postponing) == 0 || s.postponeBusy {
 		return
 	}
-	items, why := s.postponing, s.postponeWhy
+	items := s.postponing
 	s.postponing = nil
 	s.postponeBusy = true
 	s.workers.Add(1)
 	go func() {
 		defer s.workers.Done()
 		if err := s.opts.Store.Lease(items, time.Time{}); err != nil {
-			s.log.Error("scheduler: postponing work", zap.Error(err), zap.String("why", why))
+			s.log.Error("scheduler: postponing work", zap.Error(err), zap.Int("items", len(items)))
 		}
 		s.events <- event{kind: evPostponed}
 	}()

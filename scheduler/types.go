@@ -12,6 +12,7 @@ type Due struct {
 	ID     string
 	Domain string
 	At     time.Time
+	Reply  string // with Lease: why the work is postponed, recorded as the last reply; "" keeps it
 }
 
 // Message is what the scheduler needs of a queued message.

@@ -14,6 +14,7 @@ type LeaseItem struct {
 	ID     string
 	Domain string
 	At     time.Time
+	Reply  string // if set, recorded as the recipients' last reply (why they wait)
 }
 
 // Lease makes the queued recipients of each (ID, Domain) due at its At,
@@ -72,6 +73,9 @@ func (s *Spool) Lease(items []LeaseItem) error {
 			if r.Status == Queued && r.Domain == it.Domain {
 				_ = b.Delete(k.due(r.NextAttempt, m.ID, r.Domain), nil)
 				r.NextAttempt = it.At
+				if it.Reply != "" {
+					r.LastReply = it.Reply
+				}
 			}
 		}
 	}

@@ -359,7 +359,7 @@ func TestLeaseMovesDueEntriesWithoutAttempts(t *testing.T) {
 		t.Fatalf("fresh messages not due after their lease: %v", due)
 	}
 	later := now.Add(time.Hour)
-	err := s.Lease([]LeaseItem{{m1.ID, "one.test", later}, {m1.ID, "two.test", later.Add(time.Second)}, {m2.ID, "one.test", later}, {"0000000000000009", "x.test", later}})
+	err := s.Lease([]LeaseItem{{m1.ID, "one.test", later, ""}, {m1.ID, "two.test", later.Add(time.Second), "waiting for two.test"}, {m2.ID, "one.test", later, ""}, {"0000000000000009", "x.test", later, ""}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -371,7 +371,7 @@ func TestLeaseMovesDueEntriesWithoutAttempts(t *testing.T) {
 		t.Fatalf("leased entries = %v", due)
 	}
 	got, _ := s.Get(m1.ID)
-	if got.Recipients[0].Attempts != 0 || !got.Recipients[1].NextAttempt.Equal(later.Add(time.Second)) {
+	if got.Recipients[0].Attempts != 0 || !got.Recipients[1].NextAttempt.Equal(later.Add(time.Second)) || got.Recipients[1].LastReply != "waiting for two.test" || got.Recipients[0].LastReply != "" {
 		t.Fatalf("record after lease: %+v", got.Recipients)
 	}
 }

@@ -82,7 +82,7 @@ func (q queueStore) Lease(items []scheduler.Due, until time.Time) error {
 		if at.IsZero() {
 			at = it.At
 		}
-		li[i] = spool.LeaseItem{ID: it.ID, Domain: it.Domain, At: at}
+		li[i] = spool.LeaseItem{ID: it.ID, Domain: it.Domain, At: at, Reply: it.Reply}
 	}
 	return q.sp.Lease(li)
 }
