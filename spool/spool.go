@@ -233,31 +233,36 @@ func (s *Spool) commitWith(b *pebble.Batch, op string, wo *pebble.WriteOptions) 
 }
 
 // Get returns the record of message id, or mta.ErrNotFound.
-func (s *Spool) Get(id string) (*Message, error) {
+func (s *Spool) Get(id string) (m *Message, err error) {
 	var k keyBuf
-	v, closer, err := s.db.Get(k.message(id))
-	if errors.Is(err, pebble.ErrNotFound) {
-		return nil, fmt.Errorf("%w: %s", mta.ErrNotFound, id)
-	}
-	if err != nil {
-		return nil, fmt.Errorf("spool: get %s: %w", id, err)
-	}
-	defer closer.Close()
-	return decodeMessage(id, v)
+	err = s.read(k.message(id), id, func(v []byte) (err error) {
+		m, err = decodeMessage(id, v)
+		return err
+	})
+	return m, err
 }
 
 // Body returns a copy of the stored bytes of message id.
-func (s *Spool) Body(id string) ([]byte, error) {
+func (s *Spool) Body(id string) (b []byte, err error) {
 	var k keyBuf
-	v, closer, err := s.db.Get(k.body(id))
+	err = s.read(k.body(id), id, func(v []byte) error {
+		b = bytes.Clone(v)
+		return nil
+	})
+	return b, err
+}
+
+// read looks key up and hands its value to fn, which must not keep it.
+func (s *Spool) read(key []byte, id string, fn func([]byte) error) error {
+	v, closer, err := s.db.Get(key)
 	if errors.Is(err, pebble.ErrNotFound) {
-		return nil, fmt.Errorf("%w: %s", mta.ErrNotFound, id)
+		return fmt.Errorf("%w: %s", mta.ErrNotFound, id)
 	}
 	if err != nil {
-		return nil, fmt.Errorf("spool: body %s: %w", id, err)
+		return fmt.Errorf("spool: reading %s: %w", id, err)
 	}
 	defer closer.Close()
-	return bytes.Clone(v), nil
+	return fn(v)
 }
 
 // Due returns up to limit due-index entries with a due time at or before
