@@ -57,21 +57,19 @@ func (s *memStore) Due(now time.Time, limit int) ([]Due, error) {
 	return out, nil
 }
 
-func (s *memStore) Lease(items []Due, until time.Time) error {
+func (s *memStore) Lease(items []Due) ([]Due, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	var out []Due
 	for _, it := range items {
 		k := workKey{it.ID, it.Domain}
 		if _, ok := s.due[k]; !ok {
 			continue
 		}
-		if until.IsZero() {
-			s.due[k] = it.At
-		} else {
-			s.due[k] = until
-		}
+		s.due[k] = it.At
+		out = append(out, it)
 	}
-	return nil
+	return out, nil
 }
 
 func (s *memStore) Message(id string) (*Message, error) {

@@ -316,32 +316,38 @@ func (s *Scheduler) scan() {
 	}
 	s.full = len(due) == limit
 	items := due[:0]
-	var live []Due
 	postponed := 0
 	for _, d := range due {
-		if _, ok := s.window[workKey{d.ID, d.Domain}]; ok {
-			continue
-		}
-		if dst := s.backedOffDest(d.Domain, now); dst != nil {
+		switch dst := s.backedOffDest(d.Domain, now); {
+		case s.window[workKey{d.ID, d.Domain}] != nil:
+			// Still in memory past its lease (a slow destination): renew
+			// the lease, so that the scan moves on to other due work and
+			// a crash still finds it due one lease later.
+			d.At = now.Add(s.opts.Lease)
+		case dst != nil:
 			d.At = s.spread(dst.deadUntil, now)
 			d.Reply = dst.why
 			postponed++
-		} else {
+		default:
 			d.At = now.Add(s.opts.Lease)
-			live = append(live, d)
 		}
 		items = append(items, d)
 	}
 	if len(items) == 0 {
 		return
 	}
-	if err := s.opts.Store.Lease(items, time.Time{}); err != nil {
+	leased, err := s.opts.Store.Lease(items)
+	if err != nil {
 		s.log.Error("scheduler: leasing due work", zap.Error(err))
 		return
 	}
 	s.m.postponed.Add(float64(postponed))
-	for _, d := range live {
-		s.add(d.ID, d.Domain)
+	for _, d := range leased {
+		// Only work the store actually leased: a message held meanwhile
+		// was skipped and must not start.
+		if d.Reply == "" && s.window[workKey{d.ID, d.Domain}] == nil {
+			s.add(d.ID, d.Domain)
+		}
 	}
 }
 
@@ -540,8 +546,14 @@ func (s *Scheduler) backOff(key string, cause error) {
 	if d == nil {
 		return
 	}
+	now := s.opts.Now()
+	if now.Before(d.deadUntil) {
+		// Another connection of the same outage failed too: the
+		// destination is already backed off; count an outage once.
+		return
+	}
 	d.failures++
-	until := s.opts.Now().Add(backoff(d.failures, s.opts.MinBackoff, s.opts.MaxBackoff, s.rnd))
+	until := now.Add(backoff(d.failures, s.opts.MinBackoff, s.opts.MaxBackoff, s.rnd))
 	if until.After(d.deadUntil) {
 		d.deadUntil = until
 	}
@@ -583,7 +595,7 @@ func (s *Scheduler) flushPostponed() {
 	s.workers.Add(1)
 	go func() {
 		defer s.workers.Done()
-		if err := s.opts.Store.Lease(items, time.Time{}); err != nil {
+		if _, err := s.opts.Store.Lease(items); err != nil {
 			s.log.Error("scheduler: postponing work", zap.Error(err), zap.Int("items", len(items)))
 		}
 		s.events <- event{kind: evPostponed}
@@ -604,7 +616,7 @@ func (s *Scheduler) routed(domain string, r Route, err error) {
 		s.log.Info("routing failed", zap.String("domain", domain), zap.Error(err), zap.Bool("permanent", mta.IsPermanent(err)))
 		for _, w := range waiting {
 			if w.dropped {
-				delete(s.window, w.key)
+				s.forget(w)
 				continue
 			}
 			s.workers.Add(1)
@@ -617,7 +629,7 @@ func (s *Scheduler) routed(domain string, r Route, err error) {
 	d := s.destFor(r)
 	for _, w := range waiting {
 		if w.dropped {
-			delete(s.window, w.key)
+			s.forget(w)
 			continue
 		}
 		s.enqueue(d, w)

@@ -42,12 +42,13 @@ type Recipient struct {
 type Store interface {
 	// Due returns up to limit entries due at or before now, earliest first.
 	Due(now time.Time, limit int) ([]Due, error)
-	// Lease moves the due entries of the given (ID, Domain) pairs to until,
-	// or, when until is zero, each to its own At, in one batch and without
-	// counting an attempt. The scheduler leases work before attempting it,
+	// Lease moves the due entries of the given (ID, Domain) pairs each to
+	// its At, in one batch and without counting an attempt, and records
+	// Reply when set. It returns the items it moved: a message that is gone
+	// or held is skipped. The scheduler leases work before attempting it,
 	// so a crash cannot make it due again at once, and postpones the work
 	// of a backed-off destination with it.
-	Lease(items []Due, until time.Time) error
+	Lease(items []Due) ([]Due, error)
 	// Message returns the envelope and recipient states of message id.
 	Message(id string) (*Message, error)
 	// Body returns the message bytes.

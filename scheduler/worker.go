@@ -17,7 +17,14 @@ import (
 func (s *Scheduler) worker(key string, route Route, first *work) {
 	defer s.workers.Done()
 	defer func() { s.events <- event{kind: evExit, key: key} }()
-	conn, messages, reused := s.cache.Get(key)
+	var conn Conn
+	var messages int
+	reused := false
+	if !first.requeued {
+		// Work retried after a stale cached connection goes to a new one:
+		// the other cached connections may be just as dead.
+		conn, messages, reused = s.cache.Get(key)
+	}
 	if reused {
 		s.m.connReused.Inc()
 	} else {

@@ -21,13 +21,13 @@ type LeaseItem struct {
 // without counting an attempt, for all items in one batch. The scheduler
 // uses it to write the next attempt time before an attempt, and to
 // postpone the work of a backed-off destination. Messages that are gone or
-// held are skipped.
-func (s *Spool) Lease(items []LeaseItem) error {
+// held are skipped; Lease returns the items it moved.
+func (s *Spool) Lease(items []LeaseItem) ([]LeaseItem, error) {
 	if err := s.Healthy(); err != nil {
-		return err
+		return nil, err
 	}
 	if len(items) == 0 {
-		return nil
+		return nil, nil
 	}
 	// Lock every stripe involved, in order, for the whole batch.
 	stripes := map[uint8]bool{}
@@ -51,6 +51,7 @@ func (s *Spool) Lease(items []LeaseItem) error {
 	b := s.db.NewBatch()
 	defer b.Close()
 	changed := map[string]*Message{}
+	var leased []LeaseItem
 	var k keyBuf
 	for _, it := range items {
 		m := changed[it.ID]
@@ -61,13 +62,14 @@ func (s *Spool) Lease(items []LeaseItem) error {
 				continue
 			}
 			if err != nil {
-				return err
+				return nil, err
 			}
 			if m.Held {
 				continue
 			}
 			changed[it.ID] = m
 		}
+		leased = append(leased, it)
 		for i := range m.Recipients {
 			r := &m.Recipients[i]
 			if r.Status == Queued && r.Domain == it.Domain {
@@ -83,5 +85,8 @@ func (s *Spool) Lease(items []LeaseItem) error {
 		setDue(b, m)
 		_ = b.Set(k.message(m.ID), m.encode(nil), nil)
 	}
-	return s.commit(b, "lease")
+	if err := s.commit(b, "lease"); err != nil {
+		return nil, err
+	}
+	return leased, nil
 }

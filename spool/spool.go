@@ -345,10 +345,12 @@ func (s *Spool) update(op, id string, fn func(m *Message, b *pebble.Batch) error
 	wo := s.write
 	if outcomeOps[op] {
 		wo = pebble.NoSync
-		s.syncSoon()
 	}
 	if err := s.commitWith(b, op, wo); err != nil {
 		return err
+	}
+	if outcomeOps[op] {
+		s.syncSoon()
 	}
 	if done {
 		s.count.Add(-1)

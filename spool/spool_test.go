@@ -359,7 +359,7 @@ func TestLeaseMovesDueEntriesWithoutAttempts(t *testing.T) {
 		t.Fatalf("fresh messages not due after their lease: %v", due)
 	}
 	later := now.Add(time.Hour)
-	err := s.Lease([]LeaseItem{{m1.ID, "one.test", later, ""}, {m1.ID, "two.test", later.Add(time.Second), "waiting for two.test"}, {m2.ID, "one.test", later, ""}, {"0000000000000009", "x.test", later, ""}})
+	_, err := s.Lease([]LeaseItem{{m1.ID, "one.test", later, ""}, {m1.ID, "two.test", later.Add(time.Second), "waiting for two.test"}, {m2.ID, "one.test", later, ""}, {"0000000000000009", "x.test", later, ""}})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -81,8 +81,13 @@ func (s *Spool) syncSoon() {
 		s.syncPending.Store(false)
 		s.closeMu.RLock()
 		defer s.closeMu.RUnlock()
-		if !s.closed && s.Healthy() == nil {
-			_ = s.db.LogData(nil, pebble.Sync)
+		if s.closed || s.Healthy() != nil {
+			return
 		}
+		// A fatal WAL error here is caught like any other commit's.
+		b := s.db.NewBatch()
+		defer b.Close()
+		_ = b.LogData(nil, nil)
+		_ = s.commitWith(b, "sync", pebble.Sync)
 	})
 }

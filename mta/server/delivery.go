@@ -75,16 +75,17 @@ func (q queueStore) Due(now time.Time, limit int) ([]scheduler.Due, error) {
 	return out, err
 }
 
-func (q queueStore) Lease(items []scheduler.Due, until time.Time) error {
+func (q queueStore) Lease(items []scheduler.Due) ([]scheduler.Due, error) {
 	li := make([]spool.LeaseItem, len(items))
 	for i, it := range items {
-		at := until
-		if at.IsZero() {
-			at = it.At
-		}
-		li[i] = spool.LeaseItem{ID: it.ID, Domain: it.Domain, At: at, Reply: it.Reply}
+		li[i] = spool.LeaseItem{ID: it.ID, Domain: it.Domain, At: it.At, Reply: it.Reply}
 	}
-	return q.sp.Lease(li)
+	leased, err := q.sp.Lease(li)
+	out := make([]scheduler.Due, len(leased))
+	for i, it := range leased {
+		out[i] = scheduler.Due{ID: it.ID, Domain: it.Domain, At: it.At, Reply: it.Reply}
+	}
+	return out, err
 }
 
 func (q queueStore) Message(id string) (*scheduler.Message, error) {
