@@ -185,10 +185,21 @@ type syncDetector struct {
 	sawData     bool // a DATA command line was read and not yet answered with 354
 	early       int  // bytes read after that DATA line
 	tail        []byte
-	violation   bool
 	carryCR     bool // the data so far ends in a CR that may start a CRLF
 	bare        bool // the data had a CR or LF outside a CRLF pair
+
+	// result hands the findings about one DATA transaction to the session:
+	// published when the end-of-data marker is read, taken by Data. It is
+	// atomic because go-smtp runs Data on another goroutine for BDAT.
+	result atomic.Uint32
 }
+
+// Bits of syncDetector.result.
+const (
+	resultValid = 1 << iota // the transaction went through 354 and was scanned
+	resultBare              // its data had a bare CR or LF
+	resultEarly             // its content came before the 354 (set without resultValid)
+)
 
 var endOfData = []byte("\r\n.\r\n")
 
@@ -237,12 +248,12 @@ func (d *syncDetector) scanData(b []byte) []byte {
 	if i := bytes.Index(joined, endOfData); i >= 0 {
 		end := i + len(endOfData) - t
 		d.checkLineEndings(b[:end])
-		d.inData, d.tail = false, d.tail[:0]
+		d.endOfData()
 		return b[end:]
 	}
 	if i := bytes.Index(b, endOfData); i >= 0 {
 		d.checkLineEndings(b[:i+len(endOfData)])
-		d.inData, d.tail = false, d.tail[:0]
+		d.endOfData()
 		return b[i+len(endOfData):]
 	}
 	d.checkLineEndings(b)
@@ -253,6 +264,16 @@ func (d *syncDetector) scanData(b []byte) []byte {
 	}
 	d.tail = append(d.tail[:0], keep...)
 	return nil
+}
+
+// endOfData publishes the transaction's findings and returns to commands.
+func (d *syncDetector) endOfData() {
+	r := uint32(resultValid)
+	if d.bare {
+		r |= resultBare
+	}
+	d.result.Store(r)
+	d.inData, d.tail = false, d.tail[:0]
 }
 
 // checkLineEndings notes a CR or LF outside a CRLF pair in raw message
@@ -283,22 +304,27 @@ func (d *syncDetector) checkLineEndings(seg []byte) {
 
 func (d *syncDetector) wrote(b []byte) {
 	if d.sawData && bytes.HasPrefix(b, []byte("354")) {
-		if d.early > 0 && d.rejectEarly {
-			d.violation = true
-		}
+		early := d.early > 0
 		d.sawData, d.early = false, 0
+		if early {
+			// The content, and maybe its end, was already read as if it
+			// were commands: where the data ends in the stream is
+			// unknown, so report the violation now and stay in command
+			// mode; the session checks the body itself.
+			if d.rejectEarly {
+				d.result.Store(resultEarly)
+			}
+			return
+		}
 		d.inData, d.carryCR, d.bare = true, false, false
 		d.tail = append(d.tail[:0], "\r\n"...) // the data starts at a line start
 	}
 }
 
-// takeViolation reports and clears a pipelining violation.
-func (d *syncDetector) takeViolation() bool {
-	v := d.violation
-	d.violation = false
-	return v
+// take returns and clears the findings of the last DATA transaction, and
+// whether there are any: none for BDAT, which has no 354 and no end-of-data
+// marker, and none after STARTTLS, when the stream is ciphertext.
+func (d *syncDetector) take() (bare, early, valid bool) {
+	r := d.result.Swap(0)
+	return r&resultBare != 0, r&resultEarly != 0, r&resultValid != 0
 }
-
-// sawBareLineEnding reports whether the last message's raw data had a CR or
-// LF outside a CRLF pair.
-func (d *syncDetector) sawBareLineEnding() bool { return d.enabled && d.bare }

@@ -30,7 +30,6 @@ func putBuffer(b *bytes.Buffer) {
 // returned once the spool said the message is stored.
 func (s *session) Data(r io.Reader) (err error) {
 	defer s.recoverTo(&err)
-	early := s.conn.sync.takeViolation() && s.authUser == ""
 	buf := bufferPool.Get().(*bytes.Buffer)
 	defer putBuffer(buf)
 	if _, rerr := buf.ReadFrom(&deadlineReader{r: r, conn: s.conn, timeout: s.srv.opts.DataTimeout}); rerr != nil {
@@ -46,7 +45,11 @@ func (s *session) Data(r io.Reader) (err error) {
 			return s.reject("data_read_error", mta.ReplySpoolError.With("Error reading message data"))
 		}
 	}
-	if early {
+	// On cleartext DATA the raw stream was checked as it arrived, before
+	// go-smtp's dot handling (which adds no CR or LF, so a clean stream
+	// means a clean body). Over TLS, and for BDAT, check the body.
+	bare, early, scanned := s.conn.sync.take()
+	if early && s.authUser == "" {
 		return s.reject("sync_error", &mta.ReplySyncError)
 	}
 	body := buf.Bytes()
@@ -57,11 +60,7 @@ func (s *session) Data(r io.Reader) (err error) {
 	if s.mayRelay() {
 		policy = s.srv.opts.BareLineEndingsTrusted
 	}
-	// On cleartext sessions the raw stream was already checked as it
-	// arrived, before go-smtp's dot handling; dot handling adds no CR or
-	// LF, so a clean stream means a clean body. Over TLS, check the body.
-	bare := s.conn.sync.sawBareLineEnding()
-	if !s.conn.sync.enabled {
+	if !scanned {
 		bare = hasBareLineEnding(body)
 	}
 	if policy == RejectBareLineEndings && bare {

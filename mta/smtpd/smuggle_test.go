@@ -2,6 +2,7 @@ package smtpd
 
 import (
 	"bytes"
+	"fmt"
 	"net/netip"
 	"strings"
 	"testing"
@@ -166,5 +167,33 @@ func TestLineEndingChecks(t *testing.T) {
 		if norm.String() != tc.norm {
 			t.Errorf("normalizeLineEndings(%q) = %q, want %q", tc.in, norm.String(), tc.norm)
 		}
+	}
+}
+
+// TestBDATIsCheckedToo: CHUNKING (BDAT) has no 354 and no end-of-data
+// marker, so its body is checked for bare line endings directly.
+func TestBDATIsCheckedToo(t *testing.T) {
+	ts := startServer(t, func(o *Options) { o.Trusted = func(netip.Addr) bool { return false } })
+	w := dial(t, ts.addr)
+	w.cmdExpect("EHLO client.test", "250")
+	bdat := func(body string) string {
+		w.send("MAIL FROM:<a@example.org>\r\nRCPT TO:<b@local.test>\r\n")
+		w.expect("250 ")
+		w.expect("250 ")
+		w.send(fmt.Sprintf("BDAT %d LAST\r\n%s", len(body), body))
+		return w.reply()
+	}
+	if got := bdat("Subject: bare\n\nsmuggled\n.\nMAIL FROM:<x@y>\n"); !strings.HasPrefix(got, "550 5.6.0") {
+		t.Fatalf("BDAT with bare LF → %q", got)
+	}
+	queuedID(t, bdat("Subject: clean\r\n\r\nfine\r\n"))
+	// A DATA message with a bare LF, then a clean BDAT: no stale verdict.
+	w.cmdExpect("MAIL FROM:<a@example.org>", "250")
+	w.cmdExpect("RCPT TO:<b@local.test>", "250")
+	w.cmdExpect("DATA", "354")
+	w.cmdExpect("Subject: x\r\n\r\nbare\nline\r\n.", "550 5.6.0")
+	queuedID(t, bdat("Subject: clean again\r\n\r\nfine\r\n"))
+	if ts.spool.Count() != 2 {
+		t.Fatalf("spool holds %d, want 2", ts.spool.Count())
 	}
 }
