@@ -110,6 +110,7 @@ type Scheduler struct {
 	postponeWhy  string // for the log, should writing them fail
 	postponeBusy bool   // a batch of postponements is being written
 
+	running     atomic.Bool  // Run is running
 	windowSize  atomic.Int64 // len(window), for metrics
 	backedOff   atomic.Int64 // destinations backed off now, for metrics
 	activeDests atomic.Int64 // destinations with work or connections, for metrics
@@ -227,6 +228,9 @@ func (s *Scheduler) Kick() {
 // Drop removes a message's queued work from memory (after hold or remove).
 // Work already being delivered finishes. It never blocks.
 func (s *Scheduler) Drop(id string) {
+	if !s.running.Load() {
+		return // not delivering: nothing in memory to drop
+	}
 	s.dropMu.Lock()
 	s.dropIDs = append(s.dropIDs, id)
 	s.dropMu.Unlock()
@@ -239,6 +243,8 @@ func (s *Scheduler) Drop(id string) {
 // Run delivers until ctx is cancelled, then waits for the transactions in
 // flight to end and closes the cached connections.
 func (s *Scheduler) Run(ctx context.Context) {
+	s.running.Store(true)
+	defer s.running.Store(false)
 	s.ctx = ctx
 	sendCtx, abort := context.WithCancel(context.WithoutCancel(ctx))
 	defer abort()

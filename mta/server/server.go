@@ -297,7 +297,11 @@ func (s *Server) Run(ctx context.Context) error {
 	stopSched()
 	<-schedDone
 	if s.http != nil {
-		_ = s.http.Shutdown(sctx)
+		// A fresh deadline: sctx may be spent by now. Admin requests in
+		// flight (a flush) finish before the spool closes.
+		hctx, hcancel := context.WithTimeout(context.Background(), 10*time.Second)
+		_ = s.http.Shutdown(hctx)
+		hcancel()
 	}
 	wg.Wait()
 	if err := s.spool.Close(); err != nil {

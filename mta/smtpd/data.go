@@ -82,7 +82,10 @@ func (s *session) Data(r io.Reader) (err error) {
 	hdr := s.received(make([]byte, 0, 256), id, now)
 	env := s.env
 	env.Received = now
-	if err := sp.Accept(id, &env, hdr, body); err != nil {
+	if err := s.accept(id, &env, hdr, body); err != nil {
+		if errors.Is(err, errShuttingDown) {
+			return s.reject("shutting_down", &mta.ReplyShuttingDown)
+		}
 		s.srv.log.Error("message not stored", zap.String("id", id), zap.String("client_ip", s.ip.String()), zap.Error(err))
 		if errors.Is(err, mta.ErrStorageFull) {
 			return s.reject("storage_full", &mta.ReplyDiskFull)
@@ -101,6 +104,18 @@ func (s *session) Data(r io.Reader) (err error) {
 		ce.Write(fields...)
 	}
 	return toSMTP(mta.ReplyQueued.With("Ok: queued as " + id))
+}
+
+var errShuttingDown = errors.New("smtpd: shutting down")
+
+// accept hands a message to the spool unless the listener has shut down.
+func (s *session) accept(id string, env *mta.Envelope, hdr, body []byte) error {
+	s.srv.acceptMu.RLock()
+	defer s.srv.acceptMu.RUnlock()
+	if s.srv.acceptClosed {
+		return errShuttingDown
+	}
+	return s.srv.opts.Spool.Accept(id, env, hdr, body)
 }
 
 // deadlineReader keeps moving the read deadline while message data

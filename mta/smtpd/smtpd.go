@@ -86,6 +86,12 @@ type Server struct {
 	conns    map[*trackedConn]struct{}
 	stopping bool
 
+	// acceptMu is held for reading while a message is handed to the
+	// spool; Shutdown takes it for writing to wait for those, then sets
+	// acceptClosed so that no more are.
+	acceptMu     sync.RWMutex
+	acceptClosed bool
+
 	// This listener's children of the per-message counters.
 	acceptedMsgs, acceptedBytes prometheus.Counter
 }
@@ -150,14 +156,34 @@ func (s *Server) Shutdown(ctx context.Context) error {
 		select {
 		case err := <-done:
 			if err != nil {
-				_ = s.smtp.Close()
+				// Out of time: close what is still open. (go-smtp's own
+				// Close does nothing once Shutdown has begun.)
+				s.closeConns()
 			}
+			// Wait for messages being stored, and store no more, so
+			// that the spool can be closed after this returns.
+			s.acceptMu.Lock()
+			s.acceptClosed = true
+			s.acceptMu.Unlock()
 			if errors.Is(err, smtp.ErrServerClosed) {
 				return nil
 			}
 			return err
 		case <-tick.C:
 		}
+	}
+}
+
+// closeConns closes every open connection.
+func (s *Server) closeConns() {
+	s.mu.Lock()
+	conns := make([]*trackedConn, 0, len(s.conns))
+	for c := range s.conns {
+		conns = append(conns, c)
+	}
+	s.mu.Unlock()
+	for _, c := range conns {
+		_ = c.Conn.Close() // the raw connection: trackedConn.Close would flush
 	}
 }
 

@@ -428,3 +428,30 @@ func TestConcurrentSessions(t *testing.T) {
 		t.Fatalf("spool holds %d, want %d", ts.spool.Count(), sessions*each)
 	}
 }
+
+// TestShutdownTimeoutClosesSessions: a transaction that does not finish
+// within the shutdown timeout has its connection closed, gets no 250, and
+// nothing is stored after Shutdown returns.
+func TestShutdownTimeoutClosesSessions(t *testing.T) {
+	ts := startServer(t, nil)
+	slow := dial(t, ts.addr)
+	slow.cmdExpect("EHLO slow.test", "250")
+	slow.cmdExpect("MAIL FROM:<a@example.org>", "250")
+	slow.cmdExpect("RCPT TO:<b@remote.test>", "250")
+	slow.cmdExpect("DATA", "354")
+	slow.send("Subject: never finished\r\n\r\n")
+	ctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
+	defer cancel()
+	if err := ts.srv.Shutdown(ctx); err == nil {
+		t.Fatal("Shutdown reported success with a transaction still open")
+	}
+	_ = slow.conn.SetReadDeadline(time.Now().Add(2 * time.Second))
+	buf := make([]byte, 64)
+	n, err := slow.conn.Read(buf)
+	if err == nil {
+		t.Fatalf("connection still open after the shutdown timeout; read %q", buf[:n])
+	}
+	if ts.spool.Count() != 0 {
+		t.Fatal("the unfinished message was stored")
+	}
+}
