@@ -92,23 +92,43 @@ func (s *Spool) recover() error {
 	return nil
 }
 
-// dropDangling adds to b the deletion of due entries whose message is gone.
+// dropDangling adds to b the deletion of due entries that no queued, unheld
+// recipient stands behind: their message is gone, held, or due at another
+// time for that domain.
 func (s *Spool) dropDangling(b *pebble.Batch) (int, error) {
 	it, err := s.db.NewIter(&pebble.IterOptions{LowerBound: []byte(prefixDue), UpperBound: []byte(prefixEnd(prefixDue))})
 	if err != nil {
 		return 0, fmt.Errorf("spool: recover: %w", err)
 	}
 	defer it.Close()
-	var k keyBuf
 	n := 0
+	var last *Message
 	for ok := it.First(); ok; ok = it.Next() {
 		e, err := parseDue(it.Key())
-		if err != nil || !s.exists(k.message(e.ID)) {
+		if err == nil && (last == nil || last.ID != e.ID) {
+			last, err = s.Get(e.ID)
+		}
+		if err != nil || !backs(last, e) {
 			_ = b.Delete(it.Key(), nil)
 			n++
 		}
 	}
 	return n, it.Error()
+}
+
+// backs reports whether message m has a queued recipient of e's domain,
+// not held, due at e's time.
+func backs(m *Message, e DueEntry) bool {
+	if m == nil || m.Held {
+		return false
+	}
+	for i := range m.Recipients {
+		r := &m.Recipients[i]
+		if r.Status == Queued && r.Domain == e.Domain && r.NextAttempt.Equal(e.Due) {
+			return true
+		}
+	}
+	return false
 }
 
 func (s *Spool) exists(key []byte) bool {

@@ -482,44 +482,36 @@ func reschedule(m *Message, t time.Time) {
 	}
 }
 
-// Flush makes every message that is waiting for a retry due now. It returns
-// how many messages it rescheduled.
+// Flush makes every message that is waiting for a retry due now. It makes
+// one pass over the due index as it was when Flush began, so it ends even
+// while new mail keeps arriving. It returns how many messages it
+// rescheduled.
 func (s *Spool) Flush() (int, error) {
 	now := s.opts.Now()
-	n := 0
-	for {
-		ids, err := s.laterThan(now, 1000)
-		if err != nil || len(ids) == 0 {
-			return n, err
-		}
-		for _, id := range ids {
-			if err := s.Reschedule(id, now); err != nil && !errors.Is(err, mta.ErrNotFound) {
-				return n, err
-			}
-			n++
-		}
-	}
-}
-
-// laterThan returns up to limit distinct IDs with due entries after now.
-func (s *Spool) laterThan(now time.Time, limit int) ([]string, error) {
 	var k keyBuf
 	lower := append([]byte(nil), k.dueBound(now.Add(time.Nanosecond))...)
 	it, err := s.db.NewIter(&pebble.IterOptions{LowerBound: lower, UpperBound: []byte(prefixEnd(prefixDue))})
 	if err != nil {
-		return nil, err
+		return 0, err
 	}
 	defer it.Close()
+	n := 0
 	seen := map[string]bool{}
-	var ids []string
-	for ok := it.First(); ok && len(ids) < limit; ok = it.Next() {
+	for ok := it.First(); ok; ok = it.Next() {
 		e, err := parseDue(it.Key())
-		if err == nil && !seen[e.ID] {
-			seen[e.ID] = true
-			ids = append(ids, e.ID)
+		if err != nil || seen[e.ID] {
+			continue
 		}
+		if len(seen) >= 10000 {
+			clear(seen) // bounded memory; a repeat only reschedules again
+		}
+		seen[e.ID] = true
+		if err := s.Reschedule(e.ID, now); err != nil && !errors.Is(err, mta.ErrNotFound) {
+			return n, err
+		}
+		n++
 	}
-	return ids, it.Error()
+	return n, it.Error()
 }
 
 // Remove deletes message id and all its entries, whatever their state.

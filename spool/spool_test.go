@@ -224,6 +224,14 @@ func TestReopenRecoversAndRepairs(t *testing.T) {
 	if err := s.db.Set(k.due(time.Now(), "0000000000000001", "gone.test"), nil, nil); err != nil {
 		t.Fatal(err)
 	}
+	// An entry of a live message at a time no recipient is due at, and one
+	// of the held message: neither stands for queued work.
+	if err := s.db.Set(k.due(time.Now().Add(time.Hour), ids[1], "d1.test"), nil, nil); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.db.Set(k.due(time.Now(), ids[4], "d0.test"), nil, nil); err != nil {
+		t.Fatal(err)
+	}
 	s.Close()
 
 	s = openTest(t, dir, Options{Sync: true})
@@ -241,6 +249,12 @@ func TestReopenRecoversAndRepairs(t *testing.T) {
 	sort.Strings(dueIDs)
 	if fmt.Sprint(dueIDs) != fmt.Sprint(ids[:4]) {
 		t.Fatalf("due after recovery = %v, want %v", dueIDs, ids[:4])
+	}
+	if all, _ := s.Due(time.Now().Add(48*time.Hour), 100); len(all) != 4 {
+		t.Fatalf("stray due entries survived recovery: %v", all)
+	}
+	if n, err := s.Flush(); err != nil || n != 0 {
+		t.Fatalf("flush after recovery = %d, %v", n, err)
 	}
 	for i, id := range ids {
 		b, err := s.Body(id)
