@@ -145,6 +145,7 @@ type dest struct {
 	deadUntil time.Time // backed off after connection failures
 	failures  int       // consecutive connection failures
 	why       string    // the last connection failure, for the queue listing
+	failedAt  time.Time // when it was
 	inWaiting bool
 }
 
@@ -162,6 +163,7 @@ type event struct {
 	route  Route
 	err    error
 	work   *work
+	at     time.Time // evConnOK: when the connection attempt began
 }
 
 type eventKind int
@@ -520,7 +522,9 @@ func (s *Scheduler) handle(ev event) {
 			s.serve(d)
 		}
 	case evConnOK:
-		if d := s.dests[ev.key]; d != nil && d.failures > 0 {
+		// A connection begun before the destination last failed says
+		// nothing about it now.
+		if d := s.dests[ev.key]; d != nil && d.failures > 0 && !ev.at.Before(d.failedAt) {
 			s.log.Info("destination reachable again", zap.String("destination", d.key), zap.Int("failures", d.failures))
 			d.failures = 0
 			d.deadUntil = time.Time{}
@@ -559,6 +563,7 @@ func (s *Scheduler) backOff(key string, cause error) {
 		return
 	}
 	d.failures++
+	d.failedAt = now
 	until := now.Add(backoff(d.failures, s.opts.MinBackoff, s.opts.MaxBackoff, s.rnd))
 	if until.After(d.deadUntil) {
 		d.deadUntil = until

@@ -25,10 +25,10 @@ func (s *Scheduler) worker(key string, route Route, first *work) {
 		// the other cached connections may be just as dead.
 		conn, messages, reused = s.cache.Get(key)
 	}
+	start := s.opts.Now()
 	if reused {
 		s.m.connReused.Inc()
 	} else {
-		start := time.Now()
 		c, err := s.opts.Transport.Connect(s.sendCtx, route)
 		if err != nil {
 			s.m.connFailed.Inc()
@@ -37,21 +37,21 @@ func (s *Scheduler) worker(key string, route Route, first *work) {
 			return
 		}
 		s.m.connOpened.Inc()
-		s.m.connectLatency.Observe(time.Since(start).Seconds())
+		s.m.connectLatency.Observe(s.opts.Now().Sub(start).Seconds())
 		conn = c
-		s.events <- event{kind: evConnOK, key: key}
+		s.events <- event{kind: evConnOK, key: key, at: start}
 	}
 	s.m.activeConns.WithLabelValues(route.Class()).Inc()
 	defer s.m.activeConns.WithLabelValues(route.Class()).Dec()
 
 	w, served := first, 0
 	for w != nil {
-		reused := messages > 0
-		err := s.deliverSafely(conn, route, w, reused)
+		carried := messages > 0 // this connection carried a message before this one
+		err := s.deliverSafely(conn, route, w, carried)
 		messages++
 		served++
 		switch {
-		case retryOnNewConn(reused, w, err):
+		case retryOnNewConn(carried, w, err):
 			// A cached connection had died: try again on a new one.
 			w.requeued = true
 			_ = conn.Close()
@@ -70,6 +70,11 @@ func (s *Scheduler) worker(key string, route Route, first *work) {
 			return
 		}
 		s.events <- event{kind: evDone, work: w}
+		if reused && served == 1 { // the first message on a cached connection
+			// A cached connection carried a message: the destination is
+			// alive (this matters when it was the probe).
+			s.events <- event{kind: evConnOK, key: key, at: start}
+		}
 		if !conn.Usable() || messages >= s.opts.MaxMessagesPerConnection {
 			break
 		}
