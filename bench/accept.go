@@ -15,14 +15,14 @@ import (
 
 // AcceptOptions configure the acceptance scenario: SMTP in, spool only.
 type AcceptOptions struct {
-	MTA        string // path of the mta binary
-	WorkDir    string // data directories are made under it
-	Sessions   int
-	Messages   int // per run
-	Size       int
-	Pipelining bool
-	Runs       int    // runs per mode; medians are reported
-	ExtraYAML  string // appended to the mta configuration of every run (not the spool or smtp sections)
+	MTA       string // path of the mta binary
+	WorkDir   string // data directories are made under it
+	Sessions  int
+	Messages  int // per run
+	Size      int
+	Shape     LoadShape
+	Runs      int    // runs per mode; medians are reported
+	ExtraYAML string // appended to the mta configuration of every run (not the spool or smtp sections)
 	// MinSyncInterval is the mta's spool.min_sync_interval.
 	MinSyncInterval time.Duration
 	Progress        io.Writer // live progress; nil for none
@@ -98,11 +98,12 @@ func acceptOnce(ctx context.Context, o AcceptOptions, sync bool, i int) (AcceptR
 	}
 	fsyncs0, _ := p.Metric("mta_spool_wal_fsyncs_total")
 	self0 := selfCPU()
-	res, err := RunLoad(ctx, LoadConfig{
-		Addr: p.SMTP, Sessions: o.Sessions, Messages: o.Messages, Size: o.Size,
-		Pipelining: o.Pipelining, Seed: int64(i + 1),
+	lc := LoadConfig{
+		Addr: p.SMTP, Sessions: o.Sessions, Messages: o.Messages, Size: o.Size, Seed: int64(i + 1),
 		Progress: progressPrinter(o.Progress, mode, o.Messages),
-	})
+	}
+	o.Shape.apply(&lc)
+	res, err := RunLoad(ctx, lc)
 	if o.Progress != nil {
 		fmt.Fprintln(o.Progress)
 	}
@@ -164,7 +165,7 @@ func medianRun(runs []AcceptRun, mode string) AcceptRun {
 // WriteTable prints the report as a table.
 func (r AcceptReport) WriteTable(w io.Writer) {
 	fmt.Fprintf(w, "acceptance: %d sessions, %d × %d B messages per run, pipelining %v, %d runs per mode (medians)\n",
-		r.Options.Sessions, r.Options.Messages, r.Options.Size, r.Options.Pipelining, r.Options.Runs)
+		r.Options.Sessions, r.Options.Messages, r.Options.Size, !r.Options.Shape.NoPipelining, r.Options.Runs)
 	fmt.Fprintf(w, "machine: %s\n\n", r.Machine)
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', tabwriter.AlignRight)
 	fmt.Fprintln(tw, "mode\tmsg/s\tp50 ms\tp99 ms\tfsyncs/msg\tCPU s/1000 msg\tpeak RSS MiB\t")

@@ -22,6 +22,7 @@ type BacklogOptions struct {
 	Messages int
 	Size     int
 	Domains  int
+	Shape    LoadShape
 	Progress io.Writer
 	Profile  string // if set, a heap profile of the mta with the backlog queued is written here
 }
@@ -92,8 +93,10 @@ func RunBacklog(ctx context.Context, o BacklogOptions) (BacklogReport, error) {
 	}()
 	defer close(stopWatch)
 
-	load, err := RunLoad(ctx, LoadConfig{Addr: p.SMTP, Sessions: o.Sessions, Messages: o.Messages, Size: o.Size,
-		Domains: domains, Pipelining: true, Seed: 1, Progress: progressPrinter(o.Progress, "queueing", o.Messages)})
+	lc := LoadConfig{Addr: p.SMTP, Sessions: o.Sessions, Messages: o.Messages, Size: o.Size,
+		Domains: domains, Seed: 1, Progress: progressPrinter(o.Progress, "queueing", o.Messages)}
+	o.Shape.apply(&lc)
+	load, err := RunLoad(ctx, lc)
 	if o.Progress != nil {
 		fmt.Fprintln(o.Progress)
 	}

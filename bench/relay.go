@@ -27,6 +27,7 @@ type RelayOptions struct {
 	Size       int
 	Domains    int    // recipient domains, each its own destination for mta
 	Faults     Faults // injected at the sink
+	Shape      LoadShape
 	Runs       int
 	DrainLimit time.Duration // how long to wait for delivery after injection ends
 	Progress   io.Writer
@@ -250,16 +251,18 @@ func relayOnce(ctx context.Context, o RelayOptions, name string, run int) (Relay
 			}
 		}
 	}()
-	load, err := RunLoad(ctx, LoadConfig{
+	lc := LoadConfig{
 		Addr: tgt.smtpAddr(), Sessions: o.Sessions, Messages: o.Messages, Size: o.Size,
-		Domains: domains, Pipelining: true, Seed: int64(run + 1),
+		Domains: domains, Seed: int64(run + 1),
 		OnAccepted: func(_ string, msg []byte) {
 			id := messageID(msg)
 			mu.Lock()
 			acceptedAt[id] = time.Now()
 			mu.Unlock()
 		},
-	})
+	}
+	o.Shape.apply(&lc)
+	load, err := RunLoad(ctx, lc)
 	if err != nil && !errors.Is(err, context.Canceled) {
 		close(stopSampling)
 		sampling.Wait()

@@ -64,6 +64,8 @@ type common struct {
 	mta, dir, json           string
 	sessions, messages, size int
 	quiet                    bool
+	sizeDist                 string
+	shape                    bench.LoadShape
 }
 
 func commonFlags(fs *flag.FlagSet, messages int) *common {
@@ -75,7 +77,23 @@ func commonFlags(fs *flag.FlagSet, messages int) *common {
 	fs.IntVar(&c.messages, "messages", messages, "messages per run")
 	fs.IntVar(&c.size, "size", 1024, "message size in bytes")
 	fs.BoolVar(&c.quiet, "quiet", false, "no live progress")
+	fs.StringVar(&c.sizeDist, "size-dist", "", "message sizes by weight, e.g. 1024:90,102400:10 (overrides --size)")
+	fs.IntVar(&c.shape.Recipients, "rcpts", 1, "recipients per message")
+	fs.BoolVar(&c.shape.NoPipelining, "no-pipelining", false, "wait for each reply instead of pipelining")
+	fs.IntVar(&c.shape.MessagesPerSession, "per-session", 0, "messages per connection before reconnecting (0: unlimited)")
 	return c
+}
+
+// load returns the load shape, after parsing --size-dist.
+func (c *common) load() bench.LoadShape {
+	dist, err := bench.ParseSizeDist(c.sizeDist)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "mtabench:", err)
+		os.Exit(2)
+	}
+	s := c.shape
+	s.SizeDist = dist
+	return s
 }
 
 func (c *common) progress() io.Writer {
@@ -102,12 +120,12 @@ func accept(ctx context.Context, args []string) error {
 	fs := flag.NewFlagSet("accept", flag.ExitOnError)
 	c := commonFlags(fs, 100000)
 	o := bench.AcceptOptions{}
-	fs.BoolVar(&o.Pipelining, "pipelining", true, "pipeline MAIL/RCPT/DATA")
 	fs.IntVar(&o.Runs, "runs", 3, "runs per mode")
 	fs.StringVar(&o.ExtraYAML, "mta-config", "", "YAML appended to the mta configuration (e.g. \"log:\\n  level: warn\\n\")")
 	fs.DurationVar(&o.MinSyncInterval, "min-sync-interval", 0, "the mta's spool.min_sync_interval")
 	_ = fs.Parse(args)
 	o.MTA, o.WorkDir, o.Sessions, o.Messages, o.Size, o.Progress = c.mta, c.dir, c.sessions, c.messages, c.size, c.progress()
+	o.Shape = c.load()
 	rep, err := bench.RunAccept(ctx, o)
 	if err != nil {
 		return err
@@ -134,6 +152,7 @@ func relay(ctx context.Context, scenario string, args []string) error {
 	fs.StringVar(&o.Profile, "profile", "", "write a CPU profile of the mta process (first run) to this file")
 	_ = fs.Parse(args)
 	o.MTA, o.WorkDir, o.Sessions, o.Messages, o.Size, o.Progress = c.mta, c.dir, c.sessions, c.messages, c.size, c.progress()
+	o.Shape = c.load()
 	o.Targets = strings.Split(*targets, ",")
 	if why := bench.PostfixAvailable(); why != "" && slices.Contains(o.Targets, "postfix") {
 		fmt.Fprintf(os.Stderr, "mtabench: skipping postfix: %s\n", why)
@@ -164,6 +183,7 @@ func backlog(ctx context.Context, args []string) error {
 	fs.StringVar(&o.Profile, "profile", "", "write a heap profile of the mta with the backlog queued to this file")
 	_ = fs.Parse(args)
 	o.MTA, o.WorkDir, o.Sessions, o.Messages, o.Size, o.Progress = c.mta, c.dir, c.sessions, c.messages, c.size, c.progress()
+	o.Shape = c.load()
 	rep, err := bench.RunBacklog(ctx, o)
 	if err != nil {
 		return err
