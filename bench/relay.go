@@ -19,18 +19,21 @@ import (
 // RelayOptions configure an end-to-end relay scenario: the load generator
 // injects over SMTP into a target, which relays to the sink.
 type RelayOptions struct {
-	MTA        string // mta binary
-	WorkDir    string
-	Targets    []string // "mta", "postfix", "direct" (generator straight to the sink: the ceiling)
-	Sessions   int
-	Messages   int
-	Size       int
-	Domains    int    // recipient domains, each its own destination for mta
-	Faults     Faults // injected at the sink
-	Shape      LoadShape
-	Runs       int
-	DrainLimit time.Duration // how long to wait for delivery after injection ends
-	Progress   io.Writer
+	MTA      string // mta binary
+	WorkDir  string
+	Targets  []string // "mta", "postfix", "direct" (generator straight to the sink: the ceiling)
+	Sessions int
+	Messages int
+	Size     int
+	Domains  int    // recipient domains, each its own destination for mta
+	Faults   Faults // injected at the sink
+	// SinkChunking makes the sink offer CHUNKING (BDAT), as the big
+	// providers do. Off by default: Postfix's client never uses BDAT.
+	SinkChunking bool
+	Shape        LoadShape
+	Runs         int
+	DrainLimit   time.Duration // how long to wait for delivery after injection ends
+	Progress     io.Writer
 	// MTAConfig is YAML appended to the mta configuration (top-level
 	// sections other than dns, delivery, smtp, spool).
 	MTAConfig string
@@ -156,7 +159,7 @@ func relayOnce(ctx context.Context, o RelayOptions, name string, run int) (Relay
 	_ = os.RemoveAll(dir)
 	defer os.RemoveAll(dir)
 
-	sink, err := StartSink(SinkConfig{Seed: int64(run + 1), Faults: o.Faults})
+	sink, err := StartSink(SinkConfig{Seed: int64(run + 1), Faults: o.Faults, Chunking: o.SinkChunking})
 	if err != nil {
 		return res, err
 	}

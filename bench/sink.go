@@ -75,6 +75,9 @@ type SinkConfig struct {
 	// NoPipelining stops the sink from advertising PIPELINING (pipelined
 	// input is still handled).
 	NoPipelining bool
+	// Chunking makes the sink advertise and accept BDAT (RFC 3030), as
+	// the big providers do.
+	Chunking bool
 	// Keep stores every accepted message (see Messages).
 	Keep bool
 	// Down starts the sink down: see SetDown.
@@ -196,6 +199,9 @@ func startSink(cfg SinkConfig, wrap func(net.Conn) net.Conn) (*Sink, error) {
 	}
 	var b strings.Builder
 	b.WriteString("250-" + cfg.Hostname + "\r\n")
+	if cfg.Chunking {
+		b.WriteString("250-CHUNKING\r\n")
+	}
 	if !cfg.NoPipelining {
 		b.WriteString("250-PIPELINING\r\n")
 	}

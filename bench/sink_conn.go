@@ -3,6 +3,7 @@ package bench
 import (
 	"bufio"
 	"bytes"
+	"io"
 	"net"
 	"strconv"
 	"strings"
@@ -19,14 +20,15 @@ type sinkConn struct {
 	rng      uint64
 	deadline time.Time
 
-	helo   bool
-	inTx   bool
-	record bool     // keep the envelope and content of this transaction
-	from   string   // if record
-	to     []string // if record
-	rcpts  int
-	buf    []byte // content of the current message, if record
-	msgs   int64  // messages accepted on this connection
+	helo    bool
+	inTx    bool
+	record  bool     // keep the envelope and content of this transaction
+	from    string   // if record
+	to      []string // if record
+	rcpts   int
+	buf     []byte // content of the current message, if record
+	msgs    int64  // messages accepted on this connection
+	chunked int64  // BDAT bytes of the current message so far
 }
 
 // sinkAction is what to do with the connection after a command.
@@ -160,6 +162,11 @@ func (c *sinkConn) command(line []byte) sinkAction {
 		return c.rcpt(arg)
 	case "DATA":
 		return c.data()
+	case "BDAT":
+		if !c.s.cfg.Chunking {
+			break
+		}
+		return c.bdat(arg)
 	case "RSET":
 		c.reset()
 		return c.say("250 2.0.0 Ok\r\n")
@@ -175,6 +182,7 @@ func (c *sinkConn) command(line []byte) sinkAction {
 func (c *sinkConn) reset() {
 	c.inTx, c.record, c.rcpts = false, false, 0
 	c.from, c.to = "", nil
+	c.buf, c.chunked = c.buf[:0], 0
 }
 
 // sinkPath parses "FROM:<addr> params" (prefix "FROM:" or "TO:") and
@@ -283,6 +291,12 @@ func (c *sinkConn) data() sinkAction {
 		}
 		return sinkDrop
 	}
+	return c.finish(size)
+}
+
+// finish ends a transaction whose content (size bytes, kept in c.buf when
+// recording) has been read: an injected fault, or acceptance.
+func (c *sinkConn) finish(size int64) sinkAction {
 	defer c.reset()
 	f, r := c.s.faults.Load(), c.s.replies
 	if failed, act := c.fault(f.DataTempFail, f.DataPermFail, r.dataTemp, r.dataPerm); failed {
@@ -325,6 +339,46 @@ func (c *sinkConn) data() sinkAction {
 	b = append(b, "\r\n"...)
 	c.bw.Write(b)
 	return sinkContinue
+}
+
+// bdat handles "BDAT <size> [LAST]" (RFC 3030). The chunk is read whatever
+// the reply, so the stream stays in step.
+func (c *sinkConn) bdat(arg []byte) sinkAction {
+	f := strings.Fields(string(arg))
+	if len(f) == 0 || len(f) > 2 || len(f) == 2 && !strings.EqualFold(f[1], "LAST") {
+		return c.say("501 5.5.4 Syntax: BDAT size [LAST]\r\n")
+	}
+	n, err := strconv.ParseInt(f[0], 10, 64)
+	if err != nil || n < 0 || n > sinkMaxSize {
+		return c.say("501 5.5.4 Bad chunk size\r\n")
+	}
+	last := len(f) == 2
+	if last && c.draw() < c.s.faults.Load().DropInData {
+		_, _ = c.br.Discard(int(n / 2))
+		c.s.drops.Add(1)
+		return sinkDrop
+	}
+	if c.record && c.inTx && c.rcpts > 0 {
+		start := len(c.buf)
+		c.buf = append(c.buf, make([]byte, n)...)
+		if _, err := io.ReadFull(c.br, c.buf[start:]); err != nil {
+			return sinkDrop
+		}
+	} else if _, err := c.br.Discard(int(n)); err != nil {
+		return sinkDrop
+	}
+	c.chunked += n
+	switch {
+	case !c.inTx:
+		c.reset()
+		return c.say("503 5.5.1 Error: need MAIL command\r\n")
+	case c.rcpts == 0:
+		c.reset()
+		return c.say("503 5.5.1 Error: no valid recipients\r\n")
+	case !last:
+		return c.say("250 2.0.0 " + strconv.FormatInt(n, 10) + " octets received\r\n")
+	}
+	return c.finish(c.chunked)
 }
 
 // draw returns the next number of the connection's random stream, uniform

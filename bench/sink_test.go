@@ -5,6 +5,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"math"
 	"math/rand/v2"
@@ -609,4 +610,64 @@ func BenchmarkSink(b *testing.B) {
 		b.Fatal(err, res.Accepted)
 	}
 	b.ReportMetric(res.Rate(), "msgs/s")
+}
+
+// TestSinkBDAT: with Chunking the sink advertises CHUNKING and takes BDAT
+// messages, in one chunk or several, byte for byte.
+func TestSinkBDAT(t *testing.T) {
+	s, err := StartSink(SinkConfig{Chunking: true, Keep: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	c, err := net.Dial("tcp", s.Addr())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	br := bufio.NewReader(c)
+	reply := func() string {
+		var last string
+		for {
+			line, err := br.ReadString('\n')
+			if err != nil {
+				t.Fatal(err)
+			}
+			last = line
+			if len(line) < 4 || line[3] != '-' {
+				return strings.TrimSpace(last)
+			}
+		}
+	}
+	reply() // greeting
+	fmt.Fprint(c, "EHLO x\r\n")
+	if r := reply(); !strings.HasPrefix(r, "250 ") {
+		t.Fatalf("EHLO: %q", r)
+	}
+	one := "Subject: one\r\n\r\n.dot stays\r\n"
+	fmt.Fprintf(c, "MAIL FROM:<a@x>\r\nRCPT TO:<b@y>\r\nBDAT %d LAST\r\n%s", len(one), one)
+	for i, want := range []string{"250", "250", "250 2.0.0 Ok: queued"} {
+		if r := reply(); !strings.HasPrefix(r, want) {
+			t.Fatalf("reply %d: %q", i, r)
+		}
+	}
+	a, b := "Subject: two\r\n\r\nfirst ", "chunk and second\r\n"
+	fmt.Fprintf(c, "MAIL FROM:<a@x>\r\nRCPT TO:<b@y>\r\nBDAT %d\r\n%sBDAT %d LAST\r\n%s", len(a), a, len(b), b)
+	for i, want := range []string{"250", "250", fmt.Sprintf("250 2.0.0 %d octets", len(a)), "250 2.0.0 Ok: queued"} {
+		if r := reply(); !strings.HasPrefix(r, want) {
+			t.Fatalf("reply %d: %q", i, r)
+		}
+	}
+	// No recipient: the chunk is read and refused; the stream stays in step.
+	fmt.Fprintf(c, "BDAT 3 LAST\r\nxyzNOOP\r\n")
+	if r := reply(); !strings.HasPrefix(r, "503") {
+		t.Fatalf("BDAT without a transaction: %q", r)
+	}
+	if r := reply(); !strings.HasPrefix(r, "250") {
+		t.Fatalf("NOOP after a refused chunk: %q", r)
+	}
+	got := s.Messages()
+	if len(got) != 2 || string(got[0].Data) != one || string(got[1].Data) != a+b {
+		t.Fatalf("sink kept %+v", got)
+	}
 }

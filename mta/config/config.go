@@ -88,6 +88,7 @@ type Delivery struct {
 	HeloName                     string   `yaml:"helo_name"`                       // EHLO name; default: hostname
 	Port                         int      `yaml:"port"`                            // SMTP port of MX hosts
 	TLS                          string   `yaml:"tls"`                             // none | opportunistic | required
+	Chunking                     bool     `yaml:"chunking"`                        // use BDAT when offered
 	MaxConnections               int      `yaml:"max_connections"`                 // outbound connections in total
 	MaxConnectionsPerDestination int      `yaml:"max_connections_per_destination"` // per next-hop set
 	MaxMessagesPerConnection     int      `yaml:"max_messages_per_connection"`
@@ -172,6 +173,7 @@ func Default() *Config {
 			Enabled:                      true,
 			Port:                         25,
 			TLS:                          "opportunistic",
+			Chunking:                     true,
 			MaxConnections:               500,
 			MaxConnectionsPerDestination: 20,
 			MaxMessagesPerConnection:     1000,

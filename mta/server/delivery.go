@@ -53,8 +53,9 @@ func (s *Server) newTransport(cfg *config.Config) (*outbound.Transport, error) {
 		Resolver:     res,
 		LocalDomains: local,
 		Client: smtpclient.Options{
-			LocalName: cfg.Delivery.HeloName,
-			TLSConfig: &tls.Config{MinVersion: tls.VersionTLS12},
+			LocalName:  cfg.Delivery.HeloName,
+			NoChunking: !cfg.Delivery.Chunking,
+			TLSConfig:  &tls.Config{MinVersion: tls.VersionTLS12},
 			Timeouts: smtpclient.Timeouts{
 				Connect: t.Connect.D(), Greeting: t.Greeting.D(), Command: t.Command.D(),
 				DataInit: t.DataInit.D(), DataBlock: t.DataBlock.D(), DataDone: t.DataDone.D(),

@@ -130,6 +130,9 @@ func (c *Conn) refuse(m *Message) *Result {
 
 // send runs the transaction.
 func (c *Conn) send(m *Message) (*Result, error) {
+	if c.chunking {
+		return c.sendChunked(m)
+	}
 	res := &Result{Recipients: make([]*mta.Reply, len(m.Recipients))}
 	rset := c.messages > 0 // a transaction was started before
 	if rset && !c.pipelining {
@@ -261,6 +264,95 @@ func (c *Conn) send(m *Message) (*Result, error) {
 		return nil, err
 	}
 	fill(res, done)
+	return res, nil
+}
+
+// sendChunked runs the transaction with BDAT (RFC 3030): RSET, MAIL, every
+// RCPT, "BDAT <size> LAST" and the message itself go in one write, so the
+// whole transaction costs one round trip. The message is sent as is (BDAT
+// has no dot-stuffing). The server reads the chunk even when it refuses it
+// (RFC 3030 §2), so the stream stays in step whatever the replies.
+func (c *Conn) sendChunked(m *Message) (*Result, error) {
+	res := &Result{Recipients: make([]*mta.Reply, len(m.Recipients))}
+	rset := c.messages > 0
+	c.messages++
+	data := m.Data
+	crlf := !bytes.HasSuffix(data, []byte("\r\n"))
+	size := len(data)
+	if crlf {
+		size += 2
+	}
+	b := c.scratch[:0]
+	if rset {
+		b = append(b, "RSET\r\n"...)
+	}
+	b = c.appendMail(b, m)
+	for i := range m.Recipients {
+		b = c.appendRcpt(b, &m.Recipients[i])
+	}
+	b = append(b, "BDAT "...)
+	b = strconv.AppendInt(b, int64(size), 10)
+	b = append(b, " LAST\r\n"...)
+	stage := "mail"
+	if rset {
+		stage = "rset"
+	}
+	c.scratch = b[:0]
+	c.tw.timeout = c.t.Command
+	c.bw.Write(b)
+	c.tw.timeout = c.t.DataBlock
+	c.bw.Write(data)
+	if crlf {
+		c.bw.WriteString("\r\n")
+	}
+	err := c.bw.Flush()
+	c.tw.timeout = c.t.Command
+	if err != nil {
+		return nil, c.ioFail(stage, err)
+	}
+	if rset {
+		if err := c.readRSET(); err != nil {
+			return nil, err
+		}
+	}
+	mail, err := c.readReply(c.t.Command)
+	if err != nil {
+		return nil, c.ioFail("mail", err)
+	}
+	if err := c.check("mail", mail); err != nil {
+		return nil, err
+	}
+	mailOK := mail.Code/100 == 2
+	if !mailOK {
+		fill(res, mail)
+	}
+	accepted := 0
+	for i := range m.Recipients {
+		r, err := c.readReply(c.t.Command)
+		if err != nil {
+			return nil, c.ioFail("rcpt", err)
+		}
+		if err := c.check("rcpt", r); err != nil {
+			return nil, err
+		}
+		switch {
+		case !mailOK:
+		case r.Code/100 == 2:
+			accepted++
+		default:
+			res.Recipients[i] = r
+		}
+	}
+	done, err := c.readReply(c.t.DataDone)
+	if err != nil {
+		return nil, c.ioFail("dot", err)
+	}
+	if err := c.check("dot", done); err != nil {
+		return nil, err
+	}
+	if accepted > 0 {
+		fill(res, done)
+	}
 	return res, nil
 }
 

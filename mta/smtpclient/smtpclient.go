@@ -128,6 +128,11 @@ type Options struct {
 	Timeouts Timeouts
 	// Dialer opens the TCP connection; nil means a zero net.Dialer.
 	Dialer Dialer
+	// NoChunking keeps Send from using BDAT (RFC 3030) when the server
+	// offers CHUNKING and PIPELINING. With BDAT the whole transaction,
+	// message included, goes in one write and costs one round trip
+	// instead of two.
+	NoChunking bool
 }
 
 // Conn is one SMTP client connection. See the package documentation for
@@ -148,6 +153,7 @@ type Conn struct {
 	ext        map[string]string
 	enhanced   bool // ENHANCEDSTATUSCODES
 	pipelining bool
+	chunking   bool // CHUNKING offered and allowed: send with BDAT
 	hasSize    bool
 	sizeLimit  int64
 	has8bit    bool
@@ -331,6 +337,8 @@ func (c *Conn) parseEHLO() {
 	}
 	_, c.enhanced = c.ext["ENHANCEDSTATUSCODES"]
 	_, c.pipelining = c.ext["PIPELINING"]
+	_, c.chunking = c.ext["CHUNKING"]
+	c.chunking = c.chunking && c.pipelining && !c.opts.NoChunking
 	_, c.has8bit = c.ext["8BITMIME"]
 	_, c.hasUTF8 = c.ext["SMTPUTF8"]
 	_, c.hasDSN = c.ext["DSN"]
