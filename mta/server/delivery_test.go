@@ -401,3 +401,18 @@ func TestHoldReleaseFlushTakeEffectAtOnce(t *testing.T) {
 		t.Fatalf("sink got %d messages, want 2", n)
 	}
 }
+
+// TestDeliveryWithBDAT: a receiver that offers CHUNKING gets the message
+// with BDAT, byte for byte (no dot-stuffing), recipients per domain.
+func TestDeliveryWithBDAT(t *testing.T) {
+	w := newWorld(t, "", "")
+	w.dns.SetA("chunk.test", "127.0.0.1")
+	s := w.sink("127.0.0.1", bench.SinkConfig{Chunking: true})
+	body := "From: app@example.org\r\nSubject: bdat\r\n\r\n.line with a dot\r\n.\r\nlast\r\n"
+	id := w.send("app@example.org", []string{"a@chunk.test", "b@chunk.test"}, body)
+	w.waitFor("delivery", 15*time.Second, func() bool { return w.gone(id) })
+	got := s.Messages()
+	if len(got) != 1 || !strings.HasSuffix(string(got[0].Data), body) || len(got[0].To) != 2 {
+		t.Fatalf("sink got %+v", got)
+	}
+}
