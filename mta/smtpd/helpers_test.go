@@ -5,7 +5,6 @@ import (
 	"context"
 	"crypto/tls"
 	"encoding/base64"
-	"fmt"
 	"net"
 	"net/netip"
 	"strings"
@@ -15,7 +14,6 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/testutil"
 
-	"github.com/mtaproject/mta/mta"
 	"github.com/mtaproject/mta/mta/certs"
 	"github.com/mtaproject/mta/spool"
 )
@@ -201,9 +199,6 @@ func storedMessage(t *testing.T, sp *spool.Spool, id string) (*spool.Message, st
 	}
 	return m, s[i:]
 }
-
-var _ = fmt.Sprintf
-var _ = mta.Domain
 
 func newReader(c net.Conn) *bufio.Reader { return bufio.NewReader(c) }
 
