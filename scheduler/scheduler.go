@@ -319,6 +319,7 @@ func (s *Scheduler) scan() {
 	now := s.opts.Now()
 	due, err := s.opts.Store.Due(now, limit)
 	if err != nil {
+		s.full = false
 		s.log.Error("scheduler: reading the due index", zap.Error(err))
 		return
 	}
@@ -346,6 +347,7 @@ func (s *Scheduler) scan() {
 	}
 	leased, err := s.opts.Store.Lease(items)
 	if err != nil {
+		s.full = false // retry at the next tick, not in a loop
 		s.log.Error("scheduler: leasing due work", zap.Error(err))
 		return
 	}
