@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"sort"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/mtaproject/mta/mta"
@@ -13,6 +14,7 @@ import (
 
 // memStore is an in-memory Store for testing the scheduler's policy.
 type memStore struct {
+	dueCalls atomic.Int64
 	mu       sync.Mutex
 	msgs     map[string]*Message
 	due      map[workKey]time.Time
@@ -40,6 +42,7 @@ func (s *memStore) add(id string, received, due time.Time, rcpts ...string) {
 }
 
 func (s *memStore) Due(now time.Time, limit int) ([]Due, error) {
+	s.dueCalls.Add(1)
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	var out []Due

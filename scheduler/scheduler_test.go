@@ -220,3 +220,27 @@ func TestDropForgetsQueuedWork(t *testing.T) {
 		t.Fatalf("dropped message was delivered")
 	}
 }
+
+// TestWorkPastItsLeaseIsRenewedNotRescanned: a slow destination keeps work
+// in memory longer than its lease; the scan renews those leases instead
+// of finding the same entries again and again.
+func TestWorkPastItsLeaseIsRenewedNotRescanned(t *testing.T) {
+	store, tr := newMemStore(), newFakeTransport()
+	tr.delay["slow.test"] = 2 * time.Millisecond
+	h := start(t, func(o *Options) { o.MaxPerDestination = 1; o.Lease = 20 * time.Millisecond; o.WindowSize = 1000 }, store, tr)
+	now := time.Now()
+	for i := 0; i < 300; i++ {
+		id := fmt.Sprintf("s%03d", i)
+		store.add(id, now, now.Add(20*time.Millisecond), "r@slow.test")
+		h.s.Submit(id, []string{"slow.test"})
+	}
+	waitFor(t, "300 deliveries", func() bool { d, _ := store.counts(); return d == 300 })
+	calls := store.dueCalls.Load()
+	t.Logf("%d scans while 300 messages waited past their lease", calls)
+	if calls > 200 {
+		t.Fatalf("%d scans: the scheduler kept rescanning work it already held", calls)
+	}
+	if _, sent, _ := tr.stats("slow.test"); sent != 300 {
+		t.Fatalf("sent %d, want 300 (no duplicates)", sent)
+	}
+}
