@@ -222,25 +222,28 @@ func TestDropForgetsQueuedWork(t *testing.T) {
 }
 
 // TestWorkPastItsLeaseIsRenewedNotRescanned: a slow destination keeps work
-// in memory longer than its lease; the scan renews those leases instead
-// of finding the same entries again and again.
+// in memory longer than its lease; the scan renews those leases instead of
+// finding the same entries again on every turn of the loop.
 func TestWorkPastItsLeaseIsRenewedNotRescanned(t *testing.T) {
 	store, tr := newMemStore(), newFakeTransport()
-	tr.delay["slow.test"] = 2 * time.Millisecond
-	h := start(t, func(o *Options) { o.MaxPerDestination = 1; o.Lease = 20 * time.Millisecond; o.WindowSize = 1000 }, store, tr)
+	tr.delay["slow.test"] = time.Millisecond
+	const n = 6000 // more than one scan's limit (5000)
+	h := start(t, func(o *Options) { o.MaxPerDestination = 1; o.Lease = 50 * time.Millisecond }, store, tr)
 	now := time.Now()
-	for i := 0; i < 300; i++ {
-		id := fmt.Sprintf("s%03d", i)
-		store.add(id, now, now.Add(20*time.Millisecond), "r@slow.test")
-		h.s.Submit(id, []string{"slow.test"})
+	for i := 0; i < n; i++ {
+		id := fmt.Sprintf("s%04d", i)
+		store.add(id, now, now.Add(50*time.Millisecond), "r@slow.test")
 	}
-	waitFor(t, "300 deliveries", func() bool { d, _ := store.counts(); return d == 300 })
-	calls := store.dueCalls.Load()
-	t.Logf("%d scans while 300 messages waited past their lease", calls)
-	if calls > 200 {
-		t.Fatalf("%d scans: the scheduler kept rescanning work it already held", calls)
+	for i := 0; i < n; i++ {
+		h.s.Submit(fmt.Sprintf("s%04d", i), []string{"slow.test"})
 	}
-	if _, sent, _ := tr.stats("slow.test"); sent != 300 {
-		t.Fatalf("sent %d, want 300 (no duplicates)", sent)
+	waitFor(t, "all in the window", func() bool { return h.s.windowSize.Load() >= n-100 })
+	time.Sleep(100 * time.Millisecond) // the leases run out
+	before := store.dueCalls.Load()
+	time.Sleep(500 * time.Millisecond)
+	calls := store.dueCalls.Load() - before
+	t.Logf("%d scans in 500 ms with %d messages held past their lease", calls, n)
+	if calls > 60 { // 25 ticks of 20 ms, plus a few
+		t.Fatalf("%d scans in 500 ms: the scheduler keeps rescanning work it already holds", calls)
 	}
 }
