@@ -116,6 +116,7 @@ func serve(args []string) error {
 // configuration's listen.http, or the default.
 func adminClient(fs *flag.FlagSet, args []string) (*admin.Client, []string, error) {
 	url := fs.String("admin", os.Getenv("MTA_ADMIN"), "admin API base URL")
+	token := fs.String("admin-token", os.Getenv("MTA_ADMIN_TOKEN"), "admin API bearer token (admin.token_file on the server)")
 	cfgPath := fs.String("config", "", "configuration file, to find listen.http")
 	rest, err := parseInterspersed(fs, args)
 	if err != nil {
@@ -132,7 +133,7 @@ func adminClient(fs *flag.FlagSet, args []string) (*admin.Client, []string, erro
 		}
 		base = "http://" + cfg.Listen.HTTP
 	}
-	return &admin.Client{Base: base}, rest, nil
+	return &admin.Client{Base: base, Token: *token}, rest, nil
 }
 
 // parseInterspersed parses flags that may come before or after the

@@ -5,6 +5,7 @@
 package admin
 
 import (
+	"crypto/subtle"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -93,8 +94,9 @@ func fromSpool(m *spool.Message) Message {
 	return out
 }
 
-// Handler serves the API under /api/v1/queue.
-func Handler(store Store) http.Handler {
+// Handler serves the API under /api/v1/queue. With a non-empty token, every
+// request must carry "Authorization: Bearer <token>" (401 otherwise).
+func Handler(store Store, token string) http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /api/v1/queue", func(w http.ResponseWriter, r *http.Request) {
 		limit := 100
@@ -153,7 +155,18 @@ func Handler(store Store) http.Handler {
 		}
 		writeJSON(w, http.StatusOK, Result{Action: "flush", Rescheduled: n})
 	})
-	return mux
+	if token == "" {
+		return mux
+	}
+	want := []byte("Bearer " + token)
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if subtle.ConstantTimeCompare([]byte(r.Header.Get("Authorization")), want) != 1 {
+			w.Header().Set("WWW-Authenticate", "Bearer")
+			writeJSON(w, http.StatusUnauthorized, Error{"admin API token missing or wrong (--admin-token, $MTA_ADMIN_TOKEN)"})
+			return
+		}
+		mux.ServeHTTP(w, r)
+	})
 }
 
 func withID(fn func(http.ResponseWriter, string)) http.HandlerFunc {

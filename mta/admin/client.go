@@ -13,8 +13,9 @@ import (
 
 // Client calls the admin API of a running server.
 type Client struct {
-	Base string       // e.g. http://127.0.0.1:9725
-	HTTP *http.Client // nil: a client with a 30 s timeout
+	Base  string       // e.g. http://127.0.0.1:9725
+	Token string       // bearer token, if the server requires one
+	HTTP  *http.Client // nil: a client with a 30 s timeout
 }
 
 func (c *Client) do(ctx context.Context, method, path string, out any) error {
@@ -25,6 +26,9 @@ func (c *Client) do(ctx context.Context, method, path string, out any) error {
 	req, err := http.NewRequestWithContext(ctx, method, strings.TrimRight(c.Base, "/")+path, nil)
 	if err != nil {
 		return err
+	}
+	if c.Token != "" {
+		req.Header.Set("Authorization", "Bearer "+c.Token)
 	}
 	resp, err := hc.Do(req)
 	if err != nil {

@@ -34,6 +34,7 @@ type Config struct {
 	DNS             DNS              `yaml:"dns"`
 	Routes          map[string]Route `yaml:"routes"`
 	Log             Log              `yaml:"log"`
+	Admin           Admin            `yaml:"admin"`
 	Debug           Debug            `yaml:"debug"`
 
 	trusted []netip.Prefix
@@ -129,6 +130,11 @@ type Route struct {
 type RouteAuth struct {
 	Username     string `yaml:"username"`
 	PasswordFile string `yaml:"password_file"` // file holding the password (first line)
+}
+
+// Admin holds the queue admin API settings.
+type Admin struct {
+	TokenFile string `yaml:"token_file"` // file whose first line is the bearer token the admin API requires; empty: none
 }
 
 // Debug holds settings for diagnosing the server.

@@ -4,8 +4,6 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
-	"os"
-	"strings"
 	"time"
 
 	"github.com/mtaproject/mta/mta"
@@ -23,12 +21,11 @@ func (s *Server) newTransport(cfg *config.Config) (*outbound.Transport, error) {
 	for dom, r := range cfg.Routes {
 		rr := resolve.Route{Hosts: r.Hosts, TLS: resolve.TLSPolicy(r.TLS)}
 		if r.Auth != nil {
-			pw, err := os.ReadFile(r.Auth.PasswordFile)
+			pw, err := readFirstLine(r.Auth.PasswordFile)
 			if err != nil {
 				return nil, fmt.Errorf("routes.%s.auth.password_file: %w", dom, err)
 			}
-			first, _, _ := strings.Cut(string(pw), "\n")
-			rr.Auth = &resolve.Auth{Username: r.Auth.Username, Password: strings.TrimRight(first, "\r")}
+			rr.Auth = &resolve.Auth{Username: r.Auth.Username, Password: pw}
 		}
 		routes[dom] = rr
 	}

@@ -14,6 +14,7 @@ import (
 	"net/http/pprof"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -43,6 +44,8 @@ type Server struct {
 	http     *http.Server
 	httpLn   net.Listener
 	ready    atomic.Bool
+
+	adminToken string // bearer token the admin API requires; "" for none
 }
 
 type smtpListener struct {
@@ -167,6 +170,14 @@ func New(cfg *config.Config, log *zap.Logger) (s *Server, err error) {
 		})
 		s.smtp = append(s.smtp, &smtpListener{name: l.name, srv: srv, ln: ln})
 	}
+	if cfg.Admin.TokenFile != "" {
+		if s.adminToken, err = readFirstLine(cfg.Admin.TokenFile); err != nil {
+			return nil, fmt.Errorf("admin.token_file: %w", err)
+		}
+		if s.adminToken == "" {
+			return nil, fmt.Errorf("admin.token_file: %s: empty token", cfg.Admin.TokenFile)
+		}
+	}
 	if cfg.Listen.HTTP != "" {
 		s.httpLn, err = net.Listen("tcp", cfg.Listen.HTTP)
 		if err != nil {
@@ -204,7 +215,7 @@ func (s *Server) routes() http.Handler {
 		}
 		fmt.Fprintln(w, "ready")
 	})
-	mux.Handle("/api/", admin.Handler(adminStore{Spool: s.spool, sched: s.sched}))
+	mux.Handle("/api/", admin.Handler(adminStore{Spool: s.spool, sched: s.sched}, s.adminToken))
 	if s.cfg.Debug.Pprof {
 		mux.HandleFunc("/debug/pprof/", pprof.Index)
 		mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
@@ -323,4 +334,14 @@ func (s *Server) closeAll() {
 	if s.spool != nil {
 		s.spool.Close()
 	}
+}
+
+// readFirstLine returns the first line of a file, without its line break.
+func readFirstLine(path string) (string, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return "", err
+	}
+	first, _, _ := strings.Cut(string(b), "\n")
+	return strings.TrimRight(first, "\r"), nil
 }
