@@ -173,6 +173,10 @@ type fakeTransport struct {
 	active     map[string]int
 	maxActive  map[string]int
 	sendErr    func(dest string, n int) error
+
+	connectDelay  time.Duration
+	connecting    int // Connect calls in progress
+	maxConnecting int
 }
 
 func newFakeTransport() *fakeTransport {
@@ -196,7 +200,14 @@ func (f *fakeTransport) Route(ctx context.Context, domain string) (Route, error)
 
 func (f *fakeTransport) Connect(ctx context.Context, r Route) (Conn, error) {
 	f.mu.Lock()
+	f.connecting++
+	f.maxConnecting = max(f.maxConnecting, f.connecting)
+	delay := f.connectDelay
+	f.mu.Unlock()
+	time.Sleep(delay)
+	f.mu.Lock()
 	defer f.mu.Unlock()
+	f.connecting--
 	f.connects[r.Key()]++
 	if err := f.connectErr[r.Key()]; err != nil {
 		return nil, err

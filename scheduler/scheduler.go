@@ -28,6 +28,7 @@ type Options struct {
 
 	MaxConnections           int           // all destinations (500)
 	MaxPerDestination        int           // per destination (20)
+	InitialPerDestination    int           // a destination starts with this many, +1 per good connection (5)
 	MaxMessagesPerConnection int           // then a new connection (1000)
 	IdleTimeout              time.Duration // idle connection kept for reuse (10s)
 	MinBackoff, MaxBackoff   time.Duration // retry delay bounds (5m, 4000s)
@@ -57,6 +58,7 @@ func (o *Options) defaults() {
 	}
 	def(&o.MaxConnections, 500)
 	def(&o.MaxPerDestination, 20)
+	def(&o.InitialPerDestination, 5)
 	def(&o.MaxMessagesPerConnection, 1000)
 	def(&o.WindowSize, 20000)
 	defd(&o.IdleTimeout, 10*time.Second)
@@ -144,6 +146,7 @@ type dest struct {
 	active    int       // connection workers
 	deadUntil time.Time // backed off after connection failures
 	failures  int       // consecutive connection failures
+	window    int       // connections allowed now: grows from the initial window by one per good new connection
 	why       string    // the last connection failure, for the queue listing
 	failedAt  time.Time // when it was
 	inWaiting bool
@@ -443,7 +446,10 @@ func (s *Scheduler) limit(d *dest) int {
 	if d.failures > 0 {
 		return 1
 	}
-	return s.opts.MaxPerDestination
+	if d.window == 0 {
+		d.window = min(s.opts.InitialPerDestination, s.opts.MaxPerDestination)
+	}
+	return d.window
 }
 
 // serve starts connection workers for d while it has queued work and
@@ -524,14 +530,20 @@ func (s *Scheduler) handle(ev event) {
 			s.serve(d)
 		}
 	case evConnOK:
-		// A connection begun before the destination last failed says
-		// nothing about it now.
-		if d := s.dests[ev.key]; d != nil && d.failures > 0 && !ev.at.Before(d.failedAt) {
+		d := s.dests[ev.key]
+		if d == nil || ev.at.Before(d.failedAt) {
+			// Begun before the destination last failed: says nothing.
+			break
+		}
+		if d.failures > 0 {
 			s.log.Info("destination reachable again", zap.String("destination", d.key), zap.Int("failures", d.failures))
 			d.failures = 0
 			d.deadUntil = time.Time{}
-			s.serve(d)
+			d.window = 0 // start again from the initial window
+		} else if d.window < s.opts.MaxPerDestination {
+			d.window++ // each good new connection earns one more
 		}
+		s.serve(d)
 	case evConnFail:
 		s.backOff(ev.key, ev.err)
 	case evRouted:

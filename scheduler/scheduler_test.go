@@ -247,3 +247,30 @@ func TestWorkPastItsLeaseIsRenewedNotRescanned(t *testing.T) {
 		t.Fatalf("%d scans in 500 ms: the scheduler keeps rescanning work it already holds", calls)
 	}
 }
+
+// TestConcurrencyWindowGrowsFromTheInitialOne: a destination starts with
+// InitialPerDestination connections and earns one more per good new
+// connection, up to MaxPerDestination.
+func TestConcurrencyWindowGrowsFromTheInitialOne(t *testing.T) {
+	store, tr := newMemStore(), newFakeTransport()
+	tr.delay["grow.test"] = 5 * time.Millisecond
+	tr.connectDelay = 10 * time.Millisecond
+	h := start(t, func(o *Options) { o.InitialPerDestination = 1; o.MaxPerDestination = 4 }, store, tr)
+	now := time.Now()
+	for i := 0; i < 200; i++ {
+		id := fmt.Sprintf("g%03d", i)
+		store.add(id, now, now.Add(time.Hour), "r@grow.test")
+		h.s.Submit(id, []string{"grow.test"})
+	}
+	waitFor(t, "200 deliveries", func() bool { d, _ := store.counts(); return d == 200 })
+	connects, _, maxActive := tr.stats("grow.test")
+	t.Logf("%d connections, at most %d at once", connects, maxActive)
+	if maxActive != 4 {
+		t.Fatalf("at most %d connections at once, want the window to reach 4 and stop there", maxActive)
+	}
+	tr.mu.Lock()
+	defer tr.mu.Unlock()
+	if tr.maxConnecting != 1 {
+		t.Fatalf("%d connections were being opened at once; from a window of 1 each must wait for the last", tr.maxConnecting)
+	}
+}

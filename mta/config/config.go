@@ -85,21 +85,22 @@ type Spool struct {
 
 // Delivery holds the outbound side: scheduler and SMTP client.
 type Delivery struct {
-	Enabled                      bool     `yaml:"enabled"`                         // false: accept and queue, deliver nothing
-	HeloName                     string   `yaml:"helo_name"`                       // EHLO name; default: hostname
-	Port                         int      `yaml:"port"`                            // SMTP port of MX hosts
-	TLS                          string   `yaml:"tls"`                             // none | opportunistic | required
-	Chunking                     bool     `yaml:"chunking"`                        // use BDAT when offered
-	MaxConnections               int      `yaml:"max_connections"`                 // outbound connections in total
-	MaxConnectionsPerDestination int      `yaml:"max_connections_per_destination"` // per next-hop set
-	MaxMessagesPerConnection     int      `yaml:"max_messages_per_connection"`
-	IdleTimeout                  Duration `yaml:"idle_timeout"` // idle connection kept for reuse
-	MinBackoff                   Duration `yaml:"min_backoff"`
-	MaxBackoff                   Duration `yaml:"max_backoff"`
-	MaxLifetime                  Duration `yaml:"max_lifetime"`  // then a deferred recipient fails (bounce)
-	ActiveWindow                 int      `yaml:"active_window"` // messages×domains held in memory
-	Lease                        Duration `yaml:"lease"`         // next attempt written before an attempt: the retry delay after a crash
-	Timeouts                     Timeouts `yaml:"timeouts"`
+	Enabled                          bool     `yaml:"enabled"`                             // false: accept and queue, deliver nothing
+	HeloName                         string   `yaml:"helo_name"`                           // EHLO name; default: hostname
+	Port                             int      `yaml:"port"`                                // SMTP port of MX hosts
+	TLS                              string   `yaml:"tls"`                                 // none | opportunistic | required
+	Chunking                         bool     `yaml:"chunking"`                            // use BDAT when offered
+	MaxConnections                   int      `yaml:"max_connections"`                     // outbound connections in total
+	MaxConnectionsPerDestination     int      `yaml:"max_connections_per_destination"`     // per next-hop set
+	InitialConnectionsPerDestination int      `yaml:"initial_connections_per_destination"` // start, +1 per good new connection
+	MaxMessagesPerConnection         int      `yaml:"max_messages_per_connection"`
+	IdleTimeout                      Duration `yaml:"idle_timeout"` // idle connection kept for reuse
+	MinBackoff                       Duration `yaml:"min_backoff"`
+	MaxBackoff                       Duration `yaml:"max_backoff"`
+	MaxLifetime                      Duration `yaml:"max_lifetime"`  // then a deferred recipient fails (bounce)
+	ActiveWindow                     int      `yaml:"active_window"` // messages×domains held in memory
+	Lease                            Duration `yaml:"lease"`         // next attempt written before an attempt: the retry delay after a crash
+	Timeouts                         Timeouts `yaml:"timeouts"`
 }
 
 // Timeouts are the SMTP client timeouts (RFC 5321 §4.5.3.2).
@@ -176,19 +177,20 @@ func Default() *Config {
 		TLS:  TLS{SelfSigned: true},
 		Auth: Auth{CleartextFromLoopback: true},
 		Delivery: Delivery{
-			Enabled:                      true,
-			Port:                         25,
-			TLS:                          "opportunistic",
-			Chunking:                     true,
-			MaxConnections:               500,
-			MaxConnectionsPerDestination: 20,
-			MaxMessagesPerConnection:     1000,
-			IdleTimeout:                  Duration(10e9),
-			MinBackoff:                   Duration(5 * 60e9),
-			MaxBackoff:                   Duration(4000e9),
-			MaxLifetime:                  Duration(5 * 24 * 3600e9),
-			ActiveWindow:                 20000,
-			Lease:                        Duration(60e9),
+			Enabled:                          true,
+			Port:                             25,
+			TLS:                              "opportunistic",
+			Chunking:                         true,
+			MaxConnections:                   500,
+			MaxConnectionsPerDestination:     20,
+			InitialConnectionsPerDestination: 5,
+			MaxMessagesPerConnection:         1000,
+			IdleTimeout:                      Duration(10e9),
+			MinBackoff:                       Duration(5 * 60e9),
+			MaxBackoff:                       Duration(4000e9),
+			MaxLifetime:                      Duration(5 * 24 * 3600e9),
+			ActiveWindow:                     20000,
+			Lease:                            Duration(60e9),
 			Timeouts: Timeouts{
 				Connect: Duration(30e9), Greeting: Duration(5 * 60e9), Command: Duration(5 * 60e9),
 				DataInit: Duration(2 * 60e9), DataBlock: Duration(3 * 60e9), DataDone: Duration(10 * 60e9),
@@ -393,6 +395,7 @@ func (c *Config) validateDelivery(bad func(field, format string, args ...any)) {
 	}{
 		{"delivery.max_connections", d.MaxConnections},
 		{"delivery.max_connections_per_destination", d.MaxConnectionsPerDestination},
+		{"delivery.initial_connections_per_destination", d.InitialConnectionsPerDestination},
 		{"delivery.max_messages_per_connection", d.MaxMessagesPerConnection},
 		{"delivery.active_window", d.ActiveWindow},
 	} {

@@ -110,6 +110,7 @@ func New(cfg *config.Config, log *zap.Logger) (s *Server, err error) {
 		Transport:                transport,
 		MaxConnections:           d.MaxConnections,
 		MaxPerDestination:        d.MaxConnectionsPerDestination,
+		InitialPerDestination:    d.InitialConnectionsPerDestination,
 		MaxMessagesPerConnection: d.MaxMessagesPerConnection,
 		IdleTimeout:              d.IdleTimeout.D(),
 		MinBackoff:               d.MinBackoff.D(),
