@@ -164,3 +164,13 @@ routes:
 		}
 	}
 }
+
+func TestEmptySectionKeepsDefaults(t *testing.T) {
+	cfg, err := Parse([]byte("admin:\nsmtp:\n  # nothing set\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cfg.SMTP.MaxRecipients != 1000 || cfg.Admin.TokenFile != "" {
+		t.Fatalf("defaults lost: %+v", cfg.SMTP)
+	}
+}

@@ -48,6 +48,9 @@ func walk(n *yaml.Node, t reflect.Type, path string, lines map[int]string) error
 	}
 	switch t.Kind() {
 	case reflect.Struct:
+		if n.Tag == "!!null" {
+			return nil // an empty section: defaults stay
+		}
 		if n.Kind != yaml.MappingNode {
 			return &FieldError{orTop(path), fmt.Sprintf("must be a mapping (line %d)", n.Line)}
 		}
