@@ -30,10 +30,13 @@ type RelayOptions struct {
 	// SinkChunking makes the sink offer CHUNKING (BDAT), as the big
 	// providers do. Off by default: Postfix's client never uses BDAT.
 	SinkChunking bool
-	Shape        LoadShape
-	Runs         int
-	DrainLimit   time.Duration // how long to wait for delivery after injection ends
-	Progress     io.Writer
+	// ReplyStyle makes the sink's injected failures read like a provider's:
+	// "", "gmail", "outlook" or "yahoo".
+	ReplyStyle string
+	Shape      LoadShape
+	Runs       int
+	DrainLimit time.Duration // how long to wait for delivery after injection ends
+	Progress   io.Writer
 	// MTAConfig is YAML appended to the mta configuration (top-level
 	// sections other than dns, delivery, smtp, spool).
 	MTAConfig string
@@ -159,7 +162,7 @@ func relayOnce(ctx context.Context, o RelayOptions, name string, run int) (Relay
 	_ = os.RemoveAll(dir)
 	defer os.RemoveAll(dir)
 
-	sink, err := StartSink(SinkConfig{Seed: int64(run + 1), Faults: o.Faults, Chunking: o.SinkChunking})
+	sink, err := StartSink(SinkConfig{Seed: int64(run + 1), Faults: o.Faults, Chunking: o.SinkChunking, ReplyStyle: o.ReplyStyle})
 	if err != nil {
 		return res, err
 	}

@@ -151,6 +151,7 @@ func relay(ctx context.Context, scenario string, args []string) error {
 	fs.DurationVar(&o.DrainLimit, "drain-limit", o.DrainLimit, "how long to wait for delivery to finish")
 	fs.StringVar(&o.Profile, "profile", "", "write a CPU profile of the mta process (first run) to this file")
 	fs.BoolVar(&o.SinkChunking, "sink-chunking", false, "the sink offers CHUNKING (BDAT), as the big providers do")
+	fs.StringVar(&o.ReplyStyle, "reply-style", "", "texts of the sink's injected failures: gmail, outlook or yahoo")
 	_ = fs.Parse(args)
 	o.MTA, o.WorkDir, o.Sessions, o.Messages, o.Size, o.Progress = c.mta, c.dir, c.sessions, c.messages, c.size, c.progress()
 	o.Shape = c.load()
