@@ -108,9 +108,8 @@ type Scheduler struct {
 	rndMu     sync.Mutex // guards workerRnd, shared by workers
 	workerRnd *rand.Rand
 
-	postponing   []Due  // postponements not yet written
-	postponeWhy  string // for the log, should writing them fail
-	postponeBusy bool   // a batch of postponements is being written
+	postponing   []Due // postponements not yet written
+	postponeBusy bool  // a batch of postponements is being written
 
 	running     atomic.Bool  // Run is running
 	windowSize  atomic.Int64 // len(window), for metrics

@@ -19,10 +19,9 @@ const IDLen = 16
 // process and increases within a millisecond. If the clock steps back, the
 // generator keeps using the last millisecond it saw, so IDs never go back.
 type idGen struct {
-	mu   sync.Mutex
-	ms   uint64
-	seq  uint32
-	last uint64
+	mu  sync.Mutex
+	ms  uint64
+	seq uint32
 }
 
 func newIDGen() *idGen {

@@ -395,7 +395,8 @@ func TestClose(t *testing.T) {
 	if !c.Usable() {
 		t.Fatal("new conn unusable")
 	}
-	if c.Close() != nil || c.Close() != nil || c.Usable() {
+	first, second := c.Close(), c.Close()
+	if first != nil || second != nil || c.Usable() {
 		t.Error("Close not idempotent")
 	}
 	if _, err := c.Send(context.Background(), msg("hi\r\n", "a@x")); !errors.Is(err, ErrUnusable) {
