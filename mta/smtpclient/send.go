@@ -169,47 +169,12 @@ func (c *Conn) send(m *Message) (*Result, error) {
 		}
 	}
 
-	// MAIL
-	mail, err := c.readReply(c.t.Command)
+	mailOK, accepted, err := c.readEnvelope(m, res, c.pipelining)
 	if err != nil {
-		return nil, c.ioFail("mail", err)
-	}
-	if err := c.check("mail", mail); err != nil {
 		return nil, err
 	}
-	mailOK := mail.Code/100 == 2
-	if !mailOK {
-		for i := range res.Recipients {
-			res.Recipients[i] = mail
-		}
-		if !c.pipelining {
-			return res, nil
-		}
-	}
-
-	// RCPT
-	accepted := 0
-	for i := range m.Recipients {
-		if !c.pipelining {
-			b := c.appendRcpt(c.scratch[:0], &m.Recipients[i])
-			if err := c.writeCommands("rcpt", b); err != nil {
-				return nil, err
-			}
-		}
-		r, err := c.readReply(c.t.Command)
-		if err != nil {
-			return nil, c.ioFail("rcpt", err)
-		}
-		if err := c.check("rcpt", r); err != nil {
-			return nil, err
-		}
-		switch {
-		case !mailOK: // replies to RCPT after a failed MAIL mean nothing
-		case r.Code/100 == 2:
-			accepted++
-		default:
-			res.Recipients[i] = r
-		}
+	if !mailOK && !c.pipelining {
+		return res, nil
 	}
 
 	// DATA
@@ -315,33 +280,9 @@ func (c *Conn) sendChunked(m *Message) (*Result, error) {
 			return nil, err
 		}
 	}
-	mail, err := c.readReply(c.t.Command)
+	_, accepted, err := c.readEnvelope(m, res, true)
 	if err != nil {
-		return nil, c.ioFail("mail", err)
-	}
-	if err := c.check("mail", mail); err != nil {
 		return nil, err
-	}
-	mailOK := mail.Code/100 == 2
-	if !mailOK {
-		fill(res, mail)
-	}
-	accepted := 0
-	for i := range m.Recipients {
-		r, err := c.readReply(c.t.Command)
-		if err != nil {
-			return nil, c.ioFail("rcpt", err)
-		}
-		if err := c.check("rcpt", r); err != nil {
-			return nil, err
-		}
-		switch {
-		case !mailOK:
-		case r.Code/100 == 2:
-			accepted++
-		default:
-			res.Recipients[i] = r
-		}
 	}
 	done, err := c.readReply(c.t.DataDone)
 	if err != nil {
@@ -354,6 +295,49 @@ func (c *Conn) sendChunked(m *Message) (*Result, error) {
 		fill(res, done)
 	}
 	return res, nil
+}
+
+// readEnvelope reads the replies to MAIL and to each RCPT, and records
+// refusals in res. When not pipelined it writes each RCPT before reading
+// its reply, and sends none after a refused MAIL. It reports whether MAIL
+// was accepted and how many recipients were.
+func (c *Conn) readEnvelope(m *Message, res *Result, pipelined bool) (mailOK bool, accepted int, err error) {
+	mail, err := c.readReply(c.t.Command)
+	if err != nil {
+		return false, 0, c.ioFail("mail", err)
+	}
+	if err := c.check("mail", mail); err != nil {
+		return false, 0, err
+	}
+	if mailOK = mail.Code/100 == 2; !mailOK {
+		fill(res, mail)
+		if !pipelined {
+			return false, 0, nil
+		}
+	}
+	for i := range m.Recipients {
+		if !pipelined {
+			b := c.appendRcpt(c.scratch[:0], &m.Recipients[i])
+			if err := c.writeCommands("rcpt", b); err != nil {
+				return false, 0, err
+			}
+		}
+		r, err := c.readReply(c.t.Command)
+		if err != nil {
+			return false, 0, c.ioFail("rcpt", err)
+		}
+		if err := c.check("rcpt", r); err != nil {
+			return false, 0, err
+		}
+		switch {
+		case !mailOK: // replies to RCPT after a failed MAIL mean nothing
+		case r.Code/100 == 2:
+			accepted++
+		default:
+			res.Recipients[i] = r
+		}
+	}
+	return mailOK, accepted, nil
 }
 
 // check classifies a reply to MAIL, RCPT or ".": 2xx, 4xx and 5xx are
