@@ -66,10 +66,12 @@ func (s *session) Data(r io.Reader) (err error) {
 	if policy == RejectBareLineEndings && bare {
 		return s.reject("bare_line_ending", &mta.ReplyBareLineEnding)
 	}
-	if bare && hasBareLineEnding(body) {
-		if policy == RejectBareLineEndings {
-			return s.reject("bare_line_ending", &mta.ReplyBareLineEnding)
-		}
+	if scanned && bare {
+		// The raw stream had one; go-smtp's dot handling may have
+		// dropped it (".\r" then not LF), so look at the body itself.
+		bare = hasBareLineEnding(body)
+	}
+	if bare {
 		norm := bufferPool.Get().(*bytes.Buffer)
 		defer putBuffer(norm)
 		normalizeLineEndings(norm, body)
