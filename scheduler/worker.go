@@ -127,18 +127,13 @@ func (s *Scheduler) deliver(conn Conn, route Route, w *work, reused bool) error 
 		return nil
 	}
 	env := &Envelope{ID: m.ID, From: m.From, EnvID: m.EnvID, Ret: m.Ret, SMTPUTF8: m.SMTPUTF8, Body8Bit: m.Body8Bit}
-	attempts := 0
-	for _, r := range m.Recipients {
-		if r.Queued && r.Domain == w.key.domain {
-			env.Recipients = append(env.Recipients, r.Recipient)
-			attempts = max(attempts, r.Attempts)
-		}
-	}
+	var attempts int
+	env.Recipients, attempts = pending(m, w.key.domain)
 	if len(env.Recipients) == 0 {
 		return nil
 	}
 	if s.opts.Now().Sub(m.Received) >= s.opts.MaxLifetime {
-		s.expire(w, env, "no attempt made")
+		s.expire(w, addresses(env.Recipients), "no attempt made")
 		return nil
 	}
 	body, err := s.opts.Store.Body(m.ID)
@@ -203,13 +198,8 @@ func (s *Scheduler) deliver(conn Conn, route Route, w *work, reused bool) error 
 func (s *Scheduler) temporary(w *work, m *Message, attempts int, reply string) {
 	next := s.opts.Now().Add(s.backoffFor(attempts + 1))
 	if next.Sub(m.Received) >= s.opts.MaxLifetime {
-		env := &Envelope{}
-		for _, r := range m.Recipients {
-			if r.Queued && r.Domain == w.key.domain {
-				env.Recipients = append(env.Recipients, r.Recipient)
-			}
-		}
-		s.expire(w, env, reply)
+		rcpts, _ := pending(m, w.key.domain)
+		s.expire(w, addresses(rcpts), reply)
 		return
 	}
 	if err := s.opts.Store.Defer(w.key.id, w.key.domain, next, reply); err != nil {
@@ -221,11 +211,7 @@ func (s *Scheduler) temporary(w *work, m *Message, attempts int, reply string) {
 func (s *Scheduler) deferWork(w *work, m *Message, reply string) {
 	attempts := 0
 	if m != nil {
-		for _, r := range m.Recipients {
-			if r.Domain == w.key.domain {
-				attempts = max(attempts, r.Attempts)
-			}
-		}
+		_, attempts = pending(m, w.key.domain)
 	}
 	_ = s.opts.Store.Defer(w.key.id, w.key.domain, s.opts.Now().Add(s.backoffFor(attempts+1)), reply)
 }
@@ -239,11 +225,7 @@ func (s *Scheduler) backoffFor(attempt int) time.Duration {
 
 // expire fails recipients whose message outlived the queue lifetime
 // (RFC 3463 5.4.7: delivery time expired).
-func (s *Scheduler) expire(w *work, env *Envelope, last string) {
-	var rcpts []string
-	for _, r := range env.Recipients {
-		rcpts = append(rcpts, r.Address)
-	}
+func (s *Scheduler) expire(w *work, rcpts []string, last string) {
 	reply := fmt.Sprintf("550 5.4.7 Delivery time expired after %s; last error: %s", s.opts.MaxLifetime, last)
 	s.m.outcomes.WithLabelValues("expired", "").Add(float64(len(rcpts)))
 	if err := s.opts.Store.Failed(w.key.id, rcpts, reply); err != nil {
@@ -260,17 +242,11 @@ func (s *Scheduler) failDomain(w *work, cause error) {
 	if err != nil {
 		return
 	}
-	var rcpts []string
-	attempts := 0
-	for _, r := range m.Recipients {
-		if r.Queued && r.Domain == w.key.domain {
-			rcpts = append(rcpts, r.Address)
-			attempts = max(attempts, r.Attempts)
-		}
-	}
-	if len(rcpts) == 0 {
+	queued, attempts := pending(m, w.key.domain)
+	if len(queued) == 0 {
 		return
 	}
+	rcpts := addresses(queued)
 	var reply *mta.Reply
 	text := cause.Error()
 	if errors.As(cause, &reply) {
@@ -283,4 +259,25 @@ func (s *Scheduler) failDomain(w *work, cause error) {
 	}
 	s.m.outcomes.WithLabelValues("deferred", "").Add(float64(len(rcpts)))
 	s.temporary(w, m, attempts, text)
+}
+
+// pending returns the queued recipients of domain in m, and the most
+// attempts any of them has had.
+func pending(m *Message, domain string) (rcpts []mta.Recipient, attempts int) {
+	for _, r := range m.Recipients {
+		if r.Queued && r.Domain == domain {
+			rcpts = append(rcpts, r.Recipient)
+			attempts = max(attempts, r.Attempts)
+		}
+	}
+	return rcpts, attempts
+}
+
+// addresses returns the addresses of rcpts.
+func addresses(rcpts []mta.Recipient) []string {
+	out := make([]string, len(rcpts))
+	for i, r := range rcpts {
+		out[i] = r.Address
+	}
+	return out
 }
