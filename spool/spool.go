@@ -358,31 +358,27 @@ func (s *Spool) update(op, id string, fn func(m *Message, b *pebble.Batch) error
 	return nil
 }
 
-// dueKeys adds to b the deletion of the due entries of every pending domain
-// of m (those it has while not held).
+// deleteDue adds to b the deletion of the due entries of m's queued
+// recipients (it has none while held).
 func deleteDue(b *pebble.Batch, m *Message) {
-	if m.Held {
-		return
-	}
-	var k keyBuf
-	for i := range m.Recipients {
-		r := &m.Recipients[i]
-		if r.Status == Queued {
-			_ = b.Delete(k.due(r.NextAttempt, m.ID, r.Domain), nil)
-		}
-	}
+	eachDueKey(m, func(key []byte) { _ = b.Delete(key, nil) })
 }
 
-// setDue adds to b the due entries of every pending domain of m.
+// setDue adds to b the due entries of m's queued recipients.
 func setDue(b *pebble.Batch, m *Message) {
+	eachDueKey(m, func(key []byte) { _ = b.Set(key, nil, nil) })
+}
+
+// eachDueKey calls fn with the due-index key of every queued recipient of
+// m, unless m is held. The key is only valid during the call.
+func eachDueKey(m *Message, fn func(key []byte)) {
 	if m.Held {
 		return
 	}
 	var k keyBuf
 	for i := range m.Recipients {
-		r := &m.Recipients[i]
-		if r.Status == Queued {
-			_ = b.Set(k.due(r.NextAttempt, m.ID, r.Domain), nil, nil)
+		if r := &m.Recipients[i]; r.Status == Queued {
+			fn(k.due(r.NextAttempt, m.ID, r.Domain))
 		}
 	}
 }
