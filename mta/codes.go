@@ -44,6 +44,18 @@ var (
 	ReplyBadSender = Reply{501, Enhanced{5, 1, 7}, "Bad sender address syntax"}
 	// ReplyBadRecipient refuses a malformed forward-path.
 	ReplyBadRecipient = Reply{501, Enhanced{5, 1, 3}, "Bad recipient address syntax"}
+	// ReplyNeedsSMTPUTF8 refuses a non-ASCII address in a transaction
+	// without the SMTPUTF8 parameter (RFC 6531 §3.5).
+	ReplyNeedsSMTPUTF8 = Reply{553, Enhanced{5, 6, 7}, "Non-ASCII address requires the SMTPUTF8 parameter"}
+	// ReplyBadDestination refuses a recipient whose domain is not a domain
+	// name that could ever be looked up.
+	ReplyBadDestination = Reply{553, Enhanced{5, 1, 2}, "Bad destination domain"}
+	// ReplyNoAddressLiterals refuses a recipient at an address literal
+	// ([192.0.2.1]): such mail has no route here.
+	ReplyNoAddressLiterals = Reply{553, Enhanced{5, 1, 2}, "Address literals are not accepted as recipients"}
+	// ReplySenderNotOwned refuses a MAIL FROM that the authenticated user
+	// may not use (Postfix: reject_sender_login_mismatch).
+	ReplySenderNotOwned = Reply{553, Enhanced{5, 7, 1}, "Sender address not owned by the authenticated user"}
 	// ReplyNestedMail refuses MAIL inside a transaction (RFC 5321 §4.1.4).
 	ReplyNestedMail = Reply{503, Enhanced{5, 5, 1}, "Error: nested MAIL command"}
 	// ReplyInternal is sent when a handler failed unexpectedly (a recovered panic).

@@ -1,5 +1,7 @@
 // Package auth owns the credentials of SMTP AUTH: a users file of
-// "name:bcrypt-hash" lines, loaded at start.
+// "name:bcrypt-hash[:senders]" lines, loaded at start. The optional third
+// field lists the MAIL FROM addresses the user may use: full addresses and
+// domains ("@example.com" or "example.com"), separated by commas.
 package auth
 
 import (
@@ -14,7 +16,8 @@ import (
 
 // Users is a read-only set of user names with bcrypt password hashes.
 type Users struct {
-	hashes map[string][]byte
+	hashes  map[string][]byte
+	senders map[string][]string // lower-cased addresses and "@domain"s; no entry: any sender
 }
 
 // dummyHash is compared against for unknown users, so that a wrong user name
@@ -29,7 +32,7 @@ func LoadUsers(path string) (*Users, error) {
 	if err != nil {
 		return nil, fmt.Errorf("auth.users_file: %w", err)
 	}
-	u := &Users{hashes: map[string][]byte{}}
+	u := &Users{hashes: map[string][]byte{}, senders: map[string][]string{}}
 	sc := bufio.NewScanner(bytes.NewReader(data))
 	for n := 1; sc.Scan(); n++ {
 		line := strings.TrimSpace(sc.Text())
@@ -38,7 +41,15 @@ func LoadUsers(path string) (*Users, error) {
 		}
 		name, hash, ok := strings.Cut(line, ":")
 		if !ok || name == "" {
-			return nil, fmt.Errorf("auth.users_file %s:%d: want name:bcrypt-hash", path, n)
+			return nil, fmt.Errorf("auth.users_file %s:%d: want name:bcrypt-hash[:senders]", path, n)
+		}
+		hash, senders, restricted := strings.Cut(hash, ":")
+		if restricted {
+			list, err := parseSenders(senders)
+			if err != nil {
+				return nil, fmt.Errorf("auth.users_file %s:%d: user %q: %w", path, n, name, err)
+			}
+			u.senders[name] = list
 		}
 		if _, err := bcrypt.Cost([]byte(hash)); err != nil {
 			return nil, fmt.Errorf("auth.users_file %s:%d: user %q: not a bcrypt hash (make one with `mta user hash`)", path, n, name)
@@ -59,6 +70,47 @@ func (u *Users) Authenticate(user, password string) bool {
 		return false
 	}
 	return bcrypt.CompareHashAndPassword(hash, []byte(password)) == nil
+}
+
+// parseSenders parses the third field of a users file line.
+func parseSenders(field string) ([]string, error) {
+	var list []string
+	for _, s := range strings.Split(field, ",") {
+		s = strings.ToLower(strings.TrimSpace(s))
+		switch {
+		case s == "":
+			continue
+		case !strings.Contains(s, "@"):
+			s = "@" + s
+		case strings.HasPrefix(s, "@") || strings.Count(s, "@") == 1 && !strings.HasSuffix(s, "@"):
+		default:
+			return nil, fmt.Errorf("sender %q: want an address, @domain or domain", s)
+		}
+		list = append(list, s)
+	}
+	if len(list) == 0 {
+		return nil, fmt.Errorf("empty sender list (leave the field out to allow any sender)")
+	}
+	return list, nil
+}
+
+// MaySend reports whether user may use from as the MAIL FROM address: any
+// address when the users file gives the user no sender list, else one on
+// the list or at a domain on it. The null sender is always allowed, as
+// bounces need it.
+func (u *Users) MaySend(user, from string) bool {
+	list, restricted := u.senders[user]
+	if !restricted || from == "" {
+		return true
+	}
+	from = strings.ToLower(from)
+	at := strings.LastIndexByte(from, '@')
+	for _, s := range list {
+		if s == from || at >= 0 && s == from[at:] {
+			return true
+		}
+	}
+	return false
 }
 
 // Hash returns the bcrypt hash of password for a users file.

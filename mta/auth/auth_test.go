@@ -29,3 +29,34 @@ func TestUsersFile(t *testing.T) {
 		t.Fatalf("bad hash: %v", err)
 	}
 }
+
+func TestSenderLists(t *testing.T) {
+	h, _ := Hash("pw")
+	path := filepath.Join(t.TempDir(), "users")
+	os.WriteFile(path, []byte("free:"+h+"\napp:"+h+":noreply@example.com, @mail.example.org,example.net\n"), 0o600)
+	u, err := LoadUsers(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		user, from string
+		ok         bool
+	}{
+		{"free", "anyone@anywhere.test", true},
+		{"app", "noreply@example.com", true},
+		{"app", "NoReply@Example.COM", true},
+		{"app", "other@example.com", false},
+		{"app", "x@mail.example.org", true},
+		{"app", "x@sub.mail.example.org", false},
+		{"app", "x@example.net", true},
+		{"app", "", true},
+	} {
+		if got := u.MaySend(tc.user, tc.from); got != tc.ok {
+			t.Errorf("MaySend(%q, %q) = %v", tc.user, tc.from, got)
+		}
+	}
+	os.WriteFile(path, []byte("app:"+h+":a@b@c\n"), 0o600)
+	if _, err := LoadUsers(path); err == nil || !strings.Contains(err.Error(), ":1: user \"app\": sender") {
+		t.Fatalf("bad sender list: %v", err)
+	}
+}

@@ -61,6 +61,7 @@ type SMTP struct {
 	BareLineEndings        string   `yaml:"bare_line_endings"`         // reject | normalize, for untrusted clients
 	BareLineEndingsTrusted string   `yaml:"bare_line_endings_trusted"` // reject | normalize, for trusted or authenticated clients
 	RejectEarlyData        bool     `yaml:"reject_early_data"`
+	AddMissingHeaders      bool     `yaml:"add_missing_headers"` // Date: and Message-ID: for trusted and authenticated clients
 }
 
 // TLS holds the certificate used for STARTTLS.
@@ -72,8 +73,11 @@ type TLS struct {
 
 // Auth holds SMTP AUTH settings.
 type Auth struct {
-	UsersFile             string `yaml:"users_file"`              // lines "name:bcrypt-hash"; empty: no AUTH
-	CleartextFromLoopback bool   `yaml:"cleartext_from_loopback"` // allow AUTH without TLS from loopback clients
+	UsersFile             string   `yaml:"users_file"`              // lines "name:bcrypt-hash"; empty: no AUTH
+	CleartextFromLoopback bool     `yaml:"cleartext_from_loopback"` // allow AUTH without TLS from loopback clients
+	MaxFailures           int      `yaml:"max_failures"`            // failed AUTH per connection before it is closed
+	ClientFailureLimit    int      `yaml:"client_failure_limit"`    // failed AUTH per client address within the window before it is blocked; 0: no limit
+	ClientFailureWindow   Duration `yaml:"client_failure_window"`   // the window, and how long a blocked address stays blocked
 }
 
 // Spool holds the message store settings.
@@ -173,9 +177,10 @@ func Default() *Config {
 			BareLineEndings:        "reject",
 			BareLineEndingsTrusted: "normalize",
 			RejectEarlyData:        true,
+			AddMissingHeaders:      true,
 		},
 		TLS:  TLS{SelfSigned: true},
-		Auth: Auth{CleartextFromLoopback: true},
+		Auth: Auth{CleartextFromLoopback: true, MaxFailures: 3, ClientFailureLimit: 10, ClientFailureWindow: Duration(10 * 60e9)},
 		Delivery: Delivery{
 			Enabled:                          true,
 			Port:                             25,
@@ -353,6 +358,13 @@ func (c *Config) validate() error {
 		if f.value != "reject" && f.value != "normalize" {
 			bad(f.field, "must be reject or normalize, got %q", f.value)
 		}
+	}
+	positive("auth.max_failures", int64(c.Auth.MaxFailures))
+	if c.Auth.ClientFailureLimit < 0 {
+		bad("auth.client_failure_limit", "must not be negative (0 turns the limit off), got %d", c.Auth.ClientFailureLimit)
+	}
+	if c.Auth.ClientFailureLimit > 0 {
+		positive("auth.client_failure_window", int64(c.Auth.ClientFailureWindow))
 	}
 	if (c.TLS.CertFile == "") != (c.TLS.KeyFile == "") {
 		bad("tls.cert_file", "cert_file and key_file must be set together")

@@ -18,7 +18,6 @@ import (
 
 	"github.com/miekg/dns"
 	"github.com/prometheus/client_golang/prometheus"
-	"golang.org/x/net/idna"
 
 	"github.com/mtaproject/mta/mta"
 )
@@ -283,46 +282,8 @@ func errTemporary(d string, cause error) error {
 	return fmt.Errorf("%w: %w", rep, cause)
 }
 
-// normalize lower-cases domain, trims one trailing dot, converts a
-// non-ASCII name to its A-label form and checks the syntax. It does not
-// allocate for a well-formed lower-case ASCII name.
-func normalize(domain string) (string, bool) {
-	d := strings.TrimSuffix(domain, ".")
-	for i := 0; i < len(d); i++ {
-		if d[i] >= 0x80 {
-			a, err := idna.Lookup.ToASCII(d)
-			if err != nil {
-				return "", false
-			}
-			d = a
-			break
-		}
-	}
-	d = strings.ToLower(d)
-	if len(d) == 0 || len(d) > 253 {
-		return "", false
-	}
-	label := 0
-	for i := 0; i < len(d); i++ {
-		c := d[i]
-		switch {
-		case c == '.':
-			if label == 0 {
-				return "", false
-			}
-			label = 0
-			continue
-		case c >= 'a' && c <= 'z', c >= '0' && c <= '9', c == '-', c == '_':
-		default:
-			return "", false
-		}
-		label++
-		if label > 63 {
-			return "", false
-		}
-	}
-	return d, label > 0
-}
+// normalize is the shared syntax check and canonical form of a domain.
+func normalize(domain string) (string, bool) { return mta.NormalizeDomain(domain) }
 
 // Resolve returns the destination for domain. Errors wrap *mta.Reply, so
 // mta.IsPermanent tells a bounce (5xx) from a deferral (4xx): NXDOMAIN,

@@ -135,6 +135,7 @@ func New(cfg *config.Config, log *zap.Logger) (s *Server, err error) {
 		users = u
 	}
 	limits := smtpd.NewConnLimits(cfg.SMTP.MaxConnections, cfg.SMTP.MaxConnectionsPerIP)
+	authFailures := smtpd.NewAuthFailures(cfg.Auth.ClientFailureLimit, cfg.Auth.ClientFailureWindow.D())
 	m := smtpd.NewMetrics(s.registry)
 	for _, l := range []struct {
 		name, addr string
@@ -161,10 +162,13 @@ func New(cfg *config.Config, log *zap.Logger) (s *Server, err error) {
 			BareLineEndings:           smtpd.LineEndings(cfg.SMTP.BareLineEndings),
 			BareLineEndingsTrusted:    smtpd.LineEndings(cfg.SMTP.BareLineEndingsTrusted),
 			RejectEarlyData:           cfg.SMTP.RejectEarlyData,
+			AddMissingHeaders:         cfg.SMTP.AddMissingHeaders,
 			TLS:                       tlsCfg,
 			Spool:                     acceptor{sp: s.spool, sched: s.sched},
 			Auth:                      users,
 			CleartextAuthFromLoopback: cfg.Auth.CleartextFromLoopback,
+			MaxAuthFailures:           cfg.Auth.MaxFailures,
+			AuthFailures:              authFailures,
 			Limits:                    limits,
 			Metrics:                   m,
 			Logger:                    log.Named("smtpd"),

@@ -3,11 +3,11 @@ package smtpd
 import (
 	"bytes"
 	"errors"
-	"io"
+	"strconv"
+	"strings"
 	"sync"
 	"time"
 
-	"github.com/emersion/go-smtp"
 	"go.uber.org/zap"
 
 	"github.com/mtaproject/mta/mta"
@@ -18,6 +18,8 @@ var bufferPool = sync.Pool{New: func() any { return new(bytes.Buffer) }}
 // maxPooledBuffer keeps one huge message from pinning its buffer forever.
 const maxPooledBuffer = 1 << 20
 
+func getBuffer() *bytes.Buffer { return bufferPool.Get().(*bytes.Buffer) }
+
 func putBuffer(b *bytes.Buffer) {
 	if b.Cap() <= maxPooledBuffer {
 		b.Reset()
@@ -25,74 +27,311 @@ func putBuffer(b *bytes.Buffer) {
 	}
 }
 
-// Data reads the message, checks it, prepends the Received: header and
-// hands it to the spool. The 250 reply carries the queue ID and is only
-// returned once the spool said the message is stored.
-func (s *session) Data(r io.Reader) (err error) {
-	defer s.recoverTo(&err)
-	buf := bufferPool.Get().(*bytes.Buffer)
+// bodyFindings is what reading a message found wrong with it.
+type bodyFindings struct {
+	tooBig   bool // over the size limit (the excess was read and dropped)
+	longLine bool // a line over the line limit
+	bare     bool // a CR or LF outside a CRLF pair
+	nul      bool // a NUL byte
+}
+
+// data answers DATA: 354, then the message up to <CRLF>.<CRLF>, then the
+// verdict.
+func (s *session) data(arg string) {
+	switch {
+	case arg != "":
+		s.refuse("bad_syntax", &mta.Reply{Code: 501, Enhanced: mta.Enhanced{5, 5, 4}, Text: "Syntax: DATA"})
+		return
+	case s.bdat != nil:
+		s.refuse("bad_sequence", &replyInBDAT)
+		return
+	case !s.hasFrom:
+		s.refuse("bad_sequence", &replyNeedMAIL)
+		return
+	case len(s.env.Recipients) == 0:
+		s.refuse("bad_sequence", &replyNeedRCPT)
+		return
+	}
+	if s.srv.opts.RejectEarlyData && s.authUser == "" && s.r.Buffered() > 0 {
+		// DATA ends a pipelined group (RFC 2920 §3.1): content sent
+		// before the 354 comes from a broken client or an attack (SMTP
+		// smuggling). As Postfix's smtpd_forbid_unauth_pipelining does:
+		// refuse and disconnect.
+		s.refuse("sync_error", &mta.ReplySyncError)
+		s.closing = true
+		return
+	}
+	s.replyText(354, mta.Enhanced{}, "End data with <CR><LF>.<CR><LF>")
+	buf := getBuffer()
 	defer putBuffer(buf)
-	if _, rerr := buf.ReadFrom(&deadlineReader{r: r, conn: s.conn, timeout: s.srv.opts.DataTimeout}); rerr != nil {
-		switch {
-		case errors.Is(rerr, smtp.ErrDataTooLarge):
-			return s.reject("message_too_big", &mta.ReplyMessageTooBig)
-		case errors.Is(rerr, smtp.ErrTooLongLine):
-			return s.reject("line_too_long", &mta.ReplyLineTooLong)
-		default:
-			// The connection broke or timed out mid-data: nothing was
-			// accepted, and the reply will most likely not arrive.
-			s.srv.log.Info("message data not received", zap.String("client_ip", s.ip.String()), zap.Error(rerr))
-			return s.reject("data_read_error", mta.ReplySpoolError.With("Error reading message data"))
+	s.inStream = true
+	f, err := s.readData(buf)
+	s.inStream = false
+	if err != nil {
+		s.readFailed(err, true)
+		s.resetTransaction()
+		return
+	}
+	s.finishMessage(buf.Bytes(), f)
+}
+
+var dotCRLF = []byte(".\r\n")
+
+// readData reads message data up to the end-of-data line, undoing the
+// dot-stuffing (RFC 5321 §4.5.2), into dst. The data ends at the first
+// <CRLF>.<CRLF> in the stream, wherever it is, also right after a bare CR
+// (the start of the data counts as following a CRLF); nothing else ends
+// it. Lines are delimited by CRLF only, so a dot after a bare LF is data.
+// dst gets at most the size limit; the rest is read and dropped. The
+// buffered input is scanned in blocks with bytes.Index: no per-byte state
+// machine.
+func (s *session) readData(dst *bytes.Buffer) (bodyFindings, error) {
+	var f bodyFindings
+	limit, maxLine := s.srv.opts.MaxMessageSize, s.srv.opts.MaxLineLength
+	var size int64
+	lineLen := 0
+	atLineStart := true
+	keep := func(b []byte) {
+		size += int64(len(b))
+		if limit > 0 && size > limit {
+			f.tooBig = true
+			return
+		}
+		dst.Write(b)
+	}
+	for {
+		if s.r.Buffered() < len(dotCRLF) { // the reads below may wait
+			if s.r.Buffered() == 0 {
+				if err := s.flush(); err != nil {
+					return f, err
+				}
+			}
+			s.setReadDeadline(s.srv.opts.DataTimeout)
+		}
+		if atLineStart {
+			head, err := s.r.Peek(3)
+			if err != nil && len(head) < 3 && (len(head) == 0 || head[0] == '.') {
+				return f, err
+			}
+			if head[0] == '.' {
+				if bytes.Equal(head, dotCRLF) {
+					_, _ = s.r.Discard(3)
+					return f, nil
+				}
+				_, _ = s.r.Discard(1) // a stuffed dot
+			}
+			atLineStart = false
+		}
+		n := s.r.Buffered()
+		if n == 0 {
+			if _, err := s.r.Peek(1); err != nil {
+				return f, err
+			}
+			n = s.r.Buffered()
+		}
+		buf, _ := s.r.Peek(n)
+		if i := bytes.Index(buf, crlf); i >= 0 {
+			line := buf[:i]
+			f.check(line)
+			if lineLen += i; lineLen > maxLine {
+				f.longLine = true
+			}
+			keep(buf[:i+2])
+			_, _ = s.r.Discard(i + 2)
+			lineLen, atLineStart = 0, true
+			continue
+		}
+		take := len(buf)
+		if buf[take-1] == '\r' {
+			take-- // maybe the CR of a CRLF: decide with the next byte
+		}
+		if take == 0 {
+			if _, err := s.r.Peek(2); err != nil {
+				return f, err
+			}
+			continue
+		}
+		f.check(buf[:take])
+		if lineLen += take; lineLen > maxLine {
+			f.longLine = true
+		}
+		keep(buf[:take])
+		_, _ = s.r.Discard(take)
+	}
+}
+
+var crlf = []byte("\r\n")
+
+// check notes a bare CR or LF, or a NUL, in a piece of a line that holds
+// no CRLF.
+func (f *bodyFindings) check(b []byte) {
+	if !f.bare && (bytes.IndexByte(b, '\r') >= 0 || bytes.IndexByte(b, '\n') >= 0) {
+		f.bare = true
+	}
+	if !f.nul && bytes.IndexByte(b, 0) >= 0 {
+		f.nul = true
+	}
+}
+
+// bdatChunk answers one BDAT command (RFC 3030): the chunk that follows it
+// is read whatever the verdict, so that the stream stays in step.
+func (s *session) bdatChunk(arg string) {
+	sizeArg, last, _ := strings.Cut(arg, " ")
+	last = strings.TrimSpace(last)
+	n, err := strconv.ParseUint(sizeArg, 10, 31)
+	if err != nil || last != "" && !strings.EqualFold(last, "LAST") {
+		// Without a size the end of the chunk is unknown: what follows
+		// cannot be read as commands.
+		s.refuse("bad_syntax", &mta.Reply{Code: 501, Enhanced: mta.Enhanced{5, 5, 4}, Text: "Syntax: BDAT size [LAST]; closing connection"})
+		s.closing = true
+		return
+	}
+	isLast := last != ""
+	var refusal *mta.Reply
+	switch {
+	case !s.hasFrom:
+		refusal = &replyNeedMAIL
+	case len(s.env.Recipients) == 0:
+		refusal = &replyNeedRCPT
+	}
+	if refusal != nil || s.bdatBad {
+		if err := s.discard(int64(n)); err != nil {
+			s.readFailed(err, true)
+			return
+		}
+		if refusal != nil {
+			s.refuse("bad_sequence", refusal)
+			return
+		}
+		if isLast {
+			s.resetTransaction()
+			s.refuse("message_too_big", &mta.ReplyMessageTooBig)
+			return
+		}
+		s.replyText(250, mta.Enhanced{2, 0, 0}, strconv.FormatUint(n, 10)+" octets received")
+		return
+	}
+	if s.bdat == nil {
+		s.bdat = getBuffer()
+	}
+	if int64(s.bdat.Len())+int64(n) > s.srv.opts.MaxMessageSize {
+		s.bdatBad = true // the rest of the message is read and dropped
+		s.bdat.Reset()
+		if err := s.discard(int64(n)); err != nil {
+			s.readFailed(err, true)
+			return
+		}
+		if isLast {
+			s.resetTransaction()
+		}
+		s.refuse("message_too_big", &mta.ReplyMessageTooBig)
+		return
+	}
+	s.bdat.Grow(int(n))
+	chunk := s.bdat.AvailableBuffer()[:n]
+	s.inStream = true
+	err = s.readFull(chunk)
+	s.inStream = false
+	if err != nil {
+		s.readFailed(err, true)
+		s.resetTransaction()
+		return
+	}
+	s.bdat.Write(chunk)
+	if !isLast {
+		s.replyText(250, mta.Enhanced{2, 0, 0}, strconv.FormatUint(n, 10)+" octets received")
+		return
+	}
+	body := s.bdat.Bytes()
+	s.finishMessage(body, scanBody(body, s.srv.opts.MaxLineLength))
+}
+
+// discard reads and drops n bytes of message data.
+func (s *session) discard(n int64) error {
+	for n > 0 {
+		if s.r.Buffered() == 0 {
+			s.setReadDeadline(s.srv.opts.DataTimeout)
+			if _, err := s.r.Peek(1); err != nil {
+				return err
+			}
+		}
+		d, _ := s.r.Discard(int(min(n, int64(s.r.Buffered()))))
+		n -= int64(d)
+	}
+	return nil
+}
+
+// scanBody makes the checks of readData over a whole body received with
+// BDAT, which has no end-of-data line and no dot-stuffing.
+func scanBody(body []byte, maxLine int) bodyFindings {
+	var f bodyFindings
+	for len(body) > 0 {
+		i := bytes.Index(body, crlf)
+		line := body
+		if i >= 0 {
+			line, body = body[:i], body[i+2:]
+		} else {
+			body = nil
+		}
+		f.check(line)
+		if len(line) > maxLine {
+			f.longLine = true
 		}
 	}
-	// On cleartext DATA the raw stream was checked as it arrived, before
-	// go-smtp's dot handling (which adds no CR or LF, so a clean stream
-	// means a clean body). Over TLS, and for BDAT, check the body.
-	bare, early, scanned := s.conn.sync.take()
-	if early && s.authUser == "" {
-		return s.reject("sync_error", &mta.ReplySyncError)
-	}
-	body := buf.Bytes()
-	if bytes.IndexByte(body, 0) >= 0 {
-		return s.reject("nul_byte", &mta.ReplyNULByte)
-	}
+	return f
+}
+
+// finishMessage decides on a message read in full: refuse it, or normalise
+// it, add our headers and hand it to the spool. The 250 carries the queue
+// ID and is only queued once the spool said the message is stored.
+func (s *session) finishMessage(body []byte, f bodyFindings) {
+	defer s.resetTransaction()
 	policy := s.srv.opts.BareLineEndings
 	if s.mayRelay() {
 		policy = s.srv.opts.BareLineEndingsTrusted
 	}
-	if !scanned {
-		bare = hasBareLineEnding(body)
+	switch {
+	case f.tooBig:
+		s.refuse("message_too_big", &mta.ReplyMessageTooBig)
+		return
+	case f.longLine:
+		s.refuse("line_too_long", &mta.ReplyLineTooLong)
+		return
+	case f.nul:
+		s.refuse("nul_byte", &mta.ReplyNULByte)
+		return
+	case f.bare && policy == RejectBareLineEndings:
+		s.refuse("bare_line_ending", &mta.ReplyBareLineEnding)
+		return
 	}
-	if policy == RejectBareLineEndings && bare {
-		return s.reject("bare_line_ending", &mta.ReplyBareLineEnding)
-	}
-	if scanned && bare {
-		// The raw stream had one; go-smtp's dot handling may have
-		// dropped it (".\r" then not LF), so look at the body itself.
-		bare = hasBareLineEnding(body)
-	}
-	if bare {
-		norm := bufferPool.Get().(*bytes.Buffer)
+	if f.bare {
+		norm := getBuffer()
 		defer putBuffer(norm)
 		normalizeLineEndings(norm, body)
 		body = norm.Bytes()
 	}
-
 	sp := s.srv.opts.Spool
 	id := sp.NewID()
 	now := time.Now()
-	hdr := s.received(make([]byte, 0, 256), id, now)
+	hdr := s.received(make([]byte, 0, 320), id, now)
+	if s.srv.opts.AddMissingHeaders && (s.mayRelay() || s.srv.opts.Submission) {
+		hdr = appendMissingHeaders(hdr, body, id, s.srv.opts.Hostname, now)
+	}
 	env := s.env
 	env.Received = now
 	if err := s.accept(id, &env, hdr, body); err != nil {
 		if errors.Is(err, errShuttingDown) {
-			return s.reject("shutting_down", &mta.ReplyShuttingDown)
+			s.refuse("shutting_down", &mta.ReplyShuttingDown)
+			s.closing = true
+			return
 		}
 		s.srv.log.Error("message not stored", zap.String("id", id), zap.String("client_ip", s.ip.String()), zap.Error(err))
 		if errors.Is(err, mta.ErrStorageFull) {
-			return s.reject("storage_full", &mta.ReplyDiskFull)
+			s.refuse("storage_full", &mta.ReplyDiskFull)
+		} else {
+			s.refuse("spool_error", &mta.ReplySpoolError)
 		}
-		return s.reject("spool_error", &mta.ReplySpoolError)
+		return
 	}
 	size := len(hdr) + len(body)
 	s.srv.acceptedMsgs.Inc()
@@ -105,7 +344,7 @@ func (s *session) Data(r io.Reader) (err error) {
 		}
 		ce.Write(fields...)
 	}
-	return toSMTP(mta.ReplyQueued.With("Ok: queued as " + id))
+	s.replyText(250, mta.Enhanced{2, 0, 0}, "Ok: queued as "+id)
 }
 
 var errShuttingDown = errors.New("smtpd: shutting down")
@@ -118,25 +357,6 @@ func (s *session) accept(id string, env *mta.Envelope, hdr, body []byte) error {
 		return errShuttingDown
 	}
 	return s.srv.opts.Spool.Accept(id, env, hdr, body)
-}
-
-// deadlineReader keeps moving the read deadline while message data
-// arrives, so a large message is not cut off by the command timeout: the
-// client must send some data every timeout. The deadline is moved when a
-// tenth of it has passed, not on every read.
-type deadlineReader struct {
-	r       io.Reader
-	conn    *trackedConn
-	timeout time.Duration
-	set     time.Time
-}
-
-func (d *deadlineReader) Read(b []byte) (int, error) {
-	if now := time.Now(); now.Sub(d.set) > d.timeout/10 {
-		_ = d.conn.SetReadDeadline(now.Add(d.timeout))
-		d.set = now
-	}
-	return d.r.Read(b)
 }
 
 // hasBareLineEnding reports whether b has a CR or LF outside a CRLF pair.
@@ -180,12 +400,15 @@ func (s *session) received(b []byte, id string, now time.Time) []byte {
 	b = append(b, "])\r\n\tby "...)
 	b = append(b, s.srv.opts.Hostname...)
 	b = append(b, " (mta) with "...)
-	if s.env.SMTPUTF8 {
+	switch {
+	case s.env.SMTPUTF8:
 		b = append(b, "UTF8SMTP"...)
-	} else {
+	case s.esmtp:
 		b = append(b, "ESMTP"...)
+	default:
+		b = append(b, "SMTP"...)
 	}
-	if s.tls {
+	if s.tls != nil {
 		b = append(b, 'S')
 	}
 	if s.authUser != "" {

@@ -22,6 +22,11 @@ type fixedAuth map[string]string
 
 func (a fixedAuth) Authenticate(u, p string) bool { pw, ok := a[u]; return ok && pw == p }
 
+// MaySend lets "restricted" use only addresses at restricted.test.
+func (a fixedAuth) MaySend(u, from string) bool {
+	return u != "restricted" || strings.HasSuffix(from, "@restricted.test")
+}
+
 type testServer struct {
 	addr    string
 	srv     *Server

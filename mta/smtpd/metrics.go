@@ -11,6 +11,8 @@ type Metrics struct {
 	bytes       *prometheus.CounterVec
 	rejected    *prometheus.CounterVec
 	auth        *prometheus.CounterVec
+	authBlocks  prometheus.Counter
+	starttls    *prometheus.CounterVec
 	panics      prometheus.Counter
 }
 
@@ -37,14 +39,20 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 			Name: "mta_smtpd_rejections_total", Help: "Commands or messages refused, by listener and reason.",
 		}, []string{"listener", "reason"}),
 		auth: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "mta_smtpd_auth_total", Help: "AUTH attempts by result (success, failure).",
+			Name: "mta_smtpd_auth_total", Help: "AUTH attempts by result (success, failure, blocked: refused unchecked because the client address is blocked).",
+		}, []string{"result"}),
+		authBlocks: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "mta_smtpd_auth_blocks_total", Help: "Client addresses blocked from AUTH after too many failures within the window.",
+		}),
+		starttls: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "mta_smtpd_starttls_total", Help: "Inbound STARTTLS handshakes by result (ok, failed).",
 		}, []string{"result"}),
 		panics: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "mta_smtpd_panics_total", Help: "Panics recovered in SMTP session handlers (each answered 451).",
 		}),
 	}
 	if reg != nil {
-		reg.MustRegister(m.connections, m.active, m.refused, m.accepted, m.bytes, m.rejected, m.auth, m.panics)
+		reg.MustRegister(m.connections, m.active, m.refused, m.accepted, m.bytes, m.rejected, m.auth, m.authBlocks, m.starttls, m.panics)
 	}
 	return m
 }

@@ -1,197 +1,319 @@
 package smtpd
 
 import (
+	"bufio"
+	"bytes"
+	"crypto/tls"
 	"errors"
+	"io"
+	"net"
 	"net/netip"
 	"runtime/debug"
-	"strings"
+	"strconv"
+	"sync/atomic"
 	"time"
 
-	"github.com/emersion/go-sasl"
-	"github.com/emersion/go-smtp"
 	"go.uber.org/zap"
 
 	"github.com/mtaproject/mta/mta"
 )
 
-// session is one SMTP session, from EHLO to QUIT (go-smtp starts a new one
-// after STARTTLS). go-smtp calls its methods from the connection's
-// goroutine only.
+// readBufferSize is the size of a session's input buffer: one read takes a
+// whole pipelined group of commands, or a large block of message data.
+const readBufferSize = 32 << 10
+
+// maxErrors closes a session after this many refused commands (Postfix's
+// smtpd_hard_error_limit).
+const maxErrors = 20
+
+// session is one SMTP connection, from the greeting to the close. It owns
+// the protocol dialogue: the edge reads commands and message data itself,
+// so that where a message ends, what a timeout does and which reply each
+// error gets are decided here (see docs/smtp-edge.md). Only the session's
+// goroutine touches its fields, except busy and raw, which Shutdown uses.
 type session struct {
-	srv      *Server
-	conn     *trackedConn
+	srv *Server
+	raw net.Conn  // the TCP connection
+	nc  net.Conn  // raw, or the TLS connection over it after STARTTLS
+	tls *tls.Conn // nc after STARTTLS, else nil
+	r   *bufio.Reader
+	out []byte // replies not yet written
+
 	ip       netip.Addr
-	helo     string
-	tls      bool
+	helo     string // "" until HELO or EHLO
+	esmtp    bool   // the client said EHLO
 	trusted  bool
 	authUser string
-	env      mta.Envelope
-	hasFrom  bool
+
+	authFailures int
+	errors       int
+	closing      bool // close after the replies written so far
+	inStream     bool // reading message data: a panic now loses the place in the stream
+
+	// The transaction.
+	env     mta.Envelope
+	hasFrom bool
+	bdat    *bytes.Buffer // the chunks so far of a BDAT message; nil outside one
+	bdatBad bool          // a chunk of this BDAT message was over the size limit
+
+	busy         atomic.Bool // inside a transaction: Shutdown lets it finish
+	deadlineTill time.Time   // the read deadline last set
+	params       []param     // reused between commands
 }
 
-// recoverTo turns a panic in a handler into a 451 reply and a metric: no
-// panic reaches the client as a dropped connection or a stack trace.
-func (s *session) recoverTo(err *error) {
+func newSession(s *Server, c net.Conn, ip netip.Addr) *session {
+	return &session{
+		srv:     s,
+		raw:     c,
+		nc:      c,
+		r:       bufio.NewReaderSize(c, max(readBufferSize, s.opts.MaxLineLength+2)),
+		ip:      ip,
+		trusted: s.opts.Trusted(ip),
+	}
+}
+
+// serve runs the dialogue until QUIT, an error or the server stopping.
+func (s *session) serve() {
+	defer s.close()
+	s.replyText(220, mta.Enhanced{}, s.srv.opts.Hostname+" ESMTP mta")
+	for !s.closing {
+		if !s.busy.Load() && s.srv.isStopping() {
+			s.reply(&mta.ReplyShuttingDown)
+			return
+		}
+		line, err := s.readLine(s.srv.opts.CommandTimeout)
+		if err != nil {
+			s.readFailed(err, false)
+			return
+		}
+		s.dispatch(line)
+	}
+}
+
+// close writes what is pending and closes the connection cleanly.
+func (s *session) close() {
+	_ = s.flush()
+	var tc interface{ CloseWrite() error }
+	if s.tls != nil {
+		tc = s.tls
+	}
+	lingerClose(s.raw, tc)
+}
+
+// readFailed ends the session after a read error. A timeout gets a 421
+// (with "shutting down" when that is why); a client that went away gets
+// nothing. inData says the error came in the middle of message data: the
+// session closes either way, because where the data would have ended is
+// now unknown, and reading on would execute the rest of the message as
+// commands.
+func (s *session) readFailed(err error, inData bool) {
+	var ne net.Error
+	switch {
+	case errors.Is(err, errLineTooLong):
+		s.srv.opts.Metrics.rejected.WithLabelValues(s.srv.opts.Name, "line_too_long").Inc()
+		s.reply(&replyCommandTooLong)
+	case errors.As(err, &ne) && ne.Timeout():
+		if s.srv.isStopping() && !s.busy.Load() {
+			s.reply(&mta.ReplyShuttingDown)
+			break
+		}
+		reason := "command_timeout"
+		if inData {
+			reason = "data_timeout"
+		}
+		s.srv.opts.Metrics.rejected.WithLabelValues(s.srv.opts.Name, reason).Inc()
+		s.reply(&replyTimeout)
+	default:
+		if inData {
+			s.srv.log.Info("connection lost during message data", zap.String("client_ip", s.ip.String()), zap.Error(err))
+		}
+	}
+	s.closing = true
+}
+
+var errLineTooLong = errors.New("smtpd: line too long")
+
+// readLine returns the next command line without its line ending. Replies
+// held back are written first unless a whole line is already buffered
+// (the client is pipelining and waits for nothing).
+func (s *session) readLine(timeout time.Duration) ([]byte, error) {
+	if !s.lineBuffered() {
+		if err := s.flush(); err != nil {
+			return nil, err
+		}
+		s.setReadDeadline(timeout)
+	}
+	line, err := s.r.ReadSlice('\n')
+	if err == bufio.ErrBufferFull || err == nil && len(line) > s.srv.opts.MaxLineLength+2 {
+		return nil, errLineTooLong
+	}
+	if err != nil {
+		return nil, err
+	}
+	line = line[:len(line)-1]
+	if n := len(line); n > 0 && line[n-1] == '\r' {
+		line = line[:n-1]
+	}
+	return line, nil
+}
+
+func (s *session) lineBuffered() bool {
+	n := s.r.Buffered()
+	if n == 0 {
+		return false
+	}
+	b, _ := s.r.Peek(n)
+	return bytes.IndexByte(b, '\n') >= 0
+}
+
+// setReadDeadline arms the read deadline for a wait of timeout. It is moved
+// only when a tenth of the timeout has passed since it was last set, so
+// that a pipelining client does not pay for a timer per command.
+func (s *session) setReadDeadline(timeout time.Duration) {
+	if timeout <= 0 {
+		return
+	}
+	now := time.Now()
+	if till := now.Add(timeout); till.Sub(s.deadlineTill) > timeout/10 || s.deadlineTill.Before(now) {
+		_ = s.raw.SetReadDeadline(till)
+		s.deadlineTill = till
+	}
+}
+
+// reply queues r for the client.
+func (s *session) reply(r *mta.Reply) { s.replyText(r.Code, r.Enhanced, r.Text) }
+
+// replyText queues one single-line reply.
+func (s *session) replyText(code int, enh mta.Enhanced, text string) {
+	s.out = strconv.AppendInt(s.out, int64(code), 10)
+	s.out = append(s.out, ' ')
+	if enh != (mta.Enhanced{}) {
+		s.out = appendEnhanced(s.out, enh)
+		s.out = append(s.out, ' ')
+	}
+	s.out = append(s.out, text...)
+	s.out = append(s.out, "\r\n"...)
+}
+
+// replyLines queues a multi-line reply (RFC 5321 §4.2.1).
+func (s *session) replyLines(code int, lines []string) {
+	for i, l := range lines {
+		s.out = strconv.AppendInt(s.out, int64(code), 10)
+		if i < len(lines)-1 {
+			s.out = append(s.out, '-')
+		} else {
+			s.out = append(s.out, ' ')
+		}
+		s.out = append(s.out, l...)
+		s.out = append(s.out, "\r\n"...)
+	}
+}
+
+func appendEnhanced(b []byte, e mta.Enhanced) []byte {
+	b = strconv.AppendInt(b, int64(e[0]), 10)
+	b = append(b, '.')
+	b = strconv.AppendInt(b, int64(e[1]), 10)
+	b = append(b, '.')
+	return strconv.AppendInt(b, int64(e[2]), 10)
+}
+
+// flush writes the replies held back. RFC 2920 §3.2 lets a server hold
+// replies while pipelined commands are pending; they are always written
+// before the session waits for input, so no client waits for a reply
+// that was held back.
+func (s *session) flush() error {
+	if len(s.out) == 0 {
+		return nil
+	}
+	if t := s.srv.opts.CommandTimeout; t > 0 {
+		_ = s.raw.SetWriteDeadline(time.Now().Add(t))
+	}
+	_, err := s.nc.Write(s.out)
+	if cap(s.out) > 64<<10 {
+		s.out = nil
+	} else {
+		s.out = s.out[:0]
+	}
+	return err
+}
+
+// refuse queues r as the answer to a refused command and counts it; a
+// client that keeps getting refused is disconnected.
+func (s *session) refuse(reason string, r *mta.Reply) {
+	s.srv.opts.Metrics.rejected.WithLabelValues(s.srv.opts.Name, reason).Inc()
+	s.reply(r)
+	if r.Code >= 500 {
+		if s.errors++; s.errors >= maxErrors {
+			s.reply(&replyTooManyErrors)
+			s.closing = true
+		}
+	}
+}
+
+// recoverPanic turns a panic in a command handler into a 451 reply and a
+// metric: no panic reaches the client as a dropped connection or a stack
+// trace. After a panic inside message data the position in the stream is
+// unknown, so the session closes.
+func (s *session) recoverPanic() {
 	if r := recover(); r != nil {
 		s.srv.opts.Metrics.panics.Inc()
 		s.srv.log.Error("panic in SMTP session", zap.Any("panic", r), zap.String("client_ip", s.ip.String()),
 			zap.ByteString("stack", debug.Stack()))
-		*err = toSMTP(&mta.ReplyInternal)
+		s.reply(&mta.ReplyInternal)
+		s.resetTransaction()
+		if s.inStream {
+			s.closing = true
+		}
 	}
 }
 
-func (s *session) reject(reason string, r *mta.Reply) error {
-	s.srv.opts.Metrics.rejected.WithLabelValues(s.srv.opts.Name, reason).Inc()
-	return toSMTP(r)
+// resetTransaction forgets the transaction (RSET, end of data, EHLO).
+func (s *session) resetTransaction() {
+	s.env = mta.Envelope{}
+	s.hasFrom = false
+	if s.bdat != nil {
+		putBuffer(s.bdat)
+		s.bdat = nil
+	}
+	s.bdatBad = false
+	s.busy.Store(false)
 }
 
 // mayRelay reports whether the client may send to any domain.
 func (s *session) mayRelay() bool { return s.trusted || s.authUser != "" }
 
-func (s *session) Mail(from string, opts *smtp.MailOptions) (err error) {
-	defer s.recoverTo(&err)
-	if s.hasFrom {
-		return s.reject("bad_sequence", &mta.ReplyNestedMail)
-	}
-	if s.srv.opts.Submission && s.authUser == "" {
-		return s.reject("auth_required", &mta.ReplyAuthRequired)
-	}
-	size := int64(0)
-	if opts != nil {
-		size = opts.Size
-	}
-	if err := s.srv.opts.Spool.Room(size); err != nil {
-		if errors.Is(err, mta.ErrStorageFull) {
-			return s.reject("storage_full", &mta.ReplyDiskFull)
+// readFull reads exactly len(b) bytes of message data.
+func (s *session) readFull(b []byte) error {
+	for len(b) > 0 {
+		if s.r.Buffered() == 0 {
+			s.setReadDeadline(s.srv.opts.DataTimeout)
 		}
-		return s.reject("spool_error", &mta.ReplySpoolError)
-	}
-	s.env = mta.Envelope{From: from, ClientIP: s.ip.String(), HELO: s.helo, AuthUser: s.authUser}
-	if opts != nil {
-		s.env.EnvID = opts.EnvelopeID
-		s.env.Ret = mta.Return(opts.Return)
-		s.env.SMTPUTF8 = opts.UTF8
-		s.env.Body8Bit = opts.Body == smtp.Body8BitMIME
-	}
-	s.hasFrom = true
-	s.conn.busy.Store(true)
-	return nil
-}
-
-func (s *session) Rcpt(to string, opts *smtp.RcptOptions) (err error) {
-	defer s.recoverTo(&err)
-	domain := mta.Domain(to)
-	if domain == "" { // go-smtp's parser already refuses most of these
-
-		return s.reject("bad_recipient", mta.ReplyBadRecipient.With("Recipient address must be fully qualified"))
-	}
-	if domain != "" && !s.mayRelay() && !s.srv.local[domain] {
-		return s.reject("relay_denied", &mta.ReplyRelayDenied)
-	}
-	if len(s.env.Recipients) >= s.srv.opts.MaxRecipients {
-		return s.reject("too_many_recipients", &mta.ReplyTooManyRecipients)
-	}
-	r := mta.Recipient{Address: to}
-	if opts != nil {
-		for _, n := range opts.Notify {
-			switch n {
-			case smtp.DSNNotifyNever:
-				r.Notify |= mta.NotifyNever
-			case smtp.DSNNotifySuccess:
-				r.Notify |= mta.NotifySuccess
-			case smtp.DSNNotifyFailure:
-				r.Notify |= mta.NotifyFailure
-			case smtp.DSNNotifyDelayed:
-				r.Notify |= mta.NotifyDelay
+		n, err := s.r.Read(b)
+		b = b[n:]
+		if err != nil {
+			if err == io.EOF && len(b) == 0 {
+				return nil
 			}
-		}
-		if opts.OriginalRecipient != "" {
-			r.ORcptType = string(opts.OriginalRecipientType)
-			r.ORcpt = opts.OriginalRecipient
+			return err
 		}
 	}
-	s.env.Recipients = append(s.env.Recipients, r)
 	return nil
 }
 
-func (s *session) Reset() {
-	s.env = mta.Envelope{}
-	s.hasFrom = false
-	s.conn.busy.Store(false)
-}
-
-func (s *session) Logout() error {
-	s.conn.busy.Store(false)
-	return nil
-}
-
-// authAllowed: AUTH only over TLS, or from loopback where nobody can listen.
-func (s *session) authAllowed() bool {
-	return s.srv.opts.Auth != nil && (s.tls || s.srv.opts.CleartextAuthFromLoopback && s.ip.IsLoopback())
-}
-
-func (s *session) AuthMechanisms() []string {
-	if !s.authAllowed() {
-		return nil
-	}
-	return []string{sasl.Plain, sasl.Login}
-}
-
-func (s *session) Auth(mech string) (sasl.Server, error) {
-	if s.srv.opts.Auth == nil {
-		return nil, smtp.ErrAuthUnsupported
-	}
-	if !s.authAllowed() {
-		return nil, toSMTP(&mta.ReplyEncryptionRequired)
-	}
-	check := func(identity, user, pass string) error {
-		if identity != "" && identity != user {
-			s.srv.opts.Metrics.auth.WithLabelValues("failure").Inc()
-			return smtp.ErrAuthFailed
-		}
-		if !s.srv.opts.Auth.Authenticate(user, pass) {
-			s.srv.opts.Metrics.auth.WithLabelValues("failure").Inc()
-			s.srv.log.Info("authentication failed", zap.String("client_ip", s.ip.String()), zap.String("user", user))
-			time.Sleep(s.srv.opts.AuthFailureDelay)
-			return smtp.ErrAuthFailed
-		}
-		s.srv.opts.Metrics.auth.WithLabelValues("success").Inc()
-		s.authUser = user
-		return nil
-	}
-	switch strings.ToUpper(mech) {
-	case sasl.Plain:
-		return sasl.NewPlainServer(check), nil
-	case sasl.Login:
-		return &loginServer{check: check}, nil
-	}
-	return nil, smtp.ErrAuthUnknownMechanism
-}
-
-// loginServer is the server side of the LOGIN mechanism
-// (draft-murchison-sasl-login): it asks for the user name, then the
-// password, and accepts an initial response as the user name.
-type loginServer struct {
-	check func(identity, user, pass string) error
-	user  string
-	step  int
-}
-
-func (l *loginServer) Next(response []byte) ([]byte, bool, error) {
-	switch l.step {
-	case 0:
-		l.step = 1
-		if response == nil {
-			return []byte("Username:"), false, nil
-		}
-		l.user, l.step = string(response), 2
-		return []byte("Password:"), false, nil
-	case 1:
-		l.user, l.step = string(response), 2
-		return []byte("Password:"), false, nil
-	case 2:
-		l.step = 3
-		return nil, true, l.check("", l.user, string(response))
-	}
-	return nil, true, sasl.ErrUnexpectedClientResponse
-}
+// Replies of the dialogue itself (the policy replies are in package mta).
+var (
+	replyTimeout        = mta.Reply{Code: 421, Enhanced: mta.Enhanced{4, 4, 2}, Text: "Error: timeout exceeded, closing connection"}
+	replyCommandTooLong = mta.Reply{Code: 500, Enhanced: mta.Enhanced{5, 5, 2}, Text: "Error: command line too long, closing connection"}
+	replyTooManyErrors  = mta.Reply{Code: 421, Enhanced: mta.Enhanced{4, 7, 0}, Text: "Error: too many errors, closing connection"}
+	replyBadSyntax      = mta.Reply{Code: 500, Enhanced: mta.Enhanced{5, 5, 2}, Text: "Error: bad syntax"}
+	replyUnknown        = mta.Reply{Code: 500, Enhanced: mta.Enhanced{5, 5, 2}, Text: "Error: command not recognized"}
+	replyNotImplemented = mta.Reply{Code: 502, Enhanced: mta.Enhanced{5, 5, 1}, Text: "Error: command not implemented"}
+	replyNotSMTP        = mta.Reply{Code: 521, Enhanced: mta.Enhanced{5, 7, 0}, Text: "Error: this is an SMTP server, closing connection"}
+	replyHELOFirst      = mta.Reply{Code: 503, Enhanced: mta.Enhanced{5, 5, 1}, Text: "Error: send HELO/EHLO first"}
+	replyNeedMAIL       = mta.Reply{Code: 503, Enhanced: mta.Enhanced{5, 5, 1}, Text: "Error: need MAIL command"}
+	replyNeedRCPT       = mta.Reply{Code: 503, Enhanced: mta.Enhanced{5, 5, 1}, Text: "Error: need RCPT command"}
+	replyInBDAT         = mta.Reply{Code: 503, Enhanced: mta.Enhanced{5, 5, 1}, Text: "Error: BDAT message in progress; send BDAT or RSET"}
+	replyUnknownParam   = mta.Reply{Code: 555, Enhanced: mta.Enhanced{5, 5, 4}, Text: "Unsupported parameter"}
+	replyBadParam       = mta.Reply{Code: 501, Enhanced: mta.Enhanced{5, 5, 4}, Text: "Bad parameter syntax"}
+	replyOK             = mta.Reply{Code: 250, Enhanced: mta.Enhanced{2, 0, 0}, Text: "Ok"}
+)

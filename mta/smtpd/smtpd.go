@@ -10,7 +10,6 @@ import (
 	"sync"
 	"time"
 
-	"github.com/emersion/go-smtp"
 	"github.com/prometheus/client_golang/prometheus"
 	"go.uber.org/zap"
 
@@ -30,10 +29,14 @@ type Spooler interface {
 	Room(size int64) error
 }
 
-// Authenticator checks AUTH credentials.
+// Authenticator checks AUTH credentials and what an authenticated user may
+// put in MAIL FROM.
 type Authenticator interface {
 	// Authenticate reports whether password is right for user.
 	Authenticate(user, password string) bool
+	// MaySend reports whether user may use the reverse-path from ("" is
+	// the null sender).
+	MaySend(user, from string) bool
 }
 
 // LineEndings is the policy for a bare CR or LF inside message data.
@@ -60,16 +63,26 @@ type Options struct {
 	// BareLineEndings applies to untrusted, unauthenticated clients;
 	// BareLineEndingsTrusted to the others.
 	BareLineEndings, BareLineEndingsTrusted LineEndings
-	RejectEarlyData                         bool        // refuse content sent before the 354 reply (cleartext only)
-	TLS                                     *tls.Config // nil: no STARTTLS
-	Spool                                   Spooler
-	Auth                                    Authenticator // nil: no AUTH
+	RejectEarlyData                         bool // refuse content sent before the 354 reply, from unauthenticated clients
+	// AddMissingHeaders adds Date: and Message-ID: to messages from
+	// trusted and authenticated clients that lack them (RFC 6409 §8.3).
+	AddMissingHeaders bool
+	TLS               *tls.Config // nil: no STARTTLS
+	Spool             Spooler
+	Auth              Authenticator // nil: no AUTH
 	// CleartextAuthFromLoopback allows AUTH without TLS from loopback
 	// clients, where nobody can listen in.
 	CleartextAuthFromLoopback bool
-	Limits                    *ConnLimits // shared between listeners
-	Metrics                   *Metrics    // shared between listeners
-	Logger                    *zap.Logger
+	// MaxAuthFailures closes a connection after this many failed AUTH
+	// attempts; zero means 3.
+	MaxAuthFailures int
+	// AuthFailures counts failed AUTH per client address across
+	// connections and listeners, and refuses AUTH from an address over its
+	// limit; nil: no such limit.
+	AuthFailures *AuthFailures
+	Limits       *ConnLimits // shared between listeners
+	Metrics      *Metrics    // shared between listeners
+	Logger       *zap.Logger
 	// AuthFailureDelay is slept after a failed AUTH, to slow password
 	// guessing; zero means one second.
 	AuthFailureDelay time.Duration
@@ -78,12 +91,15 @@ type Options struct {
 // Server is one SMTP listener.
 type Server struct {
 	opts  Options
-	smtp  *smtp.Server
 	local map[string]bool
-	log   *zap.Logger
+	// postmaster is where RCPT TO:<Postmaster> goes (RFC 5321 §4.1.1.3).
+	postmaster string
+	log        *zap.Logger
 
 	mu       sync.Mutex
-	conns    map[*trackedConn]struct{}
+	ln       net.Listener
+	sessions map[*session]struct{}
+	wg       sync.WaitGroup
 	stopping bool
 
 	// acceptMu is held for reading while a message is handed to the
@@ -107,142 +123,157 @@ func New(opts Options) *Server {
 	if opts.AuthFailureDelay == 0 {
 		opts.AuthFailureDelay = time.Second
 	}
-	s := &Server{opts: opts, local: map[string]bool{}, conns: map[*trackedConn]struct{}{},
+	if opts.MaxAuthFailures <= 0 {
+		opts.MaxAuthFailures = 3
+	}
+	if opts.Limits == nil {
+		opts.Limits = NewConnLimits(1000, 1000)
+	}
+	if opts.Metrics == nil {
+		opts.Metrics = NewMetrics(nil)
+	}
+	s := &Server{opts: opts, local: map[string]bool{}, sessions: map[*session]struct{}{},
 		log: opts.Logger.With(zap.String("listener", opts.Name))}
 	s.acceptedMsgs = opts.Metrics.accepted.WithLabelValues(opts.Name)
 	s.acceptedBytes = opts.Metrics.bytes.WithLabelValues(opts.Name)
 	for _, d := range opts.LocalDomains {
 		s.local[strings.ToLower(d)] = true
 	}
-	srv := smtp.NewServer(backend{s})
-	srv.Domain = opts.Hostname
-	srv.MaxMessageBytes = opts.MaxMessageSize
-	srv.MaxLineLength = opts.MaxLineLength
-	srv.MaxRecipients = 0 // enforced in Rcpt, so that it is counted
-	srv.ReadTimeout = opts.CommandTimeout
-	srv.WriteTimeout = opts.CommandTimeout
-	srv.TLSConfig = opts.TLS
-	srv.AllowInsecureAuth = true // decided per connection in AuthMechanisms
-	srv.EnableSMTPUTF8 = true
-	srv.EnableDSN = true
-	srv.ErrorLog = zapErrorLog{s.log}
-	s.smtp = srv
+	s.postmaster = "postmaster@" + opts.Hostname
+	if len(opts.LocalDomains) > 0 {
+		s.postmaster = "postmaster@" + strings.ToLower(opts.LocalDomains[0])
+	}
 	return s
 }
 
 // Serve accepts connections on l until Shutdown. It returns nil after a
 // shutdown.
 func (s *Server) Serve(l net.Listener) error {
-	err := s.smtp.Serve(&listener{Listener: l, srv: s})
-	if errors.Is(err, smtp.ErrServerClosed) || errors.Is(err, net.ErrClosed) {
+	s.mu.Lock()
+	if s.stopping {
+		s.mu.Unlock()
+		l.Close()
 		return nil
 	}
-	return err
+	s.ln = l
+	s.mu.Unlock()
+	var delay time.Duration
+	for {
+		c, err := l.Accept()
+		if err != nil {
+			s.mu.Lock()
+			stopping := s.stopping
+			s.mu.Unlock()
+			if stopping || errors.Is(err, net.ErrClosed) {
+				return nil
+			}
+			// EMFILE and friends: wait and go on rather than stop serving.
+			delay = min(max(2*delay, 5*time.Millisecond), time.Second)
+			s.log.Warn("accept failed, retrying", zap.Error(err), zap.Duration("in", delay))
+			time.Sleep(delay)
+			continue
+		}
+		delay = 0
+		s.admit(c)
+	}
 }
 
-// Shutdown stops accepting connections, lets transactions in flight finish,
-// and closes idle connections (go-smtp tells them "421 4.4.2"). When ctx
-// ends first, it closes every connection still open.
+// admit applies the connection limits and starts a session.
+func (s *Server) admit(c net.Conn) {
+	ip := remoteIP(c)
+	if reply, reason := s.opts.Limits.acquire(ip); reply != nil {
+		s.opts.Metrics.refused.WithLabelValues(s.opts.Name, reason).Inc()
+		go refuse(c, reply)
+		return
+	}
+	sess := newSession(s, c, ip)
+	s.mu.Lock()
+	if s.stopping {
+		s.mu.Unlock()
+		s.opts.Limits.release(ip)
+		go refuse(c, &mta.ReplyShuttingDown)
+		return
+	}
+	s.sessions[sess] = struct{}{}
+	s.wg.Add(1)
+	s.mu.Unlock()
+	s.opts.Metrics.connections.WithLabelValues(s.opts.Name).Inc()
+	s.opts.Metrics.active.WithLabelValues(s.opts.Name).Inc()
+	go func() {
+		defer s.wg.Done()
+		defer func() {
+			s.mu.Lock()
+			delete(s.sessions, sess)
+			s.mu.Unlock()
+			s.opts.Limits.release(ip)
+			s.opts.Metrics.active.WithLabelValues(s.opts.Name).Dec()
+		}()
+		sess.serve()
+	}()
+}
+
+// Shutdown stops accepting connections, tells idle clients
+// "421 4.3.2 Service shutting down" and closes their connections, and lets
+// transactions in flight finish. When ctx ends first, it closes every
+// connection still open and returns ctx's error. Either way, once it
+// returns no message is being stored and none will be.
 func (s *Server) Shutdown(ctx context.Context) error {
 	s.mu.Lock()
 	s.stopping = true
+	if s.ln != nil {
+		s.ln.Close()
+	}
 	s.mu.Unlock()
-	done := make(chan error, 1)
-	go func() { done <- s.smtp.Shutdown(ctx) }()
+	done := make(chan struct{})
+	go func() { s.wg.Wait(); close(done) }()
 	tick := time.NewTicker(50 * time.Millisecond)
 	defer tick.Stop()
+	var err error
+wait:
 	for {
 		s.kickIdle()
 		select {
-		case err := <-done:
-			if err != nil {
-				// Out of time: close what is still open. (go-smtp's own
-				// Close does nothing once Shutdown has begun.)
-				s.closeConns()
-			}
-			// Wait for messages being stored, and store no more, so
-			// that the spool can be closed after this returns.
-			s.acceptMu.Lock()
-			s.acceptClosed = true
-			s.acceptMu.Unlock()
-			if errors.Is(err, smtp.ErrServerClosed) {
-				return nil
-			}
-			return err
+		case <-done:
+			break wait
+		case <-ctx.Done():
+			err = ctx.Err()
+			s.closeSessions()
+			<-done
+			break wait
 		case <-tick.C:
 		}
 	}
+	// Wait for messages being stored, and store no more, so that the
+	// spool can be closed after this returns.
+	s.acceptMu.Lock()
+	s.acceptClosed = true
+	s.acceptMu.Unlock()
+	return err
 }
 
-// closeConns closes every open connection.
-func (s *Server) closeConns() {
-	s.mu.Lock()
-	conns := make([]*trackedConn, 0, len(s.conns))
-	for c := range s.conns {
-		conns = append(conns, c)
-	}
-	s.mu.Unlock()
-	for _, c := range conns {
-		_ = c.Conn.Close() // the raw connection: trackedConn.Close would flush
-	}
-}
-
-// kickIdle makes every connection that is not inside a transaction time
-// out now.
+// kickIdle wakes every session waiting for a command outside a
+// transaction; it sees the server stopping and says goodbye.
 func (s *Server) kickIdle() {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	for c := range s.conns {
-		if !c.busy.Load() {
-			_ = c.SetReadDeadline(time.Now())
+	for sess := range s.sessions {
+		if !sess.busy.Load() {
+			_ = sess.raw.SetReadDeadline(time.Now())
 		}
 	}
 }
 
-func (s *Server) track(c *trackedConn, open bool) {
+// closeSessions closes every open connection.
+func (s *Server) closeSessions() {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if open {
-		s.conns[c] = struct{}{}
-		if s.stopping {
-			_ = c.SetReadDeadline(time.Now())
-		}
-	} else {
-		delete(s.conns, c)
+	for sess := range s.sessions {
+		_ = sess.raw.Close()
 	}
 }
 
-type backend struct{ s *Server }
-
-func (b backend) NewSession(c *smtp.Conn) (smtp.Session, error) {
-	tc := connOf(c.Conn())
-	if tc == nil {
-		return nil, toSMTP(&mta.ReplyInternal)
-	}
-	_, isTLS := c.TLSConnectionState()
-	return &session{
-		srv:     b.s,
-		conn:    tc,
-		helo:    c.Hostname(),
-		ip:      tc.ip,
-		tls:     isTLS,
-		trusted: b.s.opts.Trusted(tc.ip),
-	}, nil
+func (s *Server) isStopping() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.stopping
 }
-
-// toSMTP converts our reply type into go-smtp's error type, which go-smtp
-// writes verbatim.
-func toSMTP(r *mta.Reply) *smtp.SMTPError {
-	ec := smtp.EnhancedCode(r.Enhanced)
-	if r.Enhanced == (mta.Enhanced{}) {
-		ec = smtp.EnhancedCodeNotSet
-	}
-	return &smtp.SMTPError{Code: r.Code, EnhancedCode: ec, Message: r.Text}
-}
-
-// zapErrorLog adapts go-smtp's logger, which reports connection-level
-// errors, to zap at debug level: a client hanging up is not our error.
-type zapErrorLog struct{ log *zap.Logger }
-
-func (l zapErrorLog) Printf(format string, v ...any) { l.log.Sugar().Debugf(format, v...) }
-func (l zapErrorLog) Println(v ...any)               { l.log.Sugar().Debug(v...) }

@@ -1,0 +1,56 @@
+package smtpd
+
+import (
+	"bytes"
+	"time"
+)
+
+// appendMissingHeaders appends to hdr a Date: and a Message-ID: field for
+// each that the message's header section lacks: RFC 5322 §3.6 requires
+// Date, and §3.6.4 says every message should have a Message-ID; RFC 6409
+// §8.3 lets a submission server add both. The Message-ID is made of the
+// queue ID and our host name, so it is unique.
+func appendMissingHeaders(hdr, msg []byte, id, hostname string, now time.Time) []byte {
+	hasDate, hasID := false, false
+	for len(msg) > 0 {
+		end := bytes.Index(msg, crlf)
+		line := msg
+		if end >= 0 {
+			line, msg = msg[:end], msg[end+2:]
+		} else {
+			msg = nil
+		}
+		if len(line) == 0 {
+			break // the end of the header section
+		}
+		switch {
+		case hasFieldName(line, "date"):
+			hasDate = true
+		case hasFieldName(line, "message-id"):
+			hasID = true
+		}
+	}
+	if !hasDate {
+		hdr = append(hdr, "Date: "...)
+		hdr = now.AppendFormat(hdr, "Mon, 02 Jan 2006 15:04:05 -0700")
+		hdr = append(hdr, "\r\n"...)
+	}
+	if !hasID {
+		hdr = append(hdr, "Message-ID: <"...)
+		hdr = append(hdr, id...)
+		hdr = append(hdr, '@')
+		hdr = append(hdr, hostname...)
+		hdr = append(hdr, ">\r\n"...)
+	}
+	return hdr
+}
+
+// hasFieldName reports whether a header line is a field called name (in
+// lower case), allowing white space before the colon.
+func hasFieldName(line []byte, name string) bool {
+	if len(line) <= len(name) || !bytes.EqualFold(line[:len(name)], []byte(name)) {
+		return false
+	}
+	rest := bytes.TrimLeft(line[len(name):], " \t")
+	return len(rest) > 0 && rest[0] == ':'
+}
