@@ -1,6 +1,9 @@
-// Package smtpd is the inbound SMTP edge, on go-smtp: relay policy, AUTH,
-// limits, DSN parameters, the Received: header and the hand-over of each
-// message to the spool.
+// Package smtpd is the inbound SMTP edge: the SMTP dialogue itself
+// (commands, message data, STARTTLS, AUTH), relay policy, limits, DSN
+// parameters, the Received: header and the hand-over of each message to the
+// spool. It speaks the protocol itself rather than through go-smtp's
+// server, so that where a message ends, what a timeout does and which reply
+// each error gets are decided here (docs/smtp-edge.md says why).
 //
 // Every failure becomes an explicit SMTP reply chosen here; no internal
 // error text reaches a client. The reply to the end of DATA is
@@ -13,10 +16,11 @@
 // "554 5.7.1 Relay access denied" for anything else. On a submission
 // listener every transaction needs AUTH first.
 //
-// End of data is recognised only as <CRLF>.<CRLF> (go-smtp's reader). A bare
+// End of data is the first <CRLF>.<CRLF> in the stream, and only that. A bare
 // CR or LF inside the data is refused, or normalised to CRLF, by policy; a NUL
 // byte is always refused. Content sent before the 354 reply to DATA (a
-// pipelining violation, RFC 2920 §3.1) is refused on cleartext connections,
-// as Postfix's smtpd_forbid_unauth_pipelining does. Together these close the
+// pipelining violation, RFC 2920 §3.1) is refused, and the client
+// disconnected, as Postfix's smtpd_forbid_unauth_pipelining does. A read
+// error inside message data always ends the session. Together these close the
 // SMTP smuggling family of 2023.
 package smtpd
