@@ -201,3 +201,41 @@ func TestAdminToken(t *testing.T) {
 		t.Fatalf("/metrics needs no token, got %d", code)
 	}
 }
+
+// TestQueueOutputEscapesControlCharacters: what a client or a remote
+// server wrote cannot reach the operator's terminal as escape sequences.
+func TestQueueOutputEscapesControlCharacters(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts subprocesses")
+	}
+	p := startMTA(t, t.TempDir(), "")
+	c, err := smtp.Dial(p.SMTP)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// U+009B is CSI, the C1 form of ESC [; U+202E reverses the text.
+	evilHelo, evilFrom := "h\u009b2J\u202eost", "a\u009b31mb@example.org"
+	if err := c.Hello(evilHelo); err != nil {
+		t.Fatal(err)
+	}
+	err = c.SendMail(evilFrom, []string{"b@two.test"}, strings.NewReader("Subject: x\r\n\r\nbody\r\n"))
+	c.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	admin := "--admin=http://" + p.HTTP
+	ls := mtaCmd(t, true, "queue", "ls", admin)
+	id := strings.Fields(strings.Split(ls, "\n")[1])[0]
+	show := mtaCmd(t, true, "queue", "show", id, admin)
+	for name, out := range map[string]string{"ls": ls, "show": show} {
+		if strings.ContainsAny(out, "\u009b\u202e\x1b") {
+			t.Errorf("queue %s prints control characters raw:\n%q", name, out)
+		}
+		if !strings.Contains(out, `a\x9b31mb@example.org`) {
+			t.Errorf("queue %s does not show the escaped sender:\n%s", name, out)
+		}
+	}
+	if !strings.Contains(show, `h\x9b2J\u202eost`) {
+		t.Errorf("queue show does not show the escaped HELO name:\n%s", show)
+	}
+}

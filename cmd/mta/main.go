@@ -16,6 +16,8 @@ import (
 	"syscall"
 	"text/tabwriter"
 	"time"
+	"unicode"
+	"unicode/utf8"
 
 	"github.com/mtaproject/mta/mta/admin"
 	"github.com/mtaproject/mta/mta/auth"
@@ -232,11 +234,11 @@ func queueList(ctx context.Context, c *admin.Client, all bool, out io.Writer) er
 			case deferred(m):
 				state = "deferred"
 			}
-			from := m.From
+			from := printable(m.From)
 			if from == "" {
 				from = "<>"
 			}
-			fmt.Fprintf(tw, "%s\t%d\t%s\t%s\t%s\t%d\t%d\n", m.ID, m.Size, time.Since(m.Received).Round(time.Second), state, from, len(m.Recipients), queued)
+			fmt.Fprintf(tw, "%s\t%d\t%s\t%s\t%s\t%d\t%d\n", printable(m.ID), m.Size, time.Since(m.Received).Round(time.Second), state, from, len(m.Recipients), queued)
 			total++
 		}
 		if page.Next == "" || !all {
@@ -263,18 +265,21 @@ func deferred(m admin.Message) bool {
 	return false
 }
 
+// printMessage shows one message. Every field that came from the network
+// (addresses, HELO name, remote replies) goes through printable, so that
+// nobody can send escape sequences to an operator's terminal.
 func printMessage(out io.Writer, m admin.Message) {
-	from := m.From
+	from := printable(m.From)
 	if from == "" {
 		from = "<>"
 	}
 	fmt.Fprintf(out, "id:        %s\nfrom:      %s\nreceived:  %s from %s (%s)\nsize:      %d\nheld:      %v\n",
-		m.ID, from, m.Received.Format(time.RFC3339), m.ClientIP, m.HELO, m.Size, m.Held)
+		printable(m.ID), from, m.Received.Format(time.RFC3339), printable(m.ClientIP), printable(m.HELO), m.Size, m.Held)
 	if m.AuthUser != "" {
-		fmt.Fprintf(out, "auth user: %s\n", m.AuthUser)
+		fmt.Fprintf(out, "auth user: %s\n", printable(m.AuthUser))
 	}
 	if m.EnvID != "" || m.Ret != "" {
-		fmt.Fprintf(out, "dsn:       envid=%s ret=%s\n", m.EnvID, m.Ret)
+		fmt.Fprintf(out, "dsn:       envid=%s ret=%s\n", printable(m.EnvID), printable(string(m.Ret)))
 	}
 	tw := tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
 	fmt.Fprintln(tw, "RECIPIENT\tSTATUS\tATTEMPTS\tNEXT\tLAST REPLY")
@@ -283,9 +288,42 @@ func printMessage(out io.Writer, m admin.Message) {
 		if r.NextAttempt != nil {
 			next = r.NextAttempt.Format(time.RFC3339)
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%d\t%s\t%s\n", r.Address, r.Status, r.Attempts, next, r.LastReply)
+		fmt.Fprintf(tw, "%s\t%s\t%d\t%s\t%s\n", printable(r.Address), printable(r.Status), r.Attempts, next, printable(r.LastReply))
 	}
 	tw.Flush()
+}
+
+// printable escapes what a terminal could act on: C0 and C1 control
+// characters, DEL, format characters such as bidirectional overrides, and
+// invalid UTF-8, as \xHH or \uHHHH. Printable text, UTF-8 letters included,
+// is kept as it is.
+func printable(s string) string {
+	clean := true
+	for _, r := range s {
+		if r == utf8.RuneError || !unicode.IsPrint(r) {
+			clean = false
+			break
+		}
+	}
+	if clean {
+		return s
+	}
+	var b strings.Builder
+	for i := 0; i < len(s); {
+		r, n := utf8.DecodeRuneInString(s[i:])
+		switch {
+		case r == utf8.RuneError && n <= 1:
+			fmt.Fprintf(&b, "\\x%02x", s[i])
+		case !unicode.IsPrint(r) && r < 0x100:
+			fmt.Fprintf(&b, "\\x%02x", r)
+		case !unicode.IsPrint(r):
+			fmt.Fprintf(&b, "\\u%04x", r)
+		default:
+			b.WriteString(s[i : i+n])
+		}
+		i += n
+	}
+	return b.String()
 }
 
 func configCmd(args []string, out io.Writer) error {
