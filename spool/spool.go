@@ -99,6 +99,9 @@ func Open(dir string, opts Options) (*Spool, error) {
 		popts.WALMinSyncInterval = func() time.Duration { return interval }
 	}
 	db, err := pebble.Open(dir, popts)
+	if errors.Is(err, syscall.EAGAIN) || errors.Is(err, syscall.EWOULDBLOCK) {
+		return nil, fmt.Errorf("spool: %s is locked by another process (is another mta serve running on this data_dir?)", dir)
+	}
 	if err != nil {
 		return nil, fmt.Errorf("spool: open %s: %w", dir, err)
 	}

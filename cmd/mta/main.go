@@ -102,6 +102,9 @@ func serve(args []string) error {
 		return err
 	}
 	defer log.Sync()
+	for _, w := range cfg.Warnings() {
+		log.Warn(w)
+	}
 	srv, err := server.New(cfg, log)
 	if err != nil {
 		return err
@@ -338,8 +341,15 @@ func configCmd(args []string, out io.Writer) error {
 	if *cfgPath == "" && fs.NArg() == 1 {
 		*cfgPath = fs.Arg(0)
 	}
-	if _, err := config.Load(*cfgPath); err != nil {
+	cfg, err := config.Load(*cfgPath)
+	if err != nil {
 		return err
+	}
+	if err := server.Check(cfg); err != nil {
+		return err
+	}
+	for _, w := range cfg.Warnings() {
+		fmt.Fprintln(out, "warning:", w)
 	}
 	fmt.Fprintln(out, "configuration ok")
 	return nil

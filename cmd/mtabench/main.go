@@ -31,6 +31,9 @@ scenarios:
   faults       10 % temporary and 1 % permanent recipient failures at the sink
   backlog      queue a million messages with the receiver down, then time the drain and watch RSS
 
+tools:
+  sink         run the receiver alone on loopback and print what arrives (--addr 127.0.0.1:2526)
+
 run "mtabench SCENARIO -h" for its flags.
 `
 
@@ -47,6 +50,8 @@ func main() {
 		err = accept(ctx, os.Args[2:])
 	case "backlog":
 		err = backlog(ctx, os.Args[2:])
+	case "sink":
+		err = sink(ctx, os.Args[2:])
 	case "relay", "relay-1000", "distant", "faults":
 		err = relay(ctx, os.Args[1], os.Args[2:])
 	default:

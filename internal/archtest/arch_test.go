@@ -20,7 +20,7 @@ var allowed = map[string][]string{
 	"mta/outbound":        {"mta", "mta/resolve", "mta/smtpclient", "scheduler"},
 	"mta/resolve":         {"mta", "metrics"},
 	"mta/smtpclient":      {"mta", "metrics"},
-	"mta/config":          {},
+	"mta/config":          {"mta"},
 	"mta/smtpd":           {"mta", "metrics"},
 	"mta/auth":            {},
 	"mta/certs":           {},

@@ -9,8 +9,11 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"net"
 	"net/http"
+	"net/netip"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/mtaproject/mta/mta"
@@ -155,18 +158,55 @@ func Handler(store Store, token string) http.Handler {
 		}
 		writeJSON(w, http.StatusOK, Result{Action: "flush", Rescheduled: n})
 	})
-	if token == "" {
-		return mux
-	}
+	return Guard(token, mux)
+}
+
+// Guard protects an operator endpoint (the admin API, pprof). With a
+// non-empty token every request must carry "Authorization: Bearer <token>"
+// (401 otherwise). Whatever the token, the Host header must be an IP
+// address or localhost, so that a web page cannot reach the API through
+// DNS rebinding (421 otherwise); and a request that changes something
+// (any method but GET and HEAD) must say Content-Type: application/json
+// and come from no foreign Origin, which a cross-site form or fetch
+// cannot fake without a CORS preflight that is never granted (415, 403).
+func Guard(token string, next http.Handler) http.Handler {
 	want := []byte("Bearer " + token)
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if subtle.ConstantTimeCompare([]byte(r.Header.Get("Authorization")), want) != 1 {
+		if !localHost(r.Host) {
+			writeJSON(w, http.StatusMisdirectedRequest, Error{"Host must be an IP address or localhost"})
+			return
+		}
+		if token != "" && subtle.ConstantTimeCompare([]byte(r.Header.Get("Authorization")), want) != 1 {
 			w.Header().Set("WWW-Authenticate", "Bearer")
 			writeJSON(w, http.StatusUnauthorized, Error{"admin API token missing or wrong (--admin-token, $MTA_ADMIN_TOKEN)"})
 			return
 		}
-		mux.ServeHTTP(w, r)
+		if r.Method != http.MethodGet && r.Method != http.MethodHead {
+			if ct, _, _ := strings.Cut(r.Header.Get("Content-Type"), ";"); !strings.EqualFold(strings.TrimSpace(ct), "application/json") {
+				writeJSON(w, http.StatusUnsupportedMediaType, Error{"requests that change the queue must have Content-Type: application/json"})
+				return
+			}
+			if o := r.Header.Get("Origin"); o != "" && o != "http://"+r.Host && o != "https://"+r.Host {
+				writeJSON(w, http.StatusForbidden, Error{"cross-origin requests are not allowed"})
+				return
+			}
+		}
+		next.ServeHTTP(w, r)
 	})
+}
+
+// localHost reports whether a Host header names an IP address or
+// localhost, with or without a port.
+func localHost(host string) bool {
+	if h, _, err := net.SplitHostPort(host); err == nil {
+		host = h
+	}
+	host = strings.TrimSuffix(strings.TrimPrefix(host, "["), "]")
+	if strings.EqualFold(host, "localhost") {
+		return true
+	}
+	_, err := netip.ParseAddr(host)
+	return err == nil
 }
 
 func withID(fn func(http.ResponseWriter, string)) http.HandlerFunc {

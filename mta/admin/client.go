@@ -30,6 +30,9 @@ func (c *Client) do(ctx context.Context, method, path string, out any) error {
 	if c.Token != "" {
 		req.Header.Set("Authorization", "Bearer "+c.Token)
 	}
+	if method != http.MethodGet {
+		req.Header.Set("Content-Type", "application/json")
+	}
 	resp, err := hc.Do(req)
 	if err != nil {
 		return fmt.Errorf("cannot reach the server's admin API at %s (is `mta serve` running?): %w", c.Base, err)

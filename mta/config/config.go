@@ -8,6 +8,7 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
+	"io/fs"
 	"net"
 	"net/netip"
 	"os"
@@ -37,7 +38,9 @@ type Config struct {
 	Admin           Admin            `yaml:"admin"`
 	Debug           Debug            `yaml:"debug"`
 
-	trusted []netip.Prefix
+	trusted  []netip.Prefix
+	lines    map[string]int // line in the file of each field set there, by dotted path
+	warnings []string
 }
 
 // Listen holds the listener addresses; an empty address disables a listener.
@@ -139,7 +142,8 @@ type RouteAuth struct {
 
 // Admin holds the queue admin API settings.
 type Admin struct {
-	TokenFile string `yaml:"token_file"` // file whose first line is the bearer token the admin API requires; empty: none
+	Enabled   bool   `yaml:"enabled"`    // serve the queue admin API (/api/) on listen.http
+	TokenFile string `yaml:"token_file"` // file whose first line is the bearer token the admin API requires; empty: none (loopback listen.http only)
 }
 
 // Debug holds settings for diagnosing the server.
@@ -204,11 +208,13 @@ func Default() *Config {
 		DNS:   DNS{Timeout: Duration(5e9), IPv6: true},
 		Spool: Spool{Sync: true, MinFreeSpace: 100 << 20},
 		Log:   Log{Level: "info", Format: "json"},
+		Admin: Admin{Enabled: true},
 	}
 }
 
-// Load reads the file at path over the defaults and validates the result.
-// An empty path returns the validated defaults.
+// Load reads the file at path over the defaults, validates the result and
+// checks that the files it names can be read. An empty path returns the
+// validated defaults.
 func Load(path string) (*Config, error) {
 	cfg := Default()
 	if path != "" {
@@ -220,7 +226,11 @@ func Load(path string) (*Config, error) {
 			return nil, fmt.Errorf("config %s: %w", path, err)
 		}
 	}
-	if err := cfg.validate(); err != nil {
+	err := cfg.validate()
+	if err == nil {
+		err = cfg.checkFiles()
+	}
+	if err != nil {
 		if path != "" {
 			return nil, fmt.Errorf("config %s: %w", path, err)
 		}
@@ -252,7 +262,8 @@ func decode(data []byte, cfg *Config) error {
 		return nil
 	}
 	lines := map[int]string{}
-	if err := checkKnown(&root, cfg, "", lines); err != nil {
+	cfg.lines = map[string]int{}
+	if err := checkKnown(&root, cfg, "", lines, cfg.lines); err != nil {
 		return err
 	}
 	dec := yaml.NewDecoder(bytes.NewReader(data))
@@ -285,11 +296,73 @@ type FieldError struct {
 
 func (e *FieldError) Error() string { return e.Field + ": " + e.Reason }
 
+// Line returns the line of the configuration file that set field (a
+// dotted path such as "routes.example.com.hosts[0]"), or of the nearest
+// enclosing section that the file set; 0 when the value is a default.
+func (c *Config) Line(field string) int {
+	for f := field; f != ""; {
+		if n, ok := c.lines[f]; ok {
+			return n
+		}
+		i := strings.LastIndexAny(f, ".[")
+		if i < 0 {
+			break
+		}
+		f = f[:i]
+	}
+	return 0
+}
+
+// FieldErr returns err as the error of field, with its line in the file.
+func (c *Config) FieldErr(field string, err error) error {
+	reason := err.Error()
+	var pe *fs.PathError
+	if errors.As(err, &pe) {
+		reason = pe.Path + ": " + pe.Err.Error()
+	}
+	if n := c.Line(field); n > 0 {
+		reason += fmt.Sprintf(" (line %d)", n)
+	}
+	return &FieldError{field, reason}
+}
+
+// checkFiles checks that every file the configuration names can be read,
+// so that a missing certificate or password file is reported with its
+// field and line before anything starts.
+func (c *Config) checkFiles() error {
+	var errs []error
+	readable := func(field, path string) {
+		if path == "" {
+			return
+		}
+		f, err := os.Open(path)
+		if err != nil {
+			errs = append(errs, c.FieldErr(field, err))
+			return
+		}
+		f.Close()
+	}
+	readable("tls.cert_file", c.TLS.CertFile)
+	readable("tls.key_file", c.TLS.KeyFile)
+	readable("auth.users_file", c.Auth.UsersFile)
+	readable("admin.token_file", c.Admin.TokenFile)
+	for dom, r := range c.Routes {
+		if r.Auth != nil {
+			readable("routes."+dom+".auth.password_file", r.Auth.PasswordFile)
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// Warnings returns what validation found questionable but not wrong.
+func (c *Config) Warnings() []string { return c.warnings }
+
 func (c *Config) validate() error {
 	var errs []error
 	bad := func(field, format string, args ...any) {
-		errs = append(errs, &FieldError{field, fmt.Sprintf(format, args...)})
+		errs = append(errs, c.FieldErr(field, fmt.Errorf(format, args...)))
 	}
+	c.warnings = nil
 	if c.Hostname == "" {
 		h, err := os.Hostname()
 		if err != nil || h == "" {
@@ -324,17 +397,7 @@ func (c *Config) validate() error {
 		}
 		c.trusted = append(c.trusted, p.Masked())
 	}
-	for _, l := range []struct{ field, addr string }{
-		{"listen.smtp", c.Listen.SMTP}, {"listen.submission", c.Listen.Submission},
-		{"listen.pop3", c.Listen.POP3}, {"listen.http", c.Listen.HTTP},
-	} {
-		if l.addr == "" {
-			continue
-		}
-		if _, _, err := net.SplitHostPort(l.addr); err != nil {
-			bad(l.field, "not a host:port address: %q", l.addr)
-		}
-	}
+	c.validateListen(bad)
 	s := &c.SMTP
 	positive := func(field string, v int64) {
 		if v <= 0 {
@@ -449,8 +512,8 @@ func (c *Config) validateDelivery(bad func(field, format string, args ...any)) {
 			bad(field+".hosts", "needs at least one host")
 		}
 		for i, h := range r.Hosts {
-			if strings.TrimSpace(h) == "" || strings.ContainsAny(h, " /@") {
-				bad(fmt.Sprintf("%s.hosts[%d]", field, i), "not a host, host:port or [ip]:port: %q", h)
+			if err := checkRouteHost(h); err != nil {
+				bad(fmt.Sprintf("%s.hosts[%d]", field, i), "%q: %v", h, err)
 			}
 		}
 		if r.TLS != "" {

@@ -76,7 +76,14 @@ func TestErrorsNameTheField(t *testing.T) {
 		{"smtp:\n  max_recipients: 0\n", "smtp.max_recipients: must be greater than zero"},
 		{"smtp:\n  command_timeout: soon\n", "smtp.command_timeout: not a duration"},
 		{"trusted_networks: [10.0.0.0/33]\n", "trusted_networks[0]: not a CIDR"},
-		{"listen:\n  smtp: 2525\n", "listen.smtp: not a host:port"},
+		{"listen:\n  smtp: 2525\n", "listen.smtp: \"2525\": not an ip:port address (line 2)"},
+		{"listen:\n  smtp: \"mail.example.com:25\"\n", "listen.smtp: \"mail.example.com:25\": \"mail.example.com\" is not an IP address"},
+		{"listen:\n  smtp: \"127.0.0.1:99999\"\n", "listen.smtp: \"127.0.0.1:99999\": bad port"},
+		{"listen: {smtp: \":2525\", submission: \"127.0.0.1:2525\"}\n", "listen.submission: \"127.0.0.1:2525\": the same port as listen.smtp"},
+		{"listen: {http: \"0.0.0.0:9725\"}\n", "listen.http: \"0.0.0.0:9725\" is not a loopback address"},
+		{"routes:\n  a.test: {hosts: [\"smart.test:99999\"]}\n", "routes.a.test.hosts[0]: \"smart.test:99999\": bad port \"99999\" (line 2)"},
+		{"routes:\n  a.test:\n    hosts: [\"[not-ip]:25\"]\n", "routes.a.test.hosts[0]: \"[not-ip]:25\": \"not-ip\" is not an IP address (line 3)"},
+		{"routes:\n  a.test: {hosts: [\"bad_host!:25\"]}\n", "is not a host name"},
 		{"smtp:\n  bare_line_endings: fix\n", "smtp.bare_line_endings: must be reject or normalize"},
 		{"tls:\n  cert_file: a.pem\n", "tls.cert_file: cert_file and key_file"},
 		{"log:\n  level: loud\n", "log.level: must be"},
@@ -88,6 +95,33 @@ func TestErrorsNameTheField(t *testing.T) {
 		if err == nil || !strings.Contains(err.Error(), tc.want) {
 			t.Errorf("Parse(%q) error = %v, want it to contain %q", tc.yaml, err, tc.want)
 		}
+	}
+}
+
+func TestLoadChecksReferencedFiles(t *testing.T) {
+	dir := t.TempDir()
+	path := filepath.Join(dir, "mta.yaml")
+	os.WriteFile(path, []byte("hostname: mx.test\nauth:\n  users_file: "+dir+"/nope\nadmin: {token_file: "+dir+"/token}\n"), 0o600)
+	_, err := Load(path)
+	for _, want := range []string{"auth.users_file: " + dir + "/nope: no such file or directory (line 3)", "admin.token_file: " + dir + "/token: no such file or directory (line 4)"} {
+		if err == nil || !strings.Contains(err.Error(), want) {
+			t.Errorf("Load: %v, want it to contain %q", err, want)
+		}
+	}
+	os.WriteFile(filepath.Join(dir, "nope"), nil, 0o600)
+	os.WriteFile(filepath.Join(dir, "token"), []byte("t\n"), 0o600)
+	if _, err := Load(path); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestHostnameWarning(t *testing.T) {
+	cfg, err := Parse([]byte("hostname: mail\nlisten: {smtp: \"0.0.0.0:2525\"}\n"))
+	if err != nil || len(cfg.Warnings()) != 1 || !strings.Contains(cfg.Warnings()[0], "not a fully qualified domain name") {
+		t.Fatalf("warnings %q, err %v", cfg.Warnings(), err)
+	}
+	if cfg, _ := Parse([]byte("hostname: mail\n")); len(cfg.Warnings()) != 0 {
+		t.Fatalf("warned with loopback listeners only: %q", cfg.Warnings())
 	}
 }
 
@@ -121,13 +155,28 @@ func TestByteSize(t *testing.T) {
 // TestDeployExamplesAreValid keeps the configurations shipped in deploy/
 // loadable.
 func TestDeployExamplesAreValid(t *testing.T) {
-	for _, path := range []string{"../../deploy/mta.example.yaml", "../../deploy/container/mta.yaml"} {
+	for _, path := range []string{"../../deploy/mta.example.yaml", "../../deploy/container/mta.yaml", "../../deploy/kubernetes/configmap.yaml"} {
 		data, err := os.ReadFile(path)
 		if err != nil {
 			t.Fatal(err)
 		}
-		if _, err := Parse(data); err != nil {
+		if strings.HasSuffix(path, "configmap.yaml") {
+			// The configuration is the block under "mta.yaml: |".
+			_, block, ok := strings.Cut(string(data), "mta.yaml: |\n")
+			if !ok {
+				t.Fatalf("%s: no mta.yaml block", path)
+			}
+			var lines []string
+			for _, l := range strings.Split(block, "\n") {
+				lines = append(lines, strings.TrimPrefix(l, "    "))
+			}
+			data = []byte(strings.Join(lines, "\n"))
+		}
+		cfg, err := Parse(data)
+		if err != nil {
 			t.Errorf("%s: %v", path, err)
+		} else if len(cfg.Warnings()) > 0 {
+			t.Errorf("%s: warnings %q", path, cfg.Warnings())
 		}
 	}
 }

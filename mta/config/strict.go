@@ -18,14 +18,22 @@ var textUnmarshaler = reflect.TypeFor[encoding.TextUnmarshaler]()
 // first key that names no field, by its dotted path. It records the path of
 // every value's line in lines, so that decoding errors, which yaml reports by
 // line, can name the field.
-func checkKnown(n *yaml.Node, v any, path string, lines map[int]string) error {
-	return walk(n, reflect.TypeOf(v), path, lines)
+func checkKnown(n *yaml.Node, v any, path string, lines map[int]string, paths map[string]int) error {
+	w := walker{lines: lines, paths: paths}
+	return w.walk(n, reflect.TypeOf(v), path)
 }
 
-func walk(n *yaml.Node, t reflect.Type, path string, lines map[int]string) error {
+// walker records, while it checks the keys, the line of every field both
+// ways: by line for yaml's decoding errors, by dotted path for validation.
+type walker struct {
+	lines map[int]string
+	paths map[string]int
+}
+
+func (w walker) walk(n *yaml.Node, t reflect.Type, path string) error {
 	if n.Kind == yaml.DocumentNode {
 		for _, c := range n.Content {
-			if err := walk(c, t, path, lines); err != nil {
+			if err := w.walk(c, t, path); err != nil {
 				return err
 			}
 		}
@@ -35,7 +43,8 @@ func walk(n *yaml.Node, t reflect.Type, path string, lines map[int]string) error
 		t = t.Elem()
 	}
 	if path != "" {
-		lines[n.Line] = path
+		w.lines[n.Line] = path
+		w.paths[path] = n.Line
 	}
 	if reflect.PointerTo(t).Implements(textUnmarshaler) {
 		// Check the text here, where the field is known: yaml reports
@@ -67,7 +76,7 @@ func walk(n *yaml.Node, t reflect.Type, path string, lines map[int]string) error
 			if !ok {
 				return &FieldError{join(path, key.Value), fmt.Sprintf("unknown field (line %d)", key.Line)}
 			}
-			if err := walk(val, ft, join(path, key.Value), lines); err != nil {
+			if err := w.walk(val, ft, join(path, key.Value)); err != nil {
 				return err
 			}
 		}
@@ -79,13 +88,13 @@ func walk(n *yaml.Node, t reflect.Type, path string, lines map[int]string) error
 			return &FieldError{orTop(path), fmt.Sprintf("must be a list (line %d)", n.Line)}
 		}
 		for i, c := range n.Content {
-			if err := walk(c, t.Elem(), fmt.Sprintf("%s[%d]", path, i), lines); err != nil {
+			if err := w.walk(c, t.Elem(), fmt.Sprintf("%s[%d]", path, i)); err != nil {
 				return err
 			}
 		}
 	case reflect.Map:
 		for i := 0; i+1 < len(n.Content); i += 2 {
-			if err := walk(n.Content[i+1], t.Elem(), join(path, n.Content[i].Value), lines); err != nil {
+			if err := w.walk(n.Content[i+1], t.Elem(), join(path, n.Content[i].Value)); err != nil {
 				return err
 			}
 		}

@@ -6,6 +6,8 @@ import (
 	"fmt"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+
 	"github.com/mtaproject/mta/mta"
 	"github.com/mtaproject/mta/mta/config"
 	"github.com/mtaproject/mta/mta/outbound"
@@ -16,14 +18,18 @@ import (
 )
 
 // newTransport builds the resolver and the SMTP client options.
-func (s *Server) newTransport(cfg *config.Config) (*outbound.Transport, error) {
+func newTransport(cfg *config.Config, reg prometheus.Registerer) (*outbound.Transport, error) {
 	routes := map[string]resolve.Route{}
 	for dom, r := range cfg.Routes {
 		rr := resolve.Route{Hosts: r.Hosts, TLS: resolve.TLSPolicy(r.TLS)}
 		if r.Auth != nil {
+			field := "routes." + dom + ".auth.password_file"
 			pw, err := readFirstLine(r.Auth.PasswordFile)
 			if err != nil {
-				return nil, fmt.Errorf("routes.%s.auth.password_file: %w", dom, err)
+				return nil, cfg.FieldErr(field, err)
+			}
+			if pw == "" {
+				return nil, cfg.FieldErr(field, fmt.Errorf("%s: empty password", r.Auth.PasswordFile))
 			}
 			rr.Auth = &resolve.Auth{Username: r.Auth.Username, Password: pw}
 		}
@@ -36,7 +42,7 @@ func (s *Server) newTransport(cfg *config.Config) (*outbound.Transport, error) {
 		Routes:     routes,
 		DefaultTLS: resolve.TLSPolicy(cfg.Delivery.TLS),
 		IPv6:       cfg.DNS.IPv6,
-		Registerer: s.registry,
+		Registerer: reg,
 	})
 	if err != nil {
 		return nil, fmt.Errorf("dns: %w", err)

@@ -17,11 +17,13 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
+	"golang.org/x/net/netutil"
 
 	"github.com/mtaproject/mta/metrics"
 	"github.com/mtaproject/mta/mta/admin"
@@ -54,6 +56,10 @@ type smtpListener struct {
 	ln   net.Listener
 }
 
+// maxHTTPConnections caps the HTTP listener's connections; more wait to be
+// accepted.
+const maxHTTPConnections = 64
+
 // NewLogger builds the zap logger the configuration asks for.
 func NewLogger(c config.Log) (*zap.Logger, error) {
 	level, err := zapcore.ParseLevel(c.Level)
@@ -73,8 +79,8 @@ func NewLogger(c config.Log) (*zap.Logger, error) {
 
 // New opens the spool and binds every listener, so that a port in use or a
 // bad certificate stops start-up with a clear error before anything runs.
-func New(cfg *config.Config, log *zap.Logger) (s *Server, err error) {
-	s = &Server{cfg: cfg, log: log, registry: metrics.NewRegistry()}
+func New(cfg *config.Config, log *zap.Logger) (_ *Server, err error) {
+	s := &Server{cfg: cfg, log: log, registry: metrics.NewRegistry()}
 	defer func() {
 		if err != nil {
 			s.closeAll()
@@ -100,7 +106,7 @@ func New(cfg *config.Config, log *zap.Logger) (s *Server, err error) {
 	if !cfg.Spool.Sync {
 		log.Warn("spool.sync is off: acknowledged messages can be lost in a crash")
 	}
-	transport, err := s.newTransport(cfg)
+	transport, err := newTransport(cfg, s.registry)
 	if err != nil {
 		return nil, err
 	}
@@ -122,18 +128,12 @@ func New(cfg *config.Config, log *zap.Logger) (s *Server, err error) {
 		Logger:                   log.Named("scheduler"),
 		Registerer:               s.registry,
 	})
-	tlsCfg, err := loadTLS(cfg)
+	sec, err := loadSecrets(cfg, true)
 	if err != nil {
 		return nil, err
 	}
-	var users smtpd.Authenticator
-	if cfg.Auth.UsersFile != "" {
-		u, err := auth.LoadUsers(cfg.Auth.UsersFile)
-		if err != nil {
-			return nil, err
-		}
-		users = u
-	}
+	tlsCfg, users := sec.tls, sec.users
+	s.adminToken = sec.adminToken
 	limits := smtpd.NewConnLimits(cfg.SMTP.MaxConnections, cfg.SMTP.MaxConnectionsPerIP)
 	authFailures := smtpd.NewAuthFailures(cfg.Auth.ClientFailureLimit, cfg.Auth.ClientFailureWindow.D())
 	m := smtpd.NewMetrics(s.registry)
@@ -144,9 +144,9 @@ func New(cfg *config.Config, log *zap.Logger) (s *Server, err error) {
 		if l.addr == "" {
 			continue
 		}
-		ln, err := net.Listen("tcp", l.addr)
+		ln, err := listen(cfg, "listen."+l.name, l.addr)
 		if err != nil {
-			return nil, fmt.Errorf("listen.%s: %w", l.name, err)
+			return nil, err
 		}
 		srv := smtpd.New(smtpd.Options{
 			Name:                      l.name,
@@ -175,32 +175,92 @@ func New(cfg *config.Config, log *zap.Logger) (s *Server, err error) {
 		})
 		s.smtp = append(s.smtp, &smtpListener{name: l.name, srv: srv, ln: ln})
 	}
-	if cfg.Admin.TokenFile != "" {
-		if s.adminToken, err = readFirstLine(cfg.Admin.TokenFile); err != nil {
-			return nil, fmt.Errorf("admin.token_file: %w", err)
-		}
-		if s.adminToken == "" {
-			return nil, fmt.Errorf("admin.token_file: %s: empty token", cfg.Admin.TokenFile)
-		}
-	}
 	if cfg.Listen.HTTP != "" {
-		s.httpLn, err = net.Listen("tcp", cfg.Listen.HTTP)
+		s.httpLn, err = listen(cfg, "listen.http", cfg.Listen.HTTP)
 		if err != nil {
-			return nil, fmt.Errorf("listen.http: %w", err)
+			return nil, err
 		}
-		s.http = &http.Server{Handler: s.routes(), ReadHeaderTimeout: 10 * time.Second}
+		// Operators' and Prometheus's requests are small and quick: bound
+		// how long and how many, so that a slow or flooding client cannot
+		// tie the process up.
+		s.httpLn = netutil.LimitListener(s.httpLn, maxHTTPConnections)
+		s.http = &http.Server{
+			Handler:           s.routes(),
+			ReadHeaderTimeout: 10 * time.Second,
+			ReadTimeout:       30 * time.Second,
+			WriteTimeout:      2 * time.Minute, // a CPU profile takes its seconds
+			IdleTimeout:       60 * time.Second,
+			MaxHeaderBytes:    32 << 10,
+			ErrorLog:          zap.NewStdLog(log.Named("http")),
+		}
 	}
 	return s, nil
 }
 
-func loadTLS(cfg *config.Config) (*tls.Config, error) {
+// secrets are what start-up reads from the files the configuration names.
+type secrets struct {
+	tls        *tls.Config
+	users      smtpd.Authenticator
+	adminToken string
+}
+
+// loadSecrets reads and checks the certificate, the users file and the
+// admin token. generate allows making the self-signed certificate (serve);
+// config check does not write.
+func loadSecrets(cfg *config.Config, generate bool) (*secrets, error) {
+	var sec secrets
+	var err error
 	switch {
 	case cfg.TLS.CertFile != "":
-		return certs.Load(cfg.TLS.CertFile, cfg.TLS.KeyFile)
-	case cfg.TLS.SelfSigned:
-		return certs.SelfSigned(filepath.Join(cfg.DataDir, "tls"), cfg.Hostname)
+		if sec.tls, err = certs.Load(cfg.TLS.CertFile, cfg.TLS.KeyFile); err != nil {
+			return nil, cfg.FieldErr("tls.cert_file", err)
+		}
+	case cfg.TLS.SelfSigned && generate:
+		if sec.tls, err = certs.SelfSigned(filepath.Join(cfg.DataDir, "tls"), cfg.Hostname); err != nil {
+			return nil, cfg.FieldErr("tls.self_signed", err)
+		}
 	}
-	return nil, nil
+	if cfg.Auth.UsersFile != "" {
+		u, err := auth.LoadUsers(cfg.Auth.UsersFile)
+		if err != nil {
+			return nil, cfg.FieldErr("auth.users_file", errors.New(strings.TrimPrefix(err.Error(), "auth.users_file ")))
+		}
+		sec.users = u
+	}
+	if cfg.Admin.TokenFile != "" {
+		if sec.adminToken, err = readFirstLine(cfg.Admin.TokenFile); err != nil {
+			return nil, cfg.FieldErr("admin.token_file", err)
+		}
+		if sec.adminToken == "" {
+			return nil, cfg.FieldErr("admin.token_file", fmt.Errorf("%s: empty token", cfg.Admin.TokenFile))
+		}
+	}
+	return &sec, nil
+}
+
+// Check runs every start-up check that needs no listener and no spool:
+// the certificate, users file, admin token, route passwords and hosts.
+// `mta config check` uses it, so that it finds what `mta serve` would.
+func Check(cfg *config.Config) error {
+	if _, err := loadSecrets(cfg, false); err != nil {
+		return err
+	}
+	_, err := newTransport(cfg, prometheus.NewRegistry())
+	return err
+}
+
+// listen binds one listener, saying plainly when the port is taken.
+func listen(cfg *config.Config, field, addr string) (net.Listener, error) {
+	ln, err := net.Listen("tcp", addr)
+	switch {
+	case errors.Is(err, syscall.EADDRINUSE):
+		return nil, cfg.FieldErr(field, fmt.Errorf("%s is already in use by another process", addr))
+	case errors.Is(err, syscall.EACCES):
+		return nil, cfg.FieldErr(field, fmt.Errorf("%s: permission denied (ports below 1024 need root or CAP_NET_BIND_SERVICE)", addr))
+	case err != nil:
+		return nil, cfg.FieldErr(field, err)
+	}
+	return ln, nil
 }
 
 func (s *Server) routes() http.Handler {
@@ -220,12 +280,16 @@ func (s *Server) routes() http.Handler {
 		}
 		fmt.Fprintln(w, "ready")
 	})
-	mux.Handle("/api/", admin.Handler(adminStore{Spool: s.spool, sched: s.sched}, s.adminToken))
+	if s.cfg.Admin.Enabled {
+		mux.Handle("/api/", admin.Handler(adminStore{Spool: s.spool, sched: s.sched}, s.adminToken))
+	}
 	if s.cfg.Debug.Pprof {
-		mux.HandleFunc("/debug/pprof/", pprof.Index)
-		mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
-		mux.HandleFunc("/debug/pprof/symbol", pprof.Symbol)
-		mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
+		// Profiles show memory contents: the same guard as the admin API.
+		guard := func(h http.HandlerFunc) http.Handler { return admin.Guard(s.adminToken, h) }
+		mux.Handle("/debug/pprof/", guard(pprof.Index))
+		mux.Handle("/debug/pprof/profile", guard(pprof.Profile))
+		mux.Handle("/debug/pprof/symbol", guard(pprof.Symbol))
+		mux.Handle("/debug/pprof/trace", guard(pprof.Trace))
 	}
 	return mux
 }

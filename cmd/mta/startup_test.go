@@ -1,0 +1,95 @@
+package main
+
+import (
+	"net"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+)
+
+// TestStartUpErrorsAreClear starts `mta serve` wrong in every way a new
+// user might, and checks that it stops with a message naming the field
+// (and its line) instead of a panic, and that `mta config check` finds
+// the same problem without starting anything.
+func TestStartUpErrorsAreClear(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts subprocesses")
+	}
+	dir := t.TempDir()
+	busy, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer busy.Close()
+	empty := filepath.Join(dir, "empty")
+	os.WriteFile(empty, nil, 0o600)
+	garbage := filepath.Join(dir, "garbage.pem")
+	os.WriteFile(garbage, []byte("not a certificate\n"), 0o600)
+	base := "data_dir: " + filepath.Join(dir, "data") + "\nlisten: {smtp: \"127.0.0.1:0\", submission: \"\", http: \"127.0.0.1:0\"}\n"
+	for _, tc := range []struct {
+		name, yaml string
+		want       string
+		check      bool // config check finds it too (port in use cannot be known without binding)
+	}{
+		{"port in use", "data_dir: " + filepath.Join(dir, "d1") + "\nlisten: {smtp: \"" + busy.Addr().String() + "\", submission: \"\", http: \"\"}\n",
+			"listen.smtp: " + busy.Addr().String() + " is already in use by another process (line 2)", false},
+		{"missing certificate", base + "tls: {cert_file: /nope/cert.pem, key_file: /nope/key.pem}\n", "tls.cert_file: /nope/cert.pem: no such file or directory (line 3)", true},
+		{"bad certificate", base + "tls: {cert_file: " + garbage + ", key_file: " + garbage + "}\n", "tls.cert_file:", true},
+		{"missing users file", base + "auth:\n  users_file: /nope/users\n", "auth.users_file: /nope/users: no such file or directory (line 4)", true},
+		{"missing token file", base + "admin: {token_file: /nope/token}\n", "admin.token_file: /nope/token: no such file or directory (line 3)", true},
+		{"empty token file", base + "admin: {token_file: " + empty + "}\n", "admin.token_file: " + empty + ": empty token (line 3)", true},
+		{"missing password file", base + "routes:\n  example.com:\n    hosts: [smart.example.net]\n    auth: {username: u, password_file: /nope/pw}\n",
+			"routes.example.com.auth.password_file: /nope/pw: no such file or directory (line 6)", true},
+		{"bad route host", base + "routes:\n  example.com: {hosts: [\"smart.example.net:99999\"]}\n", "routes.example.com.hosts[0]: \"smart.example.net:99999\": bad port \"99999\" (line 4)", true},
+		{"bad port", "listen: {smtp: \"127.0.0.1:70000\"}\n", "listen.smtp: \"127.0.0.1:70000\": bad port \"70000\" (line 1)", true},
+		{"listeners collide", "listen: {smtp: \"127.0.0.1:2999\", submission: \"0.0.0.0:2999\"}\n", "listen.submission: \"0.0.0.0:2999\": the same port as listen.smtp", true},
+		{"admin API open", "listen: {http: \"0.0.0.0:9999\"}\n", "listen.http: \"0.0.0.0:9999\" is not a loopback address", true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			path := filepath.Join(t.TempDir(), "mta.yaml")
+			os.WriteFile(path, []byte(tc.yaml), 0o600)
+			out := mtaCmd(t, false, "serve", "--config", path)
+			if strings.Contains(out, "panic") || strings.Contains(out, "goroutine") {
+				t.Fatalf("serve panicked:\n%s", out)
+			}
+			if !strings.Contains(out, tc.want) {
+				t.Fatalf("serve: %q, want it to contain %q", out, tc.want)
+			}
+			out = mtaCmd(t, !tc.check, "config", "check", "--config", path)
+			if tc.check && !strings.Contains(out, tc.want) {
+				t.Fatalf("config check: %q, want it to contain %q", out, tc.want)
+			}
+		})
+	}
+}
+
+func TestSpoolLockedByAnotherProcess(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts subprocesses")
+	}
+	dir := t.TempDir()
+	startMTA(t, dir, "")
+	path := filepath.Join(t.TempDir(), "mta.yaml")
+	os.WriteFile(path, []byte("data_dir: "+dir+"\nlisten: {smtp: \"127.0.0.1:0\", submission: \"\", http: \"\"}\n"), 0o600)
+	done := make(chan string, 1)
+	go func() { done <- mtaCmd(t, false, "serve", "--config", path) }()
+	select {
+	case out := <-done:
+		if !strings.Contains(out, "is locked by another process") || strings.Contains(out, "panic") {
+			t.Fatalf("second serve on the same data_dir: %q", out)
+		}
+	case <-time.After(20 * time.Second):
+		t.Fatal("second serve on a locked data_dir did not stop")
+	}
+}
+
+func TestConfigCheckWarnsAboutHostname(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "mta.yaml")
+	os.WriteFile(path, []byte("hostname: mail\nlisten: {smtp: \"0.0.0.0:2525\"}\n"), 0o600)
+	out := mtaCmd(t, true, "config", "check", path)
+	if !strings.Contains(out, "warning: hostname \"mail\" is not a fully qualified domain name") {
+		t.Fatalf("config check: %q", out)
+	}
+}
