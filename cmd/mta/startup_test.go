@@ -2,6 +2,7 @@ package main
 
 import (
 	"net"
+	"net/http"
 	"os"
 	"path/filepath"
 	"strings"
@@ -91,5 +92,53 @@ func TestConfigCheckWarnsAboutHostname(t *testing.T) {
 	out := mtaCmd(t, true, "config", "check", path)
 	if !strings.Contains(out, "warning: hostname \"mail\" is not a fully qualified domain name") {
 		t.Fatalf("config check: %q", out)
+	}
+}
+
+// TestOperatorEndpointsNeedTheToken: with a token, the admin API and
+// pprof need it; metrics and health checks stay open; changes need JSON.
+func TestOperatorEndpointsNeedTheToken(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts subprocesses")
+	}
+	token := filepath.Join(t.TempDir(), "token")
+	os.WriteFile(token, []byte("s3cret\n"), 0o600)
+	p := startMTA(t, t.TempDir(), "debug: {pprof: true}\nadmin: {token_file: "+token+"}\n")
+	get := func(path, auth string) int {
+		req, _ := http.NewRequest("GET", "http://"+p.HTTP+path, nil)
+		if auth != "" {
+			req.Header.Set("Authorization", "Bearer "+auth)
+		}
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		return resp.StatusCode
+	}
+	for path, want := range map[string]int{"/metrics": 200, "/healthz": 200, "/readyz": 200, "/api/v1/queue": 401, "/debug/pprof/": 401} {
+		if got := get(path, ""); got != want {
+			t.Errorf("GET %s without the token: %d, want %d", path, got, want)
+		}
+	}
+	for _, path := range []string{"/api/v1/queue", "/debug/pprof/"} {
+		if got := get(path, "s3cret"); got != 200 {
+			t.Errorf("GET %s with the token: %d", path, got)
+		}
+	}
+	req, _ := http.NewRequest("POST", "http://"+p.HTTP+"/api/v1/queue/flush", strings.NewReader("x=1"))
+	req.Header.Set("Authorization", "Bearer s3cret")
+	req.Header.Set("Content-Type", "application/x-www-form-urlencoded")
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusUnsupportedMediaType {
+		t.Errorf("form POST to the admin API: %d, want 415", resp.StatusCode)
+	}
+	// The CLI still works.
+	if out := mtaCmd(t, true, "queue", "flush", "--admin=http://"+p.HTTP, "--admin-token=s3cret"); !strings.Contains(out, "due now") {
+		t.Errorf("queue flush with the token: %q", out)
 	}
 }
