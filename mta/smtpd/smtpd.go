@@ -6,6 +6,7 @@ import (
 	"errors"
 	"net"
 	"net/netip"
+	"runtime/debug"
 	"strings"
 	"sync"
 	"time"
@@ -202,6 +203,14 @@ func (s *Server) admit(c net.Conn) {
 	go func() {
 		defer s.wg.Done()
 		defer func() {
+			if r := recover(); r != nil {
+				// A bug outside a command handler: this connection ends,
+				// the process and every other session go on.
+				s.opts.Metrics.panics.Inc()
+				s.log.Error("panic in SMTP session", zap.Any("panic", r), zap.String("client_ip", ip.String()),
+					zap.ByteString("stack", debug.Stack()))
+				_ = c.Close()
+			}
 			s.mu.Lock()
 			delete(s.sessions, sess)
 			s.mu.Unlock()
