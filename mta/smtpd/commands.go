@@ -321,7 +321,7 @@ func (s *session) rcpt(arg string) {
 	if p.postmaster {
 		r.Address = s.srv.postmaster
 	}
-	if !p.postmaster && !s.mayRelay() && !s.srv.local[mta.Domain(r.Address)] {
+	if !p.postmaster && !s.mayRelay() && (!s.srv.local[mta.Domain(r.Address)] || senderRouted(r.Address)) {
 		s.refuse("relay_denied", &mta.ReplyRelayDenied)
 		return
 	}
@@ -360,6 +360,16 @@ func (s *session) rcpt(arg string) {
 	}
 	s.env.Recipients = append(s.env.Recipients, r)
 	s.replyText(250, mta.Enhanced{2, 1, 5}, "Ok")
+}
+
+// senderRouted reports whether the local part of addr carries routing of
+// its own ("user%remote", "remote!user", a quoted "user@remote"): the old
+// percent hack and bang paths by which open-relay probes try to relay
+// through a local domain. Like Postfix (allow_untrusted_routing = no),
+// such mail is taken only from clients that may relay anyway.
+func senderRouted(addr string) bool {
+	at := strings.LastIndexByte(addr, '@')
+	return at > 0 && strings.ContainsAny(addr[:at], "%!@")
 }
 
 // parseNotify parses a NOTIFY value (RFC 3461 §4.1): NEVER, or a set of

@@ -408,3 +408,26 @@ func TestDataArrivingByteByByte(t *testing.T) {
 		t.Fatalf("stored %q", body)
 	}
 }
+
+// Open-relay probes (nmap smtp-open-relay and the like) dress a remote
+// address up as a local one.
+func TestSenderSpecifiedRoutingIsNotRelayed(t *testing.T) {
+	ts := startServer(t, untrusted)
+	w := dial(t, ts.addr)
+	w.cmdExpect("EHLO probe.test", "250")
+	w.cmdExpect("MAIL FROM:<antispam@probe.test>", "250")
+	for _, rcpt := range []string{
+		"<relaytest%nmap.scanme.org@local.test>",
+		"<nmap.scanme.org!relaytest@local.test>",
+		`<"relaytest@nmap.scanme.org"@local.test>`,
+		"<@local.test:relaytest@nmap.scanme.org>",
+		"<relaytest@nmap.scanme.org>",
+		`<"relaytest@nmap.scanme.org">`,
+		"<relaytest@[127.0.0.1]>",
+	} {
+		if got := w.cmd("RCPT TO:" + rcpt); !strings.HasPrefix(got, "5") {
+			t.Errorf("RCPT TO:%s from an outsider → %q", rcpt, got)
+		}
+	}
+	w.cmdExpect("RCPT TO:<user@local.test>", "250")
+}
