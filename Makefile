@@ -9,13 +9,15 @@ run:
 	$(GO) run ./cmd/mta serve
 
 # deps installs the outside tools some tests use (python3 for the smtplib
-# interoperability test). Without them those tests skip and say what to
-# install; with them nothing is skipped.
+# interoperability test, swaks with Perl's TLS for the swaks one). Without
+# them those tests skip and say what to install; with them nothing is
+# skipped.
+DEPS_APT = python3 swaks libnet-ssleay-perl libio-socket-ssl-perl
 deps:
-	@if ! command -v python3 >/dev/null 2>&1; then \
-		echo "installing python3 (apt)"; \
-		if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq python3; \
-		else sudo apt-get update -qq && sudo apt-get install -y -qq python3; fi; \
+	@if ! command -v python3 >/dev/null 2>&1 || ! command -v swaks >/dev/null 2>&1 || ! perl -MNet::SSLeay -e1 2>/dev/null; then \
+		echo "installing $(DEPS_APT) (apt)"; \
+		if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq $(DEPS_APT); \
+		else sudo apt-get update -qq && sudo apt-get install -y -qq $(DEPS_APT); fi; \
 	fi
 
 test: deps
