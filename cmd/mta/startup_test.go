@@ -1,6 +1,7 @@
 package main
 
 import (
+	"bufio"
 	"net"
 	"net/http"
 	"os"
@@ -140,5 +141,63 @@ func TestOperatorEndpointsNeedTheToken(t *testing.T) {
 	// The CLI still works.
 	if out := mtaCmd(t, true, "queue", "flush", "--admin=http://"+p.HTTP, "--admin-token=s3cret"); !strings.Contains(out, "due now") {
 		t.Errorf("queue flush with the token: %q", out)
+	}
+}
+
+// TestGracefulStopOverTheWire: on SIGTERM an idle client hears
+// "421 4.3.2 Service shutting down", a client inside a transaction
+// finishes it with a 250, and the process exits cleanly.
+func TestGracefulStopOverTheWire(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts subprocesses")
+	}
+	p := startMTA(t, t.TempDir(), "")
+	dialRead := func() (net.Conn, *bufio.Reader) {
+		c, err := net.Dial("tcp", p.SMTP)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { c.Close() })
+		return c, bufio.NewReader(c)
+	}
+	expect := func(r *bufio.Reader, c net.Conn, prefix string) {
+		t.Helper()
+		for {
+			c.SetReadDeadline(time.Now().Add(10 * time.Second))
+			line, err := r.ReadString('\n')
+			if err != nil {
+				t.Fatalf("want %q: %v", prefix, err)
+			}
+			if len(line) >= 4 && line[3] == '-' {
+				continue
+			}
+			if !strings.HasPrefix(line, prefix) {
+				t.Fatalf("got %q, want %q", line, prefix)
+			}
+			return
+		}
+	}
+	idle, ir := dialRead()
+	expect(ir, idle, "220 ")
+	idle.Write([]byte("EHLO idle.test\r\n"))
+	expect(ir, idle, "250 ")
+	busy, br := dialRead()
+	expect(br, busy, "220 ")
+	busy.Write([]byte("EHLO busy.test\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<b@remote.test>\r\n"))
+	expect(br, busy, "250 ")
+	expect(br, busy, "250 ")
+	expect(br, busy, "250 ")
+	busy.Write([]byte("DATA\r\n"))
+	expect(br, busy, "354 ")
+	busy.Write([]byte("Subject: in flight\r\n\r\n"))
+	stopped := make(chan error, 1)
+	go func() { stopped <- p.Stop(30 * time.Second) }()
+	expect(ir, idle, "421 4.3.2 ")
+	time.Sleep(200 * time.Millisecond)
+	busy.Write([]byte("still here\r\n.\r\n"))
+	expect(br, busy, "250 2.0.0 Ok: queued as ")
+	expect(br, busy, "421 4.3.2 ")
+	if err := <-stopped; err != nil {
+		t.Fatalf("stop: %v\n%s", err, p.Log())
 	}
 }
