@@ -56,6 +56,10 @@ var (
 	// ReplySenderNotOwned refuses a MAIL FROM that the authenticated user
 	// may not use (Postfix: reject_sender_login_mismatch).
 	ReplySenderNotOwned = Reply{553, Enhanced{5, 7, 1}, "Sender address not owned by the authenticated user"}
+	// ReplyTooManyHops refuses a message with more Received: fields than
+	// the hop limit: it is looping (RFC 5321 §6.3; Postfix's
+	// hopcount_limit).
+	ReplyTooManyHops = Reply{554, Enhanced{5, 4, 6}, "Too many hops"}
 	// ReplyNestedMail refuses MAIL inside a transaction (RFC 5321 §4.1.4).
 	ReplyNestedMail = Reply{503, Enhanced{5, 5, 1}, "Error: nested MAIL command"}
 	// ReplyInternal is sent when a handler failed unexpectedly (a recovered panic).

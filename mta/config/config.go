@@ -56,6 +56,7 @@ type SMTP struct {
 	MaxMessageSize         ByteSize `yaml:"max_message_size"`
 	MaxRecipients          int      `yaml:"max_recipients"`
 	MaxLineLength          int      `yaml:"max_line_length"`
+	MaxHops                int      `yaml:"max_hops"` // Received: fields a message may already have (mail loops)
 	MaxConnections         int      `yaml:"max_connections"`
 	MaxConnectionsPerIP    int      `yaml:"max_connections_per_ip"`
 	CommandTimeout         Duration `yaml:"command_timeout"`
@@ -173,6 +174,7 @@ func Default() *Config {
 			MaxMessageSize:         10 << 20,
 			MaxRecipients:          1000,
 			MaxLineLength:          8192,
+			MaxHops:                50,
 			MaxConnections:         1000,
 			MaxConnectionsPerIP:    200,
 			CommandTimeout:         Duration(5 * 60e9),
@@ -406,6 +408,7 @@ func (c *Config) validate() error {
 	}
 	positive("smtp.max_message_size", int64(s.MaxMessageSize))
 	positive("smtp.max_recipients", int64(s.MaxRecipients))
+	positive("smtp.max_hops", int64(s.MaxHops))
 	positive("smtp.max_connections", int64(s.MaxConnections))
 	positive("smtp.max_connections_per_ip", int64(s.MaxConnectionsPerIP))
 	positive("smtp.command_timeout", int64(s.CommandTimeout))

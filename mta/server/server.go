@@ -157,6 +157,7 @@ func New(cfg *config.Config, log *zap.Logger) (_ *Server, err error) {
 			MaxMessageSize:            int64(cfg.SMTP.MaxMessageSize),
 			MaxRecipients:             cfg.SMTP.MaxRecipients,
 			MaxLineLength:             cfg.SMTP.MaxLineLength,
+			MaxHops:                   cfg.SMTP.MaxHops,
 			CommandTimeout:            cfg.SMTP.CommandTimeout.D(),
 			DataTimeout:               cfg.SMTP.DataTimeout.D(),
 			BareLineEndings:           smtpd.LineEndings(cfg.SMTP.BareLineEndings),

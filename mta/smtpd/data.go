@@ -310,12 +310,18 @@ func (s *session) finishMessage(body []byte, f bodyFindings) {
 		normalizeLineEndings(norm, body)
 		body = norm.Bytes()
 	}
+	facts := scanHeader(body)
+	if max := s.srv.opts.MaxHops; max > 0 && facts.received >= max {
+		// With ours it would be one more: a mail loop (RFC 5321 §6.3).
+		s.refuse("too_many_hops", &mta.ReplyTooManyHops)
+		return
+	}
 	sp := s.srv.opts.Spool
 	id := sp.NewID()
 	now := time.Now()
 	hdr := s.received(make([]byte, 0, 320), id, now)
 	if s.srv.opts.AddMissingHeaders && (s.mayRelay() || s.srv.opts.Submission) {
-		hdr = appendMissingHeaders(hdr, body, id, s.srv.opts.Hostname, now)
+		hdr = appendMissingHeaders(hdr, facts, id, s.srv.opts.Hostname, now)
 	}
 	env := s.env
 	env.Received = now

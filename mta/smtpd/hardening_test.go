@@ -431,3 +431,24 @@ func TestSenderSpecifiedRoutingIsNotRelayed(t *testing.T) {
 	}
 	w.cmdExpect("RCPT TO:<user@local.test>", "250")
 }
+
+func TestMailLoopsAreRefusedByHopCount(t *testing.T) {
+	ts := startServer(t, func(o *Options) { o.MaxHops = 5 })
+	send := func(hops int) string {
+		w := dial(t, ts.addr)
+		w.cmdExpect("EHLO client.test", "250")
+		w.cmdExpect("MAIL FROM:<a@example.org>", "250")
+		w.cmdExpect("RCPT TO:<b@remote.test>", "250")
+		w.cmdExpect("DATA", "354")
+		var b strings.Builder
+		for i := 0; i < hops; i++ {
+			fmt.Fprintf(&b, "Received: from hop%d.test\r\n\tby hop%d.test; Tue, 1 Dec 2026 10:00:00 +0000\r\n", i, i+1)
+		}
+		b.WriteString("Subject: loop\r\nX-Received: not a hop\r\n\r\nReceived: in the body, not a hop\r\n")
+		return w.cmd(b.String() + ".")
+	}
+	queuedID(t, send(4))
+	if got := send(5); got != "554 5.4.6 Too many hops" {
+		t.Fatalf("a message with 5 Received: fields and a limit of 5 → %q", got)
+	}
+}

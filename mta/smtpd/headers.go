@@ -5,13 +5,16 @@ import (
 	"time"
 )
 
-// appendMissingHeaders appends to hdr a Date: and a Message-ID: field for
-// each that the message's header section lacks: RFC 5322 §3.6 requires
-// Date, and §3.6.4 says every message should have a Message-ID; RFC 6409
-// §8.3 lets a submission server add both. The Message-ID is made of the
-// queue ID and our host name, so it is unique.
-func appendMissingHeaders(hdr, msg []byte, id, hostname string, now time.Time) []byte {
-	hasDate, hasID := false, false
+// headerFacts is what the edge needs to know of a message's header
+// section (RFC 5322 §2.2): everything before the first empty line.
+type headerFacts struct {
+	hasDate, hasMessageID bool
+	received              int // Received: fields, the hops so far (RFC 5321 §6.3)
+}
+
+// scanHeader reads the field names of the header section of msg.
+func scanHeader(msg []byte) headerFacts {
+	var f headerFacts
 	for len(msg) > 0 {
 		end := bytes.Index(msg, crlf)
 		line := msg
@@ -24,18 +27,31 @@ func appendMissingHeaders(hdr, msg []byte, id, hostname string, now time.Time) [
 			break // the end of the header section
 		}
 		switch {
+		case line[0] == ' ' || line[0] == '\t':
+			// a folded continuation of the field before
+		case hasFieldName(line, "received"):
+			f.received++
 		case hasFieldName(line, "date"):
-			hasDate = true
+			f.hasDate = true
 		case hasFieldName(line, "message-id"):
-			hasID = true
+			f.hasMessageID = true
 		}
 	}
-	if !hasDate {
+	return f
+}
+
+// appendMissingHeaders appends to hdr a Date: and a Message-ID: field for
+// each that the message's header section lacks: RFC 5322 §3.6 requires
+// Date, and §3.6.4 says every message should have a Message-ID; RFC 6409
+// §8.3 lets a submission server add both. The Message-ID is made of the
+// queue ID and our host name, so it is unique.
+func appendMissingHeaders(hdr []byte, f headerFacts, id, hostname string, now time.Time) []byte {
+	if !f.hasDate {
 		hdr = append(hdr, "Date: "...)
 		hdr = now.AppendFormat(hdr, "Mon, 02 Jan 2006 15:04:05 -0700")
 		hdr = append(hdr, "\r\n"...)
 	}
-	if !hasID {
+	if !f.hasMessageID {
 		hdr = append(hdr, "Message-ID: <"...)
 		hdr = append(hdr, id...)
 		hdr = append(hdr, '@')

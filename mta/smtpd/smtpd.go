@@ -59,6 +59,9 @@ type Options struct {
 	MaxMessageSize int64
 	MaxRecipients  int
 	MaxLineLength  int
+	// MaxHops refuses a message that already has this many Received:
+	// fields (a mail loop); zero: no limit.
+	MaxHops        int
 	CommandTimeout time.Duration // waiting for a command
 	DataTimeout    time.Duration // waiting for each block of message data
 	// BareLineEndings applies to untrusted, unauthenticated clients;
