@@ -87,6 +87,10 @@ type Config struct {
 	// Rand shuffles MX hosts of equal preference; nil uses the global source.
 	// The Resolver serializes its use.
 	Rand *rand.Rand
+	// Self, if non-nil, describes this server: destinations whose hosts
+	// are this server lose them (RFC 5321 §5.1), and a domain left with
+	// none fails with 554 5.4.6.
+	Self *Self
 	// Registerer, if non-nil, gets the metrics mta_dns_queries_total{qtype,
 	// result} and mta_dns_cache_hits_total.
 	Registerer prometheus.Registerer
@@ -146,6 +150,7 @@ type Resolver struct {
 	maxTTL     time.Duration
 	now        func() time.Time
 	defaultTLS TLSPolicy
+	self       *Self
 	routes     map[string]*route
 	metrics    *metrics
 
@@ -169,6 +174,7 @@ func New(cfg Config) (*Resolver, error) {
 		maxTTL:     orDefault(cfg.MaxTTL, defaultMaxTTL),
 		now:        cfg.Now,
 		defaultTLS: cfg.DefaultTLS,
+		self:       cfg.Self,
 		rand:       cfg.Rand,
 		cache:      newCache(orDefault(cfg.CacheSize, defaultCacheSize)),
 		flights:    make(map[cacheKey]*flight),
@@ -285,12 +291,25 @@ func errTemporary(d string, cause error) error {
 // normalize is the shared syntax check and canonical form of a domain.
 func normalize(domain string) (string, bool) { return mta.NormalizeDomain(domain) }
 
-// Resolve returns the destination for domain. Errors wrap *mta.Reply, so
-// mta.IsPermanent tells a bounce (5xx) from a deferral (4xx): NXDOMAIN,
-// null MX, no MX and no address, or MX hosts that all lack addresses are
-// permanent; DNS failures (SERVFAIL, REFUSED, timeouts, network errors,
+// Resolve returns the destination for domain, without the hosts that are
+// this server (Config.Self). Errors wrap *mta.Reply, so mta.IsPermanent
+// tells a bounce (5xx) from a deferral (4xx): NXDOMAIN, null MX, no MX and
+// no address, MX hosts that all lack addresses, or hosts that all loop
+// back to this server are permanent; DNS failures (SERVFAIL, REFUSED, timeouts, network errors,
 // CNAME loops) are temporary.
 func (r *Resolver) Resolve(ctx context.Context, domain string) (*Destination, error) {
+	dest, err := r.resolve(ctx, domain)
+	if err != nil {
+		return nil, err
+	}
+	if err := r.self.dropSelf(dest); err != nil {
+		return nil, err
+	}
+	return dest, nil
+}
+
+// resolve is Resolve before the hosts that are this server are dropped.
+func (r *Resolver) resolve(ctx context.Context, domain string) (*Destination, error) {
 	name, ok := normalize(domain)
 	if !ok {
 		return nil, errBadDomain(domain)

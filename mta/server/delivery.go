@@ -4,6 +4,8 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
+	"net"
+	"net/netip"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -17,8 +19,10 @@ import (
 	"github.com/mtaproject/mta/spool"
 )
 
-// newTransport builds the resolver and the SMTP client options.
-func newTransport(cfg *config.Config, reg prometheus.Registerer) (*outbound.Transport, error) {
+// newTransport builds the resolver and the SMTP client options. self
+// describes this server for loop detection; its listener addresses may be
+// filled in later, before delivery starts.
+func newTransport(cfg *config.Config, reg prometheus.Registerer, self *resolve.Self) (*outbound.Transport, error) {
 	routes := map[string]resolve.Route{}
 	for dom, r := range cfg.Routes {
 		rr := resolve.Route{Hosts: r.Hosts, TLS: resolve.TLSPolicy(r.TLS)}
@@ -42,6 +46,7 @@ func newTransport(cfg *config.Config, reg prometheus.Registerer) (*outbound.Tran
 		Routes:     routes,
 		DefaultTLS: resolve.TLSPolicy(cfg.Delivery.TLS),
 		IPv6:       cfg.DNS.IPv6,
+		Self:       self,
 		Registerer: reg,
 	})
 	if err != nil {
@@ -65,6 +70,32 @@ func newTransport(cfg *config.Config, reg prometheus.Registerer) (*outbound.Tran
 			},
 		},
 	}, nil
+}
+
+// newSelf describes this server for the resolver's loop detection: its
+// names and this machine's addresses; the listeners add themselves once
+// bound (addListener).
+func newSelf(cfg *config.Config) *resolve.Self {
+	local := map[netip.Addr]bool{}
+	if addrs, err := net.InterfaceAddrs(); err == nil {
+		for _, a := range addrs {
+			if p, err := netip.ParsePrefix(a.String()); err == nil {
+				local[p.Addr().Unmap()] = true
+			}
+		}
+	}
+	names := []string{cfg.Hostname}
+	if cfg.Delivery.HeloName != cfg.Hostname {
+		names = append(names, cfg.Delivery.HeloName)
+	}
+	return &resolve.Self{Names: names, Local: func(a netip.Addr) bool { return local[a.Unmap()] }}
+}
+
+// addListener records a bound SMTP listener in self.
+func addListener(self *resolve.Self, ln net.Listener) {
+	if ap, err := netip.ParseAddrPort(ln.Addr().String()); err == nil {
+		self.Listen = append(self.Listen, ap)
+	}
 }
 
 // queueStore adapts the spool to the scheduler's Store.

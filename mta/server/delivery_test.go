@@ -34,6 +34,14 @@ type world struct {
 // section (", key: value" items), extraYAML adds top-level sections.
 func newWorld(t *testing.T, delivery, extraYAML string) *world {
 	t.Helper()
+	return newWorldOn(t, false, delivery, extraYAML)
+}
+
+// newWorldOn is newWorld; with onDeliveryPort the server's SMTP listener
+// is 127.0.0.1 at the delivery port, so that a next hop of 127.0.0.1 is
+// the server itself.
+func newWorldOn(t *testing.T, onDeliveryPort bool, delivery, extraYAML string) *world {
+	t.Helper()
 	w := &world{t: t, sinks: map[string]*bench.Sink{}}
 	var err error
 	w.dns, err = bench.StartDNSStub()
@@ -49,13 +57,17 @@ func newWorld(t *testing.T, delivery, extraYAML string) *world {
 	}
 	w.port = l.Addr().(*net.TCPAddr).Port
 	l.Close()
+	smtpAddr := "127.0.0.1:0"
+	if onDeliveryPort {
+		smtpAddr = fmt.Sprintf("127.0.0.1:%d", w.port)
+	}
 	yaml := fmt.Sprintf(`data_dir: %s
 hostname: mta.test
-listen: {smtp: "127.0.0.1:0", submission: "", pop3: "", http: "127.0.0.1:0"}
+listen: {smtp: "%s", submission: "", pop3: "", http: "127.0.0.1:0"}
 dns: {servers: ["%s"], timeout: 1s, ipv6: false}
 delivery: {port: %d, min_backoff: 1s, max_backoff: 2s, idle_timeout: 5s, tls: none%s}
 smtp: {shutdown_timeout: 5s, max_connections_per_ip: 1000}
-%s`, t.TempDir(), w.dns.Addr(), w.port, delivery, extraYAML)
+%s`, t.TempDir(), smtpAddr, w.dns.Addr(), w.port, delivery, extraYAML)
 	cfg, err := config.Parse([]byte(yaml))
 	if err != nil {
 		t.Fatal(err)

@@ -106,7 +106,8 @@ func New(cfg *config.Config, log *zap.Logger) (_ *Server, err error) {
 	if !cfg.Spool.Sync {
 		log.Warn("spool.sync is off: acknowledged messages can be lost in a crash")
 	}
-	transport, err := newTransport(cfg, s.registry)
+	self := newSelf(cfg)
+	transport, err := newTransport(cfg, s.registry, self)
 	if err != nil {
 		return nil, err
 	}
@@ -148,6 +149,7 @@ func New(cfg *config.Config, log *zap.Logger) (_ *Server, err error) {
 		if err != nil {
 			return nil, err
 		}
+		addListener(self, ln)
 		srv := smtpd.New(smtpd.Options{
 			Name:                      l.name,
 			Hostname:                  cfg.Hostname,
@@ -246,7 +248,7 @@ func Check(cfg *config.Config) error {
 	if _, err := loadSecrets(cfg, false); err != nil {
 		return err
 	}
-	_, err := newTransport(cfg, prometheus.NewRegistry())
+	_, err := newTransport(cfg, prometheus.NewRegistry(), nil)
 	return err
 }
 
