@@ -354,6 +354,10 @@ func (s *Scheduler) scan() {
 		return
 	}
 	s.m.postponed.Add(float64(postponed))
+	if old := s.expired(leased, now); len(old) > 0 {
+		s.workers.Add(1)
+		go s.expireDue(old)
+	}
 	for _, d := range leased {
 		// Only work the store actually leased: a message held meanwhile
 		// was skipped and must not start.
@@ -619,8 +623,13 @@ func (s *Scheduler) flushPostponed() {
 	s.workers.Add(1)
 	go func() {
 		defer s.workers.Done()
-		if _, err := s.opts.Store.Lease(items); err != nil {
+		leased, err := s.opts.Store.Lease(items)
+		if err != nil {
 			s.log.Error("scheduler: postponing work", zap.Error(err), zap.Int("items", len(items)))
+		}
+		if old := s.expired(leased, s.opts.Now()); len(old) > 0 {
+			s.workers.Add(1)
+			s.expireDue(old)
 		}
 		s.events <- event{kind: evPostponed}
 	}()

@@ -13,6 +13,9 @@ type Due struct {
 	Domain string
 	At     time.Time
 	Reply  string // with Lease: why the work is postponed, recorded as the last reply; "" keeps it
+	// Received is when the message was accepted; Lease fills it in for the
+	// items it returns, so that postponed work can be expired.
+	Received time.Time
 }
 
 // Message is what the scheduler needs of a queued message.
@@ -47,7 +50,8 @@ type Store interface {
 	// Reply when set. It returns the items it moved: a message that is gone
 	// or held is skipped. The scheduler leases work before attempting it,
 	// so a crash cannot make it due again at once, and postpones the work
-	// of a backed-off destination with it.
+	// of a backed-off destination with it. The items returned carry the
+	// message's Received time.
 	Lease(items []Due) ([]Due, error)
 	// Message returns the envelope and recipient states of message id.
 	Message(id string) (*Message, error)

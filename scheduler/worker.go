@@ -33,7 +33,16 @@ func (s *Scheduler) worker(key string, route Route, first *work) {
 		if err != nil {
 			s.m.connFailed.Inc()
 			s.events <- event{kind: evConnFail, key: key, err: err}
-			s.events <- event{kind: evRequeue, key: key, work: first}
+			if s.sendCtx.Err() != nil {
+				// Stopping: no attempt was really made.
+				s.events <- event{kind: evRequeue, key: key, work: first}
+				return
+			}
+			// The message that asked for the connection had its attempt:
+			// it is recorded with the reason, and the queue lifetime
+			// applies to it as to any other failure.
+			s.connectFailed(route, first, err)
+			s.events <- event{kind: evDone, work: first}
 			return
 		}
 		s.m.connOpened.Inc()
@@ -133,7 +142,7 @@ func (s *Scheduler) deliver(conn Conn, route Route, w *work, reused bool) error 
 		return nil
 	}
 	if s.opts.Now().Sub(m.Received) >= s.opts.MaxLifetime {
-		s.expire(w, addresses(env.Recipients), "no attempt made")
+		s.expire(w.key.id, addresses(env.Recipients), "no attempt made")
 		return nil
 	}
 	body, err := s.opts.Store.Body(m.ID)
@@ -199,7 +208,7 @@ func (s *Scheduler) temporary(w *work, m *Message, attempts int, reply string) {
 	next := s.opts.Now().Add(s.backoffFor(attempts + 1))
 	if next.Sub(m.Received) >= s.opts.MaxLifetime {
 		rcpts, _ := pending(m, w.key.domain)
-		s.expire(w, addresses(rcpts), reply)
+		s.expire(w.key.id, addresses(rcpts), reply)
 		return
 	}
 	if err := s.opts.Store.Defer(w.key.id, w.key.domain, next, reply); err != nil {
@@ -225,12 +234,58 @@ func (s *Scheduler) backoffFor(attempt int) time.Duration {
 
 // expire fails recipients whose message outlived the queue lifetime
 // (RFC 3463 5.4.7: delivery time expired).
-func (s *Scheduler) expire(w *work, rcpts []string, last string) {
+func (s *Scheduler) expire(id string, rcpts []string, last string) {
 	reply := fmt.Sprintf("550 5.4.7 Delivery time expired after %s; last error: %s", s.opts.MaxLifetime, last)
 	s.m.outcomes.WithLabelValues("expired", "").Add(float64(len(rcpts)))
-	if err := s.opts.Store.Failed(w.key.id, rcpts, reply); err != nil {
-		s.log.Error("scheduler: expiring", zap.String("id", w.key.id), zap.Error(err))
+	if err := s.opts.Store.Failed(id, rcpts, reply); err != nil {
+		s.log.Error("scheduler: expiring", zap.String("id", id), zap.Error(err))
 	}
+}
+
+// connectFailed records a failure to reach the destination as an attempt
+// of the work that asked for the connection: deferred with backoff and the
+// reason, or expired past the queue lifetime.
+func (s *Scheduler) connectFailed(route Route, w *work, cause error) {
+	m, err := s.opts.Store.Message(w.key.id)
+	if err != nil {
+		return // removed meanwhile, or unreadable: the next scan finds it
+	}
+	rcpts, attempts := pending(m, w.key.domain)
+	if len(rcpts) == 0 {
+		return
+	}
+	s.m.outcomes.WithLabelValues("deferred", route.Class()).Add(float64(len(rcpts)))
+	s.temporary(w, m, attempts, errText(cause))
+}
+
+// expireDue fails the postponed items whose message has outlived the
+// queue lifetime: a destination that stays backed off cannot keep its mail
+// forever. The reply says why the mail waited.
+func (s *Scheduler) expireDue(items []Due) {
+	defer s.workers.Done()
+	for _, d := range items {
+		m, err := s.opts.Store.Message(d.ID)
+		if err != nil {
+			continue
+		}
+		rcpts, _ := pending(m, d.Domain)
+		if len(rcpts) == 0 {
+			continue
+		}
+		s.expire(d.ID, addresses(rcpts), d.Reply)
+	}
+}
+
+// expired returns the postponed items of leased (those with a Reply) whose
+// message is past the queue lifetime at now.
+func (s *Scheduler) expired(leased []Due, now time.Time) []Due {
+	var old []Due
+	for _, d := range leased {
+		if d.Reply != "" && !d.Received.IsZero() && now.Sub(d.Received) >= s.opts.MaxLifetime {
+			old = append(old, d)
+		}
+	}
+	return old
 }
 
 // failDomain fails (permanent routing error) or defers (temporary) the

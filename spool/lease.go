@@ -15,6 +15,9 @@ type LeaseItem struct {
 	Domain string
 	At     time.Time
 	Reply  string // if set, recorded as the recipients' last reply (why they wait)
+	// Received is set by Lease on the items it returns: when the message
+	// was accepted.
+	Received time.Time
 }
 
 // Lease makes the queued recipients of each (ID, Domain) due at its At,
@@ -69,6 +72,7 @@ func (s *Spool) Lease(items []LeaseItem) ([]LeaseItem, error) {
 			}
 			changed[it.ID] = m
 		}
+		it.Received = m.Received
 		leased = append(leased, it)
 		for i := range m.Recipients {
 			r := &m.Recipients[i]

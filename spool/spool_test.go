@@ -373,9 +373,17 @@ func TestLeaseMovesDueEntriesWithoutAttempts(t *testing.T) {
 		t.Fatalf("fresh messages not due after their lease: %v", due)
 	}
 	later := now.Add(time.Hour)
-	_, err := s.Lease([]LeaseItem{{m1.ID, "one.test", later, ""}, {m1.ID, "two.test", later.Add(time.Second), "waiting for two.test"}, {m2.ID, "one.test", later, ""}, {"0000000000000009", "x.test", later, ""}})
+	leased, err := s.Lease([]LeaseItem{
+		{ID: m1.ID, Domain: "one.test", At: later},
+		{ID: m1.ID, Domain: "two.test", At: later.Add(time.Second), Reply: "waiting for two.test"},
+		{ID: m2.ID, Domain: "one.test", At: later},
+		{ID: "0000000000000009", Domain: "x.test", At: later},
+	})
 	if err != nil {
 		t.Fatal(err)
+	}
+	if len(leased) != 3 || !leased[0].Received.Equal(m1.Received) || !leased[2].Received.Equal(m2.Received) {
+		t.Fatalf("leased %+v: want three, with their messages' Received times", leased)
 	}
 	if due, _ := s.Due(later.Add(-time.Second), 10); len(due) != 0 {
 		t.Fatalf("leased entries still due early: %v", due)

@@ -89,8 +89,11 @@ func (t *Transport) Connect(ctx context.Context, r scheduler.Route) (scheduler.C
 		return nil, fmt.Errorf("no address to connect to for %s", rt.dest.Key)
 	}
 	// The last error decides the class (a 421 backs the destination off
-	// like any other failure to connect).
-	return nil, fmt.Errorf("all %d addresses of %s failed: %w", tried, rt.dest.Key, errs[len(errs)-1])
+	// like any other failure to connect) and is what the queue shows.
+	if tried == 1 {
+		return nil, errs[0]
+	}
+	return nil, fmt.Errorf("%w (%d addresses tried)", errs[len(errs)-1], tried)
 }
 
 // conn adapts an smtpclient.Conn to scheduler.Conn.

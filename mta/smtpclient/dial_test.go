@@ -6,8 +6,10 @@ import (
 	"crypto/x509"
 	"errors"
 	"net"
+	"os"
 	"slices"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -45,7 +47,8 @@ func TestGreetingRefused(t *testing.T) {
 	if !e.Permanent() || !mta.IsPermanent(err) || e.Host != "mx.example" || e.Addr != s.addr() {
 		t.Errorf("%+v", e)
 	}
-	if want := "smtp mx.example[" + s.addr() + "]: greeting: 554 5.3.2 no service here"; err.Error() != want {
+	host, port, _ := net.SplitHostPort(s.addr())
+	if want := "mx.example[" + host + "]:" + port + " said at greeting: 554 5.3.2 no service here"; err.Error() != want {
 		t.Errorf("Error() = %q, want %q", err.Error(), want)
 	}
 	// A greeting refusal leaves the stream in step: Dial says QUIT.
@@ -413,11 +416,20 @@ func TestErrorUnwrap(t *testing.T) {
 	if !errors.As(error(e), &r) || r.Code != 550 || !mta.IsPermanent(e) || !e.Permanent() {
 		t.Error("reply not found")
 	}
-	if e.Error() != "smtp mx[1.2.3.4:25]: rcpt: 550 no" {
+	if e.Error() != "mx[1.2.3.4]:25 said at rcpt: 550 no" {
 		t.Error(e.Error())
 	}
 	io := &Error{Stage: "data", Host: "mx", Err: errors.New("boom")}
-	if mta.IsPermanent(io) || io.Permanent() || len(io.Unwrap()) != 1 || io.Error() != "smtp mx: data: boom" {
+	if mta.IsPermanent(io) || io.Permanent() || len(io.Unwrap()) != 1 || io.Error() != "mx at data: boom" {
 		t.Error(io.Error())
+	}
+	refused := &Error{Stage: "connect", Host: "mx.example.net", Addr: "192.0.2.1:25",
+		Err: &net.OpError{Op: "dial", Net: "tcp", Err: &os.SyscallError{Syscall: "connect", Err: syscall.ECONNREFUSED}}}
+	if got := refused.Error(); got != "connect to mx.example.net[192.0.2.1]:25: connection refused" {
+		t.Error(got)
+	}
+	timeout := &Error{Stage: "connect", Host: "192.0.2.1:25", Addr: "192.0.2.1:25", Err: os.ErrDeadlineExceeded}
+	if got := timeout.Error(); got != "connect to 192.0.2.1:25: timed out" {
+		t.Error(got)
 	}
 }

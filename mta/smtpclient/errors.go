@@ -47,26 +47,57 @@ type Error struct {
 	Addr  string     // the address dialled
 }
 
-// Error renders the failure as "smtp host[addr]: stage: reply: err".
+// Error renders the failure as an operator reads it in a queue listing or
+// a bounce: "connect to host[ip]:port: connection refused" when no
+// connection was made, else "host[ip]:port said at stage: reply" or
+// "host[ip]:port at stage: err".
 func (e *Error) Error() string {
 	var b strings.Builder
-	b.WriteString("smtp ")
-	b.WriteString(e.Host)
-	if e.Addr != "" && e.Addr != e.Host {
-		b.WriteString("[" + e.Addr + "]")
+	where := e.Host
+	if ip, port, err := net.SplitHostPort(e.Addr); err == nil {
+		if e.Host == e.Addr || e.Host == "" {
+			where = net.JoinHostPort(ip, port)
+		} else {
+			where = e.Host + "[" + ip + "]:" + port
+		}
 	}
-	b.WriteString(": " + e.Stage + ": ")
+	if e.Stage == "connect" && e.Reply == nil {
+		b.WriteString("connect to " + where + ": " + rootCause(e.Err))
+		return b.String()
+	}
+	b.WriteString(where)
 	switch {
 	case e.Reply != nil && e.Err != nil:
-		b.WriteString(e.Reply.Error() + ": " + e.Err.Error())
+		b.WriteString(" said at " + e.Stage + ": " + e.Reply.Error() + ": " + rootCause(e.Err))
 	case e.Reply != nil:
-		b.WriteString(e.Reply.Error())
+		b.WriteString(" said at " + e.Stage + ": " + e.Reply.Error())
 	case e.Err != nil:
-		b.WriteString(e.Err.Error())
+		b.WriteString(" at " + e.Stage + ": " + rootCause(e.Err))
 	default:
-		b.WriteString("failed")
+		b.WriteString(" at " + e.Stage + ": failed")
 	}
 	return b.String()
+}
+
+// rootCause says what went wrong without the layers of Go's network
+// errors ("dial tcp 192.0.2.1:25: connect: connection refused" becomes
+// "connection refused").
+func rootCause(err error) string {
+	if err == nil {
+		return "failed"
+	}
+	if errors.Is(err, os.ErrDeadlineExceeded) || errors.Is(err, context.DeadlineExceeded) {
+		return "timed out"
+	}
+	var se *os.SyscallError
+	if errors.As(err, &se) {
+		return se.Err.Error()
+	}
+	var oe *net.OpError
+	if errors.As(err, &oe) && oe.Err != nil {
+		return oe.Err.Error()
+	}
+	return err.Error()
 }
 
 // Unwrap returns Reply and Err, leaving out nil ones, so that errors.As

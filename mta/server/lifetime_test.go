@@ -1,0 +1,43 @@
+package server
+
+import (
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/mtaproject/mta/bench"
+	"github.com/mtaproject/mta/spool"
+)
+
+// TestLifetimeAppliesToEveryFailure: delivery.max_lifetime ends the mail
+// of destinations that are never reached (connection refused, a 421
+// greeting, required TLS not offered) as surely as after 4xx replies, and
+// each recipient says why it waited.
+func TestLifetimeAppliesToEveryFailure(t *testing.T) {
+	w := newWorld(t, ", max_lifetime: 3s", `routes: {"tls.test": {hosts: ["[127.0.0.4]"], tls: required}}`)
+	w.dns.SetA("refused.test", "127.0.0.2") // nobody listens there
+	w.dns.SetA("greeting.test", "127.0.0.3")
+	w.sink("127.0.0.3", bench.SinkConfig{Down: true}) // 421 at the greeting
+	w.sink("127.0.0.4", bench.SinkConfig{})           // no STARTTLS
+	cases := map[string]string{
+		"a@refused.test":  "connect to refused.test[127.0.0.2]:",
+		"b@refused.test":  "connection refused",
+		"c@greeting.test": "421",
+		"d@tls.test":      "TLS",
+	}
+	ids := map[string]string{}
+	for rcpt := range cases {
+		ids[rcpt] = w.send("app@example.org", []string{rcpt}, msg)
+	}
+	for rcpt, why := range cases {
+		id := ids[rcpt]
+		w.waitFor(rcpt+" expired", 20*time.Second, func() bool { return w.recipient(id, rcpt).Status == spool.Failed })
+		r := w.recipient(id, rcpt)
+		if !strings.HasPrefix(r.LastReply, "550 5.4.7 Delivery time expired after 3s; last error: ") || !strings.Contains(r.LastReply, why) {
+			t.Errorf("%s: last reply %q, want the expiry and %q", rcpt, r.LastReply, why)
+		}
+		if r.Attempts == 0 {
+			t.Errorf("%s: no attempt counted", rcpt)
+		}
+	}
+}
