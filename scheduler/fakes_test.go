@@ -41,7 +41,7 @@ func (s *memStore) add(id string, received, due time.Time, rcpts ...string) {
 	s.msgs[id] = m
 }
 
-func (s *memStore) Due(now time.Time, limit int) ([]Due, error) {
+func (s *memStore) Due(now time.Time, limit int, skip func(string) bool) ([]Due, error) {
 	s.dueCalls.Add(1)
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -54,6 +54,15 @@ func (s *memStore) Due(now time.Time, limit int) ([]Due, error) {
 	sort.Slice(out, func(i, j int) bool {
 		return out[i].At.Before(out[j].At) || out[i].At.Equal(out[j].At) && out[i].ID < out[j].ID
 	})
+	if skip != nil {
+		kept := out[:0]
+		for _, d := range out {
+			if !skip(d.Domain) {
+				kept = append(kept, d)
+			}
+		}
+		out = kept
+	}
 	if len(out) > limit {
 		out = out[:limit]
 	}

@@ -20,6 +20,7 @@ type instruments struct {
 	postponed       prometheus.Counter
 	routeErrors     prometheus.Counter
 	submitDropped   prometheus.Counter
+	freshToScan     prometheus.Counter
 	panics          prometheus.Counter
 }
 
@@ -54,14 +55,18 @@ func newMetrics(s *Scheduler, reg prometheus.Registerer) *instruments {
 		postponed:     prometheus.NewCounter(prometheus.CounterOpts{Name: "mta_delivery_postponed_total", Help: "Work postponed without an attempt because its destination was backed off."}),
 		routeErrors:   prometheus.NewCounter(prometheus.CounterOpts{Name: "mta_delivery_route_errors_total", Help: "Domains that could not be resolved to a destination."}),
 		submitDropped: prometheus.NewCounter(prometheus.CounterOpts{Name: "mta_delivery_submit_dropped_total", Help: "Fresh messages not handed over in memory (scheduler busy); the due scan finds them."}),
+		freshToScan:   prometheus.NewCounter(prometheus.CounterOpts{Name: "mta_delivery_fresh_to_scan_total", Help: "Fresh messages left to the due scan because their domain was at its share of the window and the overflow was full."}),
 		panics:        prometheus.NewCounter(prometheus.CounterOpts{Name: "mta_delivery_panics_total", Help: "Panics recovered while delivering a message (the message is deferred)."}),
 	}
 	if reg != nil {
 		reg.MustRegister(m.outcomes, m.attemptLatency, m.connectLatency, m.connOpened, m.connReused, m.connFailed,
-			m.connClosed, m.messagesPerConn, m.activeConns, m.destBackoffs, m.postponed, m.routeErrors, m.submitDropped, m.panics,
+			m.connClosed, m.messagesPerConn, m.activeConns, m.destBackoffs, m.postponed, m.routeErrors, m.submitDropped, m.freshToScan, m.panics,
 			prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 				Name: "mta_delivery_window_size", Help: "Work items (message, domain) in the scheduler's active window.",
 			}, func() float64 { return float64(s.windowSize.Load()) }),
+			prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+				Name: "mta_delivery_fresh_waiting", Help: "Fresh work items waiting in memory for room in the window (their domain is at its share).",
+			}, func() float64 { return float64(s.freshWaiting.Load()) }),
 			prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 				Name: "mta_delivery_destinations_backed_off", Help: "Destinations currently backed off after connection failures.",
 			}, func() float64 { return float64(s.backedOff.Load()) }),

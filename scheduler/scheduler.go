@@ -97,13 +97,21 @@ type Scheduler struct {
 	dropIDs []string
 
 	// Owned by run.
-	window  map[workKey]*work
-	domains map[string]*domainState
-	dests   map[string]*dest
-	waiting []*dest // destinations with queued work waiting for a global slot
-	active  int     // connection workers running
-	rnd     *rand.Rand
-	full    bool // the last scan filled its limit: scan again soon
+	window map[workKey]*work
+	count  map[string]int // work items in the window, by domain
+	// overflow holds fresh work that found its domain at its share of the
+	// window, in arrival order per domain: it enters as room frees, instead
+	// of waiting a lease for the due scan. Keys still in waitingFresh are
+	// live; a key the scan brought in meanwhile is dropped from it.
+	overflow     map[string][]workKey
+	waitingFresh map[workKey]bool
+	roomFreed    bool // work left the window since the last refill
+	domains      map[string]*domainState
+	dests        map[string]*dest
+	waiting      []*dest // destinations with queued work waiting for a global slot
+	active       int     // connection workers running
+	rnd          *rand.Rand
+	full         bool // the last scan filled its limit: scan again soon
 
 	rndMu     sync.Mutex // guards workerRnd, shared by workers
 	workerRnd *rand.Rand
@@ -111,10 +119,11 @@ type Scheduler struct {
 	postponing   []Due // postponements not yet written
 	postponeBusy bool  // a batch of postponements is being written
 
-	running     atomic.Bool  // Run is running
-	windowSize  atomic.Int64 // len(window), for metrics
-	backedOff   atomic.Int64 // destinations backed off now, for metrics
-	activeDests atomic.Int64 // destinations with work or connections, for metrics
+	running      atomic.Bool  // Run is running
+	windowSize   atomic.Int64 // len(window), for metrics
+	freshWaiting atomic.Int64 // len(waitingFresh), for metrics
+	backedOff    atomic.Int64 // destinations backed off now, for metrics
+	activeDests  atomic.Int64 // destinations with work or connections, for metrics
 
 	workers sync.WaitGroup
 	ctx     context.Context // cancelled when Run is told to stop: no new work
@@ -184,17 +193,20 @@ const (
 func New(opts Options) *Scheduler {
 	opts.defaults()
 	s := &Scheduler{
-		opts:    opts,
-		log:     opts.Logger,
-		fresh:   make(chan Due, 8192),
-		next:    make(chan nextReq),
-		events:  make(chan event, 1024),
-		kick:    make(chan struct{}, 1),
-		drops:   make(chan struct{}, 1),
-		window:  map[workKey]*work{},
-		domains: map[string]*domainState{},
-		dests:   map[string]*dest{},
-		rnd:     rand.New(rand.NewPCG(opts.Seed, opts.Seed^0x9e3779b97f4a7c15)),
+		opts:         opts,
+		log:          opts.Logger,
+		fresh:        make(chan Due, 8192),
+		next:         make(chan nextReq),
+		events:       make(chan event, 1024),
+		kick:         make(chan struct{}, 1),
+		drops:        make(chan struct{}, 1),
+		window:       map[workKey]*work{},
+		count:        map[string]int{},
+		overflow:     map[string][]workKey{},
+		waitingFresh: map[workKey]bool{},
+		domains:      map[string]*domainState{},
+		dests:        map[string]*dest{},
+		rnd:          rand.New(rand.NewPCG(opts.Seed, opts.Seed^0x9e3779b97f4a7c15)),
 	}
 	s.workerRnd = rand.New(rand.NewPCG(opts.Seed+1, opts.Seed))
 	s.m = newMetrics(s, opts.Registerer)
@@ -263,7 +275,7 @@ func (s *Scheduler) Run(ctx context.Context) {
 			s.stop()
 			return
 		case d := <-s.fresh:
-			s.add(d.ID, d.Domain)
+			s.addFresh(d.ID, d.Domain)
 		case r := <-s.next:
 			r.reply <- s.nextFor(r)
 		case ev := <-s.events:
@@ -282,11 +294,15 @@ func (s *Scheduler) Run(ctx context.Context) {
 			s.scan()
 			s.sweep()
 		}
+		if s.roomFreed {
+			s.refill()
+		}
 		if s.full && len(s.window) < s.opts.WindowSize/2 {
 			s.scan()
 		}
 		s.flushPostponed()
 		s.windowSize.Store(int64(len(s.window)))
+		s.freshWaiting.Store(int64(len(s.waitingFresh)))
 	}
 }
 
@@ -319,7 +335,22 @@ func (s *Scheduler) scan() {
 	}
 	limit := min(room, 5000)
 	now := s.opts.Now()
-	due, err := s.opts.Store.Due(now, limit)
+	// Take each domain's due work only up to its share of the window, as
+	// the entries come, so that the earliest entries (one deep backlog)
+	// do not fill the window ahead of everyone else's.
+	taken, extra := map[string]int{}, 0
+	skip := func(domain string) bool {
+		if s.backedOffDest(domain, now) != nil {
+			return false // postponed in the lease batch, without entering
+		}
+		if !s.admits(domain, taken[domain], extra) {
+			return true
+		}
+		taken[domain]++
+		extra++
+		return false
+	}
+	due, err := s.opts.Store.Due(now, limit, skip)
 	if err != nil {
 		s.full = false
 		s.log.Error("scheduler: reading the due index", zap.Error(err))
@@ -362,9 +393,84 @@ func (s *Scheduler) scan() {
 		// Only work the store actually leased: a message held meanwhile
 		// was skipped and must not start.
 		if d.Reply == "" && s.window[workKey{d.ID, d.Domain}] == nil {
+			delete(s.waitingFresh, workKey{d.ID, d.Domain}) // the scan brought it: the overflow copy is stale
 			s.add(d.ID, d.Domain)
 		}
 	}
+}
+
+// admits reports whether work for domain may enter the window, with plus
+// more of its items and extra more items in all already promised. A domain
+// may hold up to its share: three quarters of the window divided among the
+// domains in it (at least a 64th of the window), so that a quarter is
+// always free for a newcomer and no deep backlog crowds out the others.
+func (s *Scheduler) admits(domain string, plus, extra int) bool {
+	size := s.opts.WindowSize
+	if len(s.window)+extra >= size {
+		return false
+	}
+	c := s.count[domain] + plus
+	domains := len(s.count)
+	if s.count[domain] == 0 {
+		domains++
+	}
+	share := max(size*3/4/domains, size/64, 1)
+	return c < share
+}
+
+// addFresh puts freshly accepted work in the window, or, when its domain
+// is at its share, in the overflow to enter as room frees. Only past the
+// overflow's bound is it left to the due scan, and that is counted.
+func (s *Scheduler) addFresh(id, domain string) {
+	k := workKey{id, domain}
+	if len(s.overflow[domain]) == 0 && s.add(id, domain) {
+		return
+	}
+	if s.window[k] != nil || s.waitingFresh[k] {
+		return
+	}
+	if len(s.waitingFresh) >= 4*s.opts.WindowSize {
+		s.m.freshToScan.Inc()
+		return
+	}
+	s.overflow[domain] = append(s.overflow[domain], k)
+	s.waitingFresh[k] = true
+}
+
+// refill moves fresh work from the overflow into the window while its
+// domains are admitted.
+func (s *Scheduler) refill() {
+	s.roomFreed = false
+	for domain, q := range s.overflow {
+		n := 0
+		for ; n < len(q); n++ {
+			k := q[n]
+			if !s.waitingFresh[k] {
+				continue // brought in by the scan, or dropped
+			}
+			if !s.add(k.id, k.domain) {
+				break
+			}
+			delete(s.waitingFresh, k)
+		}
+		if n == len(q) {
+			delete(s.overflow, domain)
+		} else {
+			s.overflow[domain] = q[n:]
+		}
+	}
+}
+
+// remove takes work out of the window.
+func (s *Scheduler) remove(k workKey) {
+	if _, ok := s.window[k]; !ok {
+		return
+	}
+	delete(s.window, k)
+	if s.count[k.domain]--; s.count[k.domain] <= 0 {
+		delete(s.count, k.domain)
+	}
+	s.roomFreed = true
 }
 
 // backedOffDest returns the destination domain is known to route to if
@@ -389,14 +495,20 @@ func (s *Scheduler) spread(until, now time.Time) time.Time {
 	return until
 }
 
-// add puts work in the window and routes it.
-func (s *Scheduler) add(id, domain string) {
+// add puts work in the window and routes it. It reports false when the
+// domain is not admitted (see admits); work already in the window counts
+// as added.
+func (s *Scheduler) add(id, domain string) bool {
 	k := workKey{id, domain}
-	if _, ok := s.window[k]; ok || len(s.window) >= s.opts.WindowSize {
-		return
+	if _, ok := s.window[k]; ok {
+		return true
+	}
+	if !s.admits(domain, 0, 0) {
+		return false
 	}
 	w := &work{key: k}
 	s.window[k] = w
+	s.count[domain]++
 	ds := s.domains[domain]
 	if ds == nil {
 		ds = &domainState{}
@@ -404,7 +516,7 @@ func (s *Scheduler) add(id, domain string) {
 	}
 	if ds.route != nil && s.opts.Now().Sub(ds.routedAt) < s.opts.RouteTTL {
 		s.enqueue(s.destFor(ds.route), w)
-		return
+		return true
 	}
 	ds.waiting = append(ds.waiting, w)
 	if !ds.resolving {
@@ -412,6 +524,7 @@ func (s *Scheduler) add(id, domain string) {
 		s.workers.Add(1)
 		go s.resolve(domain)
 	}
+	return true
 }
 
 func (s *Scheduler) resolve(domain string) {
@@ -605,7 +718,7 @@ func (s *Scheduler) backOff(key string, cause error) {
 func (s *Scheduler) postpone(ws []*work, until time.Time, why string) {
 	now := s.opts.Now()
 	for _, w := range ws {
-		delete(s.window, w.key)
+		s.remove(w.key)
 		s.postponing = append(s.postponing, Due{ID: w.key.id, Domain: w.key.domain, At: s.spread(until, now), Reply: why})
 	}
 	s.m.postponed.Add(float64(len(ws)))
@@ -698,16 +811,22 @@ func (s *Scheduler) sweep() {
 // again while this work was in flight).
 func (s *Scheduler) forget(w *work) {
 	if s.window[w.key] == w {
-		delete(s.window, w.key)
+		s.remove(w.key)
 	}
 }
 
-// drop forgets the queued work of message id.
+// drop forgets the queued work of message id, in the window and in the
+// overflow.
 func (s *Scheduler) drop(id string) {
 	for k, w := range s.window {
 		if k.id == id {
 			w.dropped = true
-			delete(s.window, k)
+			s.remove(k)
+		}
+	}
+	for k := range s.waitingFresh {
+		if k.id == id {
+			delete(s.waitingFresh, k)
 		}
 	}
 }

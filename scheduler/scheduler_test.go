@@ -8,6 +8,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus/testutil"
+
 	"github.com/mtaproject/mta/mta"
 )
 
@@ -80,7 +82,7 @@ func TestDeadDestinationCostsOneProbe(t *testing.T) {
 	}
 	waitFor(t, "alive deliveries", func() bool { d, _ := store.counts(); return d == 100 })
 	waitFor(t, "dead work postponed", func() bool {
-		due, _ := store.Due(time.Now(), 1000)
+		due, _ := store.Due(time.Now(), 1000, nil)
 		return len(due) == 0
 	})
 	connects, _, _ := tr.stats("dead.test")
@@ -278,4 +280,60 @@ func TestConcurrencyWindowGrowsFromTheInitialOne(t *testing.T) {
 	if tr.maxConnecting != 1 {
 		t.Fatalf("%d connections were being opened at once; from a window of 1 each must wait for the last", tr.maxConnecting)
 	}
+}
+
+// TestScanSharesTheWindow: retries due behind a deep backlog are not kept
+// out of the window by it: the scan takes each domain only up to its share.
+func TestScanSharesTheWindow(t *testing.T) {
+	store, tr := newMemStore(), newFakeTransport()
+	tr.delay["deep.test"] = 50 * time.Millisecond // slow: its work piles up in the window
+	past := time.Now().Add(-time.Hour)
+	for i := 0; i < 500; i++ {
+		store.add(fmt.Sprintf("d%03d", i), past, past, "r@deep.test")
+	}
+	later := past.Add(time.Minute) // due after the whole backlog
+	for i := 0; i < 10; i++ {
+		store.add(fmt.Sprintf("o%03d", i), later, later, "r@other.test")
+	}
+	start(t, func(o *Options) { o.WindowSize = 100; o.MaxPerDestination = 2; o.InitialPerDestination = 2 }, store, tr)
+	begin := time.Now()
+	waitFor(t, "the other domain's due work", func() bool {
+		_, sent, _ := tr.stats("other.test")
+		return sent == 10
+	})
+	if took := time.Since(begin); took > 2*time.Second {
+		t.Fatalf("due work behind a deep backlog took %v", took)
+	}
+	if _, sent, _ := tr.stats("deep.test"); sent > 250 {
+		t.Fatalf("the deep backlog was mostly delivered first (%d of 500)", sent)
+	}
+}
+
+// TestFreshWorkOverflowsAndIsNotLost: fresh work beyond its domain's share
+// waits in memory and is delivered as room frees, without the scan.
+func TestFreshWorkOverflowsAndIsNotLost(t *testing.T) {
+	store, tr := newMemStore(), newFakeTransport()
+	h := start(t, func(o *Options) { o.WindowSize = 40; o.ScanInterval = time.Hour }, store, tr)
+	now := time.Now()
+	far := now.Add(time.Hour) // the due scan would not find them for an hour
+	// 150: three times the window, within the overflow's bound (4x).
+	for i := 0; i < 150; i++ {
+		id := fmt.Sprintf("f%03d", i)
+		store.add(id, now, far, "r@bulk.test")
+		h.s.Submit(id, []string{"bulk.test"})
+	}
+	waitFor(t, "all fresh work delivered", func() bool { d, _ := store.counts(); return d == 150 })
+	if got := testutil.ToFloat64(h.s.m.freshToScan); got != 0 {
+		t.Fatalf("%v fresh items left to the scan", got)
+	}
+	// Past the bound, what is left to the scan is counted, never lost silently.
+	for i := 0; i < 400; i++ {
+		id := fmt.Sprintf("g%03d", i)
+		store.add(id, now, far, "r@slow.test")
+		h.s.Submit(id, []string{"slow.test"})
+	}
+	waitFor(t, "the rest counted", func() bool {
+		d, _ := store.counts()
+		return float64(d-150)+testutil.ToFloat64(h.s.m.freshToScan)+testutil.ToFloat64(h.s.m.submitDropped) == 400
+	})
 }

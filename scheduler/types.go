@@ -43,8 +43,13 @@ type Recipient struct {
 // its state-owning goroutine, except Due and Lease, which the periodic scan
 // uses.
 type Store interface {
-	// Due returns up to limit entries due at or before now, earliest first.
-	Due(now time.Time, limit int) ([]Due, error)
+	// Due returns up to limit entries due at or before now, earliest first,
+	// leaving out those for which skip (if not nil) returns true: the
+	// scheduler skips the domains that have their share of the window, so
+	// that one deep backlog does not hide everyone else's due work. skip is
+	// called in order, once per entry considered; the store may stop after
+	// considering a bounded number of entries.
+	Due(now time.Time, limit int, skip func(domain string) bool) ([]Due, error)
 	// Lease moves the due entries of the given (ID, Domain) pairs each to
 	// its At, in one batch and without counting an attempt, and records
 	// Reply when set. It returns the items it moved: a message that is gone

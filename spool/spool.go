@@ -268,9 +268,15 @@ func (s *Spool) read(key []byte, id string, fn func([]byte) error) error {
 	return fn(v)
 }
 
+// maxDueExamined bounds, as a multiple of the limit, how many due entries
+// one Due call looks at when skip leaves most of them out.
+const maxDueExamined = 20
+
 // Due returns up to limit due-index entries with a due time at or before
-// now, earliest first.
-func (s *Spool) Due(now time.Time, limit int) ([]DueEntry, error) {
+// now, earliest first, without those whose domain skip (if not nil)
+// reports true for. It looks at no more than maxDueExamined × limit
+// entries.
+func (s *Spool) Due(now time.Time, limit int, skip func(domain string) bool) ([]DueEntry, error) {
 	var k keyBuf
 	upper := append([]byte(nil), k.dueBound(now.Add(time.Nanosecond))...)
 	it, err := s.db.NewIter(&pebble.IterOptions{LowerBound: []byte(prefixDue), UpperBound: upper})
@@ -279,10 +285,15 @@ func (s *Spool) Due(now time.Time, limit int) ([]DueEntry, error) {
 	}
 	defer it.Close()
 	var out []DueEntry
-	for ok := it.First(); ok && len(out) < limit; ok = it.Next() {
+	examined := 0
+	for ok := it.First(); ok && len(out) < limit && examined < maxDueExamined*max(limit, 1); ok = it.Next() {
+		examined++
 		e, perr := parseDue(it.Key())
 		if perr != nil {
 			s.log.Warn("spool: skipping malformed due entry", zap.ByteString("key", it.Key()))
+			continue
+		}
+		if skip != nil && skip(e.Domain) {
 			continue
 		}
 		out = append(out, e)

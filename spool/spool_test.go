@@ -70,7 +70,7 @@ func TestDueIndexOneEntryPerDomain(t *testing.T) {
 	if err := s.Put(m, nil, []byte("x")); err != nil {
 		t.Fatal(err)
 	}
-	due, err := s.Due(now, 100)
+	due, err := s.Due(now, 100, nil)
 	if err != nil || len(due) != 3 {
 		t.Fatalf("due = %v, %v", due, err)
 	}
@@ -78,7 +78,7 @@ func TestDueIndexOneEntryPerDomain(t *testing.T) {
 	if err := s.Defer(m.ID, "one.test", now.Add(time.Hour), "451 4.7.1 try later"); err != nil {
 		t.Fatal(err)
 	}
-	due, _ = s.Due(now, 100)
+	due, _ = s.Due(now, 100, nil)
 	if len(due) != 2 {
 		t.Fatalf("after defer due = %v", due)
 	}
@@ -88,7 +88,7 @@ func TestDueIndexOneEntryPerDomain(t *testing.T) {
 			t.Fatalf("deferred recipient = %+v", r)
 		}
 	}
-	due, _ = s.Due(now.Add(time.Hour), 100)
+	due, _ = s.Due(now.Add(time.Hour), 100, nil)
 	if len(due) != 3 || due[2].Domain != "one.test" || !due[2].Due.Equal(now.Add(time.Hour)) {
 		t.Fatalf("later due = %v", due)
 	}
@@ -99,7 +99,7 @@ func TestDueIndexOneEntryPerDomain(t *testing.T) {
 	if err := s.Fail(m.ID, []string{"d@three.test"}, "550 5.1.1 no such user"); err != nil {
 		t.Fatal(err)
 	}
-	due, _ = s.Due(now.Add(24*time.Hour), 100)
+	due, _ = s.Due(now.Add(24*time.Hour), 100, nil)
 	if len(due) != 1 || due[0].Domain != "one.test" {
 		t.Fatalf("due = %v", due)
 	}
@@ -116,7 +116,7 @@ func TestDueIndexOneEntryPerDomain(t *testing.T) {
 	if err != nil || !got.Done() || !got.OwesBounce() {
 		t.Fatalf("message with a failure: %+v, %v", got, err)
 	}
-	if due, _ := s.Due(now.Add(48*time.Hour), 100); len(due) != 0 || s.Count() != 1 {
+	if due, _ := s.Due(now.Add(48*time.Hour), 100, nil); len(due) != 0 || s.Count() != 1 {
 		t.Fatalf("due = %v count = %d", due, s.Count())
 	}
 
@@ -163,7 +163,7 @@ func TestHoldReleaseFlushRemove(t *testing.T) {
 	if err := s.Hold(m1.ID); err != nil {
 		t.Fatal(err)
 	}
-	if due, _ := s.Due(now, 10); len(due) != 1 || due[0].ID != m2.ID {
+	if due, _ := s.Due(now, 10, nil); len(due) != 1 || due[0].ID != m2.ID {
 		t.Fatalf("held message still due: %v", due)
 	}
 	if err := s.Defer(m2.ID, "two.test", now.Add(time.Hour), "421"); err != nil {
@@ -173,14 +173,14 @@ func TestHoldReleaseFlushRemove(t *testing.T) {
 	if err := s.Release(m1.ID); err != nil {
 		t.Fatal(err)
 	}
-	if due, _ := s.Due(clock, 10); len(due) != 1 || due[0].ID != m1.ID {
+	if due, _ := s.Due(clock, 10, nil); len(due) != 1 || due[0].ID != m1.ID {
 		t.Fatalf("released message not due: %v", due)
 	}
 	n, err := s.Flush()
 	if err != nil || n != 1 {
 		t.Fatalf("flush = %d, %v", n, err)
 	}
-	if due, _ := s.Due(clock, 10); len(due) != 2 {
+	if due, _ := s.Due(clock, 10, nil); len(due) != 2 {
 		t.Fatalf("flushed message not due: %v", due)
 	}
 	if err := s.Remove(m2.ID); err != nil {
@@ -189,7 +189,7 @@ func TestHoldReleaseFlushRemove(t *testing.T) {
 	if err := s.Remove(m2.ID); !errors.Is(err, mta.ErrNotFound) {
 		t.Fatalf("second remove: %v", err)
 	}
-	if due, _ := s.Due(clock, 10); len(due) != 1 || s.Count() != 1 {
+	if due, _ := s.Due(clock, 10, nil); len(due) != 1 || s.Count() != 1 {
 		t.Fatalf("after remove due=%v count=%d", due, s.Count())
 	}
 	list, err := s.List("", 10)
@@ -238,7 +238,7 @@ func TestReopenRecoversAndRepairs(t *testing.T) {
 	if s.Count() != 5 {
 		t.Fatalf("count after reopen = %d", s.Count())
 	}
-	due, err := s.Due(time.Now().Add(time.Second), 100)
+	due, err := s.Due(time.Now().Add(time.Second), 100, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -250,7 +250,7 @@ func TestReopenRecoversAndRepairs(t *testing.T) {
 	if fmt.Sprint(dueIDs) != fmt.Sprint(ids[:4]) {
 		t.Fatalf("due after recovery = %v, want %v", dueIDs, ids[:4])
 	}
-	if all, _ := s.Due(time.Now().Add(48*time.Hour), 100); len(all) != 4 {
+	if all, _ := s.Due(time.Now().Add(48*time.Hour), 100, nil); len(all) != 4 {
 		t.Fatalf("stray due entries survived recovery: %v", all)
 	}
 	if n, err := s.Flush(); err != nil || n != 0 {
@@ -366,10 +366,10 @@ func TestLeaseMovesDueEntriesWithoutAttempts(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	if due, _ := s.Due(now, 10); len(due) != 0 {
+	if due, _ := s.Due(now, 10, nil); len(due) != 0 {
 		t.Fatalf("fresh messages due before their lease: %v", due)
 	}
-	if due, _ := s.Due(now.Add(time.Minute), 10); len(due) != 3 {
+	if due, _ := s.Due(now.Add(time.Minute), 10, nil); len(due) != 3 {
 		t.Fatalf("fresh messages not due after their lease: %v", due)
 	}
 	later := now.Add(time.Hour)
@@ -385,10 +385,10 @@ func TestLeaseMovesDueEntriesWithoutAttempts(t *testing.T) {
 	if len(leased) != 3 || !leased[0].Received.Equal(m1.Received) || !leased[2].Received.Equal(m2.Received) {
 		t.Fatalf("leased %+v: want three, with their messages' Received times", leased)
 	}
-	if due, _ := s.Due(later.Add(-time.Second), 10); len(due) != 0 {
+	if due, _ := s.Due(later.Add(-time.Second), 10, nil); len(due) != 0 {
 		t.Fatalf("leased entries still due early: %v", due)
 	}
-	due, _ := s.Due(later.Add(time.Second), 10)
+	due, _ := s.Due(later.Add(time.Second), 10, nil)
 	if len(due) != 3 {
 		t.Fatalf("leased entries = %v", due)
 	}

@@ -101,8 +101,8 @@ func addListener(self *resolve.Self, ln net.Listener) {
 // queueStore adapts the spool to the scheduler's Store.
 type queueStore struct{ sp *spool.Spool }
 
-func (q queueStore) Due(now time.Time, limit int) ([]scheduler.Due, error) {
-	entries, err := q.sp.Due(now, limit)
+func (q queueStore) Due(now time.Time, limit int, skip func(string) bool) ([]scheduler.Due, error) {
+	entries, err := q.sp.Due(now, limit, skip)
 	out := make([]scheduler.Due, len(entries))
 	for i, e := range entries {
 		out[i] = scheduler.Due{ID: e.ID, Domain: e.Domain, At: e.Due}
