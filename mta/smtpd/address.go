@@ -1,6 +1,7 @@
 package smtpd
 
 import (
+	"net/netip"
 	"strings"
 	"unicode/utf8"
 
@@ -67,7 +68,7 @@ func parsePath(s string, null, postmaster, utf8ok bool) (path, string, pathError
 		return path{postmaster: true}, rest, pathOK
 	}
 	if inner[0] == '@' { // source route "@a,@b:", which RFC 5321 §4.1.1.3 says to ignore
-		colon := strings.IndexByte(inner, ':')
+		colon := routeEnd(inner)
 		if colon < 0 || !validRoute(inner[:colon]) {
 			return path{}, "", pathSyntax
 		}
@@ -184,18 +185,56 @@ func validRoute(r string) bool {
 	return true
 }
 
-// validLiteral checks an address literal: "[" then printable ASCII without
-// brackets, backslash or spaces, then "]".
+// validLiteral checks an address literal (RFC 5321 §4.1.3): "[" then an
+// IPv4 address, "IPv6:" and an IPv6 address, or a general literal
+// "tag:content" whose content is printable ASCII without brackets,
+// backslash, quotes or angle brackets; then "]".
 func validLiteral(d string) bool {
 	if len(d) < 3 || d[0] != '[' || d[len(d)-1] != ']' {
 		return false
 	}
-	for i := 1; i < len(d)-1; i++ {
-		if c := d[i]; c <= ' ' || c > '~' || c == '[' || c == ']' || c == '\\' {
+	inner := d[1 : len(d)-1]
+	if a, err := netip.ParseAddr(inner); err == nil {
+		return a.Is4()
+	}
+	tag, content, ok := strings.Cut(inner, ":")
+	if !ok || tag == "" || content == "" {
+		return false
+	}
+	if strings.EqualFold(tag, "IPv6") {
+		a, err := netip.ParseAddr(content)
+		return err == nil && a.Is6() && a.Zone() == ""
+	}
+	for i := 0; i < len(tag); i++ {
+		if c := tag[i]; !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '-') {
+			return false
+		}
+	}
+	for i := 0; i < len(content); i++ {
+		if c := content[i]; c <= ' ' || c > '~' || strings.IndexByte("[]\\\"<>", c) >= 0 {
 			return false
 		}
 	}
 	return true
+}
+
+// routeEnd returns the index of the colon that ends a source route
+// ("@a,@[IPv6:2001:db8::1]:"), skipping colons inside literals, or -1.
+func routeEnd(s string) int {
+	depth := 0
+	for i := 0; i < len(s); i++ {
+		switch s[i] {
+		case '[':
+			depth++
+		case ']':
+			depth--
+		case ':':
+			if depth == 0 {
+				return i
+			}
+		}
+	}
+	return -1
 }
 
 // param is one ESMTP parameter of MAIL or RCPT (RFC 5321 §4.1.2).

@@ -111,9 +111,6 @@ func checkMailbox(t *testing.T, s, mb string, utf8ok bool) {
 		}
 		unquoted = mb[end:]
 	}
-	if at := strings.LastIndexByte(unquoted, '@'); at >= 0 && strings.HasPrefix(unquoted[at:], "@[") {
-		unquoted = unquoted[:at] // EXPLORATION ONLY: known bug in literals set aside
-	}
 	if strings.ContainsAny(unquoted, "<>") {
 		fail("angle bracket outside a quoted string")
 	}
