@@ -108,10 +108,12 @@ type Host struct {
 type Destination struct {
 	// Domain is the recipient domain: lower case, without a trailing dot.
 	Domain string
-	// Key identifies the next-hop set, so that domains with the same one
-	// share connection limits and connections: "mx:" and the sorted MX host
-	// names joined by ","; "a:" and the domain for an implicit MX; "route:"
-	// and the route's hosts as "host:port" joined by ",".
+	// Key identifies the next-hop set and its policy, so that domains with
+	// the same one share connection limits and connections, and no others
+	// do: "mx:" and the MX records as "preference host" in preference order,
+	// joined by ","; "a:" and the domain for an implicit MX; "route:", the
+	// route's hosts as "host:port" joined by ",", " tls=" and its policy,
+	// and " auth=" and the user name when it authenticates.
 	Key string
 	// Hosts in the order to try: ascending preference, equal preferences
 	// shuffled on each call. Hosts without any address are left out.
@@ -414,7 +416,9 @@ func (r *Resolver) shuffle(hosts []Host) {
 }
 
 // sortMX orders MX records by preference, ties by name (the shuffle happens
-// per call), and returns the Key of the set.
+// per call), and returns the Key of the set: the preferences and names in
+// that order, so that two domains share a destination (its connections and
+// limits) only when they would try the same hosts in the same order.
 func sortMX(mx []mxHost) string {
 	sort.Slice(mx, func(i, j int) bool {
 		if mx[i].pref != mx[j].pref {
@@ -424,8 +428,7 @@ func sortMX(mx []mxHost) string {
 	})
 	names := make([]string, len(mx))
 	for i, h := range mx {
-		names[i] = h.host
+		names[i] = strconv.Itoa(int(h.pref)) + " " + h.host
 	}
-	sort.Strings(names)
 	return "mx:" + strings.Join(names, ",")
 }

@@ -101,7 +101,7 @@ func TestMXPreferenceOrder(t *testing.T) {
 	if d.Domain != "example.com" || d.Route != nil || d.TLS != TLSOpportunistic {
 		t.Errorf("destination %+v", d)
 	}
-	if want := "mx:mx1.example.net,mx2.example.net,mx3.example.net"; d.Key != want {
+	if want := "mx:10 mx1.example.net,20 mx2.example.net,30 mx3.example.net"; d.Key != want {
 		t.Errorf("key %q, want %q", d.Key, want)
 	}
 	want := []Host{
@@ -241,7 +241,7 @@ func TestMXHostFailures(t *testing.T) {
 		t.Errorf("hosts %v, want only the one with an address", n)
 	}
 	// The Key is the MX set, whichever hosts resolve.
-	if d.Key != "mx:broken.example,ok.example" {
+	if d.Key != "mx:10 broken.example,20 ok.example" {
 		t.Errorf("key %q", d.Key)
 	}
 }
@@ -355,7 +355,7 @@ func TestCNAME(t *testing.T) {
 		if err != nil {
 			t.Fatalf("noChase %v: %v", noChase, err)
 		}
-		if d.Key != "mx:mxalias.example" || len(d.Hosts) != 1 || !slices.Equal(d.Hosts[0].Addrs, addrs("192.0.2.5")) {
+		if d.Key != "mx:10 mxalias.example" || len(d.Hosts) != 1 || !slices.Equal(d.Hosts[0].Addrs, addrs("192.0.2.5")) {
 			t.Errorf("noChase %v: destination %+v", noChase, d)
 		}
 		if noChase && s.count("hop1.example", dns.TypeMX) != 1 {

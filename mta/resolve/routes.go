@@ -57,7 +57,12 @@ func (r *Resolver) prepareRoute(rt Route) (*route, error) {
 		}
 		keys = append(keys, host+":"+strconv.Itoa(rh.port))
 	}
-	p.key = "route:" + strings.Join(keys, ",")
+	// Routes that share hosts but not their TLS policy or credentials must
+	// not share connections: the policy is part of the identity.
+	p.key = "route:" + strings.Join(keys, ",") + " tls=" + string(p.tls)
+	if rt.Auth != nil {
+		p.key += " auth=" + rt.Auth.Username
+	}
 	return p, nil
 }
 

@@ -38,7 +38,7 @@ func TestRoutes(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if d.Key != "route:relay.example:587,[192.0.2.30]:2525" || d.TLS != TLSRequired || d.Route == nil || d.Route.Auth == nil || *d.Route.Auth != *auth {
+	if d.Key != "route:relay.example:587,[192.0.2.30]:2525 tls=required auth=u" || d.TLS != TLSRequired || d.Route == nil || d.Route.Auth == nil || *d.Route.Auth != *auth {
 		t.Errorf("destination %+v", d)
 	}
 	want := []Host{
@@ -60,7 +60,7 @@ func TestRoutes(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if d.Key != "route:[::1]:26,[192.0.2.31]:27,[192.0.2.32]:2525" || d.TLS != TLSOpportunistic {
+	if d.Key != "route:[::1]:26,[192.0.2.31]:27,[192.0.2.32]:2525 tls=opportunistic" || d.TLS != TLSOpportunistic {
 		t.Errorf("destination %+v", d)
 	}
 	for i, w := range []string{"::1", "192.0.2.31", "192.0.2.32"} {
@@ -78,7 +78,7 @@ func TestRoutes(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if d1.Key != "route:relay.example:2525" || d2.Key != d1.Key || d1.TLS != TLSNone || d1.Route == nil {
+	if d1.Key != "route:relay.example:2525 tls=none" || d2.Key != d1.Key || d1.TLS != TLSNone || d1.Route == nil {
 		t.Errorf("wildcard destinations %+v %+v", d1, d2)
 	}
 	if n := s.total(); n != 1 {
@@ -87,7 +87,7 @@ func TestRoutes(t *testing.T) {
 
 	// Route domains are matched in their A-label form.
 	d, err = r.Resolve(ctx, "xn--bcher-kva.example")
-	if err != nil || d.Key != "route:[192.0.2.40]:2525" {
+	if err != nil || d.Key != "route:[192.0.2.40]:2525 tls=opportunistic" {
 		t.Errorf("IDN route: %+v, %v", d, err)
 	}
 
@@ -124,9 +124,11 @@ func TestKeySharing(t *testing.T) {
 	s := newServer(t,
 		"one.example. 300 IN MX 10 mx1.example.net.",
 		"one.example. 300 IN MX 20 mx2.example.net.",
-		"two.example. 300 IN MX 5 MX2.example.net.",
-		"two.example. 300 IN MX 5 mx1.example.net.",
+		"two.example. 300 IN MX 10 MX1.example.net.",
+		"two.example. 300 IN MX 20 mx2.example.net.",
 		"three.example. 300 IN MX 10 mx1.example.net.",
+		"four.example. 300 IN MX 10 mx2.example.net.",
+		"four.example. 300 IN MX 20 mx1.example.net.",
 		"mx1.example.net. 300 IN A 192.0.2.1",
 		"mx2.example.net. 300 IN A 192.0.2.2",
 	)
@@ -138,12 +140,15 @@ func TestKeySharing(t *testing.T) {
 		}
 		return dest.Key
 	}
-	k1, k2, k3 := key("one.example"), key("two.example"), key("three.example")
-	if k1 != k2 || k1 != "mx:mx1.example.net,mx2.example.net" {
-		t.Errorf("same MX set, keys %q and %q", k1, k2)
+	k1, k2, k3, k4 := key("one.example"), key("two.example"), key("three.example"), key("four.example")
+	if k1 != k2 || k1 != "mx:10 mx1.example.net,20 mx2.example.net" {
+		t.Errorf("same MX hosts and preferences, keys %q and %q", k1, k2)
 	}
 	if k3 == k1 {
 		t.Errorf("different MX sets share key %q", k3)
+	}
+	if k4 == k1 {
+		t.Errorf("the same hosts in another preference order share key %q: one domain would use the other's order", k4)
 	}
 }
 
@@ -296,5 +301,34 @@ func TestMetricsAndEviction(t *testing.T) {
 		if got[k] != v {
 			t.Errorf("%s = %v, want %v (all: %v)", k, got[k], v, got)
 		}
+	}
+}
+
+func TestRoutesWithOtherPoliciesDoNotShare(t *testing.T) {
+	s := newServer(t, "relay.example. 300 IN A 192.0.2.20")
+	r := newResolver(t, Config{Routes: map[string]Route{
+		"plain.example":  {Hosts: []string{"relay.example:587"}, TLS: TLSNone},
+		"tls.example":    {Hosts: []string{"relay.example:587"}, TLS: TLSRequired},
+		"auth.example":   {Hosts: []string{"relay.example:587"}, TLS: TLSRequired, Auth: &Auth{Username: "a", Password: "x"}},
+		"other.example":  {Hosts: []string{"relay.example:587"}, TLS: TLSRequired, Auth: &Auth{Username: "b", Password: "y"}},
+		"plain2.example": {Hosts: []string{"relay.example:587"}, TLS: TLSNone},
+	}}, s)
+	keys := map[string]string{}
+	for _, d := range []string{"plain.example", "tls.example", "auth.example", "other.example", "plain2.example"} {
+		dest, err := r.Resolve(context.Background(), d)
+		if err != nil {
+			t.Fatal(err)
+		}
+		keys[d] = dest.Key
+	}
+	if keys["plain.example"] != keys["plain2.example"] {
+		t.Errorf("the same route twice: keys %q and %q", keys["plain.example"], keys["plain2.example"])
+	}
+	seen := map[string]string{}
+	for _, d := range []string{"plain.example", "tls.example", "auth.example", "other.example"} {
+		if o, dup := seen[keys[d]]; dup {
+			t.Errorf("%s and %s share key %q despite other TLS or AUTH", o, d, keys[d])
+		}
+		seen[keys[d]] = d
 	}
 }
