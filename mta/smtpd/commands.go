@@ -7,6 +7,8 @@ import (
 	"strconv"
 	"strings"
 	"time"
+	"unicode"
+	"unicode/utf8"
 
 	"go.uber.org/zap"
 
@@ -344,7 +346,7 @@ func (s *session) rcpt(arg string) {
 			if ok && strings.EqualFold(typ, "rfc822") {
 				addr, ok = decodeXtext(addr)
 			} else if ok && strings.EqualFold(typ, "utf-8") {
-				ok = addr != ""
+				ok = addr != "" && utf8.ValidString(addr) && !strings.ContainsFunc(addr, unicode.IsControl)
 			} else {
 				ok = false
 			}

@@ -7,6 +7,8 @@ import (
 	"strings"
 	"sync"
 	"time"
+	"unicode"
+	"unicode/utf8"
 
 	"go.uber.org/zap"
 
@@ -38,6 +40,17 @@ type bodyFindings struct {
 // data answers DATA: 354, then the message up to <CRLF>.<CRLF>, then the
 // verdict.
 func (s *session) data(arg string) {
+	// DATA ends a pipelined group (RFC 2920 §3.1): content sent before
+	// the 354 comes from a broken client or an attack (SMTP smuggling). As
+	// Postfix's smtpd_forbid_unauth_pipelining does: refuse and disconnect,
+	// also when DATA itself is refused (the content would be read as
+	// commands).
+	early := s.srv.opts.RejectEarlyData && s.authUser == "" && s.r.Buffered() > 0
+	defer func() {
+		if early {
+			s.closing = true
+		}
+	}()
 	switch {
 	case arg != "":
 		s.refuse("bad_syntax", &mta.Reply{Code: 501, Enhanced: mta.Enhanced{5, 5, 4}, Text: "Syntax: DATA"})
@@ -52,13 +65,8 @@ func (s *session) data(arg string) {
 		s.refuse("bad_sequence", &replyNeedRCPT)
 		return
 	}
-	if s.srv.opts.RejectEarlyData && s.authUser == "" && s.r.Buffered() > 0 {
-		// DATA ends a pipelined group (RFC 2920 §3.1): content sent
-		// before the 354 comes from a broken client or an attack (SMTP
-		// smuggling). As Postfix's smtpd_forbid_unauth_pipelining does:
-		// refuse and disconnect.
+	if early {
 		s.refuse("sync_error", &mta.ReplySyncError)
-		s.closing = true
 		return
 	}
 	s.replyText(354, mta.Enhanced{}, "End data with <CR><LF>.<CR><LF>")
@@ -133,7 +141,7 @@ func (s *session) readData(dst *bytes.Buffer) (bodyFindings, error) {
 		if i := bytes.Index(buf, crlf); i >= 0 {
 			line := buf[:i]
 			f.check(line)
-			if lineLen += i; lineLen > maxLine {
+			if lineLen = f.lineLength(lineLen, line, maxLine); lineLen > maxLine {
 				f.longLine = true
 			}
 			keep(buf[:i+2])
@@ -152,7 +160,7 @@ func (s *session) readData(dst *bytes.Buffer) (bodyFindings, error) {
 			continue
 		}
 		f.check(buf[:take])
-		if lineLen += take; lineLen > maxLine {
+		if lineLen = f.lineLength(lineLen, buf[:take], maxLine); lineLen > maxLine {
 			f.longLine = true
 		}
 		keep(buf[:take])
@@ -170,6 +178,27 @@ func (f *bodyFindings) check(b []byte) {
 	}
 	if !f.nul && bytes.IndexByte(b, 0) >= 0 {
 		f.nul = true
+	}
+}
+
+// lineLength returns the length of the current line after seg, a piece of
+// a line that holds no CRLF, was added to a line of n bytes so far. A bare
+// CR or LF in seg ends a line too (it becomes CRLF when normalised), so a
+// message with LF line endings is not taken for one long line; f.longLine
+// records any line inside seg that is over max.
+func (f *bodyFindings) lineLength(n int, seg []byte, max int) int {
+	if !f.bare {
+		return n + len(seg) // the common case: no bare CR or LF so far
+	}
+	for {
+		i := bytes.IndexAny(seg, "\r\n")
+		if i < 0 {
+			return n + len(seg)
+		}
+		if n+i > max {
+			f.longLine = true
+		}
+		n, seg = 0, seg[i+1:]
 	}
 }
 
@@ -227,17 +256,16 @@ func (s *session) bdatChunk(arg string) {
 		s.refuse("message_too_big", &mta.ReplyMessageTooBig)
 		return
 	}
-	s.bdat.Grow(int(n))
-	chunk := s.bdat.AvailableBuffer()[:n]
+	// Memory grows as the chunk's bytes arrive, not by what BDAT claims: a
+	// client announcing 10 MiB and sending nothing holds nothing.
 	s.inStream = true
-	err = s.readFull(chunk)
+	err = s.copyChunk(s.bdat, int64(n))
 	s.inStream = false
 	if err != nil {
 		s.readFailed(err, true)
 		s.resetTransaction()
 		return
 	}
-	s.bdat.Write(chunk)
 	if !isLast {
 		s.replyText(250, mta.Enhanced{2, 0, 0}, strconv.FormatUint(n, 10)+" octets received")
 		return
@@ -247,16 +275,29 @@ func (s *session) bdatChunk(arg string) {
 }
 
 // discard reads and drops n bytes of message data.
-func (s *session) discard(n int64) error {
+func (s *session) discard(n int64) error { return s.copyChunk(nil, n) }
+
+// copyChunk reads n bytes of message data into dst (nil: drops them), as
+// they arrive: one buffered block at a time, each wait under the data
+// timeout.
+func (s *session) copyChunk(dst *bytes.Buffer, n int64) error {
 	for n > 0 {
 		if s.r.Buffered() == 0 {
+			if err := s.flush(); err != nil {
+				return err
+			}
 			s.setReadDeadline(s.srv.opts.DataTimeout)
 			if _, err := s.r.Peek(1); err != nil {
 				return err
 			}
 		}
-		d, _ := s.r.Discard(int(min(n, int64(s.r.Buffered()))))
-		n -= int64(d)
+		take := int(min(n, int64(s.r.Buffered())))
+		if dst != nil {
+			b, _ := s.r.Peek(take)
+			dst.Write(b)
+		}
+		_, _ = s.r.Discard(take)
+		n -= int64(take)
 	}
 	return nil
 }
@@ -274,7 +315,7 @@ func scanBody(body []byte, maxLine int) bodyFindings {
 			body = nil
 		}
 		f.check(line)
-		if len(line) > maxLine {
+		if f.lineLength(0, line, maxLine) > maxLine {
 			f.longLine = true
 		}
 	}
@@ -294,14 +335,14 @@ func (s *session) finishMessage(body []byte, f bodyFindings) {
 	case f.tooBig:
 		s.refuse("message_too_big", &mta.ReplyMessageTooBig)
 		return
-	case f.longLine:
-		s.refuse("line_too_long", &mta.ReplyLineTooLong)
-		return
 	case f.nul:
 		s.refuse("nul_byte", &mta.ReplyNULByte)
 		return
 	case f.bare && policy == RejectBareLineEndings:
 		s.refuse("bare_line_ending", &mta.ReplyBareLineEnding)
+		return
+	case f.longLine:
+		s.refuse("line_too_long", &mta.ReplyLineTooLong)
 		return
 	}
 	if f.bare {
@@ -433,18 +474,33 @@ func (s *session) received(b []byte, id string, now time.Time) []byte {
 }
 
 // appendSanitized appends s with anything that could break the header
-// (controls, spaces, parentheses, angle brackets) replaced by '_'. Non-ASCII
-// UTF-8 is kept: SMTPUTF8 addresses are legitimate.
+// (controls, spaces, parentheses, angle brackets, bytes that are not
+// UTF-8) replaced by '_'. Non-ASCII UTF-8 is kept: SMTPUTF8 addresses are
+// legitimate.
 func appendSanitized(b []byte, s string) []byte {
 	if s == "" {
 		return append(b, "unknown"...)
 	}
-	for i := 0; i < len(s) && i < 255; i++ {
+	if len(s) > 255 {
+		s = s[:255]
+	}
+	for i := 0; i < len(s); {
 		c := s[i]
+		if c >= 0x80 {
+			r, n := utf8.DecodeRuneInString(s[i:])
+			if r == utf8.RuneError && n <= 1 || unicode.IsControl(r) {
+				b = append(b, '_')
+			} else {
+				b = append(b, s[i:i+n]...)
+			}
+			i += n
+			continue
+		}
 		if c <= ' ' || c == 0x7f || c == '(' || c == ')' || c == '<' || c == '>' {
 			c = '_'
 		}
 		b = append(b, c)
+		i++
 	}
 	return b
 }

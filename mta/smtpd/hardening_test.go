@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io"
 	"net/netip"
+	"runtime"
 	"strings"
 	"testing"
 
@@ -450,5 +451,99 @@ func TestMailLoopsAreRefusedByHopCount(t *testing.T) {
 	queuedID(t, send(4))
 	if got := send(5); got != "554 5.4.6 Too many hops" {
 		t.Fatalf("a message with 5 Received: fields and a limit of 5 → %q", got)
+	}
+}
+
+// A BDAT command claims its chunk's size before sending it: memory must
+// follow the bytes that arrive, not the claim.
+func TestBDATClaimsDoNotReserveMemory(t *testing.T) {
+	ts := startServer(t, func(o *Options) { o.MaxMessageSize = 8 << 20; o.DataTimeout = 30 * time.Second })
+	runtime.GC()
+	var before runtime.MemStats
+	runtime.ReadMemStats(&before)
+	for i := 0; i < 10; i++ {
+		w := dial(t, ts.addr)
+		w.cmdExpect("EHLO client.test", "250")
+		w.cmdExpect("MAIL FROM:<a@example.org>", "250")
+		w.cmdExpect("RCPT TO:<b@local.test>", "250")
+		w.send("BDAT 8000000\r\nonly a little")
+	}
+	time.Sleep(300 * time.Millisecond)
+	runtime.GC()
+	var after runtime.MemStats
+	runtime.ReadMemStats(&after)
+	if grew := int64(after.HeapInuse) - int64(before.HeapInuse); grew > 20<<20 {
+		t.Fatalf("ten BDAT claims of 8 MB with a few bytes each grew the heap by %d MB", grew>>20)
+	}
+}
+
+// Lines are also ended by a bare LF, which normalisation makes CRLF: a
+// message with LF line endings is not one long line.
+func TestLFOnlyMessagesAreNotOneLongLine(t *testing.T) {
+	body := "Subject: lf\n\n" + strings.Repeat("a short line of text\n", 500)
+	send := func(ts *testServer, data string) string {
+		w := dial(t, ts.addr)
+		w.cmdExpect("EHLO client.test", "250")
+		w.cmdExpect("MAIL FROM:<a@example.org>", "250")
+		w.cmdExpect("RCPT TO:<b@local.test>", "250")
+		w.cmdExpect("DATA", "354")
+		return w.cmd(data + "\r\n.")
+	}
+	trusted := startServer(t, nil)
+	queuedID(t, send(trusted, body))
+	outsider := startServer(t, untrusted)
+	if got := send(outsider, body); !strings.HasPrefix(got, "550 5.6.0 ") {
+		t.Fatalf("LF line endings from an outsider → %q, want 550 5.6.0", got)
+	}
+	if got := send(trusted, "Subject: long\r\n\r\n"+strings.Repeat("x", 2000)+"\r\n"); !strings.HasPrefix(got, "500 5.5.2 ") {
+		t.Fatalf("a line over the limit → %q", got)
+	}
+}
+
+// Each wait has its own timeout: the data timeout does not stretch the
+// command timeout after a message, nor the other way round.
+func TestTimeoutsDoNotBleedIntoEachOther(t *testing.T) {
+	t.Run("idle after a message", func(t *testing.T) {
+		ts := startServer(t, func(o *Options) { o.CommandTimeout = 300 * time.Millisecond; o.DataTimeout = 5 * time.Second })
+		w := dial(t, ts.addr)
+		w.cmdExpect("EHLO client.test", "250")
+		w.cmdExpect("MAIL FROM:<a@example.org>", "250")
+		w.cmdExpect("RCPT TO:<b@local.test>", "250")
+		w.cmdExpect("DATA", "354")
+		queuedID(t, w.cmd("Subject: x\r\n\r\nx\r\n."))
+		start := time.Now()
+		w.expect("421 4.4.2 ")
+		if took := time.Since(start); took > 2*time.Second {
+			t.Fatalf("idle timeout of 300ms took %v after a message", took)
+		}
+	})
+	t.Run("stalled in data", func(t *testing.T) {
+		ts := startServer(t, func(o *Options) { o.CommandTimeout = 5 * time.Second; o.DataTimeout = 300 * time.Millisecond })
+		w := dial(t, ts.addr)
+		w.cmdExpect("EHLO client.test", "250")
+		w.cmdExpect("MAIL FROM:<a@example.org>", "250")
+		w.cmdExpect("RCPT TO:<b@local.test>", "250")
+		w.cmdExpect("DATA", "354")
+		start := time.Now()
+		w.expect("421 4.4.2 ")
+		if took := time.Since(start); took > 2*time.Second {
+			t.Fatalf("data timeout of 300ms took %v", took)
+		}
+	})
+}
+
+// Content pipelined behind a DATA that is refused would be read as
+// commands: the client is disconnected as for any early content.
+func TestEarlyContentAfterARefusedDATA(t *testing.T) {
+	ts := startServer(t, untrusted)
+	w := dial(t, ts.addr)
+	w.cmdExpect("EHLO client.test", "250")
+	w.cmdExpect("MAIL FROM:<a@example.org>", "250")
+	w.cmdExpect("RCPT TO:<victim@elsewhere.test>", "554 5.7.1 ")
+	w.send("DATA\r\nRCPT TO:<b@local.test>\r\nDATA\r\nSubject: x\r\n\r\nx\r\n.\r\n")
+	w.expect("503 5.5.1 ")
+	w.expectClosed()
+	if ts.spool.Count() != 0 {
+		t.Fatal("stored")
 	}
 }

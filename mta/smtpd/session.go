@@ -5,7 +5,6 @@ import (
 	"bytes"
 	"crypto/tls"
 	"errors"
-	"io"
 	"net"
 	"net/netip"
 	"runtime/debug"
@@ -167,14 +166,16 @@ func (s *session) lineBuffered() bool {
 }
 
 // setReadDeadline arms the read deadline for a wait of timeout. It is moved
-// only when a tenth of the timeout has passed since it was last set, so
-// that a pipelining client does not pay for a timer per command.
+// later only when a tenth of the timeout has passed since it was last set,
+// so that a pipelining client does not pay for a timer per command, and it
+// is always moved earlier (from the data timeout to a shorter command
+// timeout, say), so that each wait gets its own timeout.
 func (s *session) setReadDeadline(timeout time.Duration) {
 	if timeout <= 0 {
 		return
 	}
-	now := time.Now()
-	if till := now.Add(timeout); till.Sub(s.deadlineTill) > timeout/10 || s.deadlineTill.Before(now) {
+	till := time.Now().Add(timeout)
+	if till.Before(s.deadlineTill) || till.Sub(s.deadlineTill) > timeout/10 {
 		_ = s.raw.SetReadDeadline(till)
 		s.deadlineTill = till
 	}
@@ -281,24 +282,6 @@ func (s *session) resetTransaction() {
 
 // mayRelay reports whether the client may send to any domain.
 func (s *session) mayRelay() bool { return s.trusted || s.authUser != "" }
-
-// readFull reads exactly len(b) bytes of message data.
-func (s *session) readFull(b []byte) error {
-	for len(b) > 0 {
-		if s.r.Buffered() == 0 {
-			s.setReadDeadline(s.srv.opts.DataTimeout)
-		}
-		n, err := s.r.Read(b)
-		b = b[n:]
-		if err != nil {
-			if err == io.EOF && len(b) == 0 {
-				return nil
-			}
-			return err
-		}
-	}
-	return nil
-}
 
 // Replies of the dialogue itself (the policy replies are in package mta).
 var (
