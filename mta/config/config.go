@@ -102,7 +102,8 @@ type Delivery struct {
 	MaxConnectionsPerDestination     int      `yaml:"max_connections_per_destination"`     // per next-hop set
 	InitialConnectionsPerDestination int      `yaml:"initial_connections_per_destination"` // start, +1 per good new connection
 	MaxMessagesPerConnection         int      `yaml:"max_messages_per_connection"`
-	IdleTimeout                      Duration `yaml:"idle_timeout"` // idle connection kept for reuse
+	MaxMXAddresses                   int      `yaml:"max_mx_addresses"` // addresses tried per connection attempt
+	IdleTimeout                      Duration `yaml:"idle_timeout"`     // idle connection kept for reuse
 	MinBackoff                       Duration `yaml:"min_backoff"`
 	MaxBackoff                       Duration `yaml:"max_backoff"`
 	MaxLifetime                      Duration `yaml:"max_lifetime"`  // then a deferred recipient fails (bounce)
@@ -196,6 +197,7 @@ func Default() *Config {
 			MaxConnectionsPerDestination:     20,
 			InitialConnectionsPerDestination: 5,
 			MaxMessagesPerConnection:         1000,
+			MaxMXAddresses:                   5,
 			IdleTimeout:                      Duration(10e9),
 			MinBackoff:                       Duration(5 * 60e9),
 			MaxBackoff:                       Duration(4000e9),
@@ -475,6 +477,7 @@ func (c *Config) validateDelivery(bad func(field, format string, args ...any)) {
 		{"delivery.max_connections_per_destination", d.MaxConnectionsPerDestination},
 		{"delivery.initial_connections_per_destination", d.InitialConnectionsPerDestination},
 		{"delivery.max_messages_per_connection", d.MaxMessagesPerConnection},
+		{"delivery.max_mx_addresses", d.MaxMXAddresses},
 		{"delivery.active_window", d.ActiveWindow},
 	} {
 		if f.v <= 0 {

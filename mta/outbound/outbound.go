@@ -25,6 +25,10 @@ type Transport struct {
 	// LocalDomains are delivered locally, not over SMTP. Until local
 	// mailboxes exist their mail is deferred.
 	LocalDomains map[string]bool
+	// MaxAddresses bounds the addresses one Connect tries (Postfix's
+	// smtp_mx_address_limit), so that a black-holed destination ties a
+	// worker up for a bounded time; zero means 5.
+	MaxAddresses int
 }
 
 type route struct{ dest *resolve.Destination }
@@ -54,7 +58,8 @@ func (t *Transport) Route(ctx context.Context, domain string) (scheduler.Route, 
 }
 
 // Connect dials the destination's hosts in order (MX preference, then
-// each host's addresses) and returns the first connection made.
+// each host's addresses), at most MaxAddresses of them, and returns the
+// first connection made.
 func (t *Transport) Connect(ctx context.Context, r scheduler.Route) (scheduler.Conn, error) {
 	rt, ok := r.(route)
 	if !ok {
@@ -66,11 +71,18 @@ func (t *Transport) Connect(ctx context.Context, r scheduler.Route) (scheduler.C
 		opts.Auth = &smtpclient.Auth{Username: rt.dest.Route.Auth.Username, Password: rt.dest.Route.Auth.Password}
 	}
 	var errs []error
-	tried := 0
+	tried, limit := 0, t.MaxAddresses
+	if limit <= 0 {
+		limit = 5
+	}
+hosts:
 	for _, h := range rt.dest.Hosts {
 		for _, a := range h.Addrs {
 			if ctx.Err() != nil {
 				return nil, ctx.Err()
+			}
+			if tried >= limit {
+				break hosts
 			}
 			addr := netip.AddrPortFrom(a, uint16(h.Port)).String()
 			name := h.Name

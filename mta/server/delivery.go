@@ -60,6 +60,7 @@ func newTransport(cfg *config.Config, reg prometheus.Registerer, self *resolve.S
 	return &outbound.Transport{
 		Resolver:     res,
 		LocalDomains: local,
+		MaxAddresses: cfg.Delivery.MaxMXAddresses,
 		Client: smtpclient.Options{
 			LocalName:  cfg.Delivery.HeloName,
 			NoChunking: !cfg.Delivery.Chunking,

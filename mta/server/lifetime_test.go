@@ -1,6 +1,7 @@
 package server
 
 import (
+	"fmt"
 	"strings"
 	"testing"
 	"time"
@@ -39,5 +40,28 @@ func TestLifetimeAppliesToEveryFailure(t *testing.T) {
 		if r.Attempts == 0 {
 			t.Errorf("%s: no attempt counted", rcpt)
 		}
+	}
+}
+
+// TestConnectionAttemptsAreBounded: one attempt tries at most
+// delivery.max_mx_addresses addresses, however many the domain has.
+func TestConnectionAttemptsAreBounded(t *testing.T) {
+	w := newWorld(t, ", max_mx_addresses: 3", "")
+	var ips []string
+	var sinks []*bench.Sink
+	for i := 2; i <= 9; i++ {
+		ip := fmt.Sprintf("127.0.0.%d", i)
+		ips = append(ips, ip)
+		sinks = append(sinks, w.sink(ip, bench.SinkConfig{Down: true}))
+	}
+	w.dns.SetA("many.test", ips...)
+	id := w.send("app@example.org", []string{"x@many.test"}, msg)
+	w.waitFor("the first attempt", 10*time.Second, func() bool { return w.recipient(id, "x@many.test").Attempts > 0 })
+	tried := int64(0)
+	for _, s := range sinks {
+		tried += s.Stats().ConnectionsRefused
+	}
+	if tried != 3 {
+		t.Fatalf("one attempt connected to %d of 8 addresses, want 3", tried)
 	}
 }
