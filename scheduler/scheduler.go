@@ -92,7 +92,8 @@ type Scheduler struct {
 	next    chan nextReq
 	events  chan event
 	kick    chan struct{}
-	drops   chan struct{} // signals that dropIDs has IDs
+	unback  chan chan struct{} // end every destination's backoff (flush); closed when done
+	drops   chan struct{}      // signals that dropIDs has IDs
 	dropMu  sync.Mutex
 	dropIDs []string
 
@@ -199,6 +200,7 @@ func New(opts Options) *Scheduler {
 		next:         make(chan nextReq),
 		events:       make(chan event, 1024),
 		kick:         make(chan struct{}, 1),
+		unback:       make(chan chan struct{}),
 		drops:        make(chan struct{}, 1),
 		window:       map[workKey]*work{},
 		count:        map[string]int{},
@@ -238,6 +240,23 @@ func (s *Scheduler) Kick() {
 	select {
 	case s.kick <- struct{}{}:
 	default:
+	}
+}
+
+// EndBackoffs ends the backoff of every destination: after `mta queue
+// flush`, mail for a destination that was backed off is tried at once, as
+// the operator asked. It returns once the scheduler has applied it (or
+// after a few seconds if it is too busy or not running), so that work made
+// due after it is not postponed again.
+func (s *Scheduler) EndBackoffs() {
+	if !s.running.Load() {
+		return
+	}
+	done := make(chan struct{})
+	select {
+	case s.unback <- done:
+		<-done
+	case <-time.After(5 * time.Second):
 	}
 }
 
@@ -290,6 +309,11 @@ func (s *Scheduler) Run(ctx context.Context) {
 			}
 		case <-s.kick:
 			s.scan()
+		case done := <-s.unback:
+			for _, d := range s.dests {
+				d.deadUntil, d.failures = time.Time{}, 0
+			}
+			close(done)
 		case <-tick.C:
 			s.scan()
 			s.sweep()

@@ -337,3 +337,32 @@ func TestFreshWorkOverflowsAndIsNotLost(t *testing.T) {
 		return float64(d-150)+testutil.ToFloat64(h.s.m.freshToScan)+testutil.ToFloat64(h.s.m.submitDropped) == 400
 	})
 }
+
+// TestEndBackoffs: after a flush a backed-off destination is tried at once,
+// not at the end of its backoff.
+func TestEndBackoffs(t *testing.T) {
+	store, tr := newMemStore(), newFakeTransport()
+	tr.mu.Lock()
+	tr.connectErr["back.test"] = errRefused
+	tr.mu.Unlock()
+	h := start(t, nil, store, tr) // MinBackoff: an hour
+	now := time.Now()
+	store.add("b1", now, now, "r@back.test")
+	waitFor(t, "the failed attempt recorded", func() bool {
+		store.mu.Lock()
+		defer store.mu.Unlock()
+		return store.defers[workKey{"b1", "back.test"}] > 0
+	})
+	tr.mu.Lock()
+	delete(tr.connectErr, "back.test")
+	tr.mu.Unlock()
+	waitFor(t, "the destination backed off", func() bool { return h.s.backedOff.Load() == 1 })
+	h.s.EndBackoffs() // what the admin flush does: end the backoffs, then
+	store.mu.Lock()
+	for k := range store.due { // make everything due now, as Spool.Flush does
+		store.due[k] = time.Now()
+	}
+	store.mu.Unlock()
+	h.s.Kick()
+	waitFor(t, "delivery after the flush", func() bool { d, _ := store.counts(); return d == 1 })
+}

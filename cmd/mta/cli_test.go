@@ -12,6 +12,8 @@ import (
 	"time"
 
 	"github.com/emersion/go-smtp"
+
+	"github.com/mtaproject/mta/mta/admin"
 )
 
 // mtaCmd runs the binary with args and returns its combined output.
@@ -237,5 +239,16 @@ func TestQueueOutputEscapesControlCharacters(t *testing.T) {
 	}
 	if !strings.Contains(show, `h\x9b2J\u202eost`) {
 		t.Errorf("queue show does not show the escaped HELO name:\n%s", show)
+	}
+}
+
+// TestDeferredState: a message that waits out its destination's backoff
+// (no attempt of its own, but a reason) is listed as deferred.
+func TestDeferredState(t *testing.T) {
+	fresh := admin.Message{Recipients: []admin.Recipient{{Status: "queued"}}}
+	postponed := admin.Message{Recipients: []admin.Recipient{{Status: "queued", LastReply: "451 4.4.1 destination backed off after a connection failure: connect to mx[192.0.2.1]:25: connection refused"}}}
+	tried := admin.Message{Recipients: []admin.Recipient{{Status: "queued", Attempts: 1}}}
+	if deferred(fresh) || !deferred(postponed) || !deferred(tried) {
+		t.Fatalf("deferred: fresh %v, postponed %v, attempted %v", deferred(fresh), deferred(postponed), deferred(tried))
 	}
 }

@@ -259,9 +259,12 @@ func queueList(ctx context.Context, c *admin.Client, all bool, out io.Writer) er
 	return nil
 }
 
+// deferred reports whether a queued message is waiting for a retry: it
+// was attempted, or it waits out a destination's backoff (postponed, with
+// the reason as its last reply, but no attempt of its own).
 func deferred(m admin.Message) bool {
 	for _, r := range m.Recipients {
-		if r.Status == "queued" && r.Attempts > 0 {
+		if r.Status == "queued" && (r.Attempts > 0 || r.LastReply != "") {
 			return true
 		}
 	}

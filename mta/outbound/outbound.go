@@ -7,7 +7,9 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"math/rand/v2"
 	"net/netip"
+	"slices"
 	"strings"
 
 	"github.com/mtaproject/mta/mta"
@@ -76,7 +78,7 @@ func (t *Transport) Connect(ctx context.Context, r scheduler.Route) (scheduler.C
 		limit = 5
 	}
 hosts:
-	for _, h := range rt.dest.Hosts {
+	for _, h := range shuffleEqual(rt.dest.Hosts) {
 		for _, a := range h.Addrs {
 			if ctx.Err() != nil {
 				return nil, ctx.Err()
@@ -115,21 +117,50 @@ func (c *conn) Usable() bool     { return c.c.Usable() }
 func (c *conn) Endpoint() string { return c.c.RemoteAddr() }
 func (c *conn) Close() error     { return c.c.Close() }
 
-// Send runs one transaction. A failure of RSET, or of MAIL without any
-// reply, on a connection that already carried messages means the server
-// dropped it while idle: the error wraps scheduler.ErrStale so the work is
-// retried on a new connection without counting an attempt.
+// Send runs one transaction. A failure of RSET on a connection that
+// already carried messages means the server dropped it while idle: the
+// error wraps scheduler.ErrStale so the work is retried on a new
+// connection without counting an attempt. Anything later (no reply to
+// MAIL after RSET was answered, a connection lost during or after the
+// data) may have delivered the message and counts as an attempt.
 func (c *conn) Send(ctx context.Context, env *scheduler.Envelope, body []byte) ([]*mta.Reply, error) {
 	res, err := c.c.Send(ctx, &smtpclient.Message{
 		From: env.From, Recipients: env.Recipients, EnvID: env.EnvID, Ret: env.Ret,
 		SMTPUTF8: env.SMTPUTF8, Body8Bit: env.Body8Bit, Data: body,
 	})
 	if err != nil {
-		var e *smtpclient.Error
-		if errors.As(err, &e) && (e.Stage == "rset" || e.Stage == "mail" && e.Reply == nil) {
+		if stale(err) {
 			return nil, fmt.Errorf("%w: %w", scheduler.ErrStale, err)
 		}
 		return nil, err
 	}
 	return res.Recipients, nil
+}
+
+// stale reports whether a Send error means the cached connection was dead
+// before the transaction began: its RSET got no reply.
+func stale(err error) bool {
+	var e *smtpclient.Error
+	return errors.As(err, &e) && e.Stage == "rset" && e.Reply == nil
+}
+
+// shuffleEqual returns hosts with each run of equal preference in a new
+// random order. The resolver's order is cached with the route, so without
+// this every connection of a destination would go to the same one of its
+// equally preferred MX hosts (RFC 5321 §5.1 asks to spread them).
+func shuffleEqual(hosts []resolve.Host) []resolve.Host {
+	if len(hosts) < 2 {
+		return hosts
+	}
+	out := slices.Clone(hosts)
+	for i := 0; i < len(out); {
+		j := i + 1
+		for j < len(out) && out[j].Preference == out[i].Preference {
+			j++
+		}
+		group := out[i:j]
+		rand.Shuffle(len(group), func(a, b int) { group[a], group[b] = group[b], group[a] })
+		i = j
+	}
+	return out
 }

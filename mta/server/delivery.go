@@ -222,7 +222,10 @@ func (a adminStore) Release(id string) error {
 	return err
 }
 
+// Flush makes every deferred message due now and ends every destination's
+// backoff, so that the mail is tried at once.
 func (a adminStore) Flush() (int, error) {
+	a.sched.EndBackoffs() // first: a scan between the two would postpone the flushed mail again
 	n, err := a.Spool.Flush()
 	a.sched.Kick()
 	return n, err

@@ -428,3 +428,22 @@ func TestDeliveryWithBDAT(t *testing.T) {
 		t.Fatalf("sink got %+v", got)
 	}
 }
+
+// TestEqualPreferenceMXShareTheLoad: each new connection picks among the
+// MX hosts of equal preference afresh.
+func TestEqualPreferenceMXShareTheLoad(t *testing.T) {
+	w := newWorld(t, ", max_messages_per_connection: 2", "")
+	w.dns.SetMX("pair.test", bench.MX{Pref: 10, Host: "a.pair.test"}, bench.MX{Pref: 10, Host: "b.pair.test"})
+	w.dns.SetA("a.pair.test", "127.0.0.2")
+	w.dns.SetA("b.pair.test", "127.0.0.3")
+	a := w.sink("127.0.0.2", bench.SinkConfig{})
+	b := w.sink("127.0.0.3", bench.SinkConfig{})
+	var ids []string
+	for i := 0; i < 50; i++ {
+		ids = append(ids, w.send("app@example.org", []string{fmt.Sprintf("u%d@pair.test", i)}, msg))
+	}
+	w.waitFor("delivery", 15*time.Second, func() bool { return w.gone(ids[len(ids)-1]) && len(a.Messages())+len(b.Messages()) == 50 })
+	if len(a.Messages()) == 0 || len(b.Messages()) == 0 {
+		t.Fatalf("50 messages over 25 or more connections: %d to one MX host, %d to the other", len(a.Messages()), len(b.Messages()))
+	}
+}

@@ -172,3 +172,13 @@ func TestNoChunkingUsesDATA(t *testing.T) {
 		t.Fatal("BDAT used with NoChunking")
 	}
 }
+
+// TestExtensionsAreForgottenOnHELO: every extension, CHUNKING included, is
+// forgotten before a new EHLO or HELO.
+func TestExtensionsAreForgottenOnHELO(t *testing.T) {
+	c := &Conn{chunking: true, pipelining: true, has8bit: true, hasSize: true, sizeLimit: 10, ext: map[string]string{"CHUNKING": ""}}
+	c.resetExtensions()
+	if c.chunking || c.pipelining || c.has8bit || c.hasSize || c.sizeLimit != 0 || len(c.ext) != 0 {
+		t.Fatalf("after reset: %+v", c)
+	}
+}

@@ -313,9 +313,12 @@ func (c *Conn) hello() error {
 	return nil
 }
 
+// resetExtensions forgets everything the last EHLO said, so that a server
+// that answers only HELO (after STARTTLS, say) is not sent BDAT or
+// pipelined commands it never offered this time.
 func (c *Conn) resetExtensions() {
 	c.ext = map[string]string{}
-	c.enhanced, c.pipelining, c.hasSize, c.has8bit, c.hasUTF8, c.hasDSN = false, false, false, false, false, false
+	c.enhanced, c.pipelining, c.chunking, c.hasSize, c.has8bit, c.hasUTF8, c.hasDSN = false, false, false, false, false, false, false
 	c.sizeLimit = 0
 }
 
