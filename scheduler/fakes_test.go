@@ -75,7 +75,7 @@ func (s *memStore) Lease(items []Due) ([]Due, error) {
 	var out []Due
 	for _, it := range items {
 		k := workKey{it.ID, it.Domain}
-		if _, ok := s.due[k]; !ok {
+		if t, ok := s.due[k]; !ok || !it.Was.IsZero() && !t.Equal(it.Was) {
 			continue
 		}
 		s.due[k] = it.At

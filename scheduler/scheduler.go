@@ -384,6 +384,7 @@ func (s *Scheduler) scan() {
 	items := due[:0]
 	postponed := 0
 	for _, d := range due {
+		d.Was = d.At // lease only if still due then: a deferral written meanwhile wins
 		switch dst := s.backedOffDest(d.Domain, now); {
 		case s.window[workKey{d.ID, d.Domain}] != nil:
 			// Still in memory past its lease (a slow destination): renew

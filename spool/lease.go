@@ -18,6 +18,11 @@ type LeaseItem struct {
 	// Received is set by Lease on the items it returns: when the message
 	// was accepted.
 	Received time.Time
+	// Was, if set, is the due time the item was read at: the item is
+	// leased only if its recipients are still due then. A worker that
+	// deferred them meanwhile (between the scan and this batch) wins, and
+	// the item is left out.
+	Was time.Time
 }
 
 // Lease makes the queued recipients of each (ID, Domain) due at its At,
@@ -72,6 +77,9 @@ func (s *Spool) Lease(items []LeaseItem) ([]LeaseItem, error) {
 			}
 			changed[it.ID] = m
 		}
+		if !it.Was.IsZero() && movedSince(m, it.Domain, it.Was) {
+			continue
+		}
 		it.Received = m.Received
 		leased = append(leased, it)
 		for i := range m.Recipients {
@@ -93,4 +101,15 @@ func (s *Spool) Lease(items []LeaseItem) ([]LeaseItem, error) {
 		return nil, err
 	}
 	return leased, nil
+}
+
+// movedSince reports whether a queued recipient of domain in m is no
+// longer due at was: something rescheduled it after the scan read it.
+func movedSince(m *Message, domain string, was time.Time) bool {
+	for _, r := range m.Recipients {
+		if r.Status == Queued && r.Domain == domain && r.NextAttempt.UnixNano() != was.UnixNano() {
+			return true
+		}
+	}
+	return false
 }

@@ -397,3 +397,37 @@ func TestLeaseMovesDueEntriesWithoutAttempts(t *testing.T) {
 		t.Fatalf("record after lease: %+v", got.Recipients)
 	}
 }
+
+// TestLeaseDoesNotOverwriteADeferral: a worker that defers a recipient
+// between the scan's Due and its Lease batch wins; the lease leaves the
+// item out instead of making it due again one lease later.
+func TestLeaseDoesNotOverwriteADeferral(t *testing.T) {
+	now := time.Unix(1_700_000_000, 0)
+	s := openTest(t, t.TempDir(), Options{Now: func() time.Time { return now }, FreshLease: time.Minute})
+	m := newMessage(s, "a@one.test")
+	if err := s.Put(m, nil, []byte("x")); err != nil {
+		t.Fatal(err)
+	}
+	scanAt := now.Add(2 * time.Minute)
+	due, _ := s.Due(scanAt, 10, nil)
+	if len(due) != 1 {
+		t.Fatalf("due %v", due)
+	}
+	backoff := now.Add(time.Hour)
+	if err := s.Defer(m.ID, "one.test", backoff, "451 4.2.0 try later"); err != nil { // the worker
+		t.Fatal(err)
+	}
+	leased, err := s.Lease([]LeaseItem{{ID: m.ID, Domain: "one.test", At: scanAt.Add(time.Minute), Was: due[0].Due}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, _ := s.Get(m.ID)
+	if len(leased) != 0 || !got.Recipients[0].NextAttempt.Equal(backoff) {
+		t.Fatalf("leased %v; next attempt %v, want the deferral's %v", leased, got.Recipients[0].NextAttempt, backoff)
+	}
+	// Without the race the lease applies.
+	due, _ = s.Due(backoff, 10, nil)
+	if leased, _ := s.Lease([]LeaseItem{{ID: m.ID, Domain: "one.test", At: backoff.Add(time.Minute), Was: due[0].Due}}); len(leased) != 1 {
+		t.Fatalf("lease of an unmoved item: %v", leased)
+	}
+}

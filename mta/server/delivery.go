@@ -114,7 +114,7 @@ func (q queueStore) Due(now time.Time, limit int, skip func(string) bool) ([]sch
 func (q queueStore) Lease(items []scheduler.Due) ([]scheduler.Due, error) {
 	li := make([]spool.LeaseItem, len(items))
 	for i, it := range items {
-		li[i] = spool.LeaseItem{ID: it.ID, Domain: it.Domain, At: it.At, Reply: it.Reply}
+		li[i] = spool.LeaseItem{ID: it.ID, Domain: it.Domain, At: it.At, Reply: it.Reply, Was: it.Was}
 	}
 	leased, err := q.sp.Lease(li)
 	out := make([]scheduler.Due, len(leased))
