@@ -330,14 +330,23 @@ func (s *Scheduler) Run(ctx context.Context) {
 	}
 }
 
-// stop drains the workers: they see ctx cancelled and finish.
+// stop drains the workers: they see ctx cancelled and finish, within
+// StopGrace. The idle cached connections are closed (with QUIT) at once and
+// in parallel, and what is not done by the end of the grace is left to
+// finish by itself: the stop never waits longer than StopGrace.
 func (s *Scheduler) stop() {
+	deadline := time.Now().Add(s.opts.StopGrace)
+	cacheClosed := make(chan struct{})
+	go func() { s.cache.Close(); close(cacheClosed) }()
 	done := make(chan struct{})
 	go func() { s.workers.Wait(); close(done) }()
 	for {
 		select {
 		case <-done:
-			s.cache.Close()
+			select {
+			case <-cacheClosed:
+			case <-time.After(time.Until(deadline)):
+			}
 			return
 		case r := <-s.next:
 			r.reply <- nil

@@ -93,7 +93,9 @@ func (s *Scheduler) worker(key string, route Route, first *work) {
 	}
 	s.m.messagesPerConn.Observe(float64(messages))
 	if s.ctx.Err() != nil {
-		_ = conn.Close()
+		// Stopping: say QUIT without holding the stop up (a slow peer
+		// could take its full QUIT timeout).
+		go conn.Close()
 		s.m.connClosed.WithLabelValues("shutdown").Inc()
 		return
 	}

@@ -2,6 +2,7 @@ package main
 
 import (
 	"bufio"
+	"fmt"
 	"net"
 	"net/http"
 	"os"
@@ -9,6 +10,10 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/emersion/go-smtp"
+
+	"github.com/mtaproject/mta/bench"
 )
 
 // TestStartUpErrorsAreClear starts `mta serve` wrong in every way a new
@@ -199,5 +204,50 @@ func TestGracefulStopOverTheWire(t *testing.T) {
 	expect(br, busy, "421 4.3.2 ")
 	if err := <-stopped; err != nil {
 		t.Fatalf("stop: %v\n%s", err, p.Log())
+	}
+}
+
+// TestStopWithinItsDeadline: smtp.shutdown_timeout bounds the whole stop,
+// with a client stuck in DATA and deliveries in flight to a slow peer: the
+// SMTP drain and the delivery grace run together, not one after the other.
+func TestStopWithinItsDeadline(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts subprocesses")
+	}
+	slow, err := bench.StartSink(bench.SinkConfig{Addr: "127.0.0.1:0", Faults: bench.Faults{Latency: 20 * time.Second}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer slow.Close()
+	p := startMTA(t, t.TempDir(), "smtp: {shutdown_timeout: 2s}\ndns: {servers: [\"127.0.0.1:1\"]}\n"+
+		"routes: {\"*\": {hosts: [\"["+strings.Replace(slow.Addr(), ":", "]:", 1)+"\"], tls: none}}\n")
+	c, err := smtp.Dial(p.SMTP)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := 0; i < 5; i++ {
+		if err := c.SendMail("app@example.org", []string{fmt.Sprintf("u%d@slow.test", i)}, strings.NewReader("Subject: slow\r\n\r\nx\r\n")); err != nil {
+			t.Fatal(err)
+		}
+	}
+	c.Close()
+	// A client stuck inside DATA.
+	stuck, err := net.Dial("tcp", p.SMTP)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer stuck.Close()
+	stuck.Write([]byte("EHLO stuck.test\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<b@slow.test>\r\n"))
+	time.Sleep(300 * time.Millisecond)
+	stuck.Write([]byte("DATA\r\n"))
+	time.Sleep(300 * time.Millisecond)
+	stuck.Write([]byte("Subject: never ends\r\n"))
+	time.Sleep(time.Second) // deliveries to the slow peer are in flight
+	start := time.Now()
+	if err := p.Stop(30 * time.Second); err != nil {
+		t.Fatal(err)
+	}
+	if took := time.Since(start); took > 3500*time.Millisecond {
+		t.Fatalf("stop took %v with smtp.shutdown_timeout 2s", took)
 	}
 }

@@ -362,8 +362,12 @@ func (s *Server) Run(ctx context.Context) error {
 	}
 	s.ready.Store(false)
 	s.log.Info("stopping: no new connections, finishing transactions in flight")
-	sctx, cancel := context.WithTimeout(context.Background(), s.cfg.SMTP.ShutdownTimeout.D())
+	// One deadline for the whole stop: the SMTP drain, the delivery grace
+	// and the goodbyes to cached connections run together.
+	deadline := time.Now().Add(s.cfg.SMTP.ShutdownTimeout.D())
+	sctx, cancel := context.WithDeadline(context.Background(), deadline)
 	defer cancel()
+	stopSched()
 	var swg sync.WaitGroup
 	for _, l := range s.smtp {
 		swg.Add(1)
@@ -375,14 +379,17 @@ func (s *Server) Run(ctx context.Context) error {
 		}()
 	}
 	swg.Wait()
-	// Deliveries in flight finish (up to smtp.shutdown_timeout) before the
+	// Deliveries in flight finish (within the same deadline) before the
 	// spool closes.
-	stopSched()
 	<-schedDone
 	if s.http != nil {
-		// A fresh deadline: sctx may be spent by now. Admin requests in
-		// flight (a flush) finish before the spool closes.
-		hctx, hcancel := context.WithTimeout(context.Background(), 10*time.Second)
+		// Admin requests in flight (a flush) finish before the spool
+		// closes, within the deadline (at least a moment past it).
+		hdeadline := deadline
+		if soon := time.Now().Add(time.Second); hdeadline.Before(soon) {
+			hdeadline = soon
+		}
+		hctx, hcancel := context.WithDeadline(context.Background(), hdeadline)
 		_ = s.http.Shutdown(hctx)
 		hcancel()
 	}

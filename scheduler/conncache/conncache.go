@@ -135,11 +135,15 @@ func (c *Cache[C]) Close() {
 	c.idle = map[string][]entry[C]{}
 	c.mu.Unlock()
 	<-c.done
+	// In parallel: each close may wait for a slow peer's reply to QUIT.
+	var wg sync.WaitGroup
 	for _, l := range all {
 		for _, e := range l {
-			c.close(e.conn, "shutdown")
+			wg.Add(1)
+			go func() { defer wg.Done(); c.close(e.conn, "shutdown") }()
 		}
 	}
+	wg.Wait()
 }
 
 func (c *Cache[C]) set(dest string, list []entry[C]) {
