@@ -1,6 +1,10 @@
 package spool
 
 import (
+	"time"
+
+	"go.uber.org/zap"
+
 	"github.com/mtaproject/mta/mta"
 )
 
@@ -34,7 +38,31 @@ func (s *Spool) Room(size int64) error {
 		return err
 	}
 	if s.free.below(s.opts.MinFreeSpace+size, s.opts.Now()) {
+		s.reclaim()
 		return mta.ErrStorageFull
 	}
 	return nil
 }
+
+// reclaim asks Pebble, at most every reclaimInterval, to flush its
+// memtable while the spool is short of space: the WAL it was writing
+// becomes obsolete and reusable, and the deletions of delivered mail reach
+// the tables, where compactions free their space. Without it a drained
+// queue could keep its space, and acceptance its 452, until a restart.
+func (s *Spool) reclaim() {
+	now := s.opts.Now().UnixNano()
+	last := s.lastReclaim.Load()
+	if now-last < int64(reclaimInterval) || !s.lastReclaim.CompareAndSwap(last, now) {
+		return
+	}
+	s.closeMu.RLock()
+	defer s.closeMu.RUnlock()
+	if s.closed {
+		return
+	}
+	if _, err := s.db.AsyncFlush(); err != nil {
+		s.log.Warn("spool: flush to reclaim space", zap.Error(err))
+	}
+}
+
+const reclaimInterval = 5 * time.Second

@@ -6,6 +6,8 @@ import (
 	"errors"
 	"fmt"
 	"hash/fnv"
+	"os"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -59,6 +61,7 @@ type Spool struct {
 	metrics *spoolMetrics
 
 	syncPending atomic.Bool  // a sync for unsynced outcomes is scheduled
+	lastReclaim atomic.Int64 // UnixNano of the last flush asked for to reclaim space
 	closeMu     sync.RWMutex // held for reading by the delayed sync, for writing by Close
 	closed      bool
 }
@@ -85,20 +88,29 @@ func Open(dir string, opts Options) (*Spool, error) {
 	if opts.Sync {
 		s.write = pebble.Sync
 	}
-	s.free = freeSpace{dir: dir}
+	if err := os.MkdirAll(dir, 0o750); err != nil {
+		return nil, fmt.Errorf("spool: %w", err)
+	}
+	s.free = freeSpace{dir: dir, obsolete: func() int64 {
+		if s.db == nil {
+			return 0
+		}
+		return int64(s.db.Metrics().WAL.ObsoletePhysicalSize)
+	}}
 	popts := &pebble.Options{
 		Logger: pebbleLogger{s},
 		// A large memtable lets a message that is delivered soon after it
 		// was accepted be deleted before it is ever flushed to a table:
-		// most mail then costs one WAL write and no compaction.
-		MemTableSize:                64 << 20,
+		// most mail then costs one WAL write and no compaction. On a small
+		// volume it is smaller (see memTableSize).
+		MemTableSize:                memTableSize(dir),
 		MemTableStopWritesThreshold: 4,
 	}
 	if opts.MinSyncInterval > 0 {
 		interval := opts.MinSyncInterval
 		popts.WALMinSyncInterval = func() time.Duration { return interval }
 	}
-	db, err := pebble.Open(dir, popts)
+	db, err := openPebble(dir, popts)
 	if errors.Is(err, syscall.EAGAIN) || errors.Is(err, syscall.EWOULDBLOCK) {
 		return nil, fmt.Errorf("spool: %s is locked by another process (is another mta serve running on this data_dir?)", dir)
 	}
@@ -112,6 +124,27 @@ func Open(dir string, opts Options) (*Spool, error) {
 	}
 	s.metrics = newSpoolMetrics(s, opts.Registerer)
 	return s, nil
+}
+
+// openPebble is pebble.Open with its fatal errors (reported through the
+// logger, which panics) turned into an error: on a full disk the very
+// first MANIFEST write fails, and that must stop start-up with a message,
+// not a stack trace.
+func openPebble(dir string, opts *pebble.Options) (db *pebble.DB, err error) {
+	defer func() {
+		if r := recover(); r != nil {
+			msg, ok := r.(pebbleFatal)
+			if !ok {
+				panic(r)
+			}
+			if strings.Contains(string(msg), "no space left on device") {
+				err = fmt.Errorf("spool: %s: the file system is full (%s)", dir, msg)
+				return
+			}
+			err = fmt.Errorf("spool: open %s: %s", dir, msg)
+		}
+	}()
+	return pebble.Open(dir, opts)
 }
 
 // Close closes the database. Writes in flight must have returned first.
@@ -154,6 +187,7 @@ func (s *Spool) Put(m *Message, header, body []byte) (err error) {
 	size := int64(len(header) + len(body))
 	if s.free.below(s.opts.MinFreeSpace+size, s.opts.Now()) {
 		s.metrics.errors.WithLabelValues("put_full").Inc()
+		s.reclaim()
 		return mta.ErrStorageFull
 	}
 	now := s.opts.Now()

@@ -2,6 +2,8 @@ package spool
 
 import (
 	"fmt"
+	"os"
+	"strings"
 	"sync"
 	"syscall"
 	"time"
@@ -10,18 +12,23 @@ import (
 	"go.uber.org/zap"
 )
 
-// freeSpace caches the free space of the spool's file system; statfs is
-// called at most every freeSpaceTTL, not once per message.
+// freeSpace caches the space the spool can still use: what its file
+// system has free, plus what Pebble has already allocated but not filled.
+// Pebble preallocates each WAL file (110 % of the memtable size) and keeps
+// obsolete ones for reuse; that space is the spool's own, and counting it
+// as used made a small volume refuse mail after a few megabytes. statfs
+// and the directory are read at most every freeSpaceTTL, not per message.
 type freeSpace struct {
-	dir     string
-	mu      sync.Mutex
-	checked time.Time
-	bytes   int64
+	dir      string
+	obsolete func() int64 // bytes of obsolete (recyclable) WAL files; nil: none
+	mu       sync.Mutex
+	checked  time.Time
+	bytes    int64
 }
 
 const freeSpaceTTL = 250 * time.Millisecond
 
-// below reports whether the file system has less than need bytes free.
+// below reports whether fewer than need bytes are usable.
 // If statfs fails, it reports false: the write itself will then say.
 func (f *freeSpace) below(need int64, now time.Time) bool {
 	if need <= 0 {
@@ -40,10 +47,52 @@ func (f *freeSpace) get(now time.Time) int64 {
 	if err := syscall.Statfs(f.dir, &st); err != nil {
 		f.bytes = 1 << 62
 	} else {
-		f.bytes = int64(st.Bavail) * int64(st.Bsize)
+		f.bytes = int64(st.Bavail)*int64(st.Bsize) + preallocated(f.dir)
+		if f.obsolete != nil {
+			f.bytes += f.obsolete()
+		}
 	}
 	f.checked = now
 	return f.bytes
+}
+
+// preallocated returns the bytes allocated to the WAL files in dir beyond
+// their contents: space Pebble reserved and will fill before asking the
+// file system for more.
+func preallocated(dir string) int64 {
+	entries, err := os.ReadDir(dir)
+	if err != nil {
+		return 0
+	}
+	var n int64
+	for _, e := range entries {
+		if !strings.HasSuffix(e.Name(), ".log") {
+			continue
+		}
+		info, err := e.Info()
+		if err != nil {
+			continue
+		}
+		if st, ok := info.Sys().(*syscall.Stat_t); ok {
+			if extra := st.Blocks*512 - info.Size(); extra > 0 {
+				n += extra
+			}
+		}
+	}
+	return n
+}
+
+// memTableSize sizes the memtable for the spool's volume: 64 MiB (so that
+// mail delivered soon is deleted before it is ever flushed), but no more
+// than a 64th of the file system, as each WAL file preallocates 110 % of
+// it; at least 4 MiB.
+func memTableSize(dir string) uint64 {
+	const most, least = 64 << 20, 4 << 20
+	var st syscall.Statfs_t
+	if err := syscall.Statfs(dir, &st); err != nil {
+		return most
+	}
+	return min(most, max(least, uint64(st.Blocks)*uint64(st.Bsize)/64))
 }
 
 // pebbleFatal is what pebbleLogger.Fatalf panics with, so that commit can

@@ -55,7 +55,7 @@ func (e *Error) Error() string {
 	var b strings.Builder
 	where := e.Host
 	if ip, port, err := net.SplitHostPort(e.Addr); err == nil {
-		if e.Host == e.Addr || e.Host == "" {
+		if e.Host == e.Addr || e.Host == "" || e.Host == ip {
 			where = net.JoinHostPort(ip, port)
 		} else {
 			where = e.Host + "[" + ip + "]:" + port

@@ -1,0 +1,130 @@
+package main
+
+import (
+	"crypto/rand"
+	"encoding/base64"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/emersion/go-smtp"
+
+	"github.com/mtaproject/mta/bench"
+)
+
+// smallVolume mounts a tmpfs of size MiB for the test, or skips.
+func smallVolume(t *testing.T, size string) string {
+	t.Helper()
+	dir := filepath.Join(t.TempDir(), "vol")
+	os.MkdirAll(dir, 0o755)
+	if out, err := exec.Command("mount", "-t", "tmpfs", "-o", "size="+size, "tmpfs", dir).CombinedOutput(); err != nil {
+		t.Skipf("cannot mount a small tmpfs (needs root): %v %s", err, out)
+	}
+	t.Cleanup(func() { exec.Command("umount", "-l", dir).Run() })
+	return dir
+}
+
+func randomMessage(t *testing.T, kb int) string {
+	b := make([]byte, kb*750)
+	rand.Read(b)
+	enc := base64.StdEncoding.EncodeToString(b)
+	var m strings.Builder
+	m.WriteString("Subject: incompressible\r\n\r\n")
+	for len(enc) > 0 {
+		n := min(76, len(enc))
+		m.WriteString(enc[:n] + "\r\n")
+		enc = enc[n:]
+	}
+	return m.String()
+}
+
+// TestSmallVolume: on a 150 MiB volume with a 100 MiB reserve, Pebble's
+// preallocated WAL space counts as the spool's own: mail is accepted up to
+// the reserve (not refused after 4 MB), refused with 452 past it, and
+// accepted again by itself once the queue drains.
+func TestSmallVolume(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts subprocesses")
+	}
+	vol := smallVolume(t, "150m")
+	sinkAddr := "127.0.0.1:" + freePort(t)
+	p := startMTA(t, filepath.Join(vol, "data"), "delivery: {min_backoff: 1s, max_backoff: 1s}\ndns: {servers: [\"127.0.0.1:1\"]}\n"+
+		"routes: {\"*\": {hosts: [\"["+strings.Replace(sinkAddr, ":", "]:", 1)+"\"], tls: none}}\n")
+	c, err := smtp.Dial(p.SMTP)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	accepted := 0
+	var refusal error
+	for accepted < 2000 {
+		if refusal = c.SendMail("app@example.org", []string{"u@remote.test"}, strings.NewReader(randomMessage(t, 50))); refusal != nil {
+			break
+		}
+		accepted++
+	}
+	if accepted < 400 { // 20 MB: far beyond the 4 MB of old, well within the 50 MB above the reserve
+		t.Fatalf("only %d messages of 50 KB accepted on a 150 MiB volume: %v", accepted, refusal)
+	}
+	if refusal == nil || !strings.Contains(refusal.Error(), "452") {
+		t.Fatalf("after %d messages: %v, want 452 past the reserve", accepted, refusal)
+	}
+	sink, err := bench.StartSink(bench.SinkConfig{Addr: sinkAddr})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sink.Close()
+	deadline := time.Now().Add(60 * time.Second)
+	for {
+		c2, err := smtp.Dial(p.SMTP)
+		if err == nil {
+			err = c2.SendMail("app@example.org", []string{"u@remote.test"}, strings.NewReader(randomMessage(t, 50)))
+			c2.Close()
+		}
+		if err == nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("still refusing a minute after the receiver came back: %v (delivered %d)", err, len(sink.Messages()))
+		}
+		time.Sleep(500 * time.Millisecond)
+	}
+}
+
+// TestStartOnAFullDisk: a start with no space left stops at once with one
+// clear error, not a panic or a flood of background errors.
+func TestStartOnAFullDisk(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts subprocesses")
+	}
+	vol := smallVolume(t, "8m")
+	f, _ := os.Create(filepath.Join(vol, "filler"))
+	f.Write(make([]byte, 8<<20))
+	f.Close()
+	cfg := filepath.Join(t.TempDir(), "mta.yaml")
+	os.WriteFile(cfg, []byte("data_dir: "+filepath.Join(vol, "data")+"\nlisten: {smtp: \"127.0.0.1:0\", submission: \"\", http: \"\"}\n"), 0o600)
+	start := time.Now()
+	out := mtaCmd(t, false, "serve", "--config", cfg)
+	if strings.Contains(out, "panic") || strings.Contains(out, "goroutine") || !strings.Contains(out, "no space left on device") {
+		t.Fatalf("start on a full disk:\n%s", out)
+	}
+	if took := time.Since(start); took > 10*time.Second || strings.Count(out, "\n") > 5 {
+		t.Fatalf("took %v, %d lines of output", took, strings.Count(out, "\n"))
+	}
+}
+
+// freePort returns a loopback port nobody listens on now.
+func freePort(t *testing.T) string {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	_, port, _ := net.SplitHostPort(l.Addr().String())
+	return port
+}
