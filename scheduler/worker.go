@@ -199,9 +199,40 @@ func (s *Scheduler) deliver(conn Conn, route Route, w *work, reused bool) error 
 		s.m.outcomes.WithLabelValues("deferred", class).Add(float64(n))
 		s.temporary(w, m, attempts, deferredReply)
 	}
-	s.log.Debug("delivery attempt", zap.String("id", m.ID), zap.String("domain", w.key.domain),
-		zap.Int("delivered", len(delivered)), zap.Int("failed", len(failed)))
+	if s.log.Core().Enabled(zap.InfoLevel) {
+		s.logOutcomes(conn, route, m, env.Recipients, replies, attempts+1)
+	}
 	return nil
+}
+
+// describer is what a Conn may tell the log about itself.
+type describer interface{ Describe() (host, tls string) }
+
+// logOutcomes logs one line per recipient of an attempt: what a mail
+// operator greps for when a user asks where their mail went.
+func (s *Scheduler) logOutcomes(conn Conn, route Route, m *Message, rcpts []mta.Recipient, replies []*mta.Reply, attempt int) {
+	host, tlsInfo := "", ""
+	if d, ok := conn.(describer); ok {
+		host, tlsInfo = d.Describe()
+	}
+	delay := s.opts.Now().Sub(m.Received).Round(time.Millisecond)
+	for i, r := range rcpts {
+		rep := replies[i]
+		outcome, code, enhanced, text := "deferred", 0, "", "no reply"
+		if rep != nil {
+			code, enhanced, text = rep.Code, rep.Enhanced.String(), rep.Text
+			switch {
+			case rep.Code/100 == 2:
+				outcome = "delivered"
+			case rep.Permanent():
+				outcome = "failed"
+			}
+		}
+		s.log.Info("delivery outcome", zap.String("outcome", outcome), zap.String("id", m.ID),
+			zap.String("rcpt", r.Address), zap.String("destination", route.Key()), zap.String("mx", host),
+			zap.String("ip", conn.Endpoint()), zap.Int("code", code), zap.String("enhanced", enhanced),
+			zap.String("reply", text), zap.Int("attempt", attempt), zap.Duration("delay", delay), zap.String("tls", tlsInfo))
+	}
 }
 
 // temporary defers the domain's queued recipients with backoff, or fails
@@ -239,6 +270,7 @@ func (s *Scheduler) backoffFor(attempt int) time.Duration {
 func (s *Scheduler) expire(id string, rcpts []string, last string) {
 	reply := fmt.Sprintf("550 5.4.7 Delivery time expired after %s; last error: %s", s.opts.MaxLifetime, last)
 	s.m.outcomes.WithLabelValues("expired", "").Add(float64(len(rcpts)))
+	s.logLocal("expired", id, rcpts, reply)
 	if err := s.opts.Store.Failed(id, rcpts, reply); err != nil {
 		s.log.Error("scheduler: expiring", zap.String("id", id), zap.Error(err))
 	}
@@ -257,7 +289,17 @@ func (s *Scheduler) connectFailed(route Route, w *work, cause error) {
 		return
 	}
 	s.m.outcomes.WithLabelValues("deferred", route.Class()).Add(float64(len(rcpts)))
+	s.logLocal("deferred", m.ID, addresses(rcpts), errText(cause))
 	s.temporary(w, m, attempts, errText(cause))
+}
+
+// logLocal logs an outcome decided without a remote reply (expiry, a
+// routing failure, no connection), one line per recipient.
+func (s *Scheduler) logLocal(outcome, id string, rcpts []string, reason string) {
+	for _, r := range rcpts {
+		s.log.Info("delivery outcome", zap.String("outcome", outcome), zap.String("id", id),
+			zap.String("rcpt", r), zap.String("reply", reason))
+	}
 }
 
 // expireDue fails the postponed items whose message has outlived the
@@ -311,6 +353,7 @@ func (s *Scheduler) failDomain(w *work, cause error) {
 	}
 	if mta.IsPermanent(cause) {
 		s.m.outcomes.WithLabelValues("failed", "").Add(float64(len(rcpts)))
+		s.logLocal("failed", m.ID, rcpts, text)
 		_ = s.opts.Store.Failed(m.ID, rcpts, text)
 		return
 	}

@@ -251,3 +251,49 @@ func TestStopWithinItsDeadline(t *testing.T) {
 		t.Fatalf("stop took %v with smtp.shutdown_timeout 2s", took)
 	}
 }
+
+// TestOutcomesAreLogged: each recipient's outcome is one info line with
+// what an operator greps for; operator actions are logged too.
+func TestOutcomesAreLogged(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts subprocesses")
+	}
+	sink, err := bench.StartSink(bench.SinkConfig{Addr: "127.0.0.1:0"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sink.Close()
+	p := startMTA(t, t.TempDir(), "dns: {servers: [\"127.0.0.1:1\"]}\n"+
+		"routes: {\"*\": {hosts: [\"["+strings.Replace(sink.Addr(), ":", "]:", 1)+"\"], tls: none}}\n")
+	c, err := smtp.Dial(p.SMTP)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := c.SendMail("app@example.org", []string{"someone@remote.test"}, strings.NewReader("Subject: log\r\n\r\nx\r\n")); err != nil {
+		t.Fatal(err)
+	}
+	c.Close()
+	deadline := time.Now().Add(10 * time.Second)
+	for !strings.Contains(p.Log(), `"msg":"delivery outcome"`) {
+		if time.Now().After(deadline) {
+			t.Fatalf("no outcome logged:\n%s", p.Log())
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	var line string
+	for _, l := range strings.Split(p.Log(), "\n") {
+		if strings.Contains(l, `"msg":"delivery outcome"`) {
+			line = l
+		}
+	}
+	for _, want := range []string{`"outcome":"delivered"`, `"rcpt":"someone@remote.test"`, `"ip":"` + sink.Addr() + `"`, `"code":250`, `"attempt":1`, `"delay":`, `"id":"`} {
+		if !strings.Contains(line, want) {
+			t.Errorf("outcome line lacks %s: %s", want, line)
+		}
+	}
+	mtaCmd(t, true, "queue", "flush", "--admin=http://"+p.HTTP)
+	time.Sleep(200 * time.Millisecond)
+	if !strings.Contains(p.Log(), `"msg":"operator action","action":"flush"`) {
+		t.Errorf("flush not logged")
+	}
+}

@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+	"go.uber.org/zap"
 
 	"github.com/mtaproject/mta/mta"
 	"github.com/mtaproject/mta/mta/config"
@@ -196,6 +197,15 @@ func (a acceptor) Accept(id string, env *mta.Envelope, header, body []byte) erro
 type adminStore struct {
 	*spool.Spool
 	sched *scheduler.Scheduler
+	log   *zap.Logger // operator actions are logged at info; nil: not logged
+}
+
+// logged records an operator's action on a message.
+func (a adminStore) logged(action, id string, err error) error {
+	if a.log != nil && err == nil {
+		a.log.Info("operator action", zap.String("action", action), zap.String("id", id))
+	}
+	return err
 }
 
 func (a adminStore) Hold(id string) error {
@@ -203,7 +213,7 @@ func (a adminStore) Hold(id string) error {
 	if err == nil {
 		a.sched.Drop(id)
 	}
-	return err
+	return a.logged("hold", id, err)
 }
 
 func (a adminStore) Remove(id string) error {
@@ -211,7 +221,7 @@ func (a adminStore) Remove(id string) error {
 	if err == nil {
 		a.sched.Drop(id)
 	}
-	return err
+	return a.logged("remove", id, err)
 }
 
 func (a adminStore) Release(id string) error {
@@ -219,7 +229,7 @@ func (a adminStore) Release(id string) error {
 	if err == nil {
 		a.sched.Kick()
 	}
-	return err
+	return a.logged("release", id, err)
 }
 
 // Flush makes every deferred message due now and ends every destination's
@@ -228,5 +238,8 @@ func (a adminStore) Flush() (int, error) {
 	a.sched.EndBackoffs() // first: a scan between the two would postpone the flushed mail again
 	n, err := a.Spool.Flush()
 	a.sched.Kick()
+	if a.log != nil && err == nil {
+		a.log.Info("operator action", zap.String("action", "flush"), zap.Int("rescheduled", n))
+	}
 	return n, err
 }

@@ -284,7 +284,7 @@ func (s *Server) routes() http.Handler {
 		fmt.Fprintln(w, "ready")
 	})
 	if s.cfg.Admin.Enabled {
-		mux.Handle("/api/", admin.Handler(adminStore{Spool: s.spool, sched: s.sched}, s.adminToken))
+		mux.Handle("/api/", admin.Handler(adminStore{Spool: s.spool, sched: s.sched, log: s.log.Named("admin")}, s.adminToken))
 	}
 	if s.cfg.Debug.Pprof {
 		// Profiles show memory contents: the same guard as the admin API.

@@ -147,6 +147,7 @@ type Conn struct {
 	opts     Options
 	t        Timeouts
 	host     string // server name, or addr when none was given
+	tlsInfo  string // TLS version and cipher after STARTTLS
 	addr     string
 	greeting string
 
@@ -395,6 +396,8 @@ func (c *Conn) startTLS(serverName string, required bool) error {
 	c.conn, c.tw.conn = tc, tc
 	c.br.Reset(tc)
 	c.isTLS = true
+	st := tc.ConnectionState()
+	c.tlsInfo = tls.VersionName(st.Version) + " " + tls.CipherSuiteName(st.CipherSuite)
 	return c.hello()
 }
 
@@ -515,6 +518,13 @@ func (c *Conn) Extensions() map[string]string { return maps.Clone(c.ext) }
 
 // TLS reports whether the session runs over TLS.
 func (c *Conn) TLS() bool { return c.isTLS }
+
+// TLSInfo describes the TLS session, "TLS 1.3 TLS_AES_128_GCM_SHA256", or
+// is "" without TLS.
+func (c *Conn) TLSInfo() string { return c.tlsInfo }
+
+// Host returns the server name given to Dial (the MX host), or the address.
+func (c *Conn) Host() string { return c.host }
 
 // RemoteAddr returns the server's address as "ip:port".
 func (c *Conn) RemoteAddr() string { return c.raw.RemoteAddr().String() }
