@@ -115,10 +115,10 @@ type conn struct{ c *smtpclient.Conn }
 
 func (c *conn) Usable() bool     { return c.c.Usable() }
 func (c *conn) Endpoint() string { return c.c.RemoteAddr() }
+func (c *conn) Close() error     { return c.c.Close() }
 
 // Describe names the peer and the TLS session for the log.
 func (c *conn) Describe() (host, tls string) { return c.c.Host(), c.c.TLSInfo() }
-func (c *conn) Close() error                 { return c.c.Close() }
 
 // Send runs one transaction. A failure of RSET on a connection that
 // already carried messages means the server dropped it while idle: the
