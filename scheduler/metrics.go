@@ -2,9 +2,23 @@ package scheduler
 
 import (
 	"github.com/prometheus/client_golang/prometheus"
-
-	"github.com/mtaproject/mta/metrics"
 )
+
+// classUnrouted labels outcomes decided without a destination (routing
+// failed, or the message expired while waiting): no empty label values.
+const classUnrouted = "unrouted"
+
+// Known label values, registered up front so that dashboards and alerts
+// see every series from the start, at zero.
+var (
+	knownOutcomes     = []string{"delivered", "deferred", "failed", "expired"}
+	knownClasses      = []string{"mx", "route", classUnrouted}
+	knownCloseReasons = []string{"error", "shutdown", "stale", "idle_timeout", "unusable", "message_limit", "too_many_idle"}
+)
+
+// deliveryBuckets span a local loopback reply to the longest SMTP client
+// timeout (delivery.timeouts.data_done, 10 minutes by default).
+var deliveryBuckets = []float64{0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600}
 
 type instruments struct {
 	outcomes        *prometheus.CounterVec
@@ -28,15 +42,15 @@ func newMetrics(s *Scheduler, reg prometheus.Registerer) *instruments {
 	m := &instruments{
 		outcomes: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "mta_delivery_recipients_total",
-			Help: "Recipient delivery outcomes (delivered, deferred, failed, expired) by destination class (mx, route; empty when routing failed).",
+			Help: "Recipient delivery outcomes (delivered, deferred, failed, expired) by destination class (mx, route; unrouted when routing failed or the message expired waiting).",
 		}, []string{"outcome", "class"}),
 		attemptLatency: prometheus.NewHistogram(prometheus.HistogramOpts{
 			Name: "mta_delivery_attempt_duration_seconds", Help: "Time of one SMTP transaction, MAIL to the reply to the end of data.",
-			Buckets: metrics.LatencyBuckets,
+			Buckets: deliveryBuckets,
 		}),
 		connectLatency: prometheus.NewHistogram(prometheus.HistogramOpts{
 			Name: "mta_delivery_connect_duration_seconds", Help: "Time to open a connection: TCP, greeting, EHLO, STARTTLS, AUTH.",
-			Buckets: metrics.LatencyBuckets,
+			Buckets: deliveryBuckets,
 		}),
 		connOpened: prometheus.NewCounter(prometheus.CounterOpts{Name: "mta_delivery_connections_opened_total", Help: "Outbound connections opened."}),
 		connReused: prometheus.NewCounter(prometheus.CounterOpts{Name: "mta_delivery_connections_reused_total", Help: "Outbound connections taken from the connection cache."}),
@@ -45,7 +59,7 @@ func newMetrics(s *Scheduler, reg prometheus.Registerer) *instruments {
 			Name: "mta_delivery_connections_closed_total", Help: "Outbound connections closed, by reason.",
 		}, []string{"reason"}),
 		messagesPerConn: prometheus.NewHistogram(prometheus.HistogramOpts{
-			Name: "mta_delivery_messages_per_connection", Help: "Messages sent over one connection between taking it and parking or closing it.",
+			Name: "mta_delivery_messages_per_connection", Help: "Messages sent over one outbound connection in its whole life, observed when it is closed.",
 			Buckets: []float64{1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000},
 		}),
 		activeConns: prometheus.NewGaugeVec(prometheus.GaugeOpts{
@@ -57,6 +71,17 @@ func newMetrics(s *Scheduler, reg prometheus.Registerer) *instruments {
 		submitDropped: prometheus.NewCounter(prometheus.CounterOpts{Name: "mta_delivery_submit_dropped_total", Help: "Fresh messages not handed over in memory (scheduler busy); the due scan finds them."}),
 		freshToScan:   prometheus.NewCounter(prometheus.CounterOpts{Name: "mta_delivery_fresh_to_scan_total", Help: "Fresh messages left to the due scan because their domain was at its share of the window and the overflow was full."}),
 		panics:        prometheus.NewCounter(prometheus.CounterOpts{Name: "mta_delivery_panics_total", Help: "Panics recovered while delivering a message (the message is deferred)."}),
+	}
+	for _, o := range knownOutcomes {
+		for _, c := range knownClasses {
+			m.outcomes.WithLabelValues(o, c)
+		}
+	}
+	for _, r := range knownCloseReasons {
+		m.connClosed.WithLabelValues(r)
+	}
+	for _, c := range knownClasses[:2] {
+		m.activeConns.WithLabelValues(c)
 	}
 	if reg != nil {
 		reg.MustRegister(m.outcomes, m.attemptLatency, m.connectLatency, m.connOpened, m.connReused, m.connFailed,

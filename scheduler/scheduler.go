@@ -217,7 +217,10 @@ func New(opts Options) *Scheduler {
 		MaxMessages: opts.MaxMessagesPerConnection,
 		MaxIdle:     opts.MaxPerDestination,
 		Now:         opts.Now,
-		OnClose:     func(reason string) { s.m.connClosed.WithLabelValues(reason).Inc() },
+		OnClose: func(reason string, messages int) {
+			s.m.connClosed.WithLabelValues(reason).Inc()
+			s.m.messagesPerConn.Observe(float64(messages))
+		},
 	})
 	return s
 }

@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus/testutil"
+	dto "github.com/prometheus/client_model/go"
 
 	"github.com/mtaproject/mta/mta"
 )
@@ -365,4 +366,27 @@ func TestEndBackoffs(t *testing.T) {
 	store.mu.Unlock()
 	h.s.Kick()
 	waitFor(t, "delivery after the flush", func() bool { d, _ := store.counts(); return d == 1 })
+}
+
+// TestMessagesPerConnectionCountsWholeLives: a connection reused by several
+// workers is observed once, with all its messages, when it closes.
+func TestMessagesPerConnectionCountsWholeLives(t *testing.T) {
+	store, tr := newMemStore(), newFakeTransport()
+	h := start(t, func(o *Options) { o.MaxPerDestination = 1; o.InitialPerDestination = 1; o.IdleTimeout = time.Hour }, store, tr)
+	now := time.Now()
+	for i := 0; i < 5; i++ { // one at a time: each worker session parks the connection
+		id := fmt.Sprintf("m%d", i)
+		store.add(id, now, now, "r@one.test")
+		h.s.Submit(id, []string{"one.test"})
+		waitFor(t, "delivery", func() bool { d, _ := store.counts(); return d == i+1 })
+		waitFor(t, "parked", func() bool { return h.s.cache.Idle() == 1 })
+	}
+	h.stop() // closes the cached connection
+	var m dto.Metric
+	if err := h.s.m.messagesPerConn.Write(&m); err != nil {
+		t.Fatal(err)
+	}
+	if c, sum := m.GetHistogram().GetSampleCount(), m.GetHistogram().GetSampleSum(); c != 1 || sum != 5 {
+		t.Fatalf("messages per connection: %d observations summing to %v, want 1 of 5", c, sum)
+	}
 }

@@ -64,13 +64,14 @@ func (s *Scheduler) worker(key string, route Route, first *work) {
 			// A cached connection had died: try again on a new one.
 			w.requeued = true
 			_ = conn.Close()
+			s.m.messagesPerConn.Observe(float64(messages - 1)) // the stale attempt carried nothing
 			s.m.connClosed.WithLabelValues("stale").Inc()
 			s.events <- event{kind: evRequeue, key: key, work: w}
 			return
 		case err != nil:
 			s.events <- event{kind: evDone, work: w}
 			_ = conn.Close()
-			s.m.messagesPerConn.Observe(float64(messages))
+			s.m.messagesPerConn.Observe(float64(messages)) // the end of its life
 			s.m.connClosed.WithLabelValues("error").Inc()
 			var r *mta.Reply
 			if errors.As(err, &r) && r.Code == 421 {
@@ -91,14 +92,15 @@ func (s *Scheduler) worker(key string, route Route, first *work) {
 		s.next <- nextReq{key: key, served: served, reply: reply}
 		w = <-reply
 	}
-	s.m.messagesPerConn.Observe(float64(messages))
 	if s.ctx.Err() != nil {
 		// Stopping: say QUIT without holding the stop up (a slow peer
 		// could take its full QUIT timeout).
 		go conn.Close()
+		s.m.messagesPerConn.Observe(float64(messages))
 		s.m.connClosed.WithLabelValues("shutdown").Inc()
 		return
 	}
+	// The cache observes messagesPerConn when it closes the connection.
 	s.cache.Put(key, conn, messages)
 }
 
@@ -269,7 +271,7 @@ func (s *Scheduler) backoffFor(attempt int) time.Duration {
 // (RFC 3463 5.4.7: delivery time expired).
 func (s *Scheduler) expire(id string, rcpts []string, last string) {
 	reply := fmt.Sprintf("550 5.4.7 Delivery time expired after %s; last error: %s", s.opts.MaxLifetime, last)
-	s.m.outcomes.WithLabelValues("expired", "").Add(float64(len(rcpts)))
+	s.m.outcomes.WithLabelValues("expired", classUnrouted).Add(float64(len(rcpts)))
 	s.logLocal("expired", id, rcpts, reply)
 	if err := s.opts.Store.Failed(id, rcpts, reply); err != nil {
 		s.log.Error("scheduler: expiring", zap.String("id", id), zap.Error(err))
@@ -352,12 +354,12 @@ func (s *Scheduler) failDomain(w *work, cause error) {
 		text = reply.Error()
 	}
 	if mta.IsPermanent(cause) {
-		s.m.outcomes.WithLabelValues("failed", "").Add(float64(len(rcpts)))
+		s.m.outcomes.WithLabelValues("failed", classUnrouted).Add(float64(len(rcpts)))
 		s.logLocal("failed", m.ID, rcpts, text)
 		_ = s.opts.Store.Failed(m.ID, rcpts, text)
 		return
 	}
-	s.m.outcomes.WithLabelValues("deferred", "").Add(float64(len(rcpts)))
+	s.m.outcomes.WithLabelValues("deferred", classUnrouted).Add(float64(len(rcpts)))
 	s.temporary(w, m, attempts, text)
 }
 

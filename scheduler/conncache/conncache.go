@@ -24,8 +24,9 @@ type Options struct {
 	MaxIdle     int              // idle connections kept per destination
 	Now         func() time.Time // nil: time.Now
 	// OnClose is told why the cache closed a connection: "idle_timeout",
-	// "message_limit", "unusable", "too_many_idle", "shutdown".
-	OnClose func(reason string)
+	// "message_limit", "unusable", "too_many_idle", "shutdown", and how
+	// many messages it carried in its life.
+	OnClose func(reason string, messages int)
 }
 
 type entry[C Conn] struct {
@@ -51,7 +52,7 @@ func New[C Conn](opts Options) *Cache[C] {
 		opts.Now = time.Now
 	}
 	if opts.OnClose == nil {
-		opts.OnClose = func(string) {}
+		opts.OnClose = func(string, int) {}
 	}
 	c := &Cache[C]{opts: opts, idle: map[string][]entry[C]{}, stop: make(chan struct{}), done: make(chan struct{})}
 	go c.janitor()
@@ -68,7 +69,7 @@ func (c *Cache[C]) Get(dest string) (conn C, messages int, ok bool) {
 		e := list[len(list)-1]
 		list = list[:len(list)-1]
 		if c.opts.Now().Sub(e.since) >= c.opts.IdleTimeout || !e.conn.Usable() {
-			go c.close(e.conn, "idle_timeout")
+			go c.close(e.conn, "idle_timeout", e.messages)
 			continue
 		}
 		c.set(dest, list)
@@ -83,30 +84,30 @@ func (c *Cache[C]) Get(dest string) (conn C, messages int, ok bool) {
 func (c *Cache[C]) Put(dest string, conn C, messages int) {
 	switch {
 	case !conn.Usable():
-		c.close(conn, "unusable")
+		c.close(conn, "unusable", messages)
 		return
 	case c.opts.MaxMessages > 0 && messages >= c.opts.MaxMessages:
-		c.close(conn, "message_limit")
+		c.close(conn, "message_limit", messages)
 		return
 	}
 	c.mu.Lock()
 	select {
 	case <-c.stop:
 		c.mu.Unlock()
-		c.close(conn, "shutdown")
+		c.close(conn, "shutdown", messages)
 		return
 	default:
 	}
 	list := append(c.idle[dest], entry[C]{conn: conn, messages: messages, since: c.opts.Now()})
-	var evicted []C
+	var evicted []entry[C]
 	for c.opts.MaxIdle > 0 && len(list) > c.opts.MaxIdle {
-		evicted = append(evicted, list[0].conn)
+		evicted = append(evicted, list[0])
 		list = list[1:]
 	}
 	c.set(dest, list)
 	c.mu.Unlock()
 	for _, e := range evicted {
-		c.close(e, "too_many_idle")
+		c.close(e.conn, "too_many_idle", e.messages)
 	}
 }
 
@@ -140,7 +141,7 @@ func (c *Cache[C]) Close() {
 	for _, l := range all {
 		for _, e := range l {
 			wg.Add(1)
-			go func() { defer wg.Done(); c.close(e.conn, "shutdown") }()
+			go func() { defer wg.Done(); c.close(e.conn, "shutdown", e.messages) }()
 		}
 	}
 	wg.Wait()
@@ -154,9 +155,9 @@ func (c *Cache[C]) set(dest string, list []entry[C]) {
 	}
 }
 
-func (c *Cache[C]) close(conn C, reason string) {
+func (c *Cache[C]) close(conn C, reason string, messages int) {
 	_ = conn.Close()
-	c.opts.OnClose(reason)
+	c.opts.OnClose(reason, messages)
 }
 
 func (c *Cache[C]) janitor() {
@@ -179,13 +180,13 @@ func (c *Cache[C]) janitor() {
 
 func (c *Cache[C]) expire() {
 	now := c.opts.Now()
-	var expired []C
+	var expired []entry[C]
 	c.mu.Lock()
 	for dest, list := range c.idle {
 		keep := list[:0]
 		for _, e := range list {
 			if now.Sub(e.since) >= c.opts.IdleTimeout {
-				expired = append(expired, e.conn)
+				expired = append(expired, e)
 			} else {
 				keep = append(keep, e)
 			}
@@ -194,6 +195,6 @@ func (c *Cache[C]) expire() {
 	}
 	c.mu.Unlock()
 	for _, e := range expired {
-		c.close(e, "idle_timeout")
+		c.close(e.conn, "idle_timeout", e.messages)
 	}
 }

@@ -24,7 +24,7 @@ func TestReuseLimitsAndExpiry(t *testing.T) {
 	reasons := map[string]int{}
 	var rmu sync.Mutex
 	c := New[*fakeConn](Options{IdleTimeout: 10 * time.Second, MaxMessages: 3, MaxIdle: 2, Now: clock,
-		OnClose: func(r string) { rmu.Lock(); reasons[r]++; rmu.Unlock() }})
+		OnClose: func(r string, _ int) { rmu.Lock(); reasons[r]++; rmu.Unlock() }})
 	defer c.Close()
 
 	a, b, d := &fakeConn{name: "a", usable: true}, &fakeConn{name: "b", usable: true}, &fakeConn{name: "d", usable: true}
