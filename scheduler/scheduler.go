@@ -38,6 +38,10 @@ type Options struct {
 	ScanInterval             time.Duration // due-index scan period (1s)
 	RouteTTL                 time.Duration // domain → destination kept this long (30s)
 	StopGrace                time.Duration // on stop, transactions in flight may finish this long (30s)
+	// Memory bounds the message bodies held at once, shared with the SMTP
+	// edge: a delivery waits for room before it reads its body; nil:
+	// unbounded.
+	Memory *mta.Budget
 
 	Logger     *zap.Logger
 	Registerer prometheus.Registerer

@@ -30,6 +30,7 @@ type Message struct {
 	SMTPUTF8   bool
 	Body8Bit   bool
 	Received   time.Time
+	Size       int64 // bytes as stored, for the memory budget
 	Recipients []Recipient
 }
 

@@ -149,6 +149,10 @@ func (s *Scheduler) deliver(conn Conn, route Route, w *work, reused bool) error 
 		s.expire(w.key.id, addresses(env.Recipients), "no attempt made")
 		return nil
 	}
+	if err := s.opts.Memory.Acquire(s.sendCtx, m.Size); err != nil {
+		return nil // stopping: the lease makes the work due again
+	}
+	defer s.opts.Memory.Release(m.Size)
 	body, err := s.opts.Store.Body(m.ID)
 	if err != nil {
 		s.log.Error("scheduler: reading a message body", zap.String("id", m.ID), zap.Error(err))

@@ -37,6 +37,7 @@ type Config struct {
 	Log             Log              `yaml:"log"`
 	Admin           Admin            `yaml:"admin"`
 	Debug           Debug            `yaml:"debug"`
+	MemoryBudget    ByteSize         `yaml:"memory_budget"` // message bodies held in memory at once, received and being delivered
 
 	trusted  []netip.Prefix
 	lines    map[string]int // line in the file of each field set there, by dotted path
@@ -209,10 +210,11 @@ func Default() *Config {
 				DataInit: Duration(2 * 60e9), DataBlock: Duration(3 * 60e9), DataDone: Duration(10 * 60e9),
 			},
 		},
-		DNS:   DNS{Timeout: Duration(5e9), IPv6: true},
-		Spool: Spool{Sync: true, MinFreeSpace: 100 << 20},
-		Log:   Log{Level: "info", Format: "json"},
-		Admin: Admin{Enabled: true},
+		DNS:          DNS{Timeout: Duration(5e9), IPv6: true},
+		Spool:        Spool{Sync: true, MinFreeSpace: 100 << 20},
+		Log:          Log{Level: "info", Format: "json"},
+		Admin:        Admin{Enabled: true},
+		MemoryBudget: 1 << 30,
 	}
 }
 
@@ -411,6 +413,9 @@ func (c *Config) validate() error {
 	positive("smtp.max_message_size", int64(s.MaxMessageSize))
 	positive("smtp.max_recipients", int64(s.MaxRecipients))
 	positive("smtp.max_hops", int64(s.MaxHops))
+	if c.MemoryBudget < c.SMTP.MaxMessageSize {
+		bad("memory_budget", "must be at least smtp.max_message_size (%d bytes), got %d", int64(c.SMTP.MaxMessageSize), int64(c.MemoryBudget))
+	}
 	positive("smtp.max_connections", int64(s.MaxConnections))
 	positive("smtp.max_connections_per_ip", int64(s.MaxConnectionsPerIP))
 	positive("smtp.command_timeout", int64(s.CommandTimeout))

@@ -26,6 +26,7 @@ import (
 	"golang.org/x/net/netutil"
 
 	"github.com/mtaproject/mta/metrics"
+	"github.com/mtaproject/mta/mta"
 	"github.com/mtaproject/mta/mta/admin"
 	"github.com/mtaproject/mta/mta/auth"
 	"github.com/mtaproject/mta/mta/certs"
@@ -106,6 +107,12 @@ func New(cfg *config.Config, log *zap.Logger) (_ *Server, err error) {
 	if !cfg.Spool.Sync {
 		log.Warn("spool.sync is off: acknowledged messages can be lost in a crash")
 	}
+	memory := mta.NewBudget(int64(cfg.MemoryBudget))
+	s.registry.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+		Name: "mta_memory_budget_used_bytes", Help: "Bytes of message bodies held in memory now (memory_budget), received or being delivered.",
+	}, func() float64 { return float64(memory.Used()) }), prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+		Name: "mta_memory_budget_bytes", Help: "The memory budget for message bodies (memory_budget).",
+	}, func() float64 { return float64(memory.Limit()) }))
 	self := newSelf(cfg)
 	transport, err := newTransport(cfg, s.registry, self)
 	if err != nil {
@@ -126,6 +133,7 @@ func New(cfg *config.Config, log *zap.Logger) (_ *Server, err error) {
 		Lease:                    d.Lease.D(),
 		WindowSize:               d.ActiveWindow,
 		StopGrace:                cfg.SMTP.ShutdownTimeout.D(),
+		Memory:                   memory,
 		Logger:                   log.Named("scheduler"),
 		Registerer:               s.registry,
 	})
@@ -172,6 +180,7 @@ func New(cfg *config.Config, log *zap.Logger) (_ *Server, err error) {
 			CleartextAuthFromLoopback: cfg.Auth.CleartextFromLoopback,
 			MaxAuthFailures:           cfg.Auth.MaxFailures,
 			AuthFailures:              authFailures,
+			Memory:                    memory,
 			Limits:                    limits,
 			Metrics:                   m,
 			Logger:                    log.Named("smtpd"),

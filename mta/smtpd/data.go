@@ -35,6 +35,7 @@ type bodyFindings struct {
 	longLine bool // a line over the line limit
 	bare     bool // a CR or LF outside a CRLF pair
 	nul      bool // a NUL byte
+	noMemory bool // the memory budget had no room for it (the rest was read and dropped)
 }
 
 // data answers DATA: 354, then the message up to <CRLF>.<CRLF>, then the
@@ -103,6 +104,10 @@ func (s *session) readData(dst *bytes.Buffer) (bodyFindings, error) {
 		size += int64(len(b))
 		if limit > 0 && size > limit {
 			f.tooBig = true
+			return
+		}
+		if f.noMemory || !s.reserve(dst.Len()+len(b)) {
+			f.noMemory = true
 			return
 		}
 		dst.Write(b)
@@ -258,12 +263,28 @@ func (s *session) bdatChunk(arg string) {
 	}
 	// Memory grows as the chunk's bytes arrive, not by what BDAT claims: a
 	// client announcing 10 MiB and sending nothing holds nothing.
+	dst := s.bdat
+	if s.bdatNoMemory || !s.reserve(s.bdat.Len()+int(n)) {
+		// No room in the memory budget: the rest of the message is read
+		// and dropped, and its last chunk refused.
+		s.bdatNoMemory, dst = true, nil
+	}
 	s.inStream = true
-	err = s.copyChunk(s.bdat, int64(n))
+	err = s.copyChunk(dst, int64(n))
 	s.inStream = false
 	if err != nil {
 		s.readFailed(err, true)
 		s.resetTransaction()
+		return
+	}
+	if s.bdatNoMemory {
+		if isLast {
+			s.resetTransaction()
+			s.srv.opts.Metrics.rejected.WithLabelValues(s.srv.opts.Name, "memory_budget").Inc()
+			s.reply(&replyNoMemory)
+			return
+		}
+		s.replyText(250, mta.Enhanced{2, 0, 0}, strconv.FormatUint(n, 10)+" octets received")
 		return
 	}
 	if !isLast {
@@ -335,6 +356,10 @@ func (s *session) finishMessage(body []byte, f bodyFindings) {
 	case f.tooBig:
 		s.refuse("message_too_big", &mta.ReplyMessageTooBig)
 		return
+	case f.noMemory:
+		s.srv.opts.Metrics.rejected.WithLabelValues(s.srv.opts.Name, "memory_budget").Inc()
+		s.reply(&replyNoMemory)
+		return
 	case f.nul:
 		s.refuse("nul_byte", &mta.ReplyNULByte)
 		return
@@ -346,6 +371,11 @@ func (s *session) finishMessage(body []byte, f bodyFindings) {
 		return
 	}
 	if f.bare {
+		if !s.reserve(2*len(body) + len(body)/16) { // the normalised copy
+			s.srv.opts.Metrics.rejected.WithLabelValues(s.srv.opts.Name, "memory_budget").Inc()
+			s.reply(&replyNoMemory)
+			return
+		}
 		norm := getBuffer()
 		defer putBuffer(norm)
 		normalizeLineEndings(norm, body)

@@ -10,6 +10,8 @@ import (
 	"testing"
 
 	"github.com/prometheus/client_golang/prometheus/testutil"
+
+	"github.com/mtaproject/mta/mta"
 	"time"
 )
 
@@ -546,4 +548,48 @@ func TestEarlyContentAfterARefusedDATA(t *testing.T) {
 	if ts.spool.Count() != 0 {
 		t.Fatal("stored")
 	}
+}
+
+// TestMemoryBudget: message data held by all sessions is bounded; a
+// message that finds no room is read to its end and refused with 451
+// 4.3.2, and goes through once room is back.
+func TestMemoryBudget(t *testing.T) {
+	budget := mta.NewBudget(1 << 20)
+	ts := startServer(t, func(o *Options) { o.Memory = budget; o.MaxMessageSize = 900 << 10; o.MaxLineLength = 1 << 20 })
+	big := "Subject: big\r\n\r\n" + strings.Repeat(strings.Repeat("z", 998)+"\r\n", 700) // about 700 KB
+	open := func() *wire {
+		w := dial(t, ts.addr)
+		w.cmdExpect("EHLO client.test", "250")
+		w.cmdExpect("MAIL FROM:<a@example.org>", "250")
+		w.cmdExpect("RCPT TO:<b@local.test>", "250")
+		return w
+	}
+	first := open()
+	first.cmdExpect("DATA", "354")
+	first.send(big) // held, not finished
+	time.Sleep(200 * time.Millisecond)
+	if used := budget.Used(); used < 600<<10 {
+		t.Fatalf("budget used %d while a 700 KB message is being received", used)
+	}
+	second := open()
+	second.cmdExpect("DATA", "354")
+	if got := second.cmd(big + "."); got != "451 4.3.2 Too much mail in progress; try again later" {
+		t.Fatalf("a second large message past the budget → %q", got)
+	}
+	second.cmdExpect("RSET", "250") // the session is in step
+	// BDAT too.
+	second.cmdExpect("MAIL FROM:<a@example.org>", "250")
+	second.cmdExpect("RCPT TO:<b@local.test>", "250")
+	second.send(fmt.Sprintf("BDAT %d LAST\r\n%s", len(big), big))
+	if got := second.reply(); !strings.HasPrefix(got, "451 4.3.2 ") {
+		t.Fatalf("BDAT past the budget → %q", got)
+	}
+	queuedID(t, first.cmd("."))
+	if used := budget.Used(); used != 0 {
+		t.Fatalf("budget still holds %d after the messages ended", used)
+	}
+	second.cmdExpect("MAIL FROM:<a@example.org>", "250")
+	second.cmdExpect("RCPT TO:<b@local.test>", "250")
+	second.cmdExpect("DATA", "354")
+	queuedID(t, second.cmd(big+"."))
 }

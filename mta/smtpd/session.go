@@ -54,7 +54,10 @@ type session struct {
 	hasFrom bool
 	bdat    *bytes.Buffer // the chunks so far of a BDAT message; nil outside one
 	bdatBad bool          // a chunk of this BDAT message was over the size limit
+	// bdatNoMemory: the memory budget had no room for this BDAT message
+	bdatNoMemory bool
 
+	held         int64       // bytes of the memory budget held for the message being received
 	busy         atomic.Bool // inside a transaction: Shutdown lets it finish
 	deadlineTill time.Time   // the read deadline last set
 	params       []param     // reused between commands
@@ -91,6 +94,7 @@ func (s *session) serve() {
 
 // close writes what is pending and closes the connection cleanly.
 func (s *session) close() {
+	s.releaseMemory()
 	_ = s.flush()
 	var tc interface{ CloseWrite() error }
 	if s.tls != nil {
@@ -268,15 +272,40 @@ func (s *session) recoverPanic() {
 	}
 }
 
+// reserve makes sure the memory budget covers a message buffer of n bytes,
+// taking it in steps of a quarter megabyte; false when it is exhausted.
+func (s *session) reserve(n int) bool {
+	need := int64(n) - s.held
+	if need <= 0 {
+		return true
+	}
+	step := max(need, 256<<10)
+	if !s.srv.opts.Memory.TryAcquire(step) {
+		if step == need || !s.srv.opts.Memory.TryAcquire(need) {
+			return false
+		}
+		step = need
+	}
+	s.held += step
+	return true
+}
+
+// releaseMemory gives back what reserve took.
+func (s *session) releaseMemory() {
+	s.srv.opts.Memory.Release(s.held)
+	s.held = 0
+}
+
 // resetTransaction forgets the transaction (RSET, end of data, EHLO).
 func (s *session) resetTransaction() {
+	s.releaseMemory()
 	s.env = mta.Envelope{}
 	s.hasFrom = false
 	if s.bdat != nil {
 		putBuffer(s.bdat)
 		s.bdat = nil
 	}
-	s.bdatBad = false
+	s.bdatBad, s.bdatNoMemory = false, false
 	s.busy.Store(false)
 }
 
@@ -299,4 +328,5 @@ var (
 	replyUnknownParam   = mta.Reply{Code: 555, Enhanced: mta.Enhanced{5, 5, 4}, Text: "Unsupported parameter"}
 	replyBadParam       = mta.Reply{Code: 501, Enhanced: mta.Enhanced{5, 5, 4}, Text: "Bad parameter syntax"}
 	replyOK             = mta.Reply{Code: 250, Enhanced: mta.Enhanced{2, 0, 0}, Text: "Ok"}
+	replyNoMemory       = mta.Reply{Code: 451, Enhanced: mta.Enhanced{4, 3, 2}, Text: "Too much mail in progress; try again later"}
 )

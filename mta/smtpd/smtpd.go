@@ -84,9 +84,13 @@ type Options struct {
 	// connections and listeners, and refuses AUTH from an address over its
 	// limit; nil: no such limit.
 	AuthFailures *AuthFailures
-	Limits       *ConnLimits // shared between listeners
-	Metrics      *Metrics    // shared between listeners
-	Logger       *zap.Logger
+	// Memory bounds the bytes of message data held by all sessions (and
+	// by delivery): past it a message is read to its end but refused with
+	// 451 4.3.2; nil: unbounded.
+	Memory  *mta.Budget
+	Limits  *ConnLimits // shared between listeners
+	Metrics *Metrics    // shared between listeners
+	Logger  *zap.Logger
 	// AuthFailureDelay is slept after a failed AUTH, to slow password
 	// guessing; zero means one second.
 	AuthFailureDelay time.Duration
