@@ -105,6 +105,12 @@ func serve(args []string) error {
 	for _, w := range cfg.Warnings() {
 		log.Warn(w)
 	}
+	if os.Getenv("GOMEMLIMIT") == "" {
+		// Message bodies are bounded by memory_budget; the rest (Pebble's
+		// memtables, sessions) is about half a gigabyte at most. A soft
+		// limit makes the garbage collector keep the heap near that.
+		debug.SetMemoryLimit(2*int64(cfg.MemoryBudget) + 512<<20)
+	}
 	srv, err := server.New(cfg, log)
 	if err != nil {
 		return err

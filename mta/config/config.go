@@ -413,8 +413,8 @@ func (c *Config) validate() error {
 	positive("smtp.max_message_size", int64(s.MaxMessageSize))
 	positive("smtp.max_recipients", int64(s.MaxRecipients))
 	positive("smtp.max_hops", int64(s.MaxHops))
-	if c.MemoryBudget < c.SMTP.MaxMessageSize {
-		bad("memory_budget", "must be at least smtp.max_message_size (%d bytes), got %d", int64(c.SMTP.MaxMessageSize), int64(c.MemoryBudget))
+	if c.MemoryBudget < 2*c.SMTP.MaxMessageSize {
+		bad("memory_budget", "must be at least twice smtp.max_message_size (%d bytes: a message and its copy while it is stored), got %d", 2*int64(c.SMTP.MaxMessageSize), int64(c.MemoryBudget))
 	}
 	positive("smtp.max_connections", int64(s.MaxConnections))
 	positive("smtp.max_connections_per_ip", int64(s.MaxConnectionsPerIP))

@@ -381,6 +381,13 @@ func (s *session) finishMessage(body []byte, f bodyFindings) {
 		normalizeLineEndings(norm, body)
 		body = norm.Bytes()
 	}
+	// The spool's batch copies the message while it is stored: that copy
+	// counts against the memory budget too.
+	if !s.reserve(int(s.held) + len(body) + 512) {
+		s.srv.opts.Metrics.rejected.WithLabelValues(s.srv.opts.Name, "memory_budget").Inc()
+		s.reply(&replyNoMemory)
+		return
+	}
 	facts := scanHeader(body)
 	if max := s.srv.opts.MaxHops; max > 0 && facts.received >= max {
 		// With ours it would be one more: a mail loop (RFC 5321 §6.3).
