@@ -1,6 +1,7 @@
 package spool
 
 import (
+	"context"
 	"time"
 
 	"go.uber.org/zap"
@@ -44,25 +45,38 @@ func (s *Spool) Room(size int64) error {
 	return nil
 }
 
-// reclaim asks Pebble, at most every reclaimInterval, to flush its
-// memtable while the spool is short of space: the WAL it was writing
-// becomes obsolete and reusable, and the deletions of delivered mail reach
-// the tables, where compactions free their space. Without it a drained
-// queue could keep its space, and acceptance its 452, until a restart.
+// reclaim asks Pebble, at most every reclaimInterval and one at a time,
+// to give back the space of delivered mail while the spool is short of
+// it: it flushes the memtable (the WAL it was writing becomes obsolete and
+// reusable) and compacts the keyspace, so that the deletions reach the
+// tables and their space is freed. Without it a drained queue could keep
+// its space, and acceptance its 452, until a restart.
 func (s *Spool) reclaim() {
 	now := s.opts.Now().UnixNano()
 	last := s.lastReclaim.Load()
 	if now-last < int64(reclaimInterval) || !s.lastReclaim.CompareAndSwap(last, now) {
 		return
 	}
-	s.closeMu.RLock()
-	defer s.closeMu.RUnlock()
-	if s.closed {
+	if !s.reclaiming.CompareAndSwap(false, true) {
 		return
 	}
-	if _, err := s.db.AsyncFlush(); err != nil {
-		s.log.Warn("spool: flush to reclaim space", zap.Error(err))
-	}
+	go func() {
+		defer s.reclaiming.Store(false)
+		s.closeMu.RLock()
+		defer s.closeMu.RUnlock()
+		if s.closed || s.reclaimCtx.Err() != nil {
+			return
+		}
+		if err := s.db.Flush(); err != nil {
+			s.log.Warn("spool: flush to reclaim space", zap.Error(err))
+			return
+		}
+		ctx, cancel := context.WithTimeout(s.reclaimCtx, time.Minute)
+		defer cancel()
+		if err := s.db.Compact(ctx, []byte{0}, []byte{0xff}, false); err != nil {
+			s.log.Warn("spool: compaction to reclaim space", zap.Error(err))
+		}
+	}()
 }
 
 const reclaimInterval = 5 * time.Second

@@ -2,6 +2,7 @@ package spool
 
 import (
 	"bytes"
+	"context"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -62,6 +63,10 @@ type Spool struct {
 
 	syncPending atomic.Bool  // a sync for unsynced outcomes is scheduled
 	lastReclaim atomic.Int64 // UnixNano of the last flush asked for to reclaim space
+	reclaiming  atomic.Bool  // a reclaim is running
+	// reclaimCtx ends a reclaim's compaction when the spool closes.
+	reclaimCtx  context.Context
+	stopReclaim context.CancelFunc
 	closeMu     sync.RWMutex // held for reading by the delayed sync, for writing by Close
 	closed      bool
 }
@@ -84,6 +89,7 @@ func Open(dir string, opts Options) (*Spool, error) {
 		opts.Now = time.Now
 	}
 	s := &Spool{dir: dir, opts: opts, log: opts.Logger, ids: newIDGen()}
+	s.reclaimCtx, s.stopReclaim = context.WithCancel(context.Background())
 	s.write = pebble.NoSync
 	if opts.Sync {
 		s.write = pebble.Sync
@@ -149,6 +155,7 @@ func openPebble(dir string, opts *pebble.Options) (db *pebble.DB, err error) {
 
 // Close closes the database. Writes in flight must have returned first.
 func (s *Spool) Close() error {
+	s.stopReclaim() // a compaction to reclaim space must not hold the close up
 	s.closeMu.Lock()
 	s.closed = true
 	s.closeMu.Unlock()

@@ -89,7 +89,7 @@ func TestSmallVolume(t *testing.T) {
 			break
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("still refusing a minute after the receiver came back: %v (delivered %d)", err, len(sink.Messages()))
+			t.Fatalf("still refusing a minute after the receiver came back: %v (delivered %d)", err, sink.Stats().Messages)
 		}
 		time.Sleep(500 * time.Millisecond)
 	}
