@@ -182,3 +182,19 @@ func TestExtensionsAreForgottenOnHELO(t *testing.T) {
 		t.Fatalf("after reset: %+v", c)
 	}
 }
+
+func TestNeedsUTF8(t *testing.T) {
+	ascii := &Message{From: "a@example.org", Recipients: []mta.Recipient{{Address: "b@example.com"}}, Data: []byte("Subject: plain\r\n\r\nk\xc3\xa4se in the body only\r\n")}
+	if needsUTF8(ascii) {
+		t.Error("an ASCII envelope and header need no SMTPUTF8 (8-bit body is 8BITMIME's business)")
+	}
+	for name, m := range map[string]*Message{
+		"sender":    {From: "j\xc3\xbcrgen@example.org", Recipients: ascii.Recipients, Data: ascii.Data},
+		"recipient": {From: ascii.From, Recipients: []mta.Recipient{{Address: "\xc3\xa9@example.com"}}, Data: ascii.Data},
+		"header":    {From: ascii.From, Recipients: ascii.Recipients, Data: []byte("Subject: k\xc3\xa4se\r\n\r\nx\r\n")},
+	} {
+		if !needsUTF8(m) {
+			t.Errorf("UTF-8 in the %s not seen", name)
+		}
+	}
+}

@@ -433,3 +433,22 @@ func TestErrorUnwrap(t *testing.T) {
 		t.Error(got)
 	}
 }
+
+// TestSMTPUTF8OnlyWhenNeeded: a message the client sent with SMTPUTF8 but
+// whose envelope and header are ASCII goes to a server without SMTPUTF8.
+func TestSMTPUTF8OnlyWhenNeeded(t *testing.T) {
+	ascii := msg("Subject: plain\r\n\r\nhi\r\n", "a@x", "b@x")
+	ascii.SMTPUTF8 = true
+	s := newServer(t, script{pipelining: true})
+	c := dialT(t, s, Options{})
+	res := send(t, c, ascii)
+	for _, r := range res.Recipients {
+		if r.Code != 250 {
+			t.Fatalf("replies %+v", res.Recipients)
+		}
+	}
+	c.Close()
+	if _, _, cmds, _, _, _ := s.session(0).snapshot(); len(cmds) < 2 || strings.Contains(strings.Join(cmds, " "), "SMTPUTF8") {
+		t.Fatalf("commands %q: MAIL must not carry SMTPUTF8", cmds)
+	}
+}

@@ -68,6 +68,13 @@ func (c *Conn) Send(ctx context.Context, m *Message) (*Result, error) {
 	if err := checkMessage(m); err != nil {
 		return nil, err
 	}
+	if m.SMTPUTF8 && !needsUTF8(m) {
+		// The client asked for SMTPUTF8, but nothing in the envelope or
+		// the header is UTF-8: any server can take it (RFC 6531 §3.2).
+		cp := *m
+		cp.SMTPUTF8 = false
+		m = &cp
+	}
 	if !c.Usable() {
 		return nil, &Error{Stage: "mail", Host: c.host, Addr: c.addr, Err: ErrUnusable}
 	}
@@ -470,4 +477,35 @@ func writeDotStuffed(w *bufio.Writer, data []byte) error {
 	}
 	w.WriteString(".\r\n")
 	return w.Flush()
+}
+
+// needsUTF8 reports whether the envelope or the header section of m has
+// non-ASCII text, which only a server offering SMTPUTF8 may receive.
+func needsUTF8(m *Message) bool {
+	nonASCII := func(s string) bool {
+		for i := 0; i < len(s); i++ {
+			if s[i] >= 0x80 {
+				return true
+			}
+		}
+		return false
+	}
+	if nonASCII(m.From) {
+		return true
+	}
+	for _, r := range m.Recipients {
+		if nonASCII(r.Address) || nonASCII(r.ORcpt) {
+			return true
+		}
+	}
+	header := m.Data
+	if i := bytes.Index(header, []byte("\r\n\r\n")); i >= 0 {
+		header = header[:i]
+	}
+	for _, b := range header {
+		if b >= 0x80 {
+			return true
+		}
+	}
+	return false
 }
