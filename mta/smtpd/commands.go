@@ -328,8 +328,7 @@ func (s *session) rcpt(arg string) {
 		return
 	}
 	if len(s.env.Recipients) >= s.srv.opts.MaxRecipients {
-		s.srv.opts.Metrics.rejected.WithLabelValues(s.srv.opts.Name, "too_many_recipients").Inc()
-		s.reply(&mta.ReplyTooManyRecipients)
+		s.refuse("too_many_recipients", &mta.ReplyTooManyRecipients)
 		return
 	}
 	for _, p := range params {

@@ -242,7 +242,7 @@ func (s *session) bdatChunk(arg string) {
 			s.refuse("message_too_big", &mta.ReplyMessageTooBig)
 			return
 		}
-		s.replyText(250, mta.Enhanced{2, 0, 0}, strconv.FormatUint(n, 10)+" octets received")
+		s.chunkReceived(n)
 		return
 	}
 	if s.bdat == nil {
@@ -280,19 +280,23 @@ func (s *session) bdatChunk(arg string) {
 	if s.bdatNoMemory {
 		if isLast {
 			s.resetTransaction()
-			s.srv.opts.Metrics.rejected.WithLabelValues(s.srv.opts.Name, "memory_budget").Inc()
-			s.reply(&replyNoMemory)
+			s.refuse("memory_budget", &replyNoMemory)
 			return
 		}
-		s.replyText(250, mta.Enhanced{2, 0, 0}, strconv.FormatUint(n, 10)+" octets received")
+		s.chunkReceived(n)
 		return
 	}
 	if !isLast {
-		s.replyText(250, mta.Enhanced{2, 0, 0}, strconv.FormatUint(n, 10)+" octets received")
+		s.chunkReceived(n)
 		return
 	}
 	body := s.bdat.Bytes()
 	s.finishMessage(body, scanBody(body, s.srv.opts.MaxLineLength))
+}
+
+// chunkReceived answers a BDAT chunk that is not the last.
+func (s *session) chunkReceived(n uint64) {
+	s.replyText(250, mta.Enhanced{2, 0, 0}, strconv.FormatUint(n, 10)+" octets received")
 }
 
 // discard reads and drops n bytes of message data.
@@ -357,8 +361,7 @@ func (s *session) finishMessage(body []byte, f bodyFindings) {
 		s.refuse("message_too_big", &mta.ReplyMessageTooBig)
 		return
 	case f.noMemory:
-		s.srv.opts.Metrics.rejected.WithLabelValues(s.srv.opts.Name, "memory_budget").Inc()
-		s.reply(&replyNoMemory)
+		s.refuse("memory_budget", &replyNoMemory)
 		return
 	case f.nul:
 		s.refuse("nul_byte", &mta.ReplyNULByte)
@@ -372,8 +375,7 @@ func (s *session) finishMessage(body []byte, f bodyFindings) {
 	}
 	if f.bare {
 		if !s.reserve(2*len(body) + len(body)/16) { // the normalised copy
-			s.srv.opts.Metrics.rejected.WithLabelValues(s.srv.opts.Name, "memory_budget").Inc()
-			s.reply(&replyNoMemory)
+			s.refuse("memory_budget", &replyNoMemory)
 			return
 		}
 		norm := getBuffer()
@@ -384,8 +386,7 @@ func (s *session) finishMessage(body []byte, f bodyFindings) {
 	// The spool's batch copies the message while it is stored: that copy
 	// counts against the memory budget too.
 	if !s.reserve(int(s.held) + len(body) + 512) {
-		s.srv.opts.Metrics.rejected.WithLabelValues(s.srv.opts.Name, "memory_budget").Inc()
-		s.reply(&replyNoMemory)
+		s.refuse("memory_budget", &replyNoMemory)
 		return
 	}
 	facts := scanHeader(body)
@@ -441,12 +442,6 @@ func (s *session) accept(id string, env *mta.Envelope, hdr, body []byte) error {
 		return errShuttingDown
 	}
 	return s.srv.opts.Spool.Accept(id, env, hdr, body)
-}
-
-// hasBareLineEnding reports whether b has a CR or LF outside a CRLF pair.
-func hasBareLineEnding(b []byte) bool {
-	crlf := bytes.Count(b, []byte("\r\n"))
-	return crlf != bytes.Count(b, []byte("\n")) || crlf != bytes.Count(b, []byte("\r"))
 }
 
 // normalizeLineEndings writes b to dst with every bare CR or LF made CRLF.

@@ -2,6 +2,7 @@ package smtpd
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"crypto/tls"
 	"encoding/base64"
@@ -208,3 +209,10 @@ func storedMessage(t *testing.T, sp *spool.Spool, id string) (*spool.Message, st
 func newReader(c net.Conn) *bufio.Reader { return bufio.NewReader(c) }
 
 func b64(b []byte) string { return base64.StdEncoding.EncodeToString(b) }
+
+// hasBareLineEnding reports whether b has a CR or LF outside a CRLF pair:
+// the slow, obvious check the tests compare the reader's findings with.
+func hasBareLineEnding(b []byte) bool {
+	crlf := bytes.Count(b, []byte("\r\n"))
+	return crlf != bytes.Count(b, []byte("\n")) || crlf != bytes.Count(b, []byte("\r"))
+}

@@ -9,6 +9,7 @@ import (
 	"runtime/debug"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -108,7 +109,7 @@ type Server struct {
 	ln       net.Listener
 	sessions map[*session]struct{}
 	wg       sync.WaitGroup
-	stopping bool
+	stopping atomic.Bool // read by every session before each command: no lock
 
 	// acceptMu is held for reading while a message is handed to the
 	// spool; Shutdown takes it for writing to wait for those, then sets
@@ -158,7 +159,7 @@ func New(opts Options) *Server {
 // shutdown.
 func (s *Server) Serve(l net.Listener) error {
 	s.mu.Lock()
-	if s.stopping {
+	if s.stopping.Load() {
 		s.mu.Unlock()
 		l.Close()
 		return nil
@@ -169,10 +170,7 @@ func (s *Server) Serve(l net.Listener) error {
 	for {
 		c, err := l.Accept()
 		if err != nil {
-			s.mu.Lock()
-			stopping := s.stopping
-			s.mu.Unlock()
-			if stopping || errors.Is(err, net.ErrClosed) {
+			if s.stopping.Load() || errors.Is(err, net.ErrClosed) {
 				return nil
 			}
 			// EMFILE and friends: wait and go on rather than stop serving.
@@ -196,7 +194,7 @@ func (s *Server) admit(c net.Conn) {
 	}
 	sess := newSession(s, c, ip)
 	s.mu.Lock()
-	if s.stopping {
+	if s.stopping.Load() {
 		s.mu.Unlock()
 		s.opts.Limits.release(ip)
 		go refuse(c, &mta.ReplyShuttingDown)
@@ -235,7 +233,7 @@ func (s *Server) admit(c net.Conn) {
 // returns no message is being stored and none will be.
 func (s *Server) Shutdown(ctx context.Context) error {
 	s.mu.Lock()
-	s.stopping = true
+	s.stopping.Store(true)
 	if s.ln != nil {
 		s.ln.Close()
 	}
@@ -288,8 +286,5 @@ func (s *Server) closeSessions() {
 	}
 }
 
-func (s *Server) isStopping() bool {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.stopping
-}
+// isStopping reports whether Shutdown has begun.
+func (s *Server) isStopping() bool { return s.stopping.Load() }
