@@ -78,6 +78,9 @@ type SinkConfig struct {
 	// Chunking makes the sink advertise and accept BDAT (RFC 3030), as
 	// the big providers do.
 	Chunking bool
+	// No8BitMIME stops the sink from advertising 8BITMIME, like an old
+	// server that only takes 7-bit messages.
+	No8BitMIME bool
 	// Keep stores every accepted message (see Messages).
 	Keep bool
 	// Down starts the sink down: see SetDown.
@@ -205,7 +208,11 @@ func startSink(cfg SinkConfig, wrap func(net.Conn) net.Conn) (*Sink, error) {
 	if !cfg.NoPipelining {
 		b.WriteString("250-PIPELINING\r\n")
 	}
-	b.WriteString("250-SIZE " + strconv.Itoa(sinkMaxSize) + "\r\n250-8BITMIME\r\n250-ENHANCEDSTATUSCODES\r\n250-SMTPUTF8\r\n250 DSN\r\n")
+	b.WriteString("250-SIZE " + strconv.Itoa(sinkMaxSize) + "\r\n")
+	if !cfg.No8BitMIME {
+		b.WriteString("250-8BITMIME\r\n")
+	}
+	b.WriteString("250-ENHANCEDSTATUSCODES\r\n250-SMTPUTF8\r\n250 DSN\r\n")
 	s.ehlo = b.String()
 	f := cfg.Faults
 	s.faults.Store(&f)

@@ -5,6 +5,8 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"errors"
+	"io"
+	"mime/quotedprintable"
 	"net"
 	"os"
 	"slices"
@@ -262,6 +264,8 @@ func TestRefusedWithoutSending(t *testing.T) {
 			mta.Reply{Code: 552, Enhanced: mta.Enhanced{5, 3, 4}, Text: "message size exceeds localhost's limit of 100 bytes"}},
 		{"smtputf8 not offered", script{pipelining: true}, utf8,
 			mta.Reply{Code: 550, Enhanced: mta.Enhanced{5, 6, 7}, Text: "SMTPUTF8 required but not supported by localhost"}},
+		{"8-bit header and body without 8BITMIME", script{pipelining: true}, msg("Subject: K\xc3\xa4se\r\n\r\nK\xc3\xa4se\r\n", "a@x", "b@x"),
+			mta.Reply{Code: 554, Enhanced: mta.Enhanced{5, 6, 3}, Text: "localhost does not offer 8BITMIME, and the 8-bit message cannot be converted to 7 bits: 8-bit octets in a header"}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			s := newServer(t, tc.sc)
@@ -450,5 +454,48 @@ func TestSMTPUTF8OnlyWhenNeeded(t *testing.T) {
 	c.Close()
 	if _, _, cmds, _, _, _ := s.session(0).snapshot(); len(cmds) < 2 || strings.Contains(strings.Join(cmds, " "), "SMTPUTF8") {
 		t.Fatalf("commands %q: MAIL must not carry SMTPUTF8", cmds)
+	}
+}
+
+// TestEightBitBodyConvertedWithout8BITMIME: to a server that does not offer
+// 8BITMIME, an 8-bit body arrives as quoted-printable, without BODY=8BITMIME,
+// and decodes to what was sent; a server that offers it gets the octets as
+// they are.
+func TestEightBitBodyConvertedWithout8BITMIME(t *testing.T) {
+	body := "Gr\xc3\xbc\xc3\x9fe aus K\xc3\xb6ln\r\n" + strings.Repeat("\xc3\xa9", 600) + "\r\n"
+	data := "From: s@x.test\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n\r\n" + body
+	for _, offered := range []bool{false, true} {
+		s := newServer(t, script{eightBit: offered, pipelining: true})
+		c := dialT(t, s, Options{})
+		m := msg(data, "a@x")
+		m.Body8Bit = true
+		if res := send(t, c, m); res.Recipients[0].Code != 250 {
+			t.Fatalf("8BITMIME offered %v: reply %+v", offered, res.Recipients[0])
+		}
+		c.Close()
+		_, _, cmds, msgs, _, _ := s.session(0).snapshot()
+		got := strings.TrimSuffix(strings.ReplaceAll(msgs[0], "\r\n..", "\r\n."), ".\r\n")
+		if offered {
+			if got != data || cmds[1] != "MAIL FROM:<s@x.test> BODY=8BITMIME" {
+				t.Errorf("with 8BITMIME the message changed or the parameter is missing: %q %q", cmds[1], got)
+			}
+			continue
+		}
+		if cmds[1] != "MAIL FROM:<s@x.test>" {
+			t.Errorf("MAIL without 8BITMIME offered: %q", cmds[1])
+		}
+		for i := 0; i < len(got); i++ {
+			if got[i] >= 0x80 {
+				t.Fatalf("8-bit octet reached a server without 8BITMIME: %q", got)
+			}
+		}
+		head, qp, ok := strings.Cut(got, "\r\n\r\n")
+		if !ok || !strings.Contains(head, "Content-Transfer-Encoding: quoted-printable") || strings.Contains(head, "8bit") {
+			t.Fatalf("header not relabelled: %q", head)
+		}
+		decoded, err := io.ReadAll(quotedprintable.NewReader(strings.NewReader(qp)))
+		if err != nil || string(decoded) != body {
+			t.Errorf("decoded body %q (%v), want %q", decoded, err, body)
+		}
 	}
 }

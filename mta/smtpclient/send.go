@@ -10,6 +10,7 @@ import (
 	"strings"
 
 	"github.com/mtaproject/mta/mta"
+	"github.com/mtaproject/mta/mta/sevenbit"
 )
 
 // Message is one message to send.
@@ -22,8 +23,10 @@ type Message struct {
 	// does not offer it, nothing is sent and every recipient fails with
 	// 550 5.6.7.
 	SMTPUTF8 bool
-	// Body8Bit asks for BODY=8BITMIME (RFC 6152) when the server offers it;
-	// when it does not, the message is sent anyway, as Postfix does.
+	// Body8Bit asks for BODY=8BITMIME (RFC 6152) when the server offers it.
+	// To a server that does not, an 8-bit body (flagged or not) is converted
+	// to quoted-printable first, or refused with 554 5.6.3 when that cannot
+	// be done safely: see package sevenbit.
 	Body8Bit bool
 	// Data is the message with CRLF line endings, not dot-stuffed: Send
 	// stuffs it while writing, and adds a final CRLF when it is missing.
@@ -49,7 +52,9 @@ type Result struct {
 // or the final ".", other than 421) are returned in the Result with a nil
 // error, and the Conn stays usable. Refusals made without talking to the
 // server also come as a Result: the message is larger than the server's SIZE
-// limit (552 5.3.4), or needs SMTPUTF8 the server does not offer (550 5.6.7).
+// limit (552 5.3.4), needs SMTPUTF8 the server does not offer (550 5.6.7),
+// or has an 8-bit body that cannot be converted for a server without
+// 8BITMIME (554 5.6.3).
 //
 // Failures of the connection (I/O errors, timeouts, a cancelled ctx,
 // malformed or unexpected replies, and any 421) are returned as *Error with
@@ -80,6 +85,10 @@ func (c *Conn) Send(ctx context.Context, m *Message) (*Result, error) {
 	}
 	if ctx.Err() != nil {
 		return nil, &Error{Stage: "mail", Host: c.host, Addr: c.addr, Err: context.Cause(ctx)}
+	}
+	m, res := c.downgrade(m)
+	if res != nil {
+		return res, nil
 	}
 	if res := c.refuse(m); res != nil {
 		return res, nil
@@ -114,6 +123,25 @@ func checkMessage(m *Message) error {
 	return nil
 }
 
+// downgrade converts an 8-bit body to quoted-printable when the server does
+// not offer 8BITMIME (RFC 6152 §3), as Postfix does. A message that cannot
+// be converted safely (8-bit octets in a header, a broken MIME structure)
+// is refused for every recipient with 554 5.6.3 instead of being sent as
+// something the recipient would read differently.
+func (c *Conn) downgrade(m *Message) (*Message, *Result) {
+	if c.has8bit || !sevenbit.Needed(m.Data) {
+		return m, nil
+	}
+	data, err := sevenbit.Convert(m.Data)
+	if err != nil {
+		return m, refusal(m, &mta.Reply{Code: 554, Enhanced: mta.Enhanced{5, 6, 3},
+			Text: c.host + " does not offer 8BITMIME, and the 8-bit message cannot be converted to 7 bits: " + err.Error()})
+	}
+	cp := *m
+	cp.Data, cp.Body8Bit = data, false
+	return &cp, nil
+}
+
 // refuse returns the Result for a message the server cannot take, decided
 // from its EHLO reply alone, or nil.
 func (c *Conn) refuse(m *Message) *Result {
@@ -128,6 +156,11 @@ func (c *Conn) refuse(m *Message) *Result {
 	default:
 		return nil
 	}
+	return refusal(m, r)
+}
+
+// refusal is a Result that gives r to every recipient of m.
+func refusal(m *Message, r *mta.Reply) *Result {
 	res := &Result{Recipients: make([]*mta.Reply, len(m.Recipients))}
 	for i := range res.Recipients {
 		res.Recipients[i] = r
