@@ -3,10 +3,12 @@ package main
 import (
 	"bufio"
 	"fmt"
+	"io"
 	"net"
 	"net/http"
 	"os"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"testing"
 	"time"
@@ -269,10 +271,17 @@ func TestOutcomesAreLogged(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := c.SendMail("app@example.org", []string{"someone@remote.test"}, strings.NewReader("Subject: log\r\n\r\nx\r\n")); err != nil {
+	if err := c.SendMail("app@example.org", []string{"someone@remote.test"}, strings.NewReader("Subject: log\r\nMessage-ID: <log-1@example.org>\r\n\r\nx\r\n")); err != nil {
 		t.Fatal(err)
 	}
 	c.Close()
+	raw, err := net.Dial("tcp", p.SMTP)
+	if err != nil {
+		t.Fatal(err)
+	}
+	fmt.Fprint(raw, "EHLO client.test\r\nRCPT TO:<x@remote.test>\r\nQUIT\r\n")
+	io.Copy(io.Discard, raw)
+	raw.Close()
 	deadline := time.Now().Add(10 * time.Second)
 	for !strings.Contains(p.Log(), `"msg":"delivery outcome"`) {
 		if time.Now().After(deadline) {
@@ -280,15 +289,26 @@ func TestOutcomesAreLogged(t *testing.T) {
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
-	var line string
+	var line, accepted string
 	for _, l := range strings.Split(p.Log(), "\n") {
 		if strings.Contains(l, `"msg":"delivery outcome"`) {
 			line = l
 		}
+		if strings.Contains(l, `"msg":"message accepted"`) {
+			accepted = l
+		}
 	}
-	for _, want := range []string{`"outcome":"delivered"`, `"rcpt":"someone@remote.test"`, `"ip":"` + sink.Addr() + `"`, `"code":250`, `"attempt":1`, `"delay":`, `"id":"`} {
+	for _, want := range []string{`"outcome":"delivered"`, `"rcpt":"someone@remote.test"`, `"ip":"` + sink.Addr() + `"`, `"code":250`, `"attempt":1`, `"delay":`, `"id":"`, `"tls":"none"`} {
 		if !strings.Contains(line, want) {
 			t.Errorf("outcome line lacks %s: %s", want, line)
+		}
+	}
+	if !regexp.MustCompile(`"msg":"refused",("listener":"smtp",)?"reason":"bad_sequence","client_ip":"127.0.0.1","helo":"client.test","code":503,"enhanced":"5.5.1"`).MatchString(p.Log()) {
+		t.Errorf("RCPT before MAIL: no refusal logged:\n%s", p.Log())
+	}
+	for _, want := range []string{`"id":"`, `"client_ip":"127.0.0.1"`, `"helo":"localhost"`, `"from":"app@example.org"`, `"rcpts":1`, `"tls":"none"`, `"message_id":"<log-1@example.org>"`} {
+		if !strings.Contains(accepted, want) {
+			t.Errorf("acceptance line lacks %s: %s", want, accepted)
 		}
 	}
 	mtaCmd(t, true, "queue", "flush", "--admin=http://"+p.HTTP)

@@ -118,7 +118,12 @@ func (c *conn) Endpoint() string { return c.c.RemoteAddr() }
 func (c *conn) Close() error     { return c.c.Close() }
 
 // Describe names the peer and the TLS session for the log.
-func (c *conn) Describe() (host, tls string) { return c.c.Host(), c.c.TLSInfo() }
+func (c *conn) Describe() (host, tls string) {
+	if tls = c.c.TLSInfo(); tls == "" {
+		tls = "none"
+	}
+	return c.c.Host(), tls
+}
 
 // Send runs one transaction. A failure of RSET on a connection that
 // already carried messages means the server dropped it while idle: the

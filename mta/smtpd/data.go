@@ -2,6 +2,7 @@ package smtpd
 
 import (
 	"bytes"
+	"crypto/tls"
 	"errors"
 	"strconv"
 	"strings"
@@ -423,7 +424,11 @@ func (s *session) finishMessage(body []byte, f bodyFindings) {
 	s.srv.acceptedBytes.Add(float64(size))
 	if ce := s.srv.log.Check(zap.InfoLevel, "message accepted"); ce != nil {
 		fields := []zap.Field{zap.String("id", id), zap.String("client_ip", s.ip.String()),
-			zap.String("from", env.From), zap.Int("rcpts", len(env.Recipients)), zap.Int("size", size)}
+			zap.String("helo", s.helo), zap.String("from", env.From), zap.Int("rcpts", len(env.Recipients)),
+			zap.Int("size", size), zap.String("tls", s.tlsVersion())}
+		if len(facts.messageID) > 0 {
+			fields = append(fields, zap.ByteString("message_id", facts.messageID))
+		}
 		if s.authUser != "" {
 			fields = append(fields, zap.String("auth_user", s.authUser))
 		}
@@ -535,4 +540,12 @@ func appendSanitized(b []byte, s string) []byte {
 		i++
 	}
 	return b
+}
+
+// tlsVersion names the session's TLS version ("TLS 1.3"), or "none".
+func (s *session) tlsVersion() string {
+	if s.tls == nil {
+		return "none"
+	}
+	return tls.VersionName(s.tls.ConnectionState().Version)
 }

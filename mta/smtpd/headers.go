@@ -9,7 +9,8 @@ import (
 // section (RFC 5322 §2.2): everything before the first empty line.
 type headerFacts struct {
 	hasDate, hasMessageID bool
-	received              int // Received: fields, the hops so far (RFC 5321 §6.3)
+	received              int    // Received: fields, the hops so far (RFC 5321 §6.3)
+	messageID             []byte // the first line of the Message-ID value, trimmed, for the log
 }
 
 // scanHeader reads the field names of the header section of msg.
@@ -34,6 +35,9 @@ func scanHeader(msg []byte) headerFacts {
 		case hasFieldName(line, "date"):
 			f.hasDate = true
 		case hasFieldName(line, "message-id"):
+			if !f.hasMessageID {
+				f.messageID = fieldValue(line)
+			}
 			f.hasMessageID = true
 		}
 	}
@@ -69,4 +73,14 @@ func hasFieldName(line []byte, name string) bool {
 	}
 	rest := bytes.TrimLeft(line[len(name):], " \t")
 	return len(rest) > 0 && rest[0] == ':'
+}
+
+// fieldValue returns what follows the colon of a header line, trimmed and
+// cut at 256 octets.
+func fieldValue(line []byte) []byte {
+	v := bytes.TrimSpace(line[bytes.IndexByte(line, ':')+1:])
+	if len(v) > 256 {
+		v = v[:256]
+	}
+	return v
 }

@@ -246,6 +246,10 @@ func (s *session) flush() error {
 // client that keeps getting refused is disconnected.
 func (s *session) refuse(reason string, r *mta.Reply) {
 	s.srv.opts.Metrics.rejected.WithLabelValues(s.srv.opts.Name, reason).Inc()
+	if ce := s.srv.log.Check(zap.InfoLevel, "refused"); ce != nil {
+		ce.Write(zap.String("reason", reason), zap.String("client_ip", s.ip.String()), zap.String("helo", s.helo),
+			zap.Int("code", r.Code), zap.String("enhanced", r.Enhanced.String()), zap.String("reply", r.Text))
+	}
 	s.reply(r)
 	if r.Code >= 500 {
 		if s.errors++; s.errors >= maxErrors {
