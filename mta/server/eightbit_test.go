@@ -7,6 +7,7 @@ import (
 	"time"
 
 	"github.com/mtaproject/mta/bench"
+	"github.com/mtaproject/mta/internal/pytest"
 	"github.com/mtaproject/mta/spool"
 )
 
@@ -39,10 +40,7 @@ for part in m.walk():
 // the same in Python's email package as what the client sent; one with an
 // 8-bit header cannot be converted and fails with 554 5.6.3.
 func TestEightBitToServerWithout8BITMIME(t *testing.T) {
-	py, err := exec.LookPath("python3")
-	if err != nil {
-		t.Skip("python3 not found: install python3 to run the 8BITMIME conversion test")
-	}
+	py := pytest.Python(t, "email")
 	w := newWorld(t, "", "")
 	w.dns.SetA("old.test", "127.0.0.1")
 	s := w.sink("127.0.0.1", bench.SinkConfig{No8BitMIME: true})
