@@ -100,7 +100,8 @@ func (s *memStore) Body(id string) ([]byte, error) {
 	return []byte("Subject: " + id + "\r\n\r\nx\r\n"), nil
 }
 
-func (s *memStore) Defer(id, domain string, until time.Time, reply string) error {
+func (s *memStore) Defer(id, domain string, until time.Time, o Outcome) error {
+	reply := o.Reply
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	m := s.msgs[id]
@@ -115,16 +116,16 @@ func (s *memStore) Defer(id, domain string, until time.Time, reply string) error
 	return nil
 }
 
-func (s *memStore) finish(id string, rcpts []string, reply string, into map[string]string) {
+func (s *memStore) finish(id string, results []Result, into map[string]string) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	m := s.msgs[id]
 	for i := range m.Recipients {
 		r := &m.Recipients[i]
-		for _, a := range rcpts {
-			if r.Address == a && r.Queued {
+		for _, res := range results {
+			if r.Address == res.Address && r.Queued {
 				r.Queued = false
-				into[id+" "+a] = reply
+				into[id+" "+res.Address] = res.Reply
 			}
 		}
 	}
@@ -141,8 +142,8 @@ func (s *memStore) finish(id string, rcpts []string, reply string, into map[stri
 	}
 }
 
-func (s *memStore) Delivered(id string, rcpts []string, reply string) error {
-	s.finish(id, rcpts, reply, s.done)
+func (s *memStore) Delivered(id string, results []Result) error {
+	s.finish(id, results, s.done)
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	for _, r := range s.msgs[id].Recipients {
@@ -153,8 +154,8 @@ func (s *memStore) Delivered(id string, rcpts []string, reply string) error {
 	return nil
 }
 
-func (s *memStore) Failed(id string, rcpts []string, reply string) error {
-	s.finish(id, rcpts, reply, s.failures)
+func (s *memStore) Failed(id string, results []Result) error {
+	s.finish(id, results, s.failures)
 	return nil
 }
 

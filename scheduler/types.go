@@ -68,10 +68,34 @@ type Store interface {
 	Body(id string) ([]byte, error)
 	// Defer records a temporary failure of domain's queued recipients and
 	// makes them due at until.
-	Defer(id, domain string, until time.Time, reply string) error
-	// Delivered and Failed record final outcomes of named recipients.
-	Delivered(id string, recipients []string, reply string) error
-	Failed(id string, recipients []string, reply string) error
+	Defer(id, domain string, until time.Time, o Outcome) error
+	// Delivered and Failed record final outcomes of recipients, each with
+	// its own reply. The store makes the notices (DSNs) they owe in the
+	// same transition.
+	Delivered(id string, results []Result) error
+	Failed(id string, results []Result) error
+}
+
+// Outcome is what an attempt's result says about a recipient.
+type Outcome struct {
+	// Reply is the remote reply or our own reason, as the queue shows it.
+	Reply string
+	// RemoteMTA is the host that replied and Diagnostic its reply as
+	// received; both "" when the reason is ours.
+	RemoteMTA  string
+	Diagnostic string
+	// RemoteDSN says the server offered DSN (NOTIFY went on with the
+	// message).
+	RemoteDSN bool
+}
+
+// local is an Outcome with a reason of our own.
+func local(reason string) Outcome { return Outcome{Reply: reason} }
+
+// Result is one recipient's outcome.
+type Result struct {
+	Address string
+	Outcome
 }
 
 // Route is a resolved destination, opaque to the scheduler but for its key.

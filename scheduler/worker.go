@@ -119,7 +119,7 @@ func (s *Scheduler) deliverSafely(conn Conn, route Route, w *work, reused bool) 
 			s.m.panics.Inc()
 			s.log.Error("panic delivering a message; deferred", zap.String("id", w.key.id),
 				zap.String("domain", w.key.domain), zap.Any("panic", r), zap.ByteString("stack", debug.Stack()))
-			s.deferWork(w, nil, fmt.Sprintf("451 4.3.0 internal error: %v", r))
+			s.deferWork(w, nil, local(fmt.Sprintf("451 4.3.0 internal error: %v", r)))
 			err = fmt.Errorf("panic: %v", r)
 		}
 	}()
@@ -136,7 +136,7 @@ func (s *Scheduler) deliver(conn Conn, route Route, w *work, reused bool) error 
 	}
 	if err != nil {
 		s.log.Error("scheduler: reading a message", zap.String("id", w.key.id), zap.Error(err))
-		s.deferWork(w, nil, "451 4.3.0 local error reading the queue")
+		s.deferWork(w, nil, local("451 4.3.0 local error reading the queue"))
 		return nil
 	}
 	env := &Envelope{ID: m.ID, From: m.From, EnvID: m.EnvID, Ret: m.Ret, SMTPUTF8: m.SMTPUTF8, Body8Bit: m.Body8Bit}
@@ -146,7 +146,7 @@ func (s *Scheduler) deliver(conn Conn, route Route, w *work, reused bool) error 
 		return nil
 	}
 	if s.opts.Now().Sub(m.Received) >= s.opts.MaxLifetime {
-		s.expire(w.key.id, addresses(env.Recipients), "no attempt made")
+		s.expire(w.key.id, addresses(env.Recipients), local("no attempt made"))
 		return nil
 	}
 	if err := s.opts.Memory.Acquire(s.sendCtx, m.Size); err != nil {
@@ -156,7 +156,7 @@ func (s *Scheduler) deliver(conn Conn, route Route, w *work, reused bool) error 
 	body, err := s.opts.Store.Body(m.ID)
 	if err != nil {
 		s.log.Error("scheduler: reading a message body", zap.String("id", m.ID), zap.Error(err))
-		s.deferWork(w, m, "451 4.3.0 local error reading the queue")
+		s.deferWork(w, m, local("451 4.3.0 local error reading the queue"))
 		return nil
 	}
 	start := time.Now()
@@ -167,43 +167,48 @@ func (s *Scheduler) deliver(conn Conn, route Route, w *work, reused bool) error 
 			return err
 		}
 		s.m.outcomes.WithLabelValues("deferred", route.Class()).Add(float64(len(env.Recipients)))
-		s.temporary(w, m, attempts, "connection failed: "+err.Error())
+		s.temporary(w, m, attempts, local("connection failed: "+err.Error()))
 		return err
 	}
-	var delivered, failed []string
-	var deliveredReply, failedReply, deferredReply string
+	host, _ := describe(conn)
+	offersDSN := false
+	if d, ok := conn.(dsnOfferer); ok {
+		offersDSN = d.OffersDSN()
+	}
+	var delivered, failed []Result
+	var deferred Outcome
 	for i, r := range env.Recipients {
 		rep := replies[i]
+		if rep == nil {
+			deferred = local("no reply")
+			continue
+		}
+		o := Outcome{Reply: rep.Error(), RemoteMTA: host, Diagnostic: rep.Error(), RemoteDSN: offersDSN}
 		switch {
-		case rep != nil && rep.Code/100 == 2:
-			delivered = append(delivered, r.Address)
-			deliveredReply = rep.Error()
-		case rep != nil && rep.Permanent():
-			failed = append(failed, r.Address)
-			failedReply = rep.Error()
+		case rep.Code/100 == 2:
+			delivered = append(delivered, Result{Address: r.Address, Outcome: o})
+		case rep.Permanent():
+			failed = append(failed, Result{Address: r.Address, Outcome: o})
 		default:
-			deferredReply = errText(rep)
-			if rep == nil {
-				deferredReply = "no reply"
-			}
+			deferred = o
 		}
 	}
 	class := route.Class()
 	if len(delivered) > 0 {
 		s.m.outcomes.WithLabelValues("delivered", class).Add(float64(len(delivered)))
-		if err := s.opts.Store.Delivered(m.ID, delivered, deliveredReply); err != nil {
+		if err := s.opts.Store.Delivered(m.ID, delivered); err != nil {
 			s.log.Error("scheduler: recording a delivery (it may be repeated)", zap.String("id", m.ID), zap.Error(err))
 		}
 	}
 	if len(failed) > 0 {
 		s.m.outcomes.WithLabelValues("failed", class).Add(float64(len(failed)))
-		if err := s.opts.Store.Failed(m.ID, failed, failedReply); err != nil {
+		if err := s.opts.Store.Failed(m.ID, failed); err != nil {
 			s.log.Error("scheduler: recording a failure", zap.String("id", m.ID), zap.Error(err))
 		}
 	}
 	if n := len(env.Recipients) - len(delivered) - len(failed); n > 0 {
 		s.m.outcomes.WithLabelValues("deferred", class).Add(float64(n))
-		s.temporary(w, m, attempts, deferredReply)
+		s.temporary(w, m, attempts, deferred)
 	}
 	if s.log.Core().Enabled(zap.InfoLevel) {
 		s.logOutcomes(conn, route, m, env.Recipients, replies, attempts+1)
@@ -214,13 +219,21 @@ func (s *Scheduler) deliver(conn Conn, route Route, w *work, reused bool) error 
 // describer is what a Conn may tell the log about itself.
 type describer interface{ Describe() (host, tls string) }
 
+// dsnOfferer is a Conn that knows whether its server offered DSN.
+type dsnOfferer interface{ OffersDSN() bool }
+
+// describe returns what conn says of its host and TLS session, if anything.
+func describe(conn Conn) (host, tls string) {
+	if d, ok := conn.(describer); ok {
+		return d.Describe()
+	}
+	return "", ""
+}
+
 // logOutcomes logs one line per recipient of an attempt: what a mail
 // operator greps for when a user asks where their mail went.
 func (s *Scheduler) logOutcomes(conn Conn, route Route, m *Message, rcpts []mta.Recipient, replies []*mta.Reply, attempt int) {
-	host, tlsInfo := "", ""
-	if d, ok := conn.(describer); ok {
-		host, tlsInfo = d.Describe()
-	}
+	host, tlsInfo := describe(conn)
 	delay := s.opts.Now().Sub(m.Received).Round(time.Millisecond)
 	for i, r := range rcpts {
 		rep := replies[i]
@@ -243,25 +256,25 @@ func (s *Scheduler) logOutcomes(conn Conn, route Route, m *Message, rcpts []mta.
 
 // temporary defers the domain's queued recipients with backoff, or fails
 // them if the message has outlived MaxLifetime.
-func (s *Scheduler) temporary(w *work, m *Message, attempts int, reply string) {
+func (s *Scheduler) temporary(w *work, m *Message, attempts int, o Outcome) {
 	next := s.opts.Now().Add(s.backoffFor(attempts + 1))
 	if next.Sub(m.Received) >= s.opts.MaxLifetime {
 		rcpts, _ := pending(m, w.key.domain)
-		s.expire(w.key.id, addresses(rcpts), reply)
+		s.expire(w.key.id, addresses(rcpts), o)
 		return
 	}
-	if err := s.opts.Store.Defer(w.key.id, w.key.domain, next, reply); err != nil {
+	if err := s.opts.Store.Defer(w.key.id, w.key.domain, next, o); err != nil {
 		s.log.Error("scheduler: deferring", zap.String("id", w.key.id), zap.Error(err))
 	}
 }
 
 // deferWork defers after a local problem; m may be nil.
-func (s *Scheduler) deferWork(w *work, m *Message, reply string) {
+func (s *Scheduler) deferWork(w *work, m *Message, o Outcome) {
 	attempts := 0
 	if m != nil {
 		_, attempts = pending(m, w.key.domain)
 	}
-	_ = s.opts.Store.Defer(w.key.id, w.key.domain, s.opts.Now().Add(s.backoffFor(attempts+1)), reply)
+	_ = s.opts.Store.Defer(w.key.id, w.key.domain, s.opts.Now().Add(s.backoffFor(attempts+1)), o)
 }
 
 func (s *Scheduler) backoffFor(attempt int) time.Duration {
@@ -272,12 +285,14 @@ func (s *Scheduler) backoffFor(attempt int) time.Duration {
 }
 
 // expire fails recipients whose message outlived the queue lifetime
-// (RFC 3463 5.4.7: delivery time expired).
-func (s *Scheduler) expire(id string, rcpts []string, last string) {
-	reply := fmt.Sprintf("550 5.4.7 Delivery time expired after %s; last error: %s", s.opts.MaxLifetime, last)
+// (RFC 3463 5.4.7: delivery time expired). last is the outcome of the last
+// attempt, whose remote reply (if it had one) the bounce quotes.
+func (s *Scheduler) expire(id string, rcpts []string, last Outcome) {
+	o := last
+	o.Reply = fmt.Sprintf("550 5.4.7 Delivery time expired after %s; last error: %s", s.opts.MaxLifetime, last.Reply)
 	s.m.outcomes.WithLabelValues("expired", classUnrouted).Add(float64(len(rcpts)))
-	s.logLocal("expired", id, rcpts, reply)
-	if err := s.opts.Store.Failed(id, rcpts, reply); err != nil {
+	s.logLocal("expired", id, rcpts, o.Reply)
+	if err := s.opts.Store.Failed(id, results(rcpts, o)); err != nil {
 		s.log.Error("scheduler: expiring", zap.String("id", id), zap.Error(err))
 	}
 }
@@ -296,7 +311,7 @@ func (s *Scheduler) connectFailed(route Route, w *work, cause error) {
 	}
 	s.m.outcomes.WithLabelValues("deferred", route.Class()).Add(float64(len(rcpts)))
 	s.logLocal("deferred", m.ID, addresses(rcpts), errText(cause))
-	s.temporary(w, m, attempts, errText(cause))
+	s.temporary(w, m, attempts, local(errText(cause)))
 }
 
 // logLocal logs an outcome decided without a remote reply (expiry, a
@@ -322,7 +337,7 @@ func (s *Scheduler) expireDue(items []Due) {
 		if len(rcpts) == 0 {
 			continue
 		}
-		s.expire(d.ID, addresses(rcpts), d.Reply)
+		s.expire(d.ID, addresses(rcpts), local(d.Reply))
 	}
 }
 
@@ -360,11 +375,11 @@ func (s *Scheduler) failDomain(w *work, cause error) {
 	if mta.IsPermanent(cause) {
 		s.m.outcomes.WithLabelValues("failed", classUnrouted).Add(float64(len(rcpts)))
 		s.logLocal("failed", m.ID, rcpts, text)
-		_ = s.opts.Store.Failed(m.ID, rcpts, text)
+		_ = s.opts.Store.Failed(m.ID, results(rcpts, local(text)))
 		return
 	}
 	s.m.outcomes.WithLabelValues("deferred", classUnrouted).Add(float64(len(rcpts)))
-	s.temporary(w, m, attempts, text)
+	s.temporary(w, m, attempts, local(text))
 }
 
 // pending returns the queued recipients of domain in m, and the most
@@ -384,6 +399,15 @@ func addresses(rcpts []mta.Recipient) []string {
 	out := make([]string, len(rcpts))
 	for i, r := range rcpts {
 		out[i] = r.Address
+	}
+	return out
+}
+
+// results gives every recipient in rcpts the same outcome.
+func results(rcpts []string, o Outcome) []Result {
+	out := make([]Result, len(rcpts))
+	for i, r := range rcpts {
+		out[i] = Result{Address: r, Outcome: o}
 	}
 	return out
 }

@@ -40,6 +40,13 @@ type RecipientState struct {
 	NextAttempt time.Time // when a Queued recipient is due; its due-index key
 	LastAttempt time.Time // when the last attempt ended; zero before the first
 	LastReply   string    // the last remote reply or local reason, for queue show and DSNs
+	// RemoteMTA is the host that gave the last reply, Diagnostic that reply
+	// as received; both are "" when the last outcome had a local reason.
+	RemoteMTA  string
+	Diagnostic string
+	// DelayNotified is set once a delay notice (NOTIFY=DELAY) was made for
+	// this recipient: there is at most one.
+	DelayNotified bool
 }
 
 // Message is the spool record of one message: its envelope and the state of
@@ -57,8 +64,19 @@ type Message struct {
 	AuthUser   string           // authenticated submitter, if any
 	Received   time.Time        // acceptance time
 	Size       int64            // bytes stored under b/<id>
+	Notice     NoticeKind       // whether this is a notification (DSN) we made
 	Recipients []RecipientState // in the order accepted
 }
+
+// NoticeKind says whether a message is a notification the server made.
+type NoticeKind uint8
+
+// Kinds of message.
+const (
+	NotNotice        NoticeKind = iota // mail from a client
+	SenderNotice                       // a DSN to the sender of a message
+	PostmasterNotice                   // a DSN that could not be delivered, sent on to the postmaster
+)
 
 // Pending returns the distinct domains that still have Queued recipients,
 // in first-seen order.
@@ -93,32 +111,21 @@ func (m *Message) Done() bool {
 	return true
 }
 
-// OwesBounce reports whether a failure notice is owed for this message: a
-// recipient failed, the sender is not the null sender, and that recipient
-// did not ask for NOTIFY=NEVER. Such a message stays in the spool after
-// its last recipient is done, visible with its failures, until a bounce is
-// made for it (or an administrator removes it).
-func (m *Message) OwesBounce() bool {
-	if m.From == "" {
-		return false
-	}
-	for i := range m.Recipients {
-		r := &m.Recipients[i]
-		if r.Status == Failed && r.Notify&mta.NotifyNever == 0 {
-			return true
-		}
-	}
-	return false
-}
-
-// recordVersion is the first byte of every encoded Message.
-const recordVersion = 1
+// recordVersion is the first byte of every encoded Message. Version 1
+// (before notices) is still read: it lacks the notice kind and, per
+// recipient, RemoteMTA, Diagnostic and the recipient flags.
+const recordVersion = 2
 
 const (
 	flagSMTPUTF8 = 1 << iota
 	flagBody8Bit
 	flagHeld
+	flagSenderNotice
+	flagPostmasterNotice
 )
+
+// Recipient flags (version 2).
+const rflagDelayNotified = 1
 
 // encode appends the binary form of m to dst. The format is a version byte,
 // then fields in declaration order: strings as uvarint length + bytes,
@@ -133,6 +140,12 @@ func (m *Message) encode(dst []byte) []byte {
 	}
 	if m.Held {
 		flags |= flagHeld
+	}
+	switch m.Notice {
+	case SenderNotice:
+		flags |= flagSenderNotice
+	case PostmasterNotice:
+		flags |= flagPostmasterNotice
 	}
 	dst = append(dst, recordVersion)
 	dst = binary.AppendUvarint(dst, flags)
@@ -153,6 +166,13 @@ func (m *Message) encode(dst []byte) []byte {
 		dst = appendTime(dst, r.NextAttempt)
 		dst = appendTime(dst, r.LastAttempt)
 		dst = appendString(dst, r.LastReply)
+		dst = appendString(dst, r.RemoteMTA)
+		dst = appendString(dst, r.Diagnostic)
+		var rflags uint64
+		if r.DelayNotified {
+			rflags |= rflagDelayNotified
+		}
+		dst = binary.AppendUvarint(dst, rflags)
 	}
 	return dst
 }
@@ -163,14 +183,21 @@ var errCorrupt = errors.New("spool: corrupt message record")
 // recipient is derived from its address, not stored.
 func decodeMessage(id string, b []byte) (*Message, error) {
 	d := decoder{b: b}
-	if v := d.byte(); v != recordVersion {
-		return nil, fmt.Errorf("spool: message %s: record version %d not supported", id, v)
+	version := d.byte()
+	if version != 1 && version != recordVersion {
+		return nil, fmt.Errorf("spool: message %s: record version %d not supported", id, version)
 	}
 	m := &Message{ID: id}
 	flags := d.uvarint()
 	m.SMTPUTF8 = flags&flagSMTPUTF8 != 0
 	m.Body8Bit = flags&flagBody8Bit != 0
 	m.Held = flags&flagHeld != 0
+	switch {
+	case flags&flagSenderNotice != 0:
+		m.Notice = SenderNotice
+	case flags&flagPostmasterNotice != 0:
+		m.Notice = PostmasterNotice
+	}
 	m.From = d.string()
 	m.EnvID = d.string()
 	m.Ret = mta.Return(d.string())
@@ -196,6 +223,11 @@ func decodeMessage(id string, b []byte) (*Message, error) {
 		r.NextAttempt = d.time()
 		r.LastAttempt = d.time()
 		r.LastReply = d.string()
+		if version >= 2 {
+			r.RemoteMTA = d.string()
+			r.Diagnostic = d.string()
+			r.DelayNotified = d.uvarint()&rflagDelayNotified != 0
+		}
 	}
 	if d.err || len(d.b) != 0 {
 		return nil, fmt.Errorf("%w %s", errCorrupt, id)

@@ -44,6 +44,12 @@ type Options struct {
 	// the lease is the next attempt time written before that attempt, so a
 	// crash cannot make the message due again at once.
 	FreshLease time.Duration
+	// Notifier, when set, is asked for the notice (DSN) each delivery,
+	// failure or deferral owes; see Notifier.
+	Notifier Notifier
+	// OnNotice is called after a notice was committed, with its queue ID
+	// and recipient domains, so that it can be handed to delivery at once.
+	OnNotice func(id string, domains []string)
 }
 
 // Spool is the durable message store. It is safe for concurrent use. The
@@ -371,9 +377,10 @@ func (s *Spool) List(after string, limit int) ([]*Message, error) {
 }
 
 // update runs fn on message id under its lock and commits the result in one
-// batch: the new record, and whatever due-index changes fn added to the
-// batch. If no recipient is left queued, the message is removed instead.
-func (s *Spool) update(op, id string, fn func(m *Message, b *pebble.Batch) error) error {
+// batch: the new record, whatever due-index changes fn added to the batch,
+// and the notice the Notifier makes for the transition fn returns (nil:
+// none to report). If no recipient is left queued, the message is removed instead.
+func (s *Spool) update(op, id string, fn func(m *Message, b *pebble.Batch) (*Transition, error)) error {
 	if err := s.Healthy(); err != nil {
 		return err
 	}
@@ -386,11 +393,25 @@ func (s *Spool) update(op, id string, fn func(m *Message, b *pebble.Batch) error
 	}
 	b := s.db.NewBatch()
 	defer b.Close()
-	if err := fn(m, b); err != nil {
+	t, err := fn(m, b)
+	if err != nil {
 		return err
 	}
+	var notice *Notice
+	var noticeDomains []string
+	now := s.opts.Now()
+	if s.opts.Notifier != nil && t != nil && len(t.Changed) > 0 {
+		t.Message, t.Now = m, now
+		notice, err = s.opts.Notifier(t, func() ([]byte, error) { return s.Body(id) })
+		if err != nil {
+			return fmt.Errorf("spool: %s %s: making its notice: %w", op, id, err)
+		}
+		if notice != nil {
+			noticeDomains = s.addNotice(b, notice, now)
+		}
+	}
 	var k keyBuf
-	done := m.Done() && (op == "remove" || !m.OwesBounce())
+	done := m.Done()
 	if done {
 		_ = b.Delete(k.message(id), nil)
 		_ = b.Delete(k.body(id), nil)
@@ -409,6 +430,12 @@ func (s *Spool) update(op, id string, fn func(m *Message, b *pebble.Batch) error
 	}
 	if done {
 		s.count.Add(-1)
+	}
+	if notice != nil {
+		s.count.Add(1)
+		if s.opts.OnNotice != nil {
+			s.opts.OnNotice(notice.Message.ID, noticeDomains)
+		}
 	}
 	return nil
 }
@@ -441,87 +468,120 @@ func eachDueKey(m *Message, fn func(key []byte)) {
 // Defer records a failed attempt (a temporary failure) for the queued
 // recipients of domain in message id, with the reply that caused it, and
 // makes them due again at until.
-func (s *Spool) Defer(id, domain string, until time.Time, reply string) error {
+func (s *Spool) Defer(id, domain string, until time.Time, o Outcome) error {
 	now := s.opts.Now()
-	return s.update("defer", id, func(m *Message, b *pebble.Batch) error {
+	return s.update("defer", id, func(m *Message, b *pebble.Batch) (*Transition, error) {
 		deleteDue(b, m)
+		t := &Transition{}
 		for i := range m.Recipients {
 			r := &m.Recipients[i]
 			if r.Status == Queued && r.Domain == domain {
 				r.Attempts++
 				r.LastAttempt = now
-				r.LastReply = reply
+				r.record(o)
 				r.NextAttempt = until
+				t.Changed = append(t.Changed, i)
 			}
 		}
 		setDue(b, m)
-		return nil
+		return t, nil
 	})
 }
 
-// MarkDelivered records that the named recipients of message id were
-// accepted by their server with reply. The message is removed once no
+// record sets the recipient's last reply from o.
+func (r *RecipientState) record(o Outcome) {
+	r.LastReply, r.RemoteMTA, r.Diagnostic = o.Reply, o.RemoteMTA, o.Diagnostic
+}
+
+// MarkDelivered records that recipients of message id were accepted by
+// their server, each with its reply. The message is removed once no
 // recipient is queued.
-func (s *Spool) MarkDelivered(id string, recipients []string, reply string) error {
-	return s.finish("deliver", id, recipients, Delivered, reply)
+func (s *Spool) MarkDelivered(id string, results []Result) error {
+	return s.finish("deliver", id, results, Delivered)
 }
 
-// Fail records that the named recipients of message id failed permanently
-// with reply (a 5xx, or a local reason such as the queue lifetime).
-func (s *Spool) Fail(id string, recipients []string, reply string) error {
-	return s.finish("fail", id, recipients, Failed, reply)
+// Fail records that recipients of message id failed permanently, each with
+// its reply (a 5xx, or a local reason such as the queue lifetime). With a
+// Notifier, the bounce is made in the same batch.
+func (s *Spool) Fail(id string, results []Result) error {
+	return s.finish("fail", id, results, Failed)
 }
 
-func (s *Spool) finish(op, id string, recipients []string, st Status, reply string) error {
+// Bounce fails every queued recipient of message id now, with reason, and
+// so bounces them: the operator's "return to sender".
+func (s *Spool) Bounce(id, reason string) error {
+	m, err := s.Get(id)
+	if err != nil {
+		return err
+	}
+	var results []Result
+	for _, r := range m.Recipients {
+		if r.Status == Queued {
+			results = append(results, Result{Address: r.Address, Outcome: Outcome{Reply: reason}})
+		}
+	}
+	return s.finish("bounce", id, results, Failed)
+}
+
+func (s *Spool) finish(op, id string, results []Result, st Status) error {
 	now := s.opts.Now()
-	return s.update(op, id, func(m *Message, b *pebble.Batch) error {
+	return s.update(op, id, func(m *Message, b *pebble.Batch) (*Transition, error) {
 		deleteDue(b, m)
+		t := &Transition{}
 		for i := range m.Recipients {
 			r := &m.Recipients[i]
-			if r.Status != Queued || !contains(recipients, r.Address) {
+			if r.Status != Queued {
 				continue
 			}
-			r.Status = st
-			r.Attempts++
-			r.LastAttempt = now
-			r.LastReply = reply
+			for _, res := range results {
+				if res.Address != r.Address {
+					continue
+				}
+				r.Status = st
+				r.Attempts++
+				r.LastAttempt = now
+				r.record(res.Outcome)
+				t.Changed = append(t.Changed, i)
+				t.RemoteDSN = res.RemoteDSN
+				break
+			}
 		}
 		setDue(b, m)
-		return nil
+		return t, nil
 	})
 }
 
 // Hold takes message id out of the due index until Release.
 func (s *Spool) Hold(id string) error {
-	return s.update("hold", id, func(m *Message, b *pebble.Batch) error {
+	return s.update("hold", id, func(m *Message, b *pebble.Batch) (*Transition, error) {
 		deleteDue(b, m)
 		m.Held = true
-		return nil
+		return nil, nil
 	})
 }
 
 // Release puts a held message back in the due index, due now.
 func (s *Spool) Release(id string) error {
 	now := s.opts.Now()
-	return s.update("release", id, func(m *Message, b *pebble.Batch) error {
+	return s.update("release", id, func(m *Message, b *pebble.Batch) (*Transition, error) {
 		if !m.Held {
-			return nil
+			return nil, nil
 		}
 		m.Held = false
 		reschedule(m, now)
 		setDue(b, m)
-		return nil
+		return nil, nil
 	})
 }
 
 // Reschedule makes every queued recipient of message id due at t, unless it
 // is held. Flush uses it with t = now.
 func (s *Spool) Reschedule(id string, t time.Time) error {
-	return s.update("reschedule", id, func(m *Message, b *pebble.Batch) error {
+	return s.update("reschedule", id, func(m *Message, b *pebble.Batch) (*Transition, error) {
 		deleteDue(b, m)
 		reschedule(m, t)
 		setDue(b, m)
-		return nil
+		return nil, nil
 	})
 }
 
@@ -567,7 +627,7 @@ func (s *Spool) Flush() (int, error) {
 
 // Remove deletes message id and all its entries, whatever their state.
 func (s *Spool) Remove(id string) error {
-	return s.update("remove", id, func(m *Message, b *pebble.Batch) error {
+	return s.update("remove", id, func(m *Message, b *pebble.Batch) (*Transition, error) {
 		deleteDue(b, m)
 		for i := range m.Recipients {
 			if m.Recipients[i].Status == Queued {
@@ -575,7 +635,7 @@ func (s *Spool) Remove(id string) error {
 				m.Recipients[i].LastReply = "removed by the administrator"
 			}
 		}
-		return nil
+		return nil, nil
 	})
 }
 

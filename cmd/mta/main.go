@@ -166,7 +166,7 @@ func parseInterspersed(fs *flag.FlagSet, args []string) ([]string, error) {
 
 func queue(args []string, out io.Writer) error {
 	if len(args) == 0 {
-		return errors.New("queue: want ls, show, hold, release, rm or flush")
+		return errors.New("queue: want ls, show, hold, release, rm, bounce or flush")
 	}
 	fs := flag.NewFlagSet("queue "+args[0], flag.ContinueOnError)
 	all := fs.Bool("all", false, "ls: list every message, not just the first 1000")
@@ -196,16 +196,16 @@ func queue(args []string, out io.Writer) error {
 		}
 		printMessage(out, m)
 		return nil
-	case "hold", "release", "rm":
+	case "hold", "release", "rm", "bounce":
 		id, err := needID()
 		if err != nil {
 			return err
 		}
-		action := map[string]func(context.Context, string) error{"hold": c.Hold, "release": c.Release, "rm": c.Remove}[args[0]]
+		action := map[string]func(context.Context, string) error{"hold": c.Hold, "release": c.Release, "rm": c.Remove, "bounce": c.Bounce}[args[0]]
 		if err := action(ctx, id); err != nil {
 			return err
 		}
-		fmt.Fprintf(out, "%s: %s\n", id, map[string]string{"hold": "held", "release": "released", "rm": "removed"}[args[0]])
+		fmt.Fprintf(out, "%s: %s\n", id, map[string]string{"hold": "held", "release": "released", "rm": "removed", "bounce": "bounced"}[args[0]])
 		return nil
 	case "flush":
 		n, err := c.Flush(ctx)
@@ -238,8 +238,6 @@ func queueList(ctx context.Context, c *admin.Client, all bool, out io.Writer) er
 			switch {
 			case m.Held:
 				state = "held"
-			case queued == 0:
-				state = "failed" // done, with failures waiting for a bounce
 			case deferred(m):
 				state = "deferred"
 			}

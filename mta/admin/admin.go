@@ -27,6 +27,7 @@ type Store interface {
 	Hold(id string) error
 	Release(id string) error
 	Remove(id string) error
+	Bounce(id string) error // fail the remaining recipients now and bounce them
 	Flush() (int, error)
 }
 
@@ -48,7 +49,7 @@ type Message struct {
 // Recipient is one recipient of a queued message and its delivery state.
 type Recipient struct {
 	Address     string     `json:"address"`
-	Status      string     `json:"status"` // queued, delivered, failed
+	Status      string     `json:"status"` // queued, delivered, failed (a message leaves the queue once none is queued)
 	Notify      string     `json:"notify,omitempty"`
 	ORcpt       string     `json:"orcpt,omitempty"`
 	Attempts    int        `json:"attempts"`
@@ -150,6 +151,7 @@ func Handler(store Store, token string) http.Handler {
 	mux.HandleFunc("POST /api/v1/queue/{id}/hold", action("hold", store.Hold))
 	mux.HandleFunc("POST /api/v1/queue/{id}/release", action("release", store.Release))
 	mux.HandleFunc("DELETE /api/v1/queue/{id}", action("remove", store.Remove))
+	mux.HandleFunc("POST /api/v1/queue/{id}/bounce", action("bounce", store.Bounce))
 	mux.HandleFunc("POST /api/v1/queue/flush", func(w http.ResponseWriter, r *http.Request) {
 		n, err := store.Flush()
 		if err != nil {

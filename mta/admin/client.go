@@ -85,6 +85,12 @@ func (c *Client) Remove(ctx context.Context, id string) error {
 	return c.do(ctx, http.MethodDelete, "/api/v1/queue/"+url.PathEscape(id), &Result{})
 }
 
+// Bounce fails a message's remaining recipients now and returns it to its
+// sender with a delivery status notification.
+func (c *Client) Bounce(ctx context.Context, id string) error {
+	return c.do(ctx, http.MethodPost, "/api/v1/queue/"+url.PathEscape(id)+"/bounce", &Result{})
+}
+
 // Flush makes every deferred message due now and returns how many.
 func (c *Client) Flush(ctx context.Context) (int, error) {
 	var r Result

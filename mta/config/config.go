@@ -32,6 +32,7 @@ type Config struct {
 	Auth            Auth             `yaml:"auth"`
 	Spool           Spool            `yaml:"spool"`
 	Delivery        Delivery         `yaml:"delivery"`
+	DSN             DSN              `yaml:"dsn"`
 	DNS             DNS              `yaml:"dns"`
 	Routes          map[string]Route `yaml:"routes"`
 	Log             Log              `yaml:"log"`
@@ -42,6 +43,19 @@ type Config struct {
 	trusted  []netip.Prefix
 	lines    map[string]int // line in the file of each field set there, by dotted path
 	warnings []string
+}
+
+// DSN holds the delivery status notification (bounce) settings.
+type DSN struct {
+	// MaxReturnedSize is the largest original a failure notice returns
+	// whole; a larger one is returned as its header only.
+	MaxReturnedSize ByteSize `yaml:"max_returned_size"`
+	// DelayWarning is how long a recipient that asked for NOTIFY=DELAY
+	// may wait before it is warned once; 0 disables delay notices.
+	DelayWarning Duration `yaml:"delay_warning"`
+	// Postmaster receives the notices that could not be delivered to the
+	// sender (double bounces); "" drops them, logged.
+	Postmaster string `yaml:"postmaster"`
 }
 
 // Listen holds the listener addresses; an empty address disables a listener.
@@ -210,6 +224,7 @@ func Default() *Config {
 				DataInit: Duration(2 * 60e9), DataBlock: Duration(3 * 60e9), DataDone: Duration(10 * 60e9),
 			},
 		},
+		DSN:          DSN{MaxReturnedSize: 100 << 10, DelayWarning: Duration(4 * 3600e9)},
 		DNS:          DNS{Timeout: Duration(5e9), IPv6: true},
 		Spool:        Spool{Sync: true, MinFreeSpace: 100 << 20},
 		Log:          Log{Level: "info", Format: "json"},
@@ -449,6 +464,15 @@ func (c *Config) validate() error {
 		bad("spool.min_free_space", "must not be negative")
 	}
 	c.validateDelivery(bad)
+	if c.DSN.MaxReturnedSize < 0 {
+		bad("dsn.max_returned_size", "must not be negative")
+	}
+	if c.DSN.DelayWarning < 0 {
+		bad("dsn.delay_warning", "must not be negative (0 disables delay notices)")
+	}
+	if p := c.DSN.Postmaster; p != "" && (strings.Count(p, "@") != 1 || strings.ContainsAny(p, " \t\r\n<>") || strings.HasPrefix(p, "@") || strings.HasSuffix(p, "@")) {
+		bad("dsn.postmaster", "not a mail address: %q", p)
+	}
 	switch c.Log.Level {
 	case "debug", "info", "warn", "error":
 	default:

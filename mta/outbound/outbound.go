@@ -117,6 +117,9 @@ func (c *conn) Usable() bool     { return c.c.Usable() }
 func (c *conn) Endpoint() string { return c.c.RemoteAddr() }
 func (c *conn) Close() error     { return c.c.Close() }
 
+// OffersDSN reports whether the server offered DSN.
+func (c *conn) OffersDSN() bool { return c.c.OffersDSN() }
+
 // Describe names the peer and the TLS session for the log.
 func (c *conn) Describe() (host, tls string) {
 	if tls = c.c.TLSInfo(); tls == "" {

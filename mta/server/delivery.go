@@ -140,16 +140,24 @@ func (q queueStore) Message(id string) (*scheduler.Message, error) {
 
 func (q queueStore) Body(id string) ([]byte, error) { return q.sp.Body(id) }
 
-func (q queueStore) Defer(id, domain string, until time.Time, reply string) error {
-	return ignoreGone(q.sp.Defer(id, domain, until, reply))
+func (q queueStore) Defer(id, domain string, until time.Time, o scheduler.Outcome) error {
+	return ignoreGone(q.sp.Defer(id, domain, until, spool.Outcome(o)))
 }
 
-func (q queueStore) Delivered(id string, rcpts []string, reply string) error {
-	return ignoreGone(q.sp.MarkDelivered(id, rcpts, reply))
+func (q queueStore) Delivered(id string, results []scheduler.Result) error {
+	return ignoreGone(q.sp.MarkDelivered(id, spoolResults(results)))
 }
 
-func (q queueStore) Failed(id string, rcpts []string, reply string) error {
-	return ignoreGone(q.sp.Fail(id, rcpts, reply))
+func (q queueStore) Failed(id string, results []scheduler.Result) error {
+	return ignoreGone(q.sp.Fail(id, spoolResults(results)))
+}
+
+func spoolResults(results []scheduler.Result) []spool.Result {
+	out := make([]spool.Result, len(results))
+	for i, r := range results {
+		out[i] = spool.Result{Address: r.Address, Outcome: spool.Outcome(r.Outcome)}
+	}
+	return out
 }
 
 // ignoreGone: a message removed by the administrator while in flight.
@@ -222,6 +230,16 @@ func (a adminStore) Remove(id string) error {
 		a.sched.Drop(id)
 	}
 	return a.logged("remove", id, err)
+}
+
+// Bounce fails the message's remaining recipients now and returns it to
+// its sender.
+func (a adminStore) Bounce(id string) error {
+	err := a.Spool.Bounce(id, "550 5.0.0 Returned to the sender by the mail administrator")
+	if err == nil {
+		a.sched.Drop(id)
+	}
+	return a.logged("bounce", id, err)
 }
 
 func (a adminStore) Release(id string) error {

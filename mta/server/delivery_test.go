@@ -209,21 +209,25 @@ func TestDeliveryThroughMXPreferences(t *testing.T) {
 func TestPermanentRoutingFailures(t *testing.T) {
 	w := newWorld(t, "", "")
 	w.dns.SetNullMX("null.test")
+	w.bounces()
 	ok := w.sink("127.0.0.1", bench.SinkConfig{})
 	w.dns.SetA("ok.test", "127.0.0.1")
 	id := w.send("app@example.org", []string{"a@null.test", "b@nx.test", "c@ok.test"}, msg)
-	w.waitFor("outcomes", 15*time.Second, func() bool {
-		m := w.record(id)
-		return m.Done()
-	})
-	if r := w.recipient(id, "a@null.test"); r.Status != spool.Failed || !strings.Contains(r.LastReply, "5.1.10") {
-		t.Fatalf("null MX recipient: %+v", r)
+	w.waitFor("outcomes", 15*time.Second, func() bool { return w.gone(id) })
+	if len(ok.Messages()) != 1 {
+		t.Fatalf("the deliverable recipient got %d messages", len(ok.Messages()))
 	}
-	if r := w.recipient(id, "b@nx.test"); r.Status != spool.Failed || !strings.Contains(r.LastReply, "5.1.2") {
-		t.Fatalf("NXDOMAIN recipient: %+v", r)
+	// One bounce for the two that failed, whatever the order they failed in.
+	w.waitFor("the bounces", 10*time.Second, func() bool { return len(w.bounces().Messages()) >= 1 })
+	time.Sleep(200 * time.Millisecond)
+	status := map[string]string{}
+	for _, m := range w.bounces().Messages() {
+		for addr, f := range parseReport(string(m.Data)).rcpts {
+			status[addr] = f["Status"]
+		}
 	}
-	if r := w.recipient(id, "c@ok.test"); r.Status != spool.Delivered || len(ok.Messages()) != 1 {
-		t.Fatalf("deliverable recipient: %+v", r)
+	if status["a@null.test"] != "5.1.10" || status["b@nx.test"] != "5.1.2" || len(status) != 2 {
+		t.Fatalf("bounced recipients and their status: %v (want null MX 5.1.10, NXDOMAIN 5.1.2)", status)
 	}
 }
 
@@ -281,6 +285,8 @@ func TestPermanentAndMixedRecipientResults(t *testing.T) {
 	w := newWorld(t, "", "")
 	w.dns.SetA("mixed.test", "127.0.0.1")
 	s := w.sink("127.0.0.1", bench.SinkConfig{Seed: 3, Faults: bench.Faults{RcptPermFail: 0.3, RcptTempFail: 0.3}})
+	w.dns.SetA("example.org", "127.0.0.2") // the sender's domain, for the bounce
+	bounces := w.sink("127.0.0.2", bench.SinkConfig{})
 	var rcpts []string
 	for i := 0; i < 12; i++ {
 		rcpts = append(rcpts, fmt.Sprintf("u%02d@mixed.test", i))
@@ -324,13 +330,24 @@ func TestPermanentAndMixedRecipientResults(t *testing.T) {
 	}
 	// The deferred ones are delivered on retry, and only they are sent.
 	s.SetFaults(bench.Faults{})
-	w.waitFor("retry", 15*time.Second, func() bool { return w.record(id).Done() })
+	w.waitFor("retry", 15*time.Second, func() bool { return w.gone(id) })
 	if got := s.Messages(); len(got) != 2 || len(got[1].To) != queued {
 		t.Fatalf("retry sent %d messages, the last to %v; want one to the %d deferred", len(got), got[len(got)-1].To, queued)
 	}
-	// A message whose recipient fails stays, visible, for the bounce.
-	if m := w.record(id); !m.OwesBounce() {
-		t.Fatal("a message with failures left the spool without a bounce")
+	// The sender got one bounce, for the failed recipients only.
+	w.waitFor("the bounce", 15*time.Second, func() bool { return len(bounces.Messages()) > 0 })
+	time.Sleep(300 * time.Millisecond)
+	got := bounces.Messages()
+	if len(got) != 1 || got[0].From != "" || len(got[0].To) != 1 || got[0].To[0] != "app@example.org" {
+		t.Fatalf("bounces: %+v", got)
+	}
+	if n := strings.Count(string(got[0].Data), "Action: failed"); n != failed {
+		t.Errorf("the bounce reports %d failed recipients, want %d:\n%s", n, failed, got[0].Data)
+	}
+	for a := range accepted {
+		if strings.Contains(string(got[0].Data), "Final-Recipient: rfc822; "+a) {
+			t.Errorf("the bounce names %s, which was delivered", a)
+		}
 	}
 }
 

@@ -7,7 +7,6 @@ import (
 	"time"
 
 	"github.com/mtaproject/mta/bench"
-	"github.com/mtaproject/mta/spool"
 )
 
 // TestLifetimeAppliesToEveryFailure: delivery.max_lifetime ends the mail
@@ -20,6 +19,7 @@ func TestLifetimeAppliesToEveryFailure(t *testing.T) {
 	w.dns.SetA("greeting.test", "127.0.0.3")
 	w.sink("127.0.0.3", bench.SinkConfig{Down: true}) // 421 at the greeting
 	w.sink("127.0.0.4", bench.SinkConfig{})           // no STARTTLS
+	w.bounces()
 	cases := map[string]string{
 		"a@refused.test":  "connect to refused.test[127.0.0.2]:",
 		"b@refused.test":  "connection refused",
@@ -31,14 +31,17 @@ func TestLifetimeAppliesToEveryFailure(t *testing.T) {
 		ids[rcpt] = w.send("app@example.org", []string{rcpt}, msg)
 	}
 	for rcpt, why := range cases {
-		id := ids[rcpt]
-		w.waitFor(rcpt+" expired", 20*time.Second, func() bool { return w.recipient(id, rcpt).Status == spool.Failed })
-		r := w.recipient(id, rcpt)
-		if !strings.HasPrefix(r.LastReply, "550 5.4.7 Delivery time expired after 3s; last error: ") || !strings.Contains(r.LastReply, why) {
-			t.Errorf("%s: last reply %q, want the expiry and %q", rcpt, r.LastReply, why)
+		rep := w.bounceFor(ids[rcpt], 20*time.Second)
+		f := rep.rcpts[rcpt]
+		text := strings.Join(strings.Fields(rep.data), " ")
+		if f["Action"] != "failed" || f["Status"] != "5.4.7" || !strings.Contains(text, "Delivery time expired after 3s; last error: ") || !strings.Contains(text, why) {
+			t.Errorf("%s: bounce fields %v, want 5.4.7 and %q in the text:\n%s", rcpt, f, why, rep.data)
 		}
-		if r.Attempts == 0 {
-			t.Errorf("%s: no attempt counted", rcpt)
+		if f["Last-Attempt-Date"] == "" {
+			t.Errorf("%s: no attempt made", rcpt)
+		}
+		if !w.gone(ids[rcpt]) {
+			t.Errorf("%s: the expired message is still queued", rcpt)
 		}
 	}
 }

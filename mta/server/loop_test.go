@@ -6,7 +6,6 @@ import (
 	"time"
 
 	"github.com/mtaproject/mta/bench"
-	"github.com/mtaproject/mta/spool"
 )
 
 // TestMailLoopsBackToMyself: an MX record or a route that points at this
@@ -27,27 +26,29 @@ func TestMailLoopsBackToMyself(t *testing.T) {
 	// named.test: an MX named like this server.
 	w.dns.SetMX("named.test", bench.MX{Pref: 5, Host: "mta.test"})
 	w.dns.SetA("mta.test", "127.0.0.3")
+	w.bounces()
 
 	ids := map[string]string{}
 	for _, rcpt := range []string{"a@loop.test", "b@routed.test", "c@named.test", "d@backup.test"} {
 		ids[rcpt] = w.send("app@example.org", []string{rcpt}, msg)
 	}
 	for _, rcpt := range []string{"a@loop.test", "b@routed.test", "c@named.test"} {
-		id := ids[rcpt]
-		w.waitFor(rcpt+" failed", 10*time.Second, func() bool { return w.recipient(id, rcpt).Status == spool.Failed })
-		r := w.recipient(id, rcpt)
+		rep := w.bounceFor(ids[rcpt], 10*time.Second)
 		domain := rcpt[strings.IndexByte(rcpt, '@')+1:]
-		if r.LastReply != "554 5.4.6 mail for "+domain+" loops back to myself" {
-			t.Errorf("%s: last reply %q", rcpt, r.LastReply)
+		if f := rep.rcpts[rcpt]; f["Status"] != "5.4.6" || !strings.Contains(rep.data, "554 5.4.6 mail for "+domain+" loops back to myself") {
+			t.Errorf("%s: bounce fields %v", rcpt, f)
 		}
 	}
 	w.waitFor("backup.test delivered to its primary", 10*time.Second, func() bool { return w.gone(ids["d@backup.test"]) })
 	if n := len(primary.Messages()); n != 1 {
 		t.Fatalf("the primary MX received %d messages", n)
 	}
-	// Nothing went round: the spool holds the three failed messages only.
+	// Nothing went round: the spool is empty, three bounces were sent.
 	time.Sleep(500 * time.Millisecond)
-	if n := w.srv.Spool().Count(); n != 3 {
-		t.Fatalf("spool holds %d messages, want the 3 that failed (a loop multiplies them)", n)
+	if n := w.srv.Spool().Count(); n != 0 {
+		t.Fatalf("spool holds %d messages, want none (a loop multiplies them)", n)
+	}
+	if n := len(w.bounces().Messages()); n != 3 {
+		t.Fatalf("%d bounces, want 3", n)
 	}
 }

@@ -90,6 +90,7 @@ func New(cfg *config.Config, log *zap.Logger) (_ *Server, err error) {
 	if err := os.MkdirAll(cfg.DataDir, 0o750); err != nil {
 		return nil, fmt.Errorf("data_dir: %w", err)
 	}
+	var notices *notifier // needs the spool's NewID: set once it is open, before delivery starts
 	s.spool, err = spool.Open(filepath.Join(cfg.DataDir, "spool"), spool.Options{
 		Sync:            cfg.Spool.Sync,
 		MinFreeSpace:    int64(cfg.Spool.MinFreeSpace),
@@ -100,10 +101,16 @@ func New(cfg *config.Config, log *zap.Logger) (_ *Server, err error) {
 		FreshLease: cfg.Delivery.Lease.D(),
 		Logger:     log.Named("spool"),
 		Registerer: s.registry,
+		Notifier: func(t *spool.Transition, body func() ([]byte, error)) (*spool.Notice, error) {
+			return notices.notice(t, body)
+		},
+		OnNotice: func(id string, domains []string) { s.sched.Submit(id, domains) },
 	})
 	if err != nil {
 		return nil, err
 	}
+	notices = newNotifier(cfg.Hostname, int(cfg.DSN.MaxReturnedSize), cfg.DSN.DelayWarning.D(), cfg.Delivery.MaxLifetime.D(),
+		cfg.DSN.Postmaster, s.spool.NewID, log.Named("dsn"), s.registry)
 	if !cfg.Spool.Sync {
 		log.Warn("spool.sync is off: acknowledged messages can be lost in a crash")
 	}

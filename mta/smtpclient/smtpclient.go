@@ -523,6 +523,10 @@ func (c *Conn) TLS() bool { return c.isTLS }
 // is "" without TLS.
 func (c *Conn) TLSInfo() string { return c.tlsInfo }
 
+// OffersDSN reports whether the server offered DSN (RFC 3461), so that
+// NOTIFY, ORCPT, RET and ENVID go on with the message.
+func (c *Conn) OffersDSN() bool { return c.hasDSN }
+
 // Host returns the server name given to Dial (the MX host), or the address.
 func (c *Conn) Host() string { return c.host }
 
