@@ -81,6 +81,11 @@ type SinkConfig struct {
 	// No8BitMIME stops the sink from advertising 8BITMIME, like an old
 	// server that only takes 7-bit messages.
 	No8BitMIME bool
+	// NoDSN stops the sink from advertising DSN (RFC 3461).
+	NoDSN bool
+	// RcptReplies answers RCPT for the given addresses (lower case) with
+	// the given reply line, e.g. "550 5.1.1 User unknown", instead of 250.
+	RcptReplies map[string]string
 	// Keep stores every accepted message (see Messages).
 	Keep bool
 	// Down starts the sink down: see SetDown.
@@ -212,7 +217,11 @@ func startSink(cfg SinkConfig, wrap func(net.Conn) net.Conn) (*Sink, error) {
 	if !cfg.No8BitMIME {
 		b.WriteString("250-8BITMIME\r\n")
 	}
-	b.WriteString("250-ENHANCEDSTATUSCODES\r\n250-SMTPUTF8\r\n250 DSN\r\n")
+	if cfg.NoDSN {
+		b.WriteString("250-ENHANCEDSTATUSCODES\r\n250 SMTPUTF8\r\n")
+	} else {
+		b.WriteString("250-ENHANCEDSTATUSCODES\r\n250-SMTPUTF8\r\n250 DSN\r\n")
+	}
 	s.ehlo = b.String()
 	f := cfg.Faults
 	s.faults.Store(&f)

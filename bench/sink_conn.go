@@ -260,6 +260,9 @@ func (c *sinkConn) rcpt(arg []byte) sinkAction {
 	case c.rcpts >= sinkMaxRcpts:
 		return c.say("452 4.5.3 Error: too many recipients\r\n")
 	}
+	if reply, ok := c.s.cfg.RcptReplies[strings.ToLower(string(addr))]; ok {
+		return c.say(reply + "\r\n")
+	}
 	f, r := c.s.faults.Load(), c.s.replies
 	if failed, act := c.fault(f.RcptTempFail, f.RcptPermFail, r.rcptTemp, r.rcptPerm); failed {
 		return act

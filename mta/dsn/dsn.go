@@ -259,7 +259,7 @@ func (r *Report) writeStatus(b *bytes.Buffer) {
 		b.WriteString("\r\n")
 		field("Final-Recipient", addressType(rc.Address)+"; "+clean(rc.Address))
 		if rc.ORcptType != "" {
-			field("Original-Recipient", clean(rc.ORcptType)+"; "+clean(rc.ORcpt))
+			field("Original-Recipient", strings.ToLower(clean(rc.ORcptType))+"; "+clean(rc.ORcpt))
 		}
 		field("Action", string(rc.Action))
 		field("Status", Status(rc.Action, rc.Reply).String())

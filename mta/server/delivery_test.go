@@ -110,16 +110,32 @@ func (w *world) sink(ip string, cfg bench.SinkConfig) *bench.Sink {
 // send submits one message over SMTP and returns its queue ID.
 func (w *world) send(from string, to []string, body string) string {
 	w.t.Helper()
+	rcpts := make([]rcpt, len(to))
+	for i, a := range to {
+		rcpts[i] = rcpt{addr: a}
+	}
+	return w.sendDSN(from, nil, rcpts, body)
+}
+
+// rcpt is a recipient with its DSN parameters (nil: none).
+type rcpt struct {
+	addr string
+	opts *smtp.RcptOptions
+}
+
+// sendDSN is send with DSN parameters on MAIL (mail may be nil) and RCPT.
+func (w *world) sendDSN(from string, mail *smtp.MailOptions, to []rcpt, body string) string {
+	w.t.Helper()
 	c, err := smtp.Dial(w.srv.Addr("smtp"))
 	if err != nil {
 		w.t.Fatal(err)
 	}
 	defer c.Close()
-	if err := c.Mail(from, nil); err != nil {
+	if err := c.Mail(from, mail); err != nil {
 		w.t.Fatal(err)
 	}
 	for _, r := range to {
-		if err := c.Rcpt(r, nil); err != nil {
+		if err := c.Rcpt(r.addr, r.opts); err != nil {
 			w.t.Fatal(err)
 		}
 	}
