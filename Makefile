@@ -9,7 +9,8 @@ run:
 	$(GO) run ./cmd/mta serve
 
 # deps installs the outside tools some tests use (python3 for the smtplib
-# interoperability test, swaks with Perl's TLS for the swaks one). Without
+# interoperability test and the email-package checks, python3-flufl.bounce
+# for the bounce tests, swaks with Perl's TLS for the swaks one). Without
 # them those tests skip and say what to install; with them nothing is
 # skipped.
 DEPS_APT = python3 python3-flufl.bounce swaks libnet-ssleay-perl libio-socket-ssl-perl

@@ -418,14 +418,19 @@ func (s *Spool) update(op, id string, fn func(m *Message, b *pebble.Batch) (*Tra
 	} else {
 		_ = b.Set(k.message(id), m.encode(nil), nil)
 	}
+	// Outcomes ride on the next sync, except one that carries a notice:
+	// the notice is handed to delivery right after the commit, and if the
+	// commit were then lost in a crash, the attempt would be made again
+	// and fail again, and the sender would get a second, different bounce.
+	lazy := outcomeOps[op] && notice == nil
 	wo := s.write
-	if outcomeOps[op] {
+	if lazy {
 		wo = pebble.NoSync
 	}
 	if err := s.commitWith(b, op, wo); err != nil {
 		return err
 	}
-	if outcomeOps[op] {
+	if lazy {
 		s.syncSoon()
 	}
 	if done {

@@ -33,7 +33,8 @@ const usage = `usage:
   mta queue ls [--all]                 list queued messages
   mta queue show ID                    show one message and its recipients
   mta queue hold ID | release ID       hold a message back / put it back in the queue
-  mta queue rm ID                      remove a message from the queue
+  mta queue rm ID                      remove a message from the queue (its sender is not told)
+  mta queue bounce ID                  fail its remaining recipients now and bounce them to the sender
   mta queue flush                      make every deferred message due now
   mta config check [--config FILE]     validate a configuration file
   mta user hash                        read a password on stdin, print a users-file hash

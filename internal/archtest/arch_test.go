@@ -19,7 +19,7 @@ var allowed = map[string][]string{
 	"scheduler/conncache": {"mta", "metrics"},
 	"mta/outbound":        {"mta", "mta/resolve", "mta/smtpclient", "scheduler"},
 	"mta/resolve":         {"mta", "metrics"},
-	"mta/smtpclient":      {"mta", "metrics"},
+	"mta/smtpclient":      {"mta", "metrics", "mta/sevenbit"},
 	"mta/config":          {"mta"},
 	"mta/smtpd":           {"mta", "metrics"},
 	"mta/auth":            {},
