@@ -13,6 +13,7 @@ import (
 
 	"github.com/emersion/go-smtp"
 
+	"github.com/mtaproject/mta/bench"
 	"github.com/mtaproject/mta/mta/admin"
 )
 
@@ -251,4 +252,80 @@ func TestDeferredState(t *testing.T) {
 	if deferred(fresh) || !deferred(postponed) || !deferred(tried) {
 		t.Fatalf("deferred: fresh %v, postponed %v, attempted %v", deferred(fresh), deferred(postponed), deferred(tried))
 	}
+}
+
+// TestQueueBounce: `mta queue bounce ID` fails a deferred message's
+// recipients now; the sender gets one notice, the message leaves the
+// queue, and the notice is counted and logged.
+func TestQueueBounce(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts subprocesses")
+	}
+	busy, err := bench.StartSink(bench.SinkConfig{Addr: "127.0.0.1:0", Faults: bench.Faults{RcptTempFail: 1}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer busy.Close()
+	senders, err := bench.StartSink(bench.SinkConfig{Addr: "127.0.0.1:0", Keep: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer senders.Close()
+	hostOf := func(s *bench.Sink) string { return `["[` + strings.Replace(s.Addr(), ":", "]:", 1) + `"]` }
+	p := startMTA(t, t.TempDir(), "dns: {servers: [\"127.0.0.1:1\"]}\n"+
+		"routes: {\"example.org\": {hosts: "+hostOf(senders)+", tls: none}, \"*\": {hosts: "+hostOf(busy)+", tls: none}}\n")
+	c, err := smtp.Dial(p.SMTP)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if err := c.Mail("app@example.org", nil); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Rcpt("someone@busy.test", nil); err != nil {
+		t.Fatal(err)
+	}
+	w, err := c.Data()
+	if err != nil {
+		t.Fatal(err)
+	}
+	io.WriteString(w, "Subject: bounce me\r\n\r\nx\r\n")
+	resp, err := w.CloseWithResponse()
+	if err != nil {
+		t.Fatal(err)
+	}
+	id := strings.TrimPrefix(resp.StatusText, "2.0.0 Ok: queued as ")
+	adminFlag := "--admin=http://" + p.HTTP
+	deadline := time.Now().Add(10 * time.Second)
+	for !strings.Contains(mtaCmd(t, true, "queue", "show", id, adminFlag), "452 4.2.2") {
+		if time.Now().After(deadline) {
+			t.Fatal("the message was never deferred")
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	if out := mtaCmd(t, true, "queue", "bounce", id, adminFlag); !strings.Contains(out, id+": bounced") {
+		t.Fatalf("queue bounce said %q", out)
+	}
+	for len(senders.Messages()) == 0 {
+		if time.Now().After(deadline) {
+			t.Fatal("no notice reached the sender")
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	n := senders.Messages()[0]
+	text := strings.Join(strings.Fields(string(n.Data)), " ")
+	if n.From != "" || n.To[0] != "app@example.org" || !strings.Contains(text, "Returned to the sender by the mail administrator") ||
+		!strings.Contains(string(n.Data), "Final-Recipient: rfc822; someone@busy.test") {
+		t.Fatalf("notice %+v\n%s", n, n.Data)
+	}
+	if out := mtaCmd(t, true, "queue", "ls", adminFlag); strings.Contains(out, id) {
+		t.Errorf("the bounced message is still listed:\n%s", out)
+	}
+	if v, err := p.Metric(`mta_dsn_generated_total{action="failed"}`); err != nil || v != 1 {
+		t.Errorf("mta_dsn_generated_total{action=failed} = %v, %v", v, err)
+	}
+	if !strings.Contains(p.Log(), `"msg":"notification made","id":"`+id+`"`) || !strings.Contains(p.Log(), `"action":"bounce"`) {
+		t.Errorf("the notice or the operator action was not logged:\n%s", p.Log())
+	}
+	mtaCmd(t, false, "queue", "bounce", "06H3XXXXXXXXXXXX", adminFlag) // unknown ID: an error
 }
