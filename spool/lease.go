@@ -2,6 +2,7 @@ package spool
 
 import (
 	"errors"
+	"fmt"
 	"sort"
 	"time"
 
@@ -60,6 +61,9 @@ func (s *Spool) Lease(items []LeaseItem) ([]LeaseItem, error) {
 	defer b.Close()
 	changed := map[string]*Message{}
 	var leased []LeaseItem
+	var notices []*Notice
+	var noticeDomains [][]string
+	now := s.opts.Now()
 	var k keyBuf
 	for _, it := range items {
 		m := changed[it.ID]
@@ -82,14 +86,30 @@ func (s *Spool) Lease(items []LeaseItem) ([]LeaseItem, error) {
 		}
 		it.Received = m.Received
 		leased = append(leased, it)
+		t := &Transition{}
 		for i := range m.Recipients {
 			r := &m.Recipients[i]
 			if r.Status == Queued && r.Domain == it.Domain {
 				_ = b.Delete(k.due(r.NextAttempt, m.ID, r.Domain), nil)
 				r.NextAttempt = it.At
 				if it.Reply != "" {
-					r.LastReply = it.Reply
+					r.record(Outcome{Reply: it.Reply})
+					t.Changed = append(t.Changed, i)
 				}
+			}
+		}
+		// Postponed work waits as deferred work does: it may owe a delay
+		// notice (a destination that stays backed off makes no attempts).
+		if s.opts.Notifier != nil && len(t.Changed) > 0 {
+			t.Message, t.Now = m, now
+			id := m.ID
+			n, err := s.opts.Notifier(t, func() ([]byte, error) { return s.Body(id) })
+			if err != nil {
+				return nil, fmt.Errorf("spool: lease %s: making its notice: %w", id, err)
+			}
+			if n != nil {
+				notices = append(notices, n)
+				noticeDomains = append(noticeDomains, s.addNotice(b, n, now))
 			}
 		}
 	}
@@ -99,6 +119,12 @@ func (s *Spool) Lease(items []LeaseItem) ([]LeaseItem, error) {
 	}
 	if err := s.commit(b, "lease"); err != nil {
 		return nil, err
+	}
+	for i, n := range notices {
+		s.count.Add(1)
+		if s.opts.OnNotice != nil {
+			s.opts.OnNotice(n.Message.ID, noticeDomains[i])
+		}
 	}
 	return leased, nil
 }

@@ -226,3 +226,30 @@ func TestNoticesNeverLoop(t *testing.T) {
 		}
 	}
 }
+
+// TestDelayWarningWhileBackedOff: mail for a destination that refuses
+// connections waits mostly postponed, without attempts of its own; each
+// message that asked for NOTIFY=DELAY is still warned exactly once, then
+// bounced at expiry.
+func TestDelayWarningWhileBackedOff(t *testing.T) {
+	w := newWorld(t, ", max_lifetime: 6s", "dsn: {delay_warning: 2s}\n")
+	bounces := w.bounces()
+	w.dns.SetA("dead.test", "127.0.0.5") // nobody listens there
+	opts := &smtp.RcptOptions{Notify: []smtp.DSNNotify{smtp.DSNNotifyFailure, smtp.DSNNotifyDelayed}}
+	var ids []string
+	for i := 0; i < 4; i++ {
+		ids = append(ids, w.sendDSN("app@example.org", nil, []rcpt{{"x@dead.test", opts}}, receipt))
+	}
+	w.waitFor("every message to expire", 25*time.Second, func() bool { return w.srv.Spool().Count() == 0 })
+	time.Sleep(300 * time.Millisecond)
+	actions := map[string][]string{}
+	for _, m := range bounces.Messages() {
+		r := parseReport(string(m.Data))
+		actions[r.perMessage["X-Queue-ID"]] = append(actions[r.perMessage["X-Queue-ID"]], r.rcpts["x@dead.test"]["Action"])
+	}
+	for _, id := range ids {
+		if got := strings.Join(actions[id], ","); got != "delayed,failed" {
+			t.Errorf("%s: notices %q, want one delay warning, then the bounce", id, got)
+		}
+	}
+}
