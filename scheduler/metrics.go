@@ -12,7 +12,7 @@ const classUnrouted = "unrouted"
 // see every series from the start, at zero.
 var (
 	knownOutcomes     = []string{"delivered", "deferred", "failed", "expired"}
-	knownClasses      = []string{"mx", "route", classUnrouted}
+	knownClasses      = []string{"mx", "route", "local", classUnrouted}
 	knownCloseReasons = []string{"error", "shutdown", "stale", "idle_timeout", "unusable", "message_limit", "too_many_idle"}
 )
 

@@ -41,7 +41,9 @@ type Transition struct {
 	Changed []int
 	// RemoteDSN is the Outcome's, for deliveries.
 	RemoteDSN bool
-	Now       time.Time
+	// Local says the recipients were delivered to mailboxes here.
+	Local bool
+	Now   time.Time
 }
 
 // Notice is a notification to store as a new message, in the batch of

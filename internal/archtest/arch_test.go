@@ -18,6 +18,7 @@ var allowed = map[string][]string{
 	"scheduler":           {"mta", "mta/dsn", "metrics", "scheduler/conncache"},
 	"scheduler/conncache": {"mta", "metrics"},
 	"mta/outbound":        {"mta", "mta/resolve", "mta/smtpclient", "scheduler"},
+	"mta/mailbox":         {"mta", "scheduler"},
 	"mta/resolve":         {"mta", "metrics"},
 	"mta/smtpclient":      {"mta", "metrics", "mta/sevenbit"},
 	"mta/config":          {"mta"},

@@ -1,7 +1,10 @@
-// Package auth owns the credentials of SMTP AUTH: a users file of
-// "name:bcrypt-hash[:senders]" lines, loaded at start. The optional third
-// field lists the MAIL FROM addresses the user may use: full addresses and
-// domains ("@example.com" or "example.com"), separated by commas.
+// Package auth owns the users file shared by SMTP AUTH and POP3: lines of
+// "name:bcrypt-hash[:senders[:addresses]]". The optional third field lists
+// the MAIL FROM addresses the user may use: full addresses and domains
+// ("@example.com" or "example.com"), separated by commas; empty means any.
+// The optional fourth lists the addresses whose mail lands in the user's
+// mailbox: full addresses (aliases such as postmaster@) and "@domain" for
+// a domain's catch-all.
 package auth
 
 import (
@@ -18,6 +21,9 @@ import (
 type Users struct {
 	hashes  map[string][]byte
 	senders map[string][]string // lower-cased addresses and "@domain"s; no entry: any sender
+	// mailboxes maps lower-cased addresses, and "@domain" for a
+	// catch-all, to the user whose mailbox receives them.
+	mailboxes map[string]string
 }
 
 // dummyHash is compared against for unknown users, so that a wrong user name
@@ -32,24 +38,48 @@ func LoadUsers(path string) (*Users, error) {
 	if err != nil {
 		return nil, fmt.Errorf("auth.users_file: %w", err)
 	}
-	u := &Users{hashes: map[string][]byte{}, senders: map[string][]string{}}
+	return ParseUsers(path, data)
+}
+
+// ParseUsers parses the content of a users file; path names it in errors.
+func ParseUsers(path string, data []byte) (*Users, error) {
+	u := &Users{hashes: map[string][]byte{}, senders: map[string][]string{}, mailboxes: map[string]string{}}
 	sc := bufio.NewScanner(bytes.NewReader(data))
 	for n := 1; sc.Scan(); n++ {
 		line := strings.TrimSpace(sc.Text())
 		if line == "" || strings.HasPrefix(line, "#") {
 			continue
 		}
-		name, hash, ok := strings.Cut(line, ":")
-		if !ok || name == "" {
-			return nil, fmt.Errorf("auth.users_file %s:%d: want name:bcrypt-hash[:senders]", path, n)
+		fields := strings.Split(line, ":")
+		name := fields[0]
+		if len(fields) < 2 || len(fields) > 4 || !ValidName(name) {
+			return nil, fmt.Errorf("auth.users_file %s:%d: want name:bcrypt-hash[:senders[:addresses]] with a name of letters, digits and . _ - @ +", path, n)
 		}
-		hash, senders, restricted := strings.Cut(hash, ":")
-		if restricted {
-			list, err := parseSenders(senders)
+		if _, dup := u.hashes[name]; dup {
+			return nil, fmt.Errorf("auth.users_file %s:%d: user %q appears twice", path, n, name)
+		}
+		hash := fields[1]
+		if len(fields) > 2 && strings.TrimSpace(fields[2]) != "" {
+			list, err := parseSenders(fields[2])
 			if err != nil {
 				return nil, fmt.Errorf("auth.users_file %s:%d: user %q: %w", path, n, name, err)
 			}
 			u.senders[name] = list
+		}
+		if len(fields) > 3 {
+			for _, a := range strings.Split(fields[3], ",") {
+				a = strings.ToLower(strings.TrimSpace(a))
+				if a == "" {
+					continue
+				}
+				if at := strings.LastIndexByte(a, '@'); at < 0 || at == len(a)-1 || strings.ContainsAny(a, " \t<>") {
+					return nil, fmt.Errorf("auth.users_file %s:%d: user %q: address %q: want local@domain or @domain", path, n, name, a)
+				}
+				if other, taken := u.mailboxes[a]; taken {
+					return nil, fmt.Errorf("auth.users_file %s:%d: user %q: address %q already belongs to user %q", path, n, name, a, other)
+				}
+				u.mailboxes[a] = name
+			}
 		}
 		if _, err := bcrypt.Cost([]byte(hash)); err != nil {
 			return nil, fmt.Errorf("auth.users_file %s:%d: user %q: not a bcrypt hash (make one with `mta user hash`)", path, n, name)
@@ -58,6 +88,37 @@ func LoadUsers(path string) (*Users, error) {
 	}
 	return u, sc.Err()
 }
+
+// ValidName reports whether name can be a user (and mailbox) name: 1 to 64
+// letters, digits and . _ - @ +.
+func ValidName(name string) bool {
+	if name == "" || len(name) > 64 {
+		return false
+	}
+	for _, c := range name {
+		if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || strings.ContainsRune("._-@+", c)) {
+			return false
+		}
+	}
+	return true
+}
+
+// Mailbox returns the user whose mailbox receives mail for address: the
+// user that lists the address, else the one that lists its domain as a
+// catch-all.
+func (u *Users) Mailbox(address string) (user string, ok bool) {
+	a := strings.ToLower(address)
+	if user, ok = u.mailboxes[a]; ok {
+		return user, true
+	}
+	if at := strings.LastIndexByte(a, '@'); at >= 0 {
+		user, ok = u.mailboxes[a[at:]]
+	}
+	return user, ok
+}
+
+// HasMailboxes reports whether any user receives mail.
+func (u *Users) HasMailboxes() bool { return len(u.mailboxes) > 0 }
 
 // Len returns the number of users.
 func (u *Users) Len() int { return len(u.hashes) }

@@ -33,6 +33,7 @@ type Config struct {
 	Spool           Spool            `yaml:"spool"`
 	Delivery        Delivery         `yaml:"delivery"`
 	DSN             DSN              `yaml:"dsn"`
+	Mailboxes       Mailboxes        `yaml:"mailboxes"`
 	DNS             DNS              `yaml:"dns"`
 	Routes          map[string]Route `yaml:"routes"`
 	Log             Log              `yaml:"log"`
@@ -43,6 +44,12 @@ type Config struct {
 	trusted  []netip.Prefix
 	lines    map[string]int // line in the file of each field set there, by dotted path
 	warnings []string
+}
+
+// Mailboxes holds the settings of local mailboxes (mail for local_domains,
+// read over POP3).
+type Mailboxes struct {
+	Quota ByteSize `yaml:"quota"` // octets a mailbox may hold; 0: no limit
 }
 
 // DSN holds the delivery status notification (bounce) settings.
@@ -62,7 +69,8 @@ type DSN struct {
 type Listen struct {
 	SMTP       string `yaml:"smtp"`       // relay/MX SMTP
 	Submission string `yaml:"submission"` // message submission (RFC 6409): AUTH required
-	POP3       string `yaml:"pop3"`       // POP3 mailbox access
+	POP3       string `yaml:"pop3"`       // POP3 mailbox access (STLS when TLS is configured)
+	POP3S      string `yaml:"pop3s"`      // POP3 over implicit TLS (port 995)
 	HTTP       string `yaml:"http"`       // /metrics, /healthz, /readyz and the admin API
 }
 
@@ -225,6 +233,7 @@ func Default() *Config {
 			},
 		},
 		DSN:          DSN{MaxReturnedSize: 100 << 10, DelayWarning: Duration(4 * 3600e9)},
+		Mailboxes:    Mailboxes{Quota: 1 << 30},
 		DNS:          DNS{Timeout: Duration(5e9), IPv6: true},
 		Spool:        Spool{Sync: true, MinFreeSpace: 100 << 20},
 		Log:          Log{Level: "info", Format: "json"},
@@ -464,6 +473,9 @@ func (c *Config) validate() error {
 		bad("spool.min_free_space", "must not be negative")
 	}
 	c.validateDelivery(bad)
+	if c.Mailboxes.Quota < 0 {
+		bad("mailboxes.quota", "must not be negative (0: no limit)")
+	}
 	if c.DSN.MaxReturnedSize < 0 {
 		bad("dsn.max_returned_size", "must not be negative")
 	}

@@ -10,7 +10,6 @@ import (
 	"math/rand/v2"
 	"net/netip"
 	"slices"
-	"strings"
 
 	"github.com/mtaproject/mta/mta"
 	"github.com/mtaproject/mta/mta/resolve"
@@ -24,9 +23,6 @@ type Transport struct {
 	// Client holds the SMTP client options; TLS policy and AUTH are set
 	// per destination from its route.
 	Client smtpclient.Options
-	// LocalDomains are delivered locally, not over SMTP. Until local
-	// mailboxes exist their mail is deferred.
-	LocalDomains map[string]bool
 	// MaxAddresses bounds the addresses one Connect tries (Postfix's
 	// smtp_mx_address_limit), so that a black-holed destination ties a
 	// worker up for a bounded time; zero means 5.
@@ -44,14 +40,8 @@ func (r route) Class() string {
 	return "mx"
 }
 
-// errLocal defers mail for local domains until local delivery exists.
-var errLocal = &mta.Reply{Code: 451, Enhanced: mta.Enhanced{4, 3, 2}, Text: "local delivery is not available yet"}
-
 // Route resolves domain. Errors wrap *mta.Reply (permanent or temporary).
 func (t *Transport) Route(ctx context.Context, domain string) (scheduler.Route, error) {
-	if t.LocalDomains[strings.ToLower(domain)] {
-		return nil, errLocal
-	}
 	d, err := t.Resolver.Resolve(ctx, domain)
 	if err != nil {
 		return nil, err

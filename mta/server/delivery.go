@@ -1,11 +1,13 @@
 package server
 
 import (
+	"context"
 	"crypto/tls"
 	"errors"
 	"fmt"
 	"net"
 	"net/netip"
+	"strings"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -13,6 +15,7 @@ import (
 
 	"github.com/mtaproject/mta/mta"
 	"github.com/mtaproject/mta/mta/config"
+	"github.com/mtaproject/mta/mta/mailbox"
 	"github.com/mtaproject/mta/mta/outbound"
 	"github.com/mtaproject/mta/mta/resolve"
 	"github.com/mtaproject/mta/mta/smtpclient"
@@ -53,14 +56,9 @@ func newTransport(cfg *config.Config, reg prometheus.Registerer, self *resolve.S
 	if err != nil {
 		return nil, fmt.Errorf("dns: %w", err)
 	}
-	local := map[string]bool{}
-	for _, d := range cfg.LocalDomains {
-		local[d] = true
-	}
 	t := cfg.Delivery.Timeouts
 	return &outbound.Transport{
 		Resolver:     res,
-		LocalDomains: local,
 		MaxAddresses: cfg.Delivery.MaxMXAddresses,
 		Client: smtpclient.Options{
 			LocalName:  cfg.Delivery.HeloName,
@@ -261,3 +259,46 @@ func (a adminStore) Flush() (int, error) {
 	}
 	return n, err
 }
+
+// router is the scheduler's Transport: local domains go to the mailboxes,
+// every other domain over SMTP.
+type router struct {
+	local   map[string]bool
+	mailbox scheduler.Transport
+	remote  scheduler.Transport
+}
+
+func newRouter(localDomains []string, mailbox, remote scheduler.Transport) router {
+	local := map[string]bool{}
+	for _, d := range localDomains {
+		local[strings.ToLower(d)] = true
+	}
+	return router{local: local, mailbox: mailbox, remote: remote}
+}
+
+func (r router) Route(ctx context.Context, domain string) (scheduler.Route, error) {
+	if r.local[strings.ToLower(domain)] {
+		return r.mailbox.Route(ctx, domain)
+	}
+	return r.remote.Route(ctx, domain)
+}
+
+func (r router) Connect(ctx context.Context, rt scheduler.Route) (scheduler.Conn, error) {
+	if rt.Class() == mailbox.Class {
+		return r.mailbox.Connect(ctx, rt)
+	}
+	return r.remote.Connect(ctx, rt)
+}
+
+// mailboxStore adapts the spool to local delivery's Store.
+type mailboxStore struct{ sp *spool.Spool }
+
+func (m mailboxStore) DeliverLocal(id string, copies []mailbox.Copy) error {
+	out := make([]spool.LocalCopy, len(copies))
+	for i, c := range copies {
+		out[i] = spool.LocalCopy{Mailbox: c.Mailbox, Recipients: c.Recipients, Header: c.Header}
+	}
+	return ignoreGone(m.sp.DeliverLocal(id, out))
+}
+
+func (m mailboxStore) MailboxUsage(name string) (int, int64, error) { return m.sp.MailboxUsage(name) }

@@ -117,6 +117,9 @@ func (n *notifier) action(t *spool.Transition, r *spool.RecipientState, kind spo
 		// A failed notice goes to the postmaster whatever its NOTIFY=NEVER.
 		return dsn.Failed, kind == spool.PostmasterNotice || dsn.Wanted(r.Notify, dsn.Failed)
 	case spool.Delivered:
+		if t.Local {
+			return dsn.Delivered, dsn.Wanted(r.Notify, dsn.Delivered)
+		}
 		// A server that offered DSN got NOTIFY and reports the delivery
 		// itself (RFC 3461 §5.2.2); one that did not gets "relayed".
 		return dsn.Relayed, !t.RemoteDSN && dsn.Wanted(r.Notify, dsn.Relayed)

@@ -31,6 +31,8 @@ import (
 	"github.com/mtaproject/mta/mta/auth"
 	"github.com/mtaproject/mta/mta/certs"
 	"github.com/mtaproject/mta/mta/config"
+	"github.com/mtaproject/mta/mta/mailbox"
+	"github.com/mtaproject/mta/mta/pop3d"
 	"github.com/mtaproject/mta/mta/smtpd"
 	"github.com/mtaproject/mta/scheduler"
 	"github.com/mtaproject/mta/spool"
@@ -44,11 +46,21 @@ type Server struct {
 	spool    *spool.Spool
 	sched    *scheduler.Scheduler
 	smtp     []*smtpListener
+	pop3     []*pop3Listener
 	http     *http.Server
 	httpLn   net.Listener
 	ready    atomic.Bool
 
+	users     *userDirectory     // the users file, re-read when it changes
+	mailboxes *mailbox.Transport // local delivery
+
 	adminToken string // bearer token the admin API requires; "" for none
+}
+
+type pop3Listener struct {
+	name string
+	srv  *pop3d.Server
+	ln   net.Listener
 }
 
 type smtpListener struct {
@@ -125,10 +137,20 @@ func New(cfg *config.Config, log *zap.Logger) (_ *Server, err error) {
 	if err != nil {
 		return nil, err
 	}
+	sec, err := loadSecrets(cfg, true)
+	if err != nil {
+		return nil, err
+	}
+	s.users = newUserDirectory(cfg.Auth.UsersFile, sec.users, log.Named("users"))
+	s.mailboxes = &mailbox.Transport{
+		Directory: func() mailbox.Directory { return s.users },
+		Store:     mailboxStore{s.spool},
+		Quota:     int64(cfg.Mailboxes.Quota),
+	}
 	d := cfg.Delivery
 	s.sched = scheduler.New(scheduler.Options{
 		Store:                    queueStore{s.spool},
-		Transport:                transport,
+		Transport:                newRouter(cfg.LocalDomains, s.mailboxes, transport),
 		MaxConnections:           d.MaxConnections,
 		MaxPerDestination:        d.MaxConnectionsPerDestination,
 		InitialPerDestination:    d.InitialConnectionsPerDestination,
@@ -144,11 +166,15 @@ func New(cfg *config.Config, log *zap.Logger) (_ *Server, err error) {
 		Logger:                   log.Named("scheduler"),
 		Registerer:               s.registry,
 	})
-	sec, err := loadSecrets(cfg, true)
-	if err != nil {
-		return nil, err
+	tlsCfg := sec.tls
+	var users smtpd.Authenticator
+	if cfg.Auth.UsersFile != "" {
+		users = s.users
 	}
-	tlsCfg, users := sec.tls, sec.users
+	var local smtpd.Mailboxes
+	if len(cfg.LocalDomains) > 0 {
+		local = s.mailboxes
+	}
 	s.adminToken = sec.adminToken
 	limits := smtpd.NewConnLimits(cfg.SMTP.MaxConnections, cfg.SMTP.MaxConnectionsPerIP)
 	authFailures := smtpd.NewAuthFailures(cfg.Auth.ClientFailureLimit, cfg.Auth.ClientFailureWindow.D())
@@ -184,6 +210,7 @@ func New(cfg *config.Config, log *zap.Logger) (_ *Server, err error) {
 			TLS:                       tlsCfg,
 			Spool:                     acceptor{sp: s.spool, sched: s.sched},
 			Auth:                      users,
+			Mailboxes:                 local,
 			CleartextAuthFromLoopback: cfg.Auth.CleartextFromLoopback,
 			MaxAuthFailures:           cfg.Auth.MaxFailures,
 			AuthFailures:              authFailures,
@@ -193,6 +220,28 @@ func New(cfg *config.Config, log *zap.Logger) (_ *Server, err error) {
 			Logger:                    log.Named("smtpd"),
 		})
 		s.smtp = append(s.smtp, &smtpListener{name: l.name, srv: srv, ln: ln})
+	}
+	pm := pop3d.NewMetrics(s.registry)
+	for _, l := range []struct {
+		name, addr string
+		implicit   bool
+	}{{"pop3", cfg.Listen.POP3, false}, {"pop3s", cfg.Listen.POP3S, true}} {
+		if l.addr == "" {
+			continue
+		}
+		if l.implicit && tlsCfg == nil {
+			return nil, cfg.FieldErr("listen.pop3s", errors.New("needs TLS: set tls.cert_file and tls.key_file, or tls.self_signed"))
+		}
+		ln, err := listen(cfg, "listen."+l.name, l.addr)
+		if err != nil {
+			return nil, err
+		}
+		srv := pop3d.New(pop3d.Options{
+			Name: l.name, Hostname: cfg.Hostname, Backend: pop3Backend{users: s.users, sp: s.spool},
+			TLS: tlsCfg, ImplicitTLS: l.implicit, CleartextFromLoopback: cfg.Auth.CleartextFromLoopback,
+			Failures: authFailures, Metrics: pm, Logger: log.Named("pop3d"),
+		})
+		s.pop3 = append(s.pop3, &pop3Listener{name: l.name, srv: srv, ln: ln})
 	}
 	if cfg.Listen.HTTP != "" {
 		s.httpLn, err = listen(cfg, "listen.http", cfg.Listen.HTTP)
@@ -219,7 +268,7 @@ func New(cfg *config.Config, log *zap.Logger) (_ *Server, err error) {
 // secrets are what start-up reads from the files the configuration names.
 type secrets struct {
 	tls        *tls.Config
-	users      smtpd.Authenticator
+	users      *auth.Users // nil without a users file
 	adminToken string
 }
 
@@ -324,6 +373,11 @@ func (s *Server) Addr(name string) string {
 			return l.ln.Addr().String()
 		}
 	}
+	for _, l := range s.pop3 {
+		if l.name == name {
+			return l.ln.Addr().String()
+		}
+	}
 	return ""
 }
 
@@ -333,8 +387,17 @@ func (s *Server) Spool() *spool.Spool { return s.spool }
 // Run serves until ctx is cancelled, then stops gracefully within
 // smtp.shutdown_timeout. It returns the first listener error, if any.
 func (s *Server) Run(ctx context.Context) error {
-	errc := make(chan error, len(s.smtp)+1)
+	errc := make(chan error, len(s.smtp)+len(s.pop3)+1)
 	var wg sync.WaitGroup
+	for _, l := range s.pop3 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if err := l.srv.Serve(l.ln); err != nil {
+				errc <- fmt.Errorf("listen.%s: %w", l.name, err)
+			}
+		}()
+	}
 	for _, l := range s.smtp {
 		wg.Add(1)
 		go func() {
@@ -361,9 +424,12 @@ func (s *Server) Run(ctx context.Context) error {
 		close(schedDone)
 		s.log.Warn("delivery.enabled is false: messages are accepted and queued, not delivered")
 	}
+	watchCtx, stopWatch := context.WithCancel(context.Background())
+	defer stopWatch()
+	go s.users.watch(watchCtx, 2*time.Second)
 	s.ready.Store(true)
 	fields := []zap.Field{zap.String("data_dir", s.cfg.DataDir), zap.Int64("queued", s.spool.Count())}
-	for _, name := range []string{"smtp", "submission", "http"} {
+	for _, name := range []string{"smtp", "submission", "pop3", "pop3s", "http"} {
 		if a := s.Addr(name); a != "" {
 			fields = append(fields, zap.String(name, a))
 		}
@@ -393,6 +459,10 @@ func (s *Server) Run(ctx context.Context) error {
 				s.log.Warn("shutdown timeout: closed sessions still open", zap.String("listener", l.name), zap.Error(err))
 			}
 		}()
+	}
+	for _, l := range s.pop3 {
+		swg.Add(1)
+		go func() { defer swg.Done(); l.srv.Shutdown(deadline) }()
 	}
 	swg.Wait()
 	// Deliveries in flight finish (within the same deadline) before the

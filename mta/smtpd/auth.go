@@ -255,3 +255,10 @@ func (a *AuthFailures) Blocked() int {
 	}
 	return n
 }
+
+// IsBlocked reports whether ip may not try to log in now: the same count
+// serves POP3 logins, so a guesser cannot switch protocols to go on.
+func (a *AuthFailures) IsBlocked(ip netip.Addr) bool { return a.blocked(ip) }
+
+// Fail records a failed login of ip and reports whether it blocked it.
+func (a *AuthFailures) Fail(ip netip.Addr) bool { return a.fail(ip) }

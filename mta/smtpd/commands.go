@@ -234,7 +234,7 @@ func (s *session) mail(arg string) {
 		return
 	}
 	s.env = env
-	s.hasFrom = true
+	s.hasFrom, s.declared = true, size
 	s.busy.Store(true)
 	s.replyText(250, mta.Enhanced{2, 1, 0}, "Ok")
 }
@@ -330,6 +330,16 @@ func (s *session) rcpt(arg string) {
 	if len(s.env.Recipients) >= s.srv.opts.MaxRecipients {
 		s.refuse("too_many_recipients", &mta.ReplyTooManyRecipients)
 		return
+	}
+	if mb := s.srv.opts.Mailboxes; mb != nil && s.srv.local[mta.Domain(r.Address)] {
+		if rep := mb.Check(r.Address, s.declared); rep != nil {
+			reason := "unknown_recipient"
+			if rep.Code == 552 {
+				reason = "mailbox_full"
+			}
+			s.refuse(reason, rep)
+			return
+		}
 	}
 	for _, p := range params {
 		switch p.key {

@@ -390,6 +390,10 @@ func (s *session) finishMessage(body []byte, f bodyFindings) {
 		s.refuse("memory_budget", &replyNoMemory)
 		return
 	}
+	if rep := s.overQuota(int64(len(body)) + 512); rep != nil {
+		s.refuse("mailbox_full", rep)
+		return
+	}
 	facts := scanHeader(body)
 	if max := s.srv.opts.MaxHops; max > 0 && facts.received >= max {
 		// With ours it would be one more: a mail loop (RFC 5321 §6.3).
@@ -548,4 +552,30 @@ func (s *session) tlsVersion() string {
 		return "none"
 	}
 	return tls.VersionName(s.tls.ConnectionState().Version)
+}
+
+// overQuota returns the refusal at the end of data of a message every
+// recipient of which is local and would take its mailbox over quota at
+// size octets (the trace header included, roughly). A message with other
+// recipients is taken: those get it, and the full mailbox's recipient is
+// deferred at delivery, then bounced if it stays full.
+func (s *session) overQuota(size int64) *mta.Reply {
+	mb := s.srv.opts.Mailboxes
+	if mb == nil || len(s.env.Recipients) == 0 {
+		return nil
+	}
+	var first *mta.Reply
+	for _, r := range s.env.Recipients {
+		if !s.srv.local[mta.Domain(r.Address)] {
+			return nil
+		}
+		rep := mb.Check(r.Address, size)
+		if rep == nil || rep.Code != 552 {
+			return nil
+		}
+		if first == nil {
+			first = rep
+		}
+	}
+	return first
 }

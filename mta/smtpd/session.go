@@ -50,10 +50,11 @@ type session struct {
 	inStream     bool // reading message data: a panic now loses the place in the stream
 
 	// The transaction.
-	env     mta.Envelope
-	hasFrom bool
-	bdat    *bytes.Buffer // the chunks so far of a BDAT message; nil outside one
-	bdatBad bool          // a chunk of this BDAT message was over the size limit
+	env      mta.Envelope
+	hasFrom  bool
+	declared int64         // the SIZE= of MAIL FROM; 0 when not given
+	bdat     *bytes.Buffer // the chunks so far of a BDAT message; nil outside one
+	bdatBad  bool          // a chunk of this BDAT message was over the size limit
 	// bdatNoMemory: the memory budget had no room for this BDAT message
 	bdatNoMemory bool
 
@@ -304,7 +305,7 @@ func (s *session) releaseMemory() {
 func (s *session) resetTransaction() {
 	s.releaseMemory()
 	s.env = mta.Envelope{}
-	s.hasFrom = false
+	s.hasFrom, s.declared = false, 0
 	if s.bdat != nil {
 		putBuffer(s.bdat)
 		s.bdat = nil

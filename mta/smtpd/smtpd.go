@@ -31,6 +31,15 @@ type Spooler interface {
 	Room(size int64) error
 }
 
+// Mailboxes answers for the addresses of local domains.
+type Mailboxes interface {
+	// Check returns nil if address has a mailbox with room for size more
+	// octets (0: not known), else the refusal: 550 5.1.1 for an unknown
+	// address (refused at RCPT, so nothing is accepted and then bounced),
+	// 552 5.2.2 for a full mailbox.
+	Check(address string, size int64) *mta.Reply
+}
+
 // Authenticator checks AUTH credentials and what an authenticated user may
 // put in MAIL FROM.
 type Authenticator interface {
@@ -75,6 +84,9 @@ type Options struct {
 	TLS               *tls.Config // nil: no STARTTLS
 	Spool             Spooler
 	Auth              Authenticator // nil: no AUTH
+	// Mailboxes checks recipients in LocalDomains; nil: every address
+	// there is taken.
+	Mailboxes Mailboxes
 	// CleartextAuthFromLoopback allows AUTH without TLS from loopback
 	// clients, where nobody can listen in.
 	CleartextAuthFromLoopback bool

@@ -1,0 +1,158 @@
+// Package mailbox delivers mail for local domains into local mailboxes: it
+// is the scheduler's Transport for those domains, as mta/outbound is for
+// the others, so the scheduler does not know where a recipient lives.
+//
+// It owns the rules of local delivery: which mailbox an address lands in
+// (through a Directory), one copy per mailbox however many of its aliases a
+// message names, the quota, and the trace header (Return-Path,
+// Delivered-To). Storing is the Store's: the copies and the recipients'
+// delivered state are written together.
+package mailbox
+
+import (
+	"context"
+	"fmt"
+	"strings"
+
+	"github.com/mtaproject/mta/mta"
+	"github.com/mtaproject/mta/scheduler"
+)
+
+// Directory finds the mailbox (the user) of a local address.
+type Directory interface {
+	Mailbox(address string) (user string, ok bool)
+}
+
+// Copy is one copy of a message for one mailbox.
+type Copy struct {
+	Mailbox    string
+	Recipients []string // the addresses it delivers
+	Header     []byte   // prepended to the message
+}
+
+// Store is what local delivery needs of the spool.
+type Store interface {
+	// DeliverLocal stores the copies of queued message id and marks their
+	// recipients delivered, atomically.
+	DeliverLocal(id string, copies []Copy) error
+	// MailboxUsage returns the messages and octets a mailbox holds.
+	MailboxUsage(mailbox string) (count int, size int64, err error)
+}
+
+// Transport implements scheduler.Transport for local domains.
+type Transport struct {
+	// Directory returns the current directory (the users file may be
+	// reloaded while the server runs).
+	Directory func() Directory
+	Store     Store
+	// Quota is the most octets a mailbox may hold; zero: no limit.
+	Quota int64
+}
+
+// Class is the metrics class of local delivery.
+const Class = "local"
+
+type route struct{}
+
+func (route) Key() string   { return "local" }
+func (route) Class() string { return Class }
+
+// Route returns the one local destination.
+func (t *Transport) Route(context.Context, string) (scheduler.Route, error) { return route{}, nil }
+
+// Connect returns a connection to the local mailboxes; it cannot fail.
+func (t *Transport) Connect(context.Context, scheduler.Route) (scheduler.Conn, error) {
+	return conn{t}, nil
+}
+
+type conn struct{ t *Transport }
+
+func (conn) Usable() bool     { return true }
+func (conn) Endpoint() string { return "local" }
+func (conn) Close() error     { return nil }
+
+// Replies of local delivery.
+var (
+	replyDelivered = &mta.Reply{Code: 250, Enhanced: mta.Enhanced{2, 0, 0}, Text: "delivered to a local mailbox"}
+	replyStoreFail = &mta.Reply{Code: 451, Enhanced: mta.Enhanced{4, 3, 0}, Text: "local mailbox store failed; will retry"}
+)
+
+// ReplyUnknown is the refusal of a local address without a mailbox.
+func ReplyUnknown(address string) *mta.Reply {
+	return &mta.Reply{Code: 550, Enhanced: mta.Enhanced{5, 1, 1}, Text: fmt.Sprintf("<%s>: no such mailbox here", address)}
+}
+
+// ReplyFull is the refusal of a message that would take a mailbox over its
+// quota: permanent at RCPT and at the end of data, where the sender can
+// act on it; temporary at delivery, where the owner may make room.
+func ReplyFull(address string, permanent bool) *mta.Reply {
+	if permanent {
+		return &mta.Reply{Code: 552, Enhanced: mta.Enhanced{5, 2, 2}, Text: fmt.Sprintf("<%s>: mailbox full", address)}
+	}
+	return &mta.Reply{Code: 452, Enhanced: mta.Enhanced{4, 2, 2}, Text: fmt.Sprintf("<%s>: mailbox full", address)}
+}
+
+// Send delivers one message to the recipients of the local domain.
+func (c conn) Send(ctx context.Context, env *scheduler.Envelope, body []byte) ([]*mta.Reply, error) {
+	dir := c.t.Directory()
+	replies := make([]*mta.Reply, len(env.Recipients))
+	var copies []Copy
+	index := map[string]int{} // mailbox → its copy
+	for i, r := range env.Recipients {
+		user, ok := dir.Mailbox(r.Address)
+		if !ok {
+			replies[i] = ReplyUnknown(r.Address)
+			continue
+		}
+		n, seen := index[user]
+		if !seen {
+			if full, err := c.t.over(user, int64(len(body))); err != nil {
+				replies[i] = replyStoreFail
+				continue
+			} else if full {
+				replies[i] = ReplyFull(r.Address, false)
+				continue
+			}
+			n = len(copies)
+			index[user] = n
+			copies = append(copies, Copy{Mailbox: user, Header: []byte("Return-Path: <" + env.From + ">\r\n")})
+		}
+		cp := &copies[n]
+		cp.Recipients = append(cp.Recipients, r.Address)
+		cp.Header = append(cp.Header, "Delivered-To: "+strings.ToLower(r.Address)+"\r\n"...)
+		replies[i] = replyDelivered
+	}
+	if len(copies) > 0 {
+		if err := c.t.Store.DeliverLocal(env.ID, copies); err != nil {
+			for i, r := range replies {
+				if r == replyDelivered {
+					replies[i] = replyStoreFail
+				}
+			}
+		}
+	}
+	return replies, nil
+}
+
+// over reports whether size more octets would take mailbox over quota.
+func (t *Transport) over(mailbox string, size int64) (bool, error) {
+	if t.Quota <= 0 {
+		return false, nil
+	}
+	_, used, err := t.Store.MailboxUsage(mailbox)
+	return used+size > t.Quota, err
+}
+
+// Check is the SMTP edge's question at RCPT and at the end of data: nil if
+// address has a mailbox with room for size more octets (0: not known yet),
+// else the refusal (550 5.1.1 unknown, 552 5.2.2 full).
+func (t *Transport) Check(address string, size int64) *mta.Reply {
+	user, ok := t.Directory().Mailbox(address)
+	if !ok {
+		return ReplyUnknown(address)
+	}
+	if full, err := t.over(user, size); err == nil && full {
+		return ReplyFull(address, true)
+	}
+	return nil
+}
