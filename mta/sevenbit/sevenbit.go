@@ -17,7 +17,6 @@ import (
 	"errors"
 	"fmt"
 	"mime"
-	"mime/quotedprintable"
 	"strings"
 )
 
@@ -102,7 +101,9 @@ func convertEntity(out *bytes.Buffer, entity []byte, defaultType string, depth i
 	case mediaType == "message/rfc822":
 		writeHeader(out, header, encoding, "7bit", false)
 		out.WriteString(sep)
-		return convertEntity(out, body, "text/plain", depth+1, false)
+		// The body is a message: without MIME headers of its own it gets
+		// them as the top level does.
+		return convertEntity(out, body, "text/plain", depth+1, true)
 	case strings.HasPrefix(mediaType, "message/"):
 		return fmt.Errorf("%s part with 8-bit octets", mediaType)
 	case encoding == "base64" || encoding == "quoted-printable":
@@ -110,10 +111,56 @@ func convertEntity(out *bytes.Buffer, entity []byte, defaultType string, depth i
 	}
 	writeHeader(out, header, encoding, "quoted-printable", top && declared == "")
 	out.WriteString(sep)
-	w := quotedprintable.NewWriter(out)
-	w.Binary = encoding == "binary"
-	w.Write(body)
-	return w.Close()
+	encodeQP(out, body, encoding == "binary")
+	return nil
+}
+
+// qpLine is the longest encoded line, the soft line break's "=" included
+// (RFC 2045 §6.7 rule 5).
+const qpLine = 76
+
+// encodeQP writes b as quoted-printable (RFC 2045 §6.7). In text mode CRLF
+// and LF are line breaks, written as CRLF; in binary mode every octet is
+// data. Besides what the RFC requires, a "-" or "." that would begin an
+// encoded line is encoded too, so that no encoded line can be read as a
+// multipart boundary ("--…") however the soft breaks fall, nor need
+// dot-stuffing.
+func encodeQP(out *bytes.Buffer, b []byte, binary bool) {
+	const hex = "0123456789ABCDEF"
+	col := 0 // octets on the current encoded line
+	emit := func(tok []byte) {
+		if col+len(tok) > qpLine-1 {
+			out.WriteString("=\r\n")
+			col = 0
+		}
+		if col == 0 && (tok[0] == '-' || tok[0] == '.') {
+			tok = []byte{'=', hex[tok[0]>>4], hex[tok[0]&15]}
+		}
+		out.Write(tok)
+		col += len(tok)
+	}
+	for i := 0; i < len(b); i++ {
+		c := b[i]
+		if !binary {
+			if c == '\n' || c == '\r' && i+1 < len(b) && b[i+1] == '\n' {
+				if c == '\r' {
+					i++
+				}
+				out.WriteString("\r\n")
+				col = 0
+				continue
+			}
+		}
+		atEnd := binary && i == len(b)-1 || !binary && (i+1 == len(b) || b[i+1] == '\n' || b[i+1] == '\r' && i+2 < len(b) && b[i+2] == '\n')
+		switch {
+		case (c == ' ' || c == '\t') && !atEnd:
+			emit([]byte{c})
+		case c >= 33 && c <= 126 && c != '=':
+			emit([]byte{c})
+		default:
+			emit([]byte{'=', hex[c>>4], hex[c&15]})
+		}
+	}
 }
 
 // convertMultipart converts the parts of a multipart body. The delimiter

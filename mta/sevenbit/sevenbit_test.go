@@ -241,3 +241,23 @@ func FuzzConvert(f *testing.F) {
 		}
 	})
 }
+
+// TestSoftBreaksNeverMakeABoundary: a line that has the boundary inside it
+// (legal: only a line that starts with it is a delimiter) must not be
+// soft-broken so that an encoded line starts with it.
+func TestSoftBreaksNeverMakeABoundary(t *testing.T) {
+	for pad := 1; pad < 160; pad++ {
+		line := strings.Repeat("é", pad/8) + strings.Repeat("x", pad%8) + "--b1 and more text after the boundary"
+		msg := "Content-Type: multipart/mixed; boundary=b1\r\n\r\n--b1\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n" +
+			line + "\r\n.dot line\r\n--b1--\r\n"
+		out := roundTrip(t, msg)
+		for _, l := range strings.Split(out, "\r\n") {
+			if strings.HasPrefix(l, "--b1") && l != "--b1" && l != "--b1--" {
+				t.Fatalf("pad %d: an encoded line starts with the boundary: %q", pad, l)
+			}
+			if len(l) > 76 {
+				t.Fatalf("pad %d: encoded line of %d octets", pad, len(l))
+			}
+		}
+	}
+}
