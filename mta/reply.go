@@ -23,6 +23,10 @@ type Reply struct {
 	Code     int      // RFC 5321 reply code, e.g. 250, 451, 550
 	Enhanced Enhanced // RFC 3463 code; zero when not applicable
 	Text     string   // single line of text, without the codes
+	// Local marks a reply the client made up itself, without the server
+	// saying it (a message over the server's SIZE, an extension it lacks):
+	// a bounce must not quote it as the remote server's words.
+	Local bool
 }
 
 // Error renders the reply as it would appear on the wire.

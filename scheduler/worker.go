@@ -184,6 +184,9 @@ func (s *Scheduler) deliver(conn Conn, route Route, w *work, reused bool) error 
 			continue
 		}
 		o := Outcome{Reply: rep.Error(), RemoteMTA: host, Diagnostic: rep.Error(), RemoteDSN: offersDSN}
+		if rep.Local {
+			o = local(rep.Error()) // our client's decision, not the server's words
+		}
 		switch {
 		case rep.Code/100 == 2:
 			delivered = append(delivered, Result{Address: r.Address, Outcome: o})

@@ -121,10 +121,7 @@ func (s *Spool) Lease(items []LeaseItem) ([]LeaseItem, error) {
 		return nil, err
 	}
 	for i, n := range notices {
-		s.count.Add(1)
-		if s.opts.OnNotice != nil {
-			s.opts.OnNotice(n.Message.ID, noticeDomains[i])
-		}
+		s.noticeCommitted(n, noticeDomains[i])
 	}
 	return leased, nil
 }

@@ -52,6 +52,9 @@ type Transition struct {
 type Notice struct {
 	Message *Message
 	Data    []byte
+	// Committed, if set, is called once the notice is committed (for the
+	// notifier's log line and metrics: a batch that fails made no notice).
+	Committed func()
 }
 
 // A Notifier returns the notice (a DSN) a transition owes, or nil. body

@@ -5,6 +5,8 @@ import (
 	"errors"
 	"testing"
 	"time"
+
+	"github.com/mtaproject/mta/mta"
 )
 
 // TestNoticeCommittedWithTheFailure: the notice a failure owes is stored
@@ -115,5 +117,48 @@ func TestRecordVersion1StillRead(t *testing.T) {
 	again, err := decodeMessage("X", m.encode(nil))
 	if err != nil || again.Recipients[0].RemoteMTA != "mx" || !again.Recipients[0].DelayNotified || again.Notice != PostmasterNotice {
 		t.Fatalf("version 2 round trip: %+v, %v", again, err)
+	}
+}
+
+// TestSettleFinished: a message an older version kept for its bounce (no
+// recipient queued, one failed) is bounced and removed after an upgrade.
+func TestSettleFinished(t *testing.T) {
+	dir := t.TempDir()
+	s, err := Open(dir, Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	m := newMessage(s, "a@one.test")
+	if err := s.Put(m, nil, []byte("Subject: x\r\n\r\nx\r\n")); err != nil {
+		t.Fatal(err)
+	}
+	// What the old spool left: the recipient failed, the record kept.
+	m.Recipients[0].Status, m.Recipients[0].LastReply = Failed, "550 5.1.1 gone"
+	var k keyBuf
+	b := s.db.NewBatch()
+	deleteDue(b, &Message{ID: m.ID, Recipients: []RecipientState{{Status: Queued, NextAttempt: m.Recipients[0].NextAttempt, Domain: "one.test"}}})
+	_ = b.Set(k.message(m.ID), m.encode(nil), nil)
+	if err := b.Commit(nil); err != nil {
+		t.Fatal(err)
+	}
+	s.Close()
+
+	var changed []int
+	s = openTest(t, dir, Options{Notifier: func(tr *Transition, body func() ([]byte, error)) (*Notice, error) {
+		changed = tr.Changed
+		n := &Message{ID: "06H3ZZZZZZZZZZZZ", Recipients: []RecipientState{{Recipient: mta.Recipient{Address: tr.Message.From}}}}
+		return &Notice{Message: n, Data: []byte("bounce")}, nil
+	}})
+	if n, err := s.SettleFinished(); err != nil || n != 1 {
+		t.Fatalf("SettleFinished: %d, %v", n, err)
+	}
+	if len(changed) != 1 || changed[0] != 0 {
+		t.Errorf("the notifier saw changed %v", changed)
+	}
+	if _, err := s.Get(m.ID); !errors.Is(err, mta.ErrNotFound) {
+		t.Errorf("the finished message is still there: %v", err)
+	}
+	if n, err := s.Get("06H3ZZZZZZZZZZZZ"); err != nil || n.Recipients[0].Address != "sender@example.org" {
+		t.Errorf("its bounce: %+v, %v", n, err)
 	}
 }

@@ -6,6 +6,8 @@ import (
 
 	"github.com/cockroachdb/pebble/v2"
 	"go.uber.org/zap"
+
+	"github.com/mtaproject/mta/mta"
 )
 
 // recover runs once at Open. Batches make every transition atomic, so a
@@ -53,6 +55,9 @@ func (s *Spool) recover() error {
 		if !s.exists(k.body(id)) {
 			missingBody++
 			s.log.Error("spool: message record without its bytes", zap.String("id", id))
+		}
+		if m.Done() && len(s.finished) < maxFinished {
+			s.finished = append(s.finished, id)
 		}
 		if m.Held {
 			continue
@@ -138,4 +143,35 @@ func (s *Spool) exists(key []byte) bool {
 	}
 	closer.Close()
 	return true
+}
+
+// maxFinished bounds the finished messages recovery remembers for
+// SettleFinished; the rest are found at the next start.
+const maxFinished = 100_000
+
+// SettleFinished removes the messages recovery found with no recipient
+// left queued: before bounces existed, a message with failed recipients
+// was kept for the bounce it was owed. Each gets that bounce now, through
+// the Notifier, in the batch that removes it. Call it once, after Open,
+// when the Notifier can run. It returns how many it removed.
+func (s *Spool) SettleFinished() (int, error) {
+	ids := s.finished
+	s.finished = nil
+	n := 0
+	for _, id := range ids {
+		err := s.update("settle", id, func(m *Message, b *pebble.Batch) (*Transition, error) {
+			t := &Transition{}
+			for i := range m.Recipients {
+				if m.Recipients[i].Status == Failed {
+					t.Changed = append(t.Changed, i)
+				}
+			}
+			return t, nil
+		})
+		if err != nil && !errors.Is(err, mta.ErrNotFound) {
+			return n, err
+		}
+		n++
+	}
+	return n, nil
 }

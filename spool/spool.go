@@ -75,6 +75,8 @@ type Spool struct {
 	stopReclaim context.CancelFunc
 	closeMu     sync.RWMutex // held for reading by the delayed sync, for writing by Close
 	closed      bool
+
+	finished []string // messages recovery found with nothing left queued: see SettleFinished
 }
 
 // DueEntry names one destination of one message whose attempt is due.
@@ -437,12 +439,20 @@ func (s *Spool) update(op, id string, fn func(m *Message, b *pebble.Batch) (*Tra
 		s.count.Add(-1)
 	}
 	if notice != nil {
-		s.count.Add(1)
-		if s.opts.OnNotice != nil {
-			s.opts.OnNotice(notice.Message.ID, noticeDomains)
-		}
+		s.noticeCommitted(notice, noticeDomains)
 	}
 	return nil
+}
+
+// noticeCommitted counts a committed notice and hands it on.
+func (s *Spool) noticeCommitted(n *Notice, domains []string) {
+	s.count.Add(1)
+	if n.Committed != nil {
+		n.Committed()
+	}
+	if s.opts.OnNotice != nil {
+		s.opts.OnNotice(n.Message.ID, domains)
+	}
 }
 
 // deleteDue adds to b the deletion of the due entries of m's queued
@@ -493,9 +503,15 @@ func (s *Spool) Defer(id, domain string, until time.Time, o Outcome) error {
 	})
 }
 
-// record sets the recipient's last reply from o.
+// record sets the recipient's last reply from o. RemoteMTA and Diagnostic
+// keep the last reply a remote server gave: an outcome with a local reason
+// (a refused connection, a postponement, the expiry) leaves them, so that
+// a bounce at expiry can still quote what the server last said.
 func (r *RecipientState) record(o Outcome) {
-	r.LastReply, r.RemoteMTA, r.Diagnostic = o.Reply, o.RemoteMTA, o.Diagnostic
+	r.LastReply = o.Reply
+	if o.RemoteMTA != "" {
+		r.RemoteMTA, r.Diagnostic = o.RemoteMTA, o.Diagnostic
+	}
 }
 
 // MarkDelivered records that recipients of message id were accepted by

@@ -116,11 +116,16 @@ func Build(r *Report) (msg []byte, eightBit bool) {
 	original, whole := r.returned()
 	// The boundary must not occur in any part; the original is whatever
 	// the sender wrote, so it is checked, not assumed.
-	boundary := r.ID + "/" + r.Hostname
+	base := r.ID + "/" + r.Hostname
+	if len(base) > 60 { // RFC 2046 §5.1.1: at most 70 characters
+		base = r.ID + "/report"
+	}
+	boundary := base
 	for n := 1; strings.Contains(text, boundary) || bytes.Contains(status.Bytes(), []byte(boundary)) ||
 		bytes.Contains(original, []byte(boundary)); n++ {
-		boundary = r.ID + "/" + r.Hostname + "/" + strconv.Itoa(n)
+		boundary = base + "/" + strconv.Itoa(n)
 	}
+	eightBit = !isASCII(text) || !isASCII(string(original)) || !isASCII(status.String())
 
 	var b bytes.Buffer
 	b.Grow(4096 + len(original))
@@ -137,6 +142,9 @@ func Build(r *Report) (msg []byte, eightBit bool) {
 	field("Auto-Submitted", "auto-replied")
 	field("MIME-Version", "1.0")
 	field("Content-Type", `multipart/report; report-type=delivery-status; boundary="`+boundary+`"`)
+	if eightBit {
+		field("Content-Transfer-Encoding", "8bit") // RFC 2045 §6.4: a multipart says what its parts hold
+	}
 	b.WriteString("\r\nThis is a MIME-encapsulated message.\r\n\r\n")
 
 	b.WriteString("--" + boundary + "\r\n")
@@ -180,12 +188,11 @@ func Build(r *Report) (msg []byte, eightBit bool) {
 	}
 	b.WriteString("\r\n")
 	b.Write(original)
-	if !bytes.HasSuffix(original, []byte("\r\n")) {
+	if len(original) > 0 && !bytes.HasSuffix(original, []byte("\r\n")) {
 		b.WriteString("\r\n")
 	}
 	b.WriteString("\r\n--" + boundary + "--\r\n")
-	out := b.Bytes()
-	return out, !isASCII(string(out))
+	return b.Bytes(), eightBit || !isASCII(r.Sender)
 }
 
 // returned is the part of the original the notification carries: all of
@@ -200,6 +207,9 @@ func (r *Report) returned() (part []byte, whole bool) {
 	if r.MaxReturned > 0 && len(h) > r.MaxReturned {
 		// A header larger than the cap is cut at a line boundary.
 		cut := bytes.LastIndex(h[:r.MaxReturned], []byte("\r\n"))
+		if cut < 0 {
+			return nil, false // not even the first field fits
+		}
 		h = h[:cut+2]
 	}
 	return h, false
@@ -244,28 +254,35 @@ func (r *Report) humanText() string {
 }
 
 // writeStatus writes the message/delivery-status body: the per-message
-// fields, then one block per recipient (RFC 3464 §2.1).
+// fields, then one block per recipient (RFC 3464 §2.1, fields in the order
+// of its grammar). Without SMTPUTF8 the part is US-ASCII: a non-ASCII
+// character from the network (a remote reply in UTF-8, an ORCPT) becomes
+// "?" there; the text part keeps it.
 func (r *Report) writeStatus(b *bytes.Buffer) {
-	field := func(name, value string) { writeField(b, name, value) }
-	field("Reporting-MTA", "dns; "+r.Hostname)
-	field("X-Queue-ID", r.OriginalID)
-	if r.EnvID != "" {
-		field("Original-Envelope-Id", clean(r.EnvID))
+	v := clean
+	if !r.SMTPUTF8 {
+		v = func(s string) string { return asciiOnly(clean(s)) }
 	}
+	field := func(name, value string) { writeField(b, name, value) }
+	if r.EnvID != "" {
+		field("Original-Envelope-Id", v(r.EnvID))
+	}
+	field("Reporting-MTA", "dns; "+r.Hostname)
 	if !r.Arrival.IsZero() {
 		field("Arrival-Date", r.Arrival.Format(time.RFC1123Z))
 	}
+	field("X-Queue-ID", r.OriginalID)
 	for _, rc := range r.Recipients {
 		b.WriteString("\r\n")
-		field("Final-Recipient", addressType(rc.Address)+"; "+clean(rc.Address))
 		if rc.ORcptType != "" {
-			field("Original-Recipient", strings.ToLower(clean(rc.ORcptType))+"; "+clean(rc.ORcpt))
+			field("Original-Recipient", strings.ToLower(v(rc.ORcptType))+"; "+v(rc.ORcpt))
 		}
+		field("Final-Recipient", addressType(rc.Address)+"; "+v(rc.Address))
 		field("Action", string(rc.Action))
 		field("Status", Status(rc.Action, rc.Reply).String())
 		if rc.RemoteMTA != "" {
-			field("Remote-MTA", "dns; "+clean(rc.RemoteMTA))
-			field("Diagnostic-Code", "smtp; "+clean(rc.Diagnostic))
+			field("Remote-MTA", "dns; "+v(rc.RemoteMTA))
+			field("Diagnostic-Code", "smtp; "+v(rc.Diagnostic))
 		}
 		if !rc.LastAttempt.IsZero() {
 			field("Last-Attempt-Date", rc.LastAttempt.Format(time.RFC1123Z))
@@ -274,6 +291,19 @@ func (r *Report) writeStatus(b *bytes.Buffer) {
 			field("Will-Retry-Until", rc.WillRetryUntil.Format(time.RFC1123Z))
 		}
 	}
+}
+
+// asciiOnly replaces every non-ASCII character of s by "?".
+func asciiOnly(s string) string {
+	if isASCII(s) {
+		return s
+	}
+	return strings.Map(func(r rune) rune {
+		if r >= 0x80 {
+			return '?'
+		}
+		return r
+	}, s)
 }
 
 // Status returns the RFC 3463 status of a recipient whose outcome is reply:

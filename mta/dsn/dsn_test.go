@@ -217,3 +217,31 @@ func TestWrap(t *testing.T) {
 		}
 	}
 }
+
+// TestStatusPartStaysASCII: without SMTPUTF8, a remote reply in UTF-8
+// keeps its words in the text part but not in the US-ASCII report, which
+// must survive a 7-bit conversion.
+func TestStatusPartStaysASCII(t *testing.T) {
+	r := failedReport()
+	r.Recipients[0].Diagnostic = "550 5.1.1 Пользователь не найден"
+	r.Recipients[0].Reply = r.Recipients[0].Diagnostic
+	msg, eight := Build(r)
+	if !eight {
+		t.Error("a report with UTF-8 text is not said to be 8-bit")
+	}
+	s := string(msg)
+	_, status, _ := strings.Cut(s, "Content-Type: message/delivery-status\r\n\r\n")
+	status, _, _ = strings.Cut(status, "\r\n--")
+	if !isASCII(status) || !strings.Contains(status, "Diagnostic-Code: smtp; 550 5.1.1 ???????????? ?? ??????") {
+		t.Errorf("status part:\n%s", status)
+	}
+	if !strings.Contains(strings.Join(strings.Fields(s), " "), "Пользователь не найден") || !strings.Contains(s, "charset=utf-8") {
+		t.Error("the text part lost the reply's words")
+	}
+	// A cap smaller than the first header field returns no header at all.
+	r = failedReport()
+	r.Ret, r.MaxReturned = mta.ReturnHeaders, 10
+	if msg, _ := Build(r); !strings.Contains(string(msg), "Content-Type: text/rfc822-headers\r\n\r\n\r\n--") {
+		t.Errorf("tiny cap: %s", msg)
+	}
+}

@@ -92,7 +92,10 @@ func (n *notifier) notice(t *spool.Transition, body func() ([]byte, error)) (*sp
 	}
 	original, err := body()
 	if err != nil {
-		return nil, err
+		// The bounce matters more than the copy of the original: without
+		// it the message could never leave the queue.
+		n.log.Error("notification without the original: its bytes are unreadable", zap.String("id", m.ID), zap.Error(err))
+		original = nil
 	}
 	rep := &dsn.Report{Hostname: n.hostname, ID: n.newID(), OriginalID: m.ID, Sender: to, EnvID: m.EnvID, Ret: m.Ret,
 		SMTPUTF8: m.SMTPUTF8, Arrival: m.Received, Date: t.Now, Recipients: rcpts, Original: original, MaxReturned: n.maxReturned}
@@ -100,14 +103,17 @@ func (n *notifier) notice(t *spool.Transition, body func() ([]byte, error)) (*sp
 	notice := &spool.Message{ID: rep.ID, Notice: kind, SMTPUTF8: m.SMTPUTF8, Body8Bit: eightBit,
 		Recipients: []spool.RecipientState{{Recipient: mta.Recipient{Address: to, Notify: mta.NotifyNever}}}}
 	action := string(rcpts[0].Action)
-	n.generated.WithLabelValues(action).Inc()
 	addrs := make([]string, len(rcpts))
 	for i, r := range rcpts {
 		addrs[i] = r.Address
 	}
-	n.log.Info("notification made", zap.String("id", m.ID), zap.String("dsn_id", rep.ID), zap.String("action", action),
-		zap.String("to", to), zap.Strings("rcpts", addrs))
-	return &spool.Notice{Message: notice, Data: data}, nil
+	id := m.ID
+	committed := func() {
+		n.generated.WithLabelValues(action).Inc()
+		n.log.Info("notification made", zap.String("id", id), zap.String("dsn_id", rep.ID), zap.String("action", action),
+			zap.String("to", to), zap.Strings("rcpts", addrs))
+	}
+	return &spool.Notice{Message: notice, Data: data, Committed: committed}, nil
 }
 
 // action returns the notice a changed recipient owes, if any.
@@ -124,7 +130,9 @@ func (n *notifier) action(t *spool.Transition, r *spool.RecipientState, kind spo
 		// itself (RFC 3461 §5.2.2); one that did not gets "relayed".
 		return dsn.Relayed, !t.RemoteDSN && dsn.Wanted(r.Notify, dsn.Relayed)
 	case spool.Queued:
-		warn := n.delayWarning > 0 && !r.DelayNotified && t.Now.Sub(t.Message.Received) >= n.delayWarning
+		// Not once the lifetime is over: the bounce is on its way.
+		age := t.Now.Sub(t.Message.Received)
+		warn := n.delayWarning > 0 && !r.DelayNotified && age >= n.delayWarning && age < n.maxLifetime
 		return dsn.Delayed, warn && dsn.Wanted(r.Notify, dsn.Delayed)
 	}
 	return "", false

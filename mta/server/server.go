@@ -166,6 +166,13 @@ func New(cfg *config.Config, log *zap.Logger) (_ *Server, err error) {
 		Logger:                   log.Named("scheduler"),
 		Registerer:               s.registry,
 	})
+	// Messages a version without bounces kept for the bounce they were
+	// owed get it now, and leave the queue.
+	if n, err := s.spool.SettleFinished(); err != nil {
+		return nil, err
+	} else if n > 0 {
+		log.Info("finished messages bounced and removed", zap.Int("messages", n))
+	}
 	tlsCfg := sec.tls
 	var users smtpd.Authenticator
 	if cfg.Auth.UsersFile != "" {

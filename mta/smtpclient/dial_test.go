@@ -261,11 +261,11 @@ func TestRefusedWithoutSending(t *testing.T) {
 		want mta.Reply
 	}{
 		{"size exceeded", script{size: "100", pipelining: true}, msg(strings.Repeat("x", 200), "a@x", "b@x"),
-			mta.Reply{Code: 552, Enhanced: mta.Enhanced{5, 3, 4}, Text: "message size exceeds localhost's limit of 100 bytes"}},
+			mta.Reply{Code: 552, Enhanced: mta.Enhanced{5, 3, 4}, Text: "message size exceeds localhost's limit of 100 bytes", Local: true}},
 		{"smtputf8 not offered", script{pipelining: true}, utf8,
-			mta.Reply{Code: 550, Enhanced: mta.Enhanced{5, 6, 7}, Text: "SMTPUTF8 required but not supported by localhost"}},
+			mta.Reply{Code: 550, Enhanced: mta.Enhanced{5, 6, 7}, Text: "SMTPUTF8 required but not supported by localhost", Local: true}},
 		{"8-bit header and body without 8BITMIME", script{pipelining: true}, msg("Subject: K\xc3\xa4se\r\n\r\nK\xc3\xa4se\r\n", "a@x", "b@x"),
-			mta.Reply{Code: 554, Enhanced: mta.Enhanced{5, 6, 3}, Text: "localhost does not offer 8BITMIME, and the 8-bit message cannot be converted to 7 bits: 8-bit octets in a header"}},
+			mta.Reply{Code: 554, Enhanced: mta.Enhanced{5, 6, 3}, Text: "localhost does not offer 8BITMIME, and the 8-bit message cannot be converted to 7 bits: 8-bit octets in a header", Local: true}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			s := newServer(t, tc.sc)

@@ -86,11 +86,17 @@ func (c *Conn) Send(ctx context.Context, m *Message) (*Result, error) {
 	if ctx.Err() != nil {
 		return nil, &Error{Stage: "mail", Host: c.host, Addr: c.addr, Err: context.Cause(ctx)}
 	}
+	// SMTPUTF8 first: a message that needs it cannot be helped by
+	// converting its body; then the conversion, whose result the size
+	// limit applies to.
+	if res := c.refuse(m, true); res != nil {
+		return res, nil
+	}
 	m, res := c.downgrade(m)
 	if res != nil {
 		return res, nil
 	}
-	if res := c.refuse(m); res != nil {
+	if res := c.refuse(m, false); res != nil {
 		return res, nil
 	}
 	stop := context.AfterFunc(ctx, c.abort)
@@ -134,7 +140,7 @@ func (c *Conn) downgrade(m *Message) (*Message, *Result) {
 	}
 	data, err := sevenbit.Convert(m.Data)
 	if err != nil {
-		return m, refusal(m, &mta.Reply{Code: 554, Enhanced: mta.Enhanced{5, 6, 3},
+		return m, refusal(m, &mta.Reply{Code: 554, Enhanced: mta.Enhanced{5, 6, 3}, Local: true,
 			Text: c.host + " does not offer 8BITMIME, and the 8-bit message cannot be converted to 7 bits: " + err.Error()})
 	}
 	cp := *m
@@ -143,15 +149,16 @@ func (c *Conn) downgrade(m *Message) (*Message, *Result) {
 }
 
 // refuse returns the Result for a message the server cannot take, decided
-// from its EHLO reply alone, or nil.
-func (c *Conn) refuse(m *Message) *Result {
+// from its EHLO reply alone, or nil: with utf8 whether it needs SMTPUTF8
+// the server lacks, else whether it is over the server's SIZE.
+func (c *Conn) refuse(m *Message, utf8 bool) *Result {
 	var r *mta.Reply
 	switch {
-	case m.SMTPUTF8 && !c.hasUTF8:
-		r = &mta.Reply{Code: 550, Enhanced: mta.Enhanced{5, 6, 7},
+	case utf8 && m.SMTPUTF8 && !c.hasUTF8:
+		r = &mta.Reply{Code: 550, Enhanced: mta.Enhanced{5, 6, 7}, Local: true,
 			Text: "SMTPUTF8 required but not supported by " + c.host}
-	case c.sizeLimit > 0 && int64(len(m.Data)) > c.sizeLimit:
-		r = &mta.Reply{Code: 552, Enhanced: mta.Enhanced{5, 3, 4},
+	case !utf8 && c.sizeLimit > 0 && int64(len(m.Data)) > c.sizeLimit:
+		r = &mta.Reply{Code: 552, Enhanced: mta.Enhanced{5, 3, 4}, Local: true,
 			Text: fmt.Sprintf("message size exceeds %s's limit of %d bytes", c.host, c.sizeLimit)}
 	default:
 		return nil

@@ -16,6 +16,7 @@ type headerFacts struct {
 // scanHeader reads the field names of the header section of msg.
 func scanHeader(msg []byte) headerFacts {
 	var f headerFacts
+	folded := false // the Message-ID's value may start on the next line
 	for len(msg) > 0 {
 		end := bytes.Index(msg, crlf)
 		line := msg
@@ -30,6 +31,10 @@ func scanHeader(msg []byte) headerFacts {
 		switch {
 		case line[0] == ' ' || line[0] == '\t':
 			// a folded continuation of the field before
+			if folded && len(f.messageID) == 0 {
+				f.messageID = bytes.TrimSpace(line[:min(len(line), 256)])
+			}
+			continue
 		case hasFieldName(line, "received"):
 			f.received++
 		case hasFieldName(line, "date"):
@@ -37,9 +42,12 @@ func scanHeader(msg []byte) headerFacts {
 		case hasFieldName(line, "message-id"):
 			if !f.hasMessageID {
 				f.messageID = fieldValue(line)
+				folded = len(f.messageID) == 0
 			}
 			f.hasMessageID = true
+			continue
 		}
+		folded = false
 	}
 	return f
 }

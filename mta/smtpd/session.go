@@ -52,9 +52,11 @@ type session struct {
 	// The transaction.
 	env      mta.Envelope
 	hasFrom  bool
-	declared int64         // the SIZE= of MAIL FROM; 0 when not given
-	bdat     *bytes.Buffer // the chunks so far of a BDAT message; nil outside one
-	bdatBad  bool          // a chunk of this BDAT message was over the size limit
+	declared int64 // the SIZE= of MAIL FROM; 0 when not given
+
+	refusalsLogged int           // refusals of this session so far (see maxRefusalsLogged)
+	bdat           *bytes.Buffer // the chunks so far of a BDAT message; nil outside one
+	bdatBad        bool          // a chunk of this BDAT message was over the size limit
 	// bdatNoMemory: the memory budget had no room for this BDAT message
 	bdatNoMemory bool
 
@@ -247,7 +249,10 @@ func (s *session) flush() error {
 // client that keeps getting refused is disconnected.
 func (s *session) refuse(reason string, r *mta.Reply) {
 	s.srv.opts.Metrics.rejected.WithLabelValues(s.srv.opts.Name, reason).Inc()
-	if ce := s.srv.log.Check(zap.InfoLevel, "refused"); ce != nil {
+	// The first refusals of a session are logged: enough to see why, not
+	// a line per command for a client that keeps trying.
+	s.refusalsLogged++
+	if ce := s.srv.log.Check(zap.InfoLevel, "refused"); ce != nil && s.refusalsLogged <= maxRefusalsLogged {
 		ce.Write(zap.String("reason", reason), zap.String("client_ip", s.ip.String()), zap.String("helo", s.helo),
 			zap.Int("code", r.Code), zap.String("enhanced", r.Enhanced.String()), zap.String("reply", r.Text))
 	}
@@ -335,3 +340,6 @@ var (
 	replyOK             = mta.Reply{Code: 250, Enhanced: mta.Enhanced{2, 0, 0}, Text: "Ok"}
 	replyNoMemory       = mta.Reply{Code: 451, Enhanced: mta.Enhanced{4, 3, 2}, Text: "Too much mail in progress; try again later"}
 )
+
+// maxRefusalsLogged is how many refusals of one session get a log line.
+const maxRefusalsLogged = 20
