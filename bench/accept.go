@@ -32,7 +32,9 @@ type AcceptOptions struct {
 type AcceptRun struct {
 	Mode            string        `json:"mode"` // "fsync" or "no-fsync"
 	Accepted        int           `json:"accepted"`
-	Failed          int           `json:"failed"`
+	Failed          int           `json:"failed"`      // attempted but not accepted
+	TempFailed      int           `json:"temp_failed"` // of Failed: refused with 4xx (e.g. 451 over memory_budget)
+	Errors          int           `json:"errors"`      // of Failed: I/O or protocol errors
 	Elapsed         time.Duration `json:"elapsed_ns"`
 	Rate            float64       `json:"messages_per_second"`
 	P50             time.Duration `json:"p50_ns"`
@@ -119,6 +121,7 @@ func acceptOnce(ctx context.Context, o AcceptOptions, sync bool, i int) (AcceptR
 	stored, _ := p.Metric("mta_spool_messages")
 	run := AcceptRun{
 		Mode: mode, Accepted: res.Accepted, Failed: res.Attempted - res.Accepted,
+		TempFailed: res.TempFailed, Errors: res.Errors,
 		Elapsed: res.Elapsed, Rate: res.Rate(),
 		P50: res.Latency.Percentile(50), P99: res.Latency.Percentile(99),
 		PeakRSS: after.PeakRSS, StoredAfterRun: int64(stored),

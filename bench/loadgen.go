@@ -154,11 +154,15 @@ const (
 	minSize         = 200
 	maxLineLen      = 76
 	maxConnFailures = 10
-	// Messages whose wire form exceeds splitWriteOver are written in two
-	// parts so that the latency clock starts right before the last
-	// splitTail bytes, not before the whole transfer.
+	// Messages larger than splitWriteOver (before dot-stuffing) are written
+	// in two parts so that the latency clock starts right before the last
+	// splitTail bytes (and their dot-stuffing and terminator), not before
+	// the whole transfer.
 	splitWriteOver = 64 << 10
 	splitTail      = 8 << 10
+	// contentBufSize is the size of each session's write buffer for message
+	// content.
+	contentBufSize = 32 << 10
 )
 
 // RunLoad runs one load test and returns what it measured. The result is

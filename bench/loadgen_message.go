@@ -139,14 +139,65 @@ func (g *generator) rcptLen(seq, j int) int {
 	return n
 }
 
-// build appends message seq (headers and body, CRLF line endings, ending in
-// CRLF, not dot-stuffed) to dst. A long To: header is folded. Its size is the configured size unless the
-// headers alone exceed it (then the body is one short line) or the last body
-// line would be shorter than one character (then it is 1 or 2 bytes short).
-func (g *generator) build(dst []byte, seq int) []byte {
+// message is one generated message as three segments; their concatenation
+// is the message (headers and body, CRLF line endings, not dot-stuffed).
+// Only head and tail are per-message copies: body aliases the shared pool,
+// so a message of any size costs a few hundred bytes.
+type message struct {
+	head []byte // headers and the blank line after them
+	body []byte // whole body lines, a slice of generator.pool: read-only
+	tail []byte // a cut last body line and CRLF, or empty
+}
+
+// len is the message size in bytes.
+func (m *message) len() int { return len(m.head) + len(m.body) + len(m.tail) }
+
+// appendTo appends the message bytes to dst.
+func (m *message) appendTo(dst []byte) []byte {
+	dst = append(dst, m.head...)
+	dst = append(dst, m.body...)
+	return append(dst, m.tail...)
+}
+
+// compose makes m message seq: it appends the headers to m.head (callers
+// normally pass m.head[:0]), points m.body into the pool and reuses m.tail's
+// capacity for the tail. A long To: header is folded. The message size is
+// the configured size unless the headers alone exceed it (then the body is
+// one short line) or the last body line would be shorter than one character
+// (then it is 1 or 2 bytes short).
+func (g *generator) compose(m *message, seq int) {
 	st := g.mix(seq)
 	size := g.msgSize(&st)
-	start := len(dst)
+	start := len(m.head)
+	m.head = g.appendHeader(m.head, seq)
+
+	remaining := max(size-(len(m.head)-start), 3)
+	p := g.pool[g.starts[splitmix(&st)%uint64(len(g.starts))]:]
+	n := 0 // length of the whole lines that fit
+	for {
+		i := bytes.IndexByte(p[n:], '\n')
+		if i < 0 || n+i+1 > remaining { // i < 0 cannot happen: the pool is long enough
+			break
+		}
+		n += i + 1
+	}
+	m.body = p[:n:n]
+	remaining -= n
+	p = p[n:]
+	m.tail = m.tail[:0]
+	if remaining >= 3 && remaining-2 <= len(p) {
+		// A prefix of the next line, which is longer than remaining-2.
+		m.tail = append(m.tail, p[:remaining-2]...)
+		if m.tail[len(m.tail)-1] == ' ' {
+			m.tail[len(m.tail)-1] = '~'
+		}
+		m.tail = append(m.tail, '\r', '\n')
+	}
+}
+
+// appendHeader appends the headers of message seq and the empty line that
+// ends them.
+func (g *generator) appendHeader(dst []byte, seq int) []byte {
 	dst = append(dst, "Date: Thu, 01 Jan 2026 00:00:00 +0000\r\nFrom: "...)
 	dst = append(dst, g.from...)
 	dst = append(dst, "\r\nTo: "...)
@@ -171,26 +222,5 @@ func (g *generator) build(dst []byte, seq int) []byte {
 	dst = append(dst, g.seedText...)
 	dst = append(dst, "@loadgen.bench.test>\r\nX-Load-Seq: "...)
 	dst = strconv.AppendInt(dst, int64(seq), 10)
-	dst = append(dst, "\r\n\r\n"...)
-
-	remaining := max(size-(len(dst)-start), 3)
-	p := g.pool[g.starts[splitmix(&st)%uint64(len(g.starts))]:]
-	for remaining > 0 {
-		i := bytes.IndexByte(p, '\n')
-		if i < 0 || i+1 > remaining { // i < 0 cannot happen: the pool is long enough
-			break
-		}
-		dst = append(dst, p[:i+1]...)
-		remaining -= i + 1
-		p = p[i+1:]
-	}
-	if remaining >= 3 && remaining-2 <= len(p) {
-		// A prefix of the next line, which is longer than remaining-2.
-		dst = append(dst, p[:remaining-2]...)
-		if dst[len(dst)-1] == ' ' {
-			dst[len(dst)-1] = '~'
-		}
-		dst = append(dst, '\r', '\n')
-	}
-	return dst
+	return append(dst, "\r\n\r\n"...)
 }

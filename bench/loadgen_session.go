@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"slices"
 	"time"
 )
 
@@ -49,8 +50,9 @@ type session struct {
 
 	conn     net.Conn
 	br       *bufio.Reader
-	stopConn func() bool // unregisters the close-on-cancel hook
-	onConn   int         // messages finished on the current connection
+	bw       *bufio.Writer // message content only; commands are written directly
+	stopConn func() bool   // unregisters the close-on-cancel hook
+	onConn   int           // messages finished on the current connection
 
 	deadline time.Time // current deadline of conn
 
@@ -64,27 +66,26 @@ type session struct {
 	scanID     bool   // look for "queued as <ID>" in a 2xx reply
 	id         string // queue ID found by the last readReply
 
-	raw  []byte // the current message, unstuffed
-	wire []byte // the current message, dot-stuffed and terminated
-	cmd  []byte // command buffer
+	msg message // the current message, as segments
+	raw []byte  // the current message in one piece, only built for OnAccepted
+	cmd []byte  // command buffer
 
 	st sessionStats
 }
 
 func newSession(r *runner) *session {
 	cfg := &r.cfg
-	maxSize := cfg.Size
-	for _, sw := range cfg.SizeDist {
-		maxSize = max(maxSize, sw.Size)
-	}
-	rawCap := maxSize + 256 + cfg.RecipientsPerMessage*(len("user, @")+8+maxDomainLen(cfg.Domains))
+	headCap := 256 + cfg.RecipientsPerMessage*(len("user, @")+8+maxDomainLen(cfg.Domains))
 	return &session{
-		r:    r,
-		cfg:  cfg,
-		br:   bufio.NewReaderSize(nil, 4096),
-		raw:  make([]byte, 0, rawCap),
-		wire: make([]byte, 0, rawCap+rawCap/16+8),
-		cmd:  make([]byte, 0, 512),
+		r:   r,
+		cfg: cfg,
+		br:  bufio.NewReaderSize(nil, 4096),
+		bw:  bufio.NewWriterSize(nil, contentBufSize),
+		msg: message{
+			head: make([]byte, 0, headCap),
+			tail: make([]byte, 0, maxLineLen+2),
+		},
+		cmd: make([]byte, 0, 512),
 		st: sessionStats{
 			latency: make([]time.Duration, 0, min(cfg.Messages/cfg.Sessions+1, 1<<20)),
 		},
@@ -194,6 +195,7 @@ func (s *session) dial() error {
 	s.conn = c
 	s.deadline = time.Time{}
 	s.br.Reset(c)
+	s.bw.Reset(c)
 	s.onConn = 0
 	s.stopConn = context.AfterFunc(ctx, func() { c.Close() })
 
@@ -271,8 +273,8 @@ func (s *session) roundTrip(b []byte) (int, error) {
 // message runs one mail transaction. A non-nil error means the connection
 // is unusable (I/O error, protocol error or 421) and must be dropped.
 func (s *session) message(seq int) (outcome, error) {
-	s.raw = s.r.gen.build(s.raw[:0], seq)
-	s.wire = appendDotStuffed(s.wire[:0], s.raw)
+	s.msg.head = s.msg.head[:0]
+	s.r.gen.compose(&s.msg, seq)
 	s.st.attempted++
 	if s.cfg.Pipelining {
 		return s.pipelined(seq)
@@ -472,19 +474,24 @@ func (s *session) pipelined(seq int) (outcome, error) {
 }
 
 // content writes the dot-stuffed message and its terminator, times the
-// end-of-data reply and accounts for it.
+// end-of-data reply and accounts for it. The message is stuffed on the fly
+// into s.bw, so no copy of it is made.
 func (s *session) content() (outcome, error) {
-	w := s.wire
+	d := dotWriter{w: s.bw}
+	n := s.msg.len()
+	timed := 0 // where the timed part of the message starts
 	s.arm()
-	if len(w) > splitWriteOver {
-		if err := s.write(w[:len(w)-splitTail]); err != nil {
+	if n > splitWriteOver {
+		timed = n - splitTail
+		d.writeRange(&s.msg, 0, timed)
+		if err := s.bw.Flush(); err != nil {
 			return outError, err
 		}
-		w = w[len(w)-splitTail:]
 	}
 	s.scanID = s.r.wantID
 	t0 := time.Now()
-	if err := s.write(w); err != nil {
+	d.writeRange(&s.msg, timed, n)
+	if err := d.end(); err != nil {
 		return outError, err
 	}
 	code, err := s.readReply()
@@ -518,6 +525,7 @@ func (s *session) accepted() {
 		r.queueIDs = append(r.queueIDs, s.id)
 	}
 	if r.cfg.OnAccepted != nil {
+		s.raw = s.msg.appendTo(slices.Grow(s.raw[:0], s.msg.len()))
 		r.cfg.OnAccepted(s.id, s.raw)
 	}
 }
@@ -610,23 +618,54 @@ func queueID(text []byte) string {
 	return ""
 }
 
-// appendDotStuffed appends msg to dst in DATA wire form: every line that
-// starts with "." gets another "." (RFC 5321 §4.5.2), a final CRLF is added
-// if msg does not end with one, and the terminating ".\r\n" follows. msg is
-// expected to use CRLF line endings.
-func appendDotStuffed(dst, msg []byte) []byte {
-	for len(msg) > 0 {
-		if msg[0] == '.' {
-			dst = append(dst, '.')
+// dotWriter writes message content in DATA wire form to w: every line that
+// starts with "." gets another "." (RFC 5321 §4.5.2). Content may be written
+// in pieces split anywhere. Write errors are left in w (bufio.Writer keeps
+// the first one) and reported by end.
+type dotWriter struct {
+	w   *bufio.Writer
+	mid bool // the last byte written was not a '\n': not at a line start
+}
+
+var nlDot = []byte("\n.")
+
+// write writes b, dot-stuffed.
+func (d *dotWriter) write(b []byte) {
+	for len(b) > 0 {
+		if !d.mid && b[0] == '.' {
+			d.w.WriteByte('.')
 		}
-		i := bytes.IndexByte(msg, '\n')
+		i := bytes.Index(b, nlDot) // the end of the line before the next "." line
 		if i < 0 {
-			dst = append(dst, msg...)
-			dst = append(dst, '\r', '\n')
-			break
+			d.w.Write(b)
+			d.mid = b[len(b)-1] != '\n'
+			return
 		}
-		dst = append(dst, msg[:i+1]...)
-		msg = msg[i+1:]
+		d.w.Write(b[:i+1])
+		d.mid = false
+		b = b[i+1:]
 	}
-	return append(dst, '.', '\r', '\n')
+}
+
+// writeRange writes bytes [from, to) of m, dot-stuffed.
+func (d *dotWriter) writeRange(m *message, from, to int) {
+	for _, seg := range [...][]byte{m.head, m.body, m.tail} {
+		lo, hi := min(max(from, 0), len(seg)), min(max(to, 0), len(seg))
+		if lo < hi {
+			d.write(seg[lo:hi])
+		}
+		from -= len(seg)
+		to -= len(seg)
+	}
+}
+
+// end adds a CRLF if the content did not end with one, writes the
+// terminating ".\r\n" and flushes.
+func (d *dotWriter) end() error {
+	if d.mid {
+		d.w.WriteString("\r\n")
+	}
+	d.w.WriteString(".\r\n")
+	d.mid = false
+	return d.w.Flush()
 }

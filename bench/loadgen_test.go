@@ -6,7 +6,9 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"net"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -870,14 +872,27 @@ func TestGeneratedHeadersLargerThanSize(t *testing.T) {
 	}
 }
 
-func TestBuildDoesNotAllocate(t *testing.T) {
+// build appends message seq to dst in one piece.
+func (g *generator) build(dst []byte, seq int) []byte {
+	var m message
+	g.compose(&m, seq)
+	return m.appendTo(dst)
+}
+
+// TestMessageDoesNotAllocate covers what a session does per message:
+// compose, send dot-stuffed, and build the raw bytes for OnAccepted.
+func TestMessageDoesNotAllocate(t *testing.T) {
 	g := testGenerator(t, LoadConfig{Size: 8000})
 	raw := make([]byte, 0, 9000)
-	wire := make([]byte, 0, 10000)
+	m := message{head: make([]byte, 0, 512), tail: make([]byte, 0, maxLineLen+2)}
+	d := dotWriter{w: bufio.NewWriter(io.Discard)}
 	seq := 0
 	allocs := testing.AllocsPerRun(100, func() {
-		raw = g.build(raw[:0], seq)
-		wire = appendDotStuffed(wire[:0], raw)
+		m.head = m.head[:0]
+		g.compose(&m, seq)
+		d.writeRange(&m, 0, m.len())
+		d.end()
+		raw = m.appendTo(raw[:0])
 		seq++
 	})
 	if allocs != 0 {
@@ -885,7 +900,60 @@ func TestBuildDoesNotAllocate(t *testing.T) {
 	}
 }
 
-func TestAppendDotStuffed(t *testing.T) {
+// TestComposeSegments checks that compose reuses the session's buffers and
+// shares the body with the pool, and that writing a message in two ranges
+// gives the same wire bytes as in one.
+func TestComposeSegments(t *testing.T) {
+	for _, size := range []int{200, 203, 1000, 70000, 1 << 20} {
+		g := testGenerator(t, LoadConfig{Size: size, Seed: 11, RecipientsPerMessage: 2})
+		var m message
+		for seq := range 20 {
+			m.head = m.head[:0]
+			g.compose(&m, seq)
+			raw := g.build(nil, seq)
+			if got := m.appendTo(nil); !bytes.Equal(got, raw) || m.len() != len(raw) {
+				t.Fatalf("size %d seq %d: compose gives %d bytes that differ from build's %d", size, seq, len(got), len(raw))
+			}
+			if len(m.body) > 0 && !slices.ContainsFunc(g.starts, func(i int) bool { return &g.pool[i] == &m.body[0] }) {
+				t.Fatalf("size %d seq %d: body is not a slice of the pool", size, seq)
+			}
+			want := stuffed(raw)
+			var whole, split bytes.Buffer
+			d := dotWriter{w: bufio.NewWriterSize(&whole, 4096)}
+			d.writeRange(&m, 0, m.len())
+			d.end()
+			cut := seq * 7919 % (m.len() + 1)
+			d = dotWriter{w: bufio.NewWriterSize(&split, 4096)}
+			d.writeRange(&m, 0, cut)
+			d.writeRange(&m, cut, m.len())
+			d.end()
+			if !bytes.Equal(whole.Bytes(), want) || !bytes.Equal(split.Bytes(), want) {
+				t.Fatalf("size %d seq %d: wire form differs (cut at %d)", size, seq, cut)
+			}
+		}
+	}
+}
+
+// stuffed is the DATA wire form of msg, done line by line as a reference.
+func stuffed(msg []byte) []byte {
+	var b []byte
+	for len(msg) > 0 {
+		if msg[0] == '.' {
+			b = append(b, '.')
+		}
+		i := bytes.IndexByte(msg, '\n')
+		if i < 0 {
+			b = append(b, msg...)
+			b = append(b, '\r', '\n')
+			break
+		}
+		b = append(b, msg[:i+1]...)
+		msg = msg[i+1:]
+	}
+	return append(b, '.', '\r', '\n')
+}
+
+func TestDotWriter(t *testing.T) {
 	tests := []struct{ in, want string }{
 		{"", ".\r\n"},
 		{"a\r\n", "a\r\n.\r\n"},
@@ -896,9 +964,24 @@ func TestAppendDotStuffed(t *testing.T) {
 		{"x\r\n\r\n.\r\n", "x\r\n\r\n..\r\n.\r\n"},
 	}
 	for _, tt := range tests {
-		got := appendDotStuffed([]byte("prefix:"), []byte(tt.in))
-		if string(got) != "prefix:"+tt.want {
-			t.Errorf("appendDotStuffed(%q) = %q, want %q", tt.in, got, "prefix:"+tt.want)
+		if got := string(stuffed([]byte(tt.in))); got != tt.want {
+			t.Errorf("stuffed(%q) = %q, want %q", tt.in, got, tt.want)
+		}
+		// Every way of cutting the input into three pieces.
+		for i := 0; i <= len(tt.in); i++ {
+			for j := i; j <= len(tt.in); j++ {
+				var buf bytes.Buffer
+				d := dotWriter{w: bufio.NewWriter(&buf)}
+				d.write([]byte(tt.in[:i]))
+				d.write([]byte(tt.in[i:j]))
+				d.write([]byte(tt.in[j:]))
+				if err := d.end(); err != nil {
+					t.Fatal(err)
+				}
+				if buf.String() != tt.want {
+					t.Errorf("dotWriter(%q cut at %d, %d) = %q, want %q", tt.in, i, j, buf.String(), tt.want)
+				}
+			}
 		}
 	}
 }
