@@ -63,7 +63,7 @@ func newWorldOn(t *testing.T, onDeliveryPort bool, delivery, extraYAML string) *
 	}
 	yaml := fmt.Sprintf(`data_dir: %s
 hostname: mta.test
-listen: {smtp: "%s", submission: "", pop3: "", http: "127.0.0.1:0"}
+listen: {smtp: "%s", submission: "", pop3: "127.0.0.1:0", http: "127.0.0.1:0"}
 dns: {servers: ["%s"], timeout: 1s, ipv6: false}
 delivery: {port: %d, min_backoff: 1s, max_backoff: 2s, idle_timeout: 5s, tls: none%s}
 smtp: {shutdown_timeout: 5s, max_connections_per_ip: 1000}

@@ -1,0 +1,187 @@
+package server
+
+import (
+	"bufio"
+	"bytes"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/emersion/go-smtp"
+
+	"github.com/mtaproject/mta/bench"
+	"github.com/mtaproject/mta/internal/pytest"
+	"github.com/mtaproject/mta/mta/auth"
+)
+
+// localWorld is a world whose server hosts local.test: alice (with the
+// postmaster alias) and bob (the catch-all of other.test).
+func localWorld(t *testing.T, quota string) *world {
+	t.Helper()
+	hash, err := auth.Hash("alice-secret")
+	if err != nil {
+		t.Fatal(err)
+	}
+	users := filepath.Join(t.TempDir(), "users")
+	content := fmt.Sprintf("alice:%s::alice@local.test,postmaster@local.test\nbob:%s::@other.test\n", hash, hash)
+	if err := os.WriteFile(users, []byte(content), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return newWorld(t, "", fmt.Sprintf("local_domains: [local.test, other.test]\nauth: {users_file: %s}\nmailboxes: {quota: %s}\n", users, quota))
+}
+
+// smtpReply sends one transaction line by line and returns the reply to
+// RCPT for each recipient (or the error).
+func rcptReplies(t *testing.T, addr, mailParams string, rcpts ...string) []string {
+	t.Helper()
+	c, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	r := bufio.NewReader(c)
+	read := func() string {
+		var all []string
+		for {
+			line, err := r.ReadString('\n')
+			if err != nil {
+				t.Fatalf("reading a reply: %v", err)
+			}
+			all = append(all, strings.TrimRight(line, "\r\n"))
+			if len(line) < 4 || line[3] != '-' {
+				return strings.Join(all, " | ")
+			}
+		}
+	}
+	read()
+	fmt.Fprint(c, "EHLO client.test\r\n")
+	read()
+	fmt.Fprintf(c, "MAIL FROM:<someone@example.net>%s\r\n", mailParams)
+	read()
+	var out []string
+	for _, rc := range rcpts {
+		fmt.Fprintf(c, "RCPT TO:<%s>\r\n", rc)
+		out = append(out, read())
+	}
+	return out
+}
+
+// TestLocalDeliveryReadOverPOP3 sends a message to two aliases of one
+// local user and to a remote recipient; the remote one is relayed, the
+// local user gets one copy with trace headers, and Python's poplib reads
+// it byte for byte, over STLS, with every command.
+func TestLocalDeliveryReadOverPOP3(t *testing.T) {
+	py := pytest.Python(t, "poplib", "ssl")
+	w := localWorld(t, "1MiB")
+	w.dns.SetA("remote.test", "127.0.0.1")
+	remote := w.sink("127.0.0.1", bench.SinkConfig{})
+	body := "From: app@example.org\r\nSubject: for the postmaster\r\nMessage-ID: <m1@example.org>\r\n\r\nHello.\r\n.a line with a dot\r\n"
+	id := w.sendDSN("app@example.org", nil, []rcpt{{addr: "alice@local.test"}, {addr: "Postmaster@local.test"}, {addr: "x@remote.test"}}, body)
+	w.waitFor("delivery", 10*time.Second, func() bool { return w.gone(id) })
+	if n := len(remote.Messages()); n != 1 {
+		t.Fatalf("the remote recipient got %d messages", n)
+	}
+	list, err := w.srv.Spool().MailboxList("alice")
+	if err != nil || len(list) != 1 || list[0].UID != id {
+		t.Fatalf("alice's mailbox: %+v, %v", list, err)
+	}
+	stored, err := w.srv.Spool().MailboxGet("alice", id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	trace := "Return-Path: <app@example.org>\r\nDelivered-To: alice@local.test\r\nDelivered-To: postmaster@local.test\r\nReceived: from "
+	if !bytes.HasPrefix(stored, []byte(trace)) || !bytes.HasSuffix(stored, []byte("\r\n"+body)) {
+		t.Fatalf("stored message:\n%s", stored)
+	}
+	if int64(len(stored)) != list[0].Size {
+		t.Errorf("indexed size %d, stored %d", list[0].Size, len(stored))
+	}
+
+	wantFile := filepath.Join(t.TempDir(), "want")
+	os.WriteFile(wantFile, stored, 0o600)
+	host, port, _ := net.SplitHostPort(w.srv.Addr("pop3"))
+	out, err := exec.Command(py, "testdata/pop3_client.py", host, port, "alice", "alice-secret", wantFile).CombinedOutput()
+	if err != nil {
+		t.Fatalf("poplib client: %v\n%s", err, out)
+	}
+	steps := map[string]map[string]any{}
+	for _, line := range strings.Split(strings.TrimSpace(string(out)), "\n") {
+		var m map[string]any
+		if err := json.Unmarshal([]byte(line), &m); err != nil {
+			t.Fatalf("bad line %q", line)
+		}
+		steps[m["step"].(string)] = m
+	}
+	caps := fmt.Sprint(steps["capa"]["caps"])
+	for _, c := range []string{"TOP", "UIDL", "USER", "SASL", "RESP-CODES", "AUTH-RESP-CODE", "PIPELINING", "STLS", "EXPIRE", "IMPLEMENTATION"} {
+		if !strings.Contains(caps, c) {
+			t.Errorf("CAPA lacks %s: %s", c, caps)
+		}
+	}
+	if strings.Contains(fmt.Sprint(steps["capa-tls"]["caps"]), "STLS") {
+		t.Error("STLS offered again after TLS")
+	}
+	if s := steps["stat"]; s["count"] != 1.0 || s["size"] != float64(len(stored)) {
+		t.Errorf("STAT %v, want 1 %d", s, len(stored))
+	}
+	if l := fmt.Sprint(steps["uidl"]["lines"]); l != "[1 "+id+"]" {
+		t.Errorf("UIDL %s", l)
+	}
+	if r := steps["retr"]; r["same"] != true {
+		t.Errorf("RETR gave different bytes: %v", r)
+	}
+	if s := steps["second"]["text"].(string); !strings.HasPrefix(s, "-ERR [IN-USE]") {
+		t.Errorf("second session: %q", s)
+	}
+	if steps["after-drop"]["count"] != 1.0 {
+		t.Errorf("a session dropped without QUIT deleted its marked message: %v", steps["after-drop"])
+	}
+	if !strings.HasPrefix(steps["retr-deleted"]["text"].(string), "-ERR") || steps["after-rset"]["count"] != 1.0 {
+		t.Errorf("DELE/RSET: %v %v", steps["retr-deleted"], steps["after-rset"])
+	}
+	if q := steps["quit"]["text"].(string); !strings.Contains(q, "(1 messages deleted)") {
+		t.Errorf("QUIT: %q", q)
+	}
+	if a := steps["auth-plain"]; !strings.HasPrefix(a["text"].(string), "+OK") || a["count"] != 0.0 {
+		t.Errorf("AUTH PLAIN after the deletion: %v", a)
+	}
+	if wr := steps["wrong"]; !strings.HasPrefix(wr["text"].(string), "-ERR [AUTH]") || wr["delay"].(float64) < 0.9 {
+		t.Errorf("wrong password: %v (want -ERR [AUTH] after about a second)", wr)
+	}
+	if list, _ := w.srv.Spool().MailboxList("alice"); len(list) != 0 {
+		t.Errorf("after DELE and QUIT the mailbox still has %d messages", len(list))
+	}
+}
+
+// TestLocalRecipientsCheckedAtRCPT: an unknown local address is refused at
+// RCPT with 550 5.1.1 (nothing is accepted and then bounced), a catch-all
+// takes any address of its domain, and a mailbox without room for the
+// declared SIZE gets 552 5.2.2, as does a message at its end of data.
+func TestLocalRecipientsCheckedAtRCPT(t *testing.T) {
+	w := localWorld(t, "4KiB")
+	got := rcptReplies(t, w.srv.Addr("smtp"), " SIZE=100", "nobody@local.test", "anything@other.test", "alice@local.test")
+	if !strings.HasPrefix(got[0], "550 5.1.1 ") || !strings.HasPrefix(got[1], "250") || !strings.HasPrefix(got[2], "250") {
+		t.Errorf("RCPT replies %q", got)
+	}
+	if got := rcptReplies(t, w.srv.Addr("smtp"), " SIZE=5000", "alice@local.test"); !strings.HasPrefix(got[0], "552 5.2.2 ") {
+		t.Errorf("declared size over quota: %q", got)
+	}
+	// Without SIZE=, the end of data refuses what does not fit.
+	c, err := smtp.Dial(w.srv.Addr("smtp"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	err = c.SendMail("someone@example.net", []string{"alice@local.test"}, strings.NewReader("Subject: big\r\n\r\n"+strings.Repeat("x", 5000)+"\r\n"))
+	var se *smtp.SMTPError
+	if !errors.As(err, &se) || se.Code != 552 || se.EnhancedCode != (smtp.EnhancedCode{5, 2, 2}) {
+		t.Errorf("message over quota at the end of data: %v", err)
+	}
+}
