@@ -185,3 +185,62 @@ func TestLocalRecipientsCheckedAtRCPT(t *testing.T) {
 		t.Errorf("message over quota at the end of data: %v", err)
 	}
 }
+
+// TestFetchmailAndMpop: two independent POP3 clients from Debian fetch and
+// delete mail that came in through the SMTP edge.
+func TestFetchmailAndMpop(t *testing.T) {
+	fetchmail, err1 := exec.LookPath("fetchmail")
+	mpop, err2 := exec.LookPath("mpop")
+	if err1 != nil || err2 != nil {
+		t.Skip("fetchmail or mpop not found: apt-get install fetchmail mpop (make test does)")
+	}
+	w := localWorld(t, "1MiB")
+	host, port, _ := net.SplitHostPort(w.srv.Addr("pop3"))
+	dir := t.TempDir()
+	send := func(subject string) string {
+		return w.send("app@example.org", []string{"someone@other.test"}, "From: app@example.org\r\nSubject: "+subject+"\r\n\r\nbody of "+subject+"\r\n")
+	}
+	waitDelivered := func(ids ...string) {
+		for _, id := range ids {
+			w.waitFor("local delivery", 10*time.Second, func() bool { return w.gone(id) })
+		}
+	}
+	empty := func(client string) {
+		if list, _ := w.srv.Spool().MailboxList("bob"); len(list) != 0 {
+			t.Errorf("%s left %d messages in the mailbox", client, len(list))
+		}
+	}
+
+	waitDelivered(send("first"), send("second"))
+	rc := filepath.Join(dir, "fetchmailrc")
+	out := filepath.Join(dir, "fetched")
+	os.WriteFile(rc, []byte(fmt.Sprintf("poll %s service %s protocol pop3 auth password timeout 10\n"+
+		"  user \"bob\" there with password \"alice-secret\" is \"bob\" here\n"+
+		"  sslproto \"\" no rewrite mda \"/bin/sh -c 'cat >> %s'\"\n", host, port, out)), 0o600)
+	cmd := exec.Command(fetchmail, "-f", rc, "--nodetach", "--nosyslog", "-v", "-i", filepath.Join(dir, "fetchids"))
+	cmd.Env = append(os.Environ(), "HOME="+dir, "FETCHMAILHOME="+dir)
+	if b, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("fetchmail: %v\n%s", err, b)
+	}
+	got, _ := os.ReadFile(out)
+	if !bytes.Contains(got, []byte("body of first")) || !bytes.Contains(got, []byte("body of second")) {
+		t.Fatalf("fetchmail delivered:\n%s", got)
+	}
+	empty("fetchmail")
+
+	waitDelivered(send("third"), send("fourth"))
+	mbox := filepath.Join(dir, "mbox")
+	mrc := filepath.Join(dir, "mpoprc")
+	os.WriteFile(mrc, []byte(fmt.Sprintf("account default\nhost %s\nport %s\nuser bob\npassword alice-secret\n"+
+		"auth user\ntls off\ndelivery mbox %s\nkeep off\nuidls_file %s\n", host, port, mbox, filepath.Join(dir, "uidls"))), 0o600)
+	cmd = exec.Command(mpop, "--file="+mrc, "--quiet")
+	cmd.Env = append(os.Environ(), "HOME="+dir)
+	if b, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("mpop: %v\n%s", err, b)
+	}
+	got, _ = os.ReadFile(mbox)
+	if !bytes.Contains(got, []byte("body of third")) || !bytes.Contains(got, []byte("body of fourth")) {
+		t.Fatalf("mpop delivered:\n%s", got)
+	}
+	empty("mpop")
+}
