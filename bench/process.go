@@ -25,6 +25,7 @@ type Process struct {
 	Cmd  *exec.Cmd
 	SMTP string // bound SMTP address
 	HTTP string // bound HTTP address
+	POP3 string // bound POP3 address
 	done chan struct{}
 	mu   sync.Mutex
 	logs bytes.Buffer
@@ -35,7 +36,7 @@ type Process struct {
 // returns once the server logged that it started.
 func StartMTA(binary, dataDir, extraYAML string) (*Process, error) {
 	cfgPath := filepath.Join(dataDir, "mta.yaml")
-	yaml := fmt.Sprintf("data_dir: %s\nhostname: mx.test\nlisten:\n  smtp: 127.0.0.1:0\n  submission: \"\"\n  pop3: \"\"\n  http: 127.0.0.1:0\n%s", dataDir, extraYAML)
+	yaml := fmt.Sprintf("data_dir: %s\nhostname: mx.test\nlisten:\n  smtp: 127.0.0.1:0\n  submission: \"\"\n  pop3: 127.0.0.1:0\n  http: 127.0.0.1:0\n%s", dataDir, extraYAML)
 	if err := os.MkdirAll(dataDir, 0o750); err != nil {
 		return nil, err
 	}
@@ -77,6 +78,7 @@ func StartMTA(binary, dataDir, extraYAML string) (*Process, error) {
 	case entry := <-started:
 		p.SMTP, _ = entry["smtp"].(string)
 		p.HTTP, _ = entry["http"].(string)
+		p.POP3, _ = entry["pop3"].(string)
 		return p, nil
 	case <-p.done:
 		return nil, fmt.Errorf("mta exited during start:\n%s", p.Log())

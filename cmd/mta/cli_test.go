@@ -1,8 +1,11 @@
 package main
 
 import (
+	"bufio"
 	"errors"
+	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"os"
 	"os/exec"
@@ -328,4 +331,98 @@ func TestQueueBounce(t *testing.T) {
 		t.Errorf("the notice or the operator action was not logged:\n%s", p.Log())
 	}
 	mtaCmd(t, false, "queue", "bounce", "06H3XXXXXXXXXXXX", adminFlag) // unknown ID: an error
+}
+
+// TestUserCommandsAndLiveReload: `mta user add/passwd/rm/ls` edit the users
+// file in place (comments kept), and the running server follows within
+// seconds: a new user's address takes mail and its password opens POP3,
+// a changed password replaces the old one, a removed user's address is
+// refused at RCPT.
+func TestUserCommandsAndLiveReload(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts subprocesses")
+	}
+	dir := t.TempDir()
+	users := filepath.Join(dir, "users")
+	os.WriteFile(users, []byte("# managed by mta user\n"), 0o600)
+	cfgFile := filepath.Join(dir, "mta.yaml")
+	extra := "local_domains: [local.test]\nauth: {users_file: " + users + "}\n"
+	os.WriteFile(cfgFile, []byte(extra), 0o600)
+	p := startMTA(t, t.TempDir(), extra)
+	userCmd := func(wantOK bool, stdin string, args ...string) string {
+		t.Helper()
+		cmd := exec.Command(mtaBinary(t), append([]string{"user"}, args...)...)
+		cmd.Stdin = strings.NewReader(stdin)
+		out, err := cmd.CombinedOutput()
+		if (err == nil) != wantOK {
+			t.Fatalf("mta user %v: %v\n%s", args, err, out)
+		}
+		return string(out)
+	}
+	rcpt := func(addr string) string {
+		t.Helper()
+		c, err := smtp.Dial(p.SMTP)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		if err := c.Mail("x@example.net", nil); err != nil {
+			t.Fatal(err)
+		}
+		if err := c.Rcpt(addr, nil); err != nil {
+			return err.Error()
+		}
+		return "ok"
+	}
+	pop3Login := func(pass string) string {
+		t.Helper()
+		c, err := net.Dial("tcp", p.POP3)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		r := bufio.NewReader(c)
+		r.ReadString('\n')
+		fmt.Fprintf(c, "USER carol\r\nPASS %s\r\n", pass)
+		r.ReadString('\n')
+		line, _ := r.ReadString('\n')
+		fmt.Fprint(c, "QUIT\r\n")
+		return line
+	}
+	eventually := func(what string, cond func() bool) {
+		t.Helper()
+		deadline := time.Now().Add(10 * time.Second)
+		for !cond() {
+			if time.Now().After(deadline) {
+				t.Fatalf("the running server did not follow: %s", what)
+			}
+			time.Sleep(200 * time.Millisecond)
+		}
+	}
+	if got := rcpt("carol@local.test"); !strings.Contains(got, "550") {
+		t.Fatalf("before the user exists: %q", got)
+	}
+	userCmd(true, "first-pass\n", "add", "carol", "--address", "carol@local.test,info@local.test", "--config", cfgFile)
+	userCmd(false, "again\n", "add", "carol", "--config", cfgFile) // exists
+	eventually("a new user's address takes mail", func() bool { return rcpt("info@local.test") == "ok" })
+	if got := pop3Login("first-pass"); !strings.HasPrefix(got, "+OK") {
+		t.Fatalf("POP3 login as the new user: %q", got)
+	}
+	userCmd(true, "second-pass\n", "passwd", "carol", "--file", users)
+	eventually("the new password opens POP3", func() bool { return strings.HasPrefix(pop3Login("second-pass"), "+OK") })
+	if got := pop3Login("first-pass"); !strings.HasPrefix(got, "-ERR [AUTH]") {
+		t.Errorf("the old password still works: %q", got)
+	}
+	if out := userCmd(true, "", "ls", "--file", users); !strings.Contains(out, "carol") || !strings.Contains(out, "carol@local.test,info@local.test") || strings.Contains(out, "$2a$") {
+		t.Errorf("user ls:\n%s", out)
+	}
+	userCmd(true, "", "rm", "carol", "--file", users)
+	userCmd(false, "", "rm", "carol", "--file", users) // gone already
+	eventually("a removed user's address is refused", func() bool { return strings.Contains(rcpt("carol@local.test"), "550") })
+	if data, _ := os.ReadFile(users); !strings.HasPrefix(string(data), "# managed by mta user\n") {
+		t.Errorf("the comment was lost:\n%s", data)
+	}
+	if fi, _ := os.Stat(users); fi.Mode().Perm() != 0o600 {
+		t.Errorf("users file mode %v", fi.Mode().Perm())
+	}
 }

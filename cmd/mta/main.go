@@ -38,6 +38,11 @@ const usage = `usage:
   mta queue flush                      make every deferred message due now
   mta config check [--config FILE]     validate a configuration file
   mta user hash                        read a password on stdin, print a users-file hash
+  mta user add NAME [--address LIST] [--sender LIST]
+                                       add a user (password on stdin) to the users file
+  mta user passwd NAME                 change a user's password (on stdin)
+  mta user rm NAME | mta user ls       remove a user / list the users
+                                       (user commands edit --file FILE or the auth.users_file of --config FILE)
   mta version                          print the version
 
 queue commands find the server through --config FILE (its listen.http) or
@@ -366,21 +371,131 @@ func configCmd(args []string, out io.Writer) error {
 }
 
 func user(args []string, stdin io.Reader, out io.Writer) error {
-	if len(args) != 1 || args[0] != "hash" {
-		return errors.New("user: want hash")
+	if len(args) == 0 {
+		return errors.New("user: want hash, add, passwd, rm or ls")
 	}
-	line, err := bufio.NewReader(stdin).ReadString('\n')
-	if err != nil && !errors.Is(err, io.EOF) {
-		return err
+	if args[0] == "hash" {
+		if len(args) != 1 {
+			return errors.New("user hash: takes no arguments; the password comes on stdin")
+		}
+		pw, err := readPassword(stdin, "user hash")
+		if err != nil {
+			return err
+		}
+		h, err := auth.Hash(pw)
+		if err != nil {
+			return err
+		}
+		fmt.Fprintln(out, h)
+		return nil
 	}
-	pw := strings.TrimRight(line, "\r\n")
-	if pw == "" {
-		return errors.New("user hash: empty password on stdin")
-	}
-	h, err := auth.Hash(pw)
+	fs := flag.NewFlagSet("user "+args[0], flag.ContinueOnError)
+	cfgPath := fs.String("config", "", "configuration file whose auth.users_file to edit")
+	file := fs.String("file", "", "users file to edit (instead of --config)")
+	addresses := fs.String("address", "", "add, passwd: comma-separated addresses (and @domain catch-alls) whose mail lands in the user's mailbox")
+	senders := fs.String("sender", "", "add, passwd: comma-separated MAIL FROM addresses and @domains the user may use (empty: any)")
+	rest, err := parseInterspersed(fs, args[1:])
 	if err != nil {
 		return err
 	}
-	fmt.Fprintln(out, h)
-	return nil
+	path := *file
+	if path == "" {
+		cfg, err := config.Load(*cfgPath)
+		if err != nil {
+			return err
+		}
+		if path = cfg.Auth.UsersFile; path == "" {
+			return errors.New("user " + args[0] + ": no users file: give --file FILE, or --config FILE with auth.users_file set")
+		}
+	}
+	list := func(s string) []string {
+		var out []string
+		for _, x := range strings.Split(s, ",") {
+			if x = strings.TrimSpace(x); x != "" {
+				out = append(out, x)
+			}
+		}
+		return out
+	}
+	if args[0] == "ls" {
+		entries, err := auth.Entries(path)
+		if err != nil {
+			return err
+		}
+		tw := tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
+		fmt.Fprintln(tw, "USER\tADDRESSES\tSENDERS")
+		for _, e := range entries {
+			senders := strings.Join(e.Senders, ",")
+			if senders == "" {
+				senders = "(any)"
+			}
+			fmt.Fprintf(tw, "%s\t%s\t%s\n", e.Name, strings.Join(e.Addresses, ","), senders)
+		}
+		return tw.Flush()
+	}
+	if len(rest) != 1 {
+		return fmt.Errorf("user %s: want one user name", args[0])
+	}
+	name := rest[0]
+	if !auth.ValidName(name) {
+		return fmt.Errorf("user %s: %q: a user name is 1 to 64 letters, digits and . _ - @ +", args[0], name)
+	}
+	switch args[0] {
+	case "add", "passwd":
+		pw, err := readPassword(stdin, "user "+args[0])
+		if err != nil {
+			return err
+		}
+		hash, err := auth.Hash(pw)
+		if err != nil {
+			return err
+		}
+		err = auth.Update(path, name, func(old *auth.Entry) (*auth.Entry, error) {
+			if args[0] == "add" && old != nil {
+				return nil, fmt.Errorf("user add: %s already exists (mta user passwd changes its password)", name)
+			}
+			if args[0] == "passwd" && old == nil {
+				return nil, fmt.Errorf("user passwd: no user %s (mta user add creates one)", name)
+			}
+			e := &auth.Entry{Name: name, Hash: hash}
+			if old != nil {
+				e.Senders, e.Addresses = old.Senders, old.Addresses
+			}
+			if *addresses != "" {
+				e.Addresses = list(*addresses)
+			}
+			if *senders != "" {
+				e.Senders = list(*senders)
+			}
+			return e, nil
+		})
+		if err != nil {
+			return err
+		}
+		fmt.Fprintf(out, "%s: %s in %s (a running server reads it within seconds)\n", name, map[string]string{"add": "added", "passwd": "password changed"}[args[0]], path)
+		return nil
+	case "rm":
+		if err := auth.Update(path, name, func(*auth.Entry) (*auth.Entry, error) { return nil, nil }); err != nil {
+			if errors.Is(err, auth.ErrNoUser) {
+				return fmt.Errorf("user rm: no user %s in %s", name, path)
+			}
+			return err
+		}
+		fmt.Fprintf(out, "%s: removed from %s (its mailbox stays in the spool)\n", name, path)
+		return nil
+	}
+	return fmt.Errorf("user: unknown subcommand %q: want hash, add, passwd, rm or ls", args[0])
+}
+
+// readPassword reads one line from stdin as a password.
+func readPassword(stdin io.Reader, what string) (string, error) {
+	line, err := bufio.NewReader(stdin).ReadString('\n')
+	if err != nil && !errors.Is(err, io.EOF) {
+		return "", err
+	}
+	pw := strings.TrimRight(line, "\r\n")
+	if pw == "" {
+		return "", errors.New(what + ": empty password on stdin")
+	}
+	return pw, nil
 }
