@@ -75,6 +75,7 @@ func (s *session) run() {
 		if s.state == transaction {
 			s.srv.unlock(s.user)
 		}
+		s.raw.SetWriteDeadline(time.Now().Add(10 * time.Second)) // the last reply gets its own time
 		s.w.Flush()
 		s.conn.Close()
 	}()
