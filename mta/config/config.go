@@ -463,6 +463,9 @@ func (c *Config) validate() error {
 	if c.Auth.ClientFailureLimit > 0 {
 		positive("auth.client_failure_window", int64(c.Auth.ClientFailureWindow))
 	}
+	if c.Listen.POP3S != "" && c.TLS.CertFile == "" && !c.TLS.SelfSigned {
+		bad("listen.pop3s", "POP3 over implicit TLS needs a certificate: set tls.cert_file and tls.key_file, or tls.self_signed")
+	}
 	if (c.TLS.CertFile == "") != (c.TLS.KeyFile == "") {
 		bad("tls.cert_file", "cert_file and key_file must be set together")
 	}

@@ -223,3 +223,13 @@ func TestEmptySectionKeepsDefaults(t *testing.T) {
 		t.Fatalf("defaults lost: %+v", cfg.SMTP)
 	}
 }
+
+func TestPOP3SNeedsACertificate(t *testing.T) {
+	_, err := Parse([]byte("listen: {pop3s: \"127.0.0.1:2995\"}\ntls: {self_signed: false}\n"))
+	if err == nil || !strings.Contains(err.Error(), "listen.pop3s") {
+		t.Fatalf("pop3s without a certificate: %v", err)
+	}
+	if _, err := Parse([]byte("listen: {pop3s: \"127.0.0.1:2995\"}\n")); err != nil {
+		t.Fatalf("pop3s with the self-signed default: %v", err)
+	}
+}
