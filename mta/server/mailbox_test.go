@@ -244,3 +244,23 @@ func TestFetchmailAndMpop(t *testing.T) {
 	}
 	empty("mpop")
 }
+
+// TestBounceToALocalSenderLandsInItsMailbox: the notice for a message from
+// a local user goes the way of any mail to a local domain: into the
+// user's mailbox.
+func TestBounceToALocalSenderLandsInItsMailbox(t *testing.T) {
+	w := localWorld(t, "1MiB")
+	w.dns.SetA("remote.test", "127.0.0.1")
+	w.sink("127.0.0.1", bench.SinkConfig{RcptReplies: map[string]string{"gone@remote.test": "550 5.1.1 gone"}})
+	id := w.send("alice@local.test", []string{"gone@remote.test"}, "From: alice@local.test\r\nSubject: hi\r\n\r\nx\r\n")
+	w.waitFor("the bounce in alice's mailbox", 10*time.Second, func() bool {
+		list, _ := w.srv.Spool().MailboxList("alice")
+		return len(list) == 1 && w.gone(id)
+	})
+	list, _ := w.srv.Spool().MailboxList("alice")
+	msg, _ := w.srv.Spool().MailboxGet("alice", list[0].UID)
+	r := parseReport(string(msg))
+	if !bytes.HasPrefix(msg, []byte("Return-Path: <>\r\nDelivered-To: alice@local.test\r\n")) || r.rcpts["gone@remote.test"]["Status"] != "5.1.1" || r.perMessage["X-Queue-ID"] != id {
+		t.Fatalf("alice's mailbox holds:\n%s", msg)
+	}
+}
