@@ -13,6 +13,8 @@ import (
 	"context"
 	"fmt"
 	"strings"
+	"sync"
+	"time"
 
 	"github.com/mtaproject/mta/mta"
 	"github.com/mtaproject/mta/scheduler"
@@ -47,7 +49,23 @@ type Transport struct {
 	Store     Store
 	// Quota is the most octets a mailbox may hold; zero: no limit.
 	Quota int64
+
+	usageMu sync.Mutex
+	usage   map[string]usage // recent usage per mailbox: see over
 }
+
+// usage is a mailbox's octets as last measured, plus what was delivered
+// since.
+type usage struct {
+	size int64
+	at   time.Time
+}
+
+// usageTTL is how long a measured usage is trusted. Measuring reads the
+// mailbox's whole index, which a postmaster mailbox full of bounces makes
+// long; within the TTL deliveries are added to it, and deletions over POP3
+// are seen at the next measure (the quota is a limit, not an account).
+const usageTTL = 10 * time.Second
 
 // Class is the metrics class of local delivery.
 const Class = "local"
@@ -129,6 +147,10 @@ func (c conn) Send(ctx context.Context, env *scheduler.Envelope, body []byte) ([
 					replies[i] = replyStoreFail
 				}
 			}
+		} else {
+			for _, cp := range copies {
+				c.t.delivered(cp.Mailbox, int64(len(cp.Header)+len(body)))
+			}
 		}
 	}
 	return replies, nil
@@ -139,8 +161,33 @@ func (t *Transport) over(mailbox string, size int64) (bool, error) {
 	if t.Quota <= 0 {
 		return false, nil
 	}
-	_, used, err := t.Store.MailboxUsage(mailbox)
-	return used+size > t.Quota, err
+	t.usageMu.Lock()
+	u, ok := t.usage[mailbox]
+	t.usageMu.Unlock()
+	if !ok || time.Since(u.at) > usageTTL {
+		_, used, err := t.Store.MailboxUsage(mailbox)
+		if err != nil {
+			return false, err
+		}
+		u = usage{size: used, at: time.Now()}
+		t.usageMu.Lock()
+		if t.usage == nil || len(t.usage) > 10000 {
+			t.usage = map[string]usage{}
+		}
+		t.usage[mailbox] = u
+		t.usageMu.Unlock()
+	}
+	return u.size+size > t.Quota, nil
+}
+
+// delivered adds what a delivery stored to the recent usage.
+func (t *Transport) delivered(mailbox string, size int64) {
+	t.usageMu.Lock()
+	defer t.usageMu.Unlock()
+	if u, ok := t.usage[mailbox]; ok {
+		u.size += size
+		t.usage[mailbox] = u
+	}
 }
 
 // Check is the SMTP edge's question at RCPT and at the end of data: nil if

@@ -1,0 +1,79 @@
+package mailbox
+
+import (
+	"context"
+	"slices"
+	"strings"
+	"testing"
+
+	"github.com/mtaproject/mta/mta"
+	"github.com/mtaproject/mta/scheduler"
+)
+
+type dir map[string]string
+
+func (d dir) Mailbox(a string) (string, bool) {
+	if u, ok := d[strings.ToLower(a)]; ok {
+		return u, true
+	}
+	u, ok := d[a[strings.LastIndexByte(a, '@'):]]
+	return u, ok
+}
+
+type store struct {
+	copies []Copy
+	usage  map[string]int64
+	scans  int
+}
+
+func (s *store) DeliverLocal(id string, copies []Copy) error {
+	s.copies = append(s.copies, copies...)
+	return nil
+}
+
+func (s *store) MailboxUsage(m string) (int, int64, error) {
+	s.scans++
+	return 0, s.usage[m], nil
+}
+
+func TestOneCopyPerMailboxUnknownAndFull(t *testing.T) {
+	st := &store{usage: map[string]int64{"full": 990}}
+	tr := &Transport{Directory: func() Directory {
+		return dir{"a@x.test": "alice", "postmaster@x.test": "alice", "@y.test": "bob", "f@x.test": "full"}
+	}, Store: st, Quota: 1000}
+	c, _ := tr.Connect(context.Background(), nil)
+	env := &scheduler.Envelope{ID: "Q1", From: "s@example.org", Recipients: []mta.Recipient{
+		{Address: "a@x.test"}, {Address: "Postmaster@x.test"}, {Address: "nobody@x.test"}, {Address: "any@y.test"}, {Address: "f@x.test"},
+	}}
+	replies, err := c.Send(context.Background(), env, []byte("Subject: x\r\n\r\nhello\r\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var codes []int
+	for _, r := range replies {
+		codes = append(codes, r.Code)
+	}
+	if want := []int{250, 250, 550, 250, 452}; !slices.Equal(codes, want) {
+		t.Fatalf("replies %v, want %v", codes, want)
+	}
+	if len(st.copies) != 2 || st.copies[0].Mailbox != "alice" || len(st.copies[0].Recipients) != 2 ||
+		string(st.copies[0].Header) != "Return-Path: <s@example.org>\r\nDelivered-To: a@x.test\r\nDelivered-To: postmaster@x.test\r\n" {
+		t.Fatalf("copies %+v", st.copies)
+	}
+	// alice's usage was measured (0) before the delivery and follows it:
+	// about 120 octets now, so 900 more are over the quota, 800 are not,
+	// without measuring again.
+	scans := st.scans
+	if rep := tr.Check("a@x.test", 900); rep == nil || rep.Code != 552 {
+		t.Errorf("a delivery was not added to the mailbox's usage: %v", rep)
+	}
+	if rep := tr.Check("a@x.test", 800); rep != nil {
+		t.Errorf("room for 800 octets refused: %v", rep)
+	}
+	if st.scans != scans {
+		t.Errorf("usage measured again within its TTL")
+	}
+	if rep := tr.Check("nobody@x.test", 0); rep == nil || rep.Code != 550 || rep.Enhanced != (mta.Enhanced{5, 1, 1}) {
+		t.Errorf("unknown address: %v", rep)
+	}
+}
