@@ -413,6 +413,12 @@ func TestUserCommandsAndLiveReload(t *testing.T) {
 	if got := pop3Login("first-pass"); !strings.HasPrefix(got, "-ERR [AUTH]") {
 		t.Errorf("the old password still works: %q", got)
 	}
+	if v, err := p.Metric(`mta_pop3_logins_total{listener="pop3",result="failure"}`); err != nil || v < 1 {
+		t.Errorf("failed POP3 logins counted: %v, %v", v, err)
+	}
+	if !strings.Contains(p.Log(), `"msg":"pop3 login","listener":"pop3","user":"carol","client_ip":"127.0.0.1","result":"failure"`) {
+		t.Errorf("the failed login was not logged")
+	}
 	if out := userCmd(true, "", "ls", "--file", users); !strings.Contains(out, "carol") || !strings.Contains(out, "carol@local.test,info@local.test") || strings.Contains(out, "$2a$") {
 		t.Errorf("user ls:\n%s", out)
 	}
