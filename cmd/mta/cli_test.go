@@ -432,3 +432,18 @@ func TestUserCommandsAndLiveReload(t *testing.T) {
 		t.Errorf("users file mode %v", fi.Mode().Perm())
 	}
 }
+
+// TestEveryCommandHasHelp: --help on any command or subcommand prints its
+// usage and exits 0.
+func TestEveryCommandHasHelp(t *testing.T) {
+	for _, args := range [][]string{{"--help"}, {"help"}, {"serve", "--help"}, {"queue", "--help"}, {"queue", "ls", "--help"},
+		{"queue", "bounce", "-h"}, {"user", "--help"}, {"user", "add", "--help"}, {"config", "--help"}, {"config", "check", "--help"}} {
+		out := mtaCmd(t, true, args...)
+		if !strings.Contains(strings.ToLower(out), "usage") {
+			t.Errorf("mta %v: %q", args, out)
+		}
+	}
+	if out := mtaCmd(t, true, "queue", "--help"); !strings.Contains(out, "mta queue bounce ID") || strings.Contains(out, "mta serve") {
+		t.Errorf("queue --help:\n%s", out)
+	}
+}

@@ -57,9 +57,44 @@ func main() {
 }
 
 func run(args []string, stdin io.Reader, stdout io.Writer) error {
+	err := dispatch(args, stdin, stdout)
+	if errors.Is(err, flag.ErrHelp) {
+		return nil // --help on a subcommand: its flags were printed
+	}
+	return err
+}
+
+// isHelp reports whether arg asks for help.
+func isHelp(arg string) bool { return arg == "--help" || arg == "-help" || arg == "-h" || arg == "help" }
+
+// commandUsage prints the usage lines of one command ("queue", "user").
+func commandUsage(out io.Writer, command string) {
+	fmt.Fprintln(out, "usage:")
+	keep := false
+	for _, line := range strings.Split(usage, "\n") {
+		switch {
+		case strings.HasPrefix(line, "  mta "):
+			keep = strings.HasPrefix(line, "  mta "+command+" ")
+		case !strings.HasPrefix(line, "   "):
+			keep = false
+		}
+		if keep {
+			fmt.Fprintln(out, line)
+		}
+	}
+	if command == "queue" {
+		fmt.Fprintln(out, "\nqueue commands find the server through --config FILE (its listen.http) or\n--admin URL (default http://127.0.0.1:9725, or $MTA_ADMIN).")
+	}
+}
+
+func dispatch(args []string, stdin io.Reader, stdout io.Writer) error {
 	if len(args) == 0 {
 		fmt.Fprint(os.Stderr, usage)
 		return errors.New("no command given")
+	}
+	if len(args) >= 2 && isHelp(args[1]) && (args[0] == "queue" || args[0] == "user" || args[0] == "config") {
+		commandUsage(stdout, args[0])
+		return nil
 	}
 	switch args[0] {
 	case "serve":
