@@ -13,6 +13,7 @@ require (
 	go.yaml.in/yaml/v3 v3.0.6
 	golang.org/x/crypto v0.59.0
 	golang.org/x/net v0.62.0
+	gopkg.in/natefinch/lumberjack.v2 v2.2.1
 )
 
 require (

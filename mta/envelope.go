@@ -69,6 +69,7 @@ type Envelope struct {
 	ClientIP   string      // the client's IP address
 	HELO       string      // the HELO/EHLO name the client gave
 	AuthUser   string      // the authenticated user, if any
+	MessageID  string      // the header's Message-ID ("<…>"), for logs; "" when none
 	Received   time.Time   // when the message was accepted
 }
 

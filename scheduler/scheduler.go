@@ -45,8 +45,12 @@ type Options struct {
 
 	Logger     *zap.Logger
 	Registerer prometheus.Registerer
-	Now        func() time.Time
-	Seed       uint64 // jitter; 0: random
+	// Observe, when set, is told of every recipient outcome (the
+	// accounting log). It is called from delivery workers: it must be quick
+	// and safe for concurrent use.
+	Observe func(OutcomeEvent)
+	Now     func() time.Time
+	Seed    uint64 // jitter; 0: random
 }
 
 func (o *Options) defaults() {

@@ -30,7 +30,8 @@ type Message struct {
 	SMTPUTF8   bool
 	Body8Bit   bool
 	Received   time.Time
-	Size       int64 // bytes as stored, for the memory budget
+	MessageID  string // the header's, for the log
+	Size       int64  // bytes as stored, for the memory budget
 	Recipients []Recipient
 }
 
@@ -141,4 +142,18 @@ type Envelope struct {
 	SMTPUTF8   bool
 	Body8Bit   bool
 	Recipients []mta.Recipient
+}
+
+// OutcomeEvent is one recipient's outcome of an attempt, or of a decision
+// made without one (expiry, routing), for Options.Observe.
+type OutcomeEvent struct {
+	Outcome     string   // delivered, deferred, failed or expired
+	Message     *Message // the message as read for the attempt
+	Recipient   string
+	Destination string // next-hop key; "" without a destination
+	MX, IP, TLS string // the host, address:port and TLS session that replied
+	Reply       *mta.Reply
+	Reason      string // without Reply: our own reason
+	Attempt     int
+	QueuedFor   time.Duration // since arrival
 }

@@ -146,7 +146,7 @@ func (s *Scheduler) deliver(conn Conn, route Route, w *work, reused bool) error 
 		return nil
 	}
 	if s.opts.Now().Sub(m.Received) >= s.opts.MaxLifetime {
-		s.expire(w.key.id, addresses(env.Recipients), local("no attempt made"))
+		s.expire(m, addresses(env.Recipients), local("no attempt made"))
 		return nil
 	}
 	if err := s.opts.Memory.Acquire(s.sendCtx, m.Size); err != nil {
@@ -213,9 +213,7 @@ func (s *Scheduler) deliver(conn Conn, route Route, w *work, reused bool) error 
 		s.m.outcomes.WithLabelValues("deferred", class).Add(float64(n))
 		s.temporary(w, m, attempts, deferred)
 	}
-	if s.log.Core().Enabled(zap.InfoLevel) {
-		s.logOutcomes(conn, route, m, env.Recipients, replies, attempts+1)
-	}
+	s.logOutcomes(conn, route, m, env.Recipients, replies, attempts+1)
 	return nil
 }
 
@@ -233,28 +231,50 @@ func describe(conn Conn) (host, tls string) {
 	return "", ""
 }
 
-// logOutcomes logs one line per recipient of an attempt: what a mail
-// operator greps for when a user asks where their mail went.
+// logOutcomes reports one outcome per recipient of an attempt: a log line
+// (what a mail operator greps for when a user asks where their mail went)
+// and, when set, Options.Observe (the accounting log).
 func (s *Scheduler) logOutcomes(conn Conn, route Route, m *Message, rcpts []mta.Recipient, replies []*mta.Reply, attempt int) {
 	host, tlsInfo := describe(conn)
-	delay := s.opts.Now().Sub(m.Received).Round(time.Millisecond)
 	for i, r := range rcpts {
-		rep := replies[i]
-		outcome, code, enhanced, text := "deferred", 0, "", "no reply"
-		if rep != nil {
-			code, enhanced, text = rep.Code, rep.Enhanced.String(), rep.Text
-			switch {
-			case rep.Code/100 == 2:
-				outcome = "delivered"
-			case rep.Permanent():
-				outcome = "failed"
-			}
+		e := OutcomeEvent{Outcome: "deferred", Message: m, Recipient: r.Address, Destination: route.Key(),
+			MX: host, IP: conn.Endpoint(), TLS: tlsInfo, Reply: replies[i], Attempt: attempt}
+		if rep := replies[i]; rep == nil {
+			e.Reason = "no reply"
+		} else if rep.Code/100 == 2 {
+			e.Outcome = "delivered"
+		} else if rep.Permanent() {
+			e.Outcome = "failed"
 		}
-		s.log.Info("delivery outcome", zap.String("outcome", outcome), zap.String("id", m.ID),
-			zap.String("rcpt", r.Address), zap.String("destination", route.Key()), zap.String("mx", host),
-			zap.String("ip", conn.Endpoint()), zap.Int("code", code), zap.String("enhanced", enhanced),
-			zap.String("reply", text), zap.Int("attempt", attempt), zap.Duration("delay", delay), zap.String("tls", tlsInfo))
+		s.report(e)
 	}
+}
+
+// report logs an outcome and hands it to Options.Observe.
+func (s *Scheduler) report(e OutcomeEvent) {
+	if e.Message != nil {
+		e.QueuedFor = s.opts.Now().Sub(e.Message.Received)
+	}
+	if s.opts.Observe != nil {
+		s.opts.Observe(e)
+	}
+	ce := s.log.Check(zap.InfoLevel, "delivery outcome")
+	if ce == nil {
+		return
+	}
+	id := ""
+	if e.Message != nil {
+		id = e.Message.ID
+	}
+	fields := []zap.Field{zap.String("outcome", e.Outcome), zap.String("id", id), zap.String("rcpt", e.Recipient)}
+	if e.Reply == nil {
+		ce.Write(append(fields, zap.String("reply", e.Reason))...)
+		return
+	}
+	ce.Write(append(fields, zap.String("destination", e.Destination), zap.String("mx", e.MX),
+		zap.String("ip", e.IP), zap.Int("code", e.Reply.Code), zap.String("enhanced", e.Reply.Enhanced.String()),
+		zap.String("reply", e.Reply.Text), zap.Int("attempt", e.Attempt), zap.Duration("delay", e.QueuedFor.Round(time.Millisecond)),
+		zap.String("tls", e.TLS))...)
 }
 
 // temporary defers the domain's queued recipients with backoff, or fails
@@ -263,7 +283,7 @@ func (s *Scheduler) temporary(w *work, m *Message, attempts int, o Outcome) {
 	next := s.opts.Now().Add(s.backoffFor(attempts + 1))
 	if next.Sub(m.Received) >= s.opts.MaxLifetime {
 		rcpts, _ := pending(m, w.key.domain)
-		s.expire(w.key.id, addresses(rcpts), o)
+		s.expire(m, addresses(rcpts), o)
 		return
 	}
 	if err := s.opts.Store.Defer(w.key.id, w.key.domain, next, o); err != nil {
@@ -290,13 +310,13 @@ func (s *Scheduler) backoffFor(attempt int) time.Duration {
 // expire fails recipients whose message outlived the queue lifetime
 // (RFC 3463 5.4.7: delivery time expired). last is the outcome of the last
 // attempt, whose remote reply (if it had one) the bounce quotes.
-func (s *Scheduler) expire(id string, rcpts []string, last Outcome) {
+func (s *Scheduler) expire(m *Message, rcpts []string, last Outcome) {
 	o := last
 	o.Reply = fmt.Sprintf("550 5.4.7 Delivery time expired after %s; last error: %s", s.opts.MaxLifetime, last.Reply)
 	s.m.outcomes.WithLabelValues("expired", classUnrouted).Add(float64(len(rcpts)))
-	s.logLocal("expired", id, rcpts, o.Reply)
-	if err := s.opts.Store.Failed(id, results(rcpts, o)); err != nil {
-		s.log.Error("scheduler: expiring", zap.String("id", id), zap.Error(err))
+	s.logLocal("expired", m, rcpts, o.Reply)
+	if err := s.opts.Store.Failed(m.ID, results(rcpts, o)); err != nil {
+		s.log.Error("scheduler: expiring", zap.String("id", m.ID), zap.Error(err))
 	}
 }
 
@@ -313,16 +333,15 @@ func (s *Scheduler) connectFailed(route Route, w *work, cause error) {
 		return
 	}
 	s.m.outcomes.WithLabelValues("deferred", route.Class()).Add(float64(len(rcpts)))
-	s.logLocal("deferred", m.ID, addresses(rcpts), errText(cause))
+	s.logLocal("deferred", m, addresses(rcpts), errText(cause))
 	s.temporary(w, m, attempts, local(errText(cause)))
 }
 
-// logLocal logs an outcome decided without a remote reply (expiry, a
-// routing failure, no connection), one line per recipient.
-func (s *Scheduler) logLocal(outcome, id string, rcpts []string, reason string) {
+// logLocal reports an outcome decided without a remote reply (expiry, a
+// routing failure, no connection), one per recipient.
+func (s *Scheduler) logLocal(outcome string, m *Message, rcpts []string, reason string) {
 	for _, r := range rcpts {
-		s.log.Info("delivery outcome", zap.String("outcome", outcome), zap.String("id", id),
-			zap.String("rcpt", r), zap.String("reply", reason))
+		s.report(OutcomeEvent{Outcome: outcome, Message: m, Recipient: r, Reason: reason})
 	}
 }
 
@@ -340,7 +359,7 @@ func (s *Scheduler) expireDue(items []Due) {
 		if len(rcpts) == 0 {
 			continue
 		}
-		s.expire(d.ID, addresses(rcpts), local(d.Reply))
+		s.expire(m, addresses(rcpts), local(d.Reply))
 	}
 }
 
@@ -377,7 +396,7 @@ func (s *Scheduler) failDomain(w *work, cause error) {
 	}
 	if mta.IsPermanent(cause) {
 		s.m.outcomes.WithLabelValues("failed", classUnrouted).Add(float64(len(rcpts)))
-		s.logLocal("failed", m.ID, rcpts, text)
+		s.logLocal("failed", m, rcpts, text)
 		_ = s.opts.Store.Failed(m.ID, results(rcpts, local(text)))
 		return
 	}

@@ -14,16 +14,17 @@ import (
 // for.
 func (s *Spool) Accept(id string, env *mta.Envelope, header, body []byte) error {
 	m := &Message{
-		ID:       id,
-		From:     env.From,
-		EnvID:    env.EnvID,
-		Ret:      env.Ret,
-		SMTPUTF8: env.SMTPUTF8,
-		Body8Bit: env.Body8Bit,
-		ClientIP: env.ClientIP,
-		HELO:     env.HELO,
-		AuthUser: env.AuthUser,
-		Received: env.Received,
+		ID:        id,
+		From:      env.From,
+		EnvID:     env.EnvID,
+		Ret:       env.Ret,
+		SMTPUTF8:  env.SMTPUTF8,
+		Body8Bit:  env.Body8Bit,
+		ClientIP:  env.ClientIP,
+		HELO:      env.HELO,
+		AuthUser:  env.AuthUser,
+		MessageID: env.MessageID,
+		Received:  env.Received,
 	}
 	m.Recipients = make([]RecipientState, len(env.Recipients))
 	for i, r := range env.Recipients {

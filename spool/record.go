@@ -62,6 +62,7 @@ type Message struct {
 	ClientIP   string           // client that submitted it
 	HELO       string           // client's HELO name
 	AuthUser   string           // authenticated submitter, if any
+	MessageID  string           // the header's Message-ID, for logs (version 3)
 	Received   time.Time        // acceptance time
 	Size       int64            // bytes stored under b/<id>
 	Notice     NoticeKind       // whether this is a notification (DSN) we made
@@ -111,10 +112,11 @@ func (m *Message) Done() bool {
 	return true
 }
 
-// recordVersion is the first byte of every encoded Message. Version 1
-// (before notices) is still read: it lacks the notice kind and, per
-// recipient, RemoteMTA, Diagnostic and the recipient flags.
-const recordVersion = 2
+// recordVersion is the first byte of every encoded Message. Older
+// versions are still read: version 1 (before notices) lacks the notice
+// kind and, per recipient, RemoteMTA, Diagnostic and the recipient flags;
+// version 2 lacks the Message-ID.
+const recordVersion = 3
 
 const (
 	flagSMTPUTF8 = 1 << iota
@@ -152,6 +154,7 @@ func (m *Message) encode(dst []byte) []byte {
 	for _, s := range []string{m.From, m.EnvID, string(m.Ret), m.ClientIP, m.HELO, m.AuthUser} {
 		dst = appendString(dst, s)
 	}
+	dst = appendString(dst, m.MessageID)
 	dst = appendTime(dst, m.Received)
 	dst = binary.AppendVarint(dst, m.Size)
 	dst = binary.AppendUvarint(dst, uint64(len(m.Recipients)))
@@ -184,7 +187,7 @@ var errCorrupt = errors.New("spool: corrupt message record")
 func decodeMessage(id string, b []byte) (*Message, error) {
 	d := decoder{b: b}
 	version := d.byte()
-	if version != 1 && version != recordVersion {
+	if version < 1 || version > recordVersion {
 		return nil, fmt.Errorf("spool: message %s: record version %d not supported", id, version)
 	}
 	m := &Message{ID: id}
@@ -204,6 +207,9 @@ func decodeMessage(id string, b []byte) (*Message, error) {
 	m.ClientIP = d.string()
 	m.HELO = d.string()
 	m.AuthUser = d.string()
+	if version >= 3 {
+		m.MessageID = d.string()
+	}
 	m.Received = d.time()
 	m.Size = d.varint()
 	n := d.uvarint()

@@ -178,8 +178,18 @@ type Debug struct {
 
 // Log holds logging settings.
 type Log struct {
-	Level  string `yaml:"level"`  // debug | info | warn | error
-	Format string `yaml:"format"` // json | console
+	Level      string     `yaml:"level"`  // debug | info | warn | error
+	Format     string     `yaml:"format"` // json | console
+	Accounting Accounting `yaml:"accounting"`
+}
+
+// Accounting is the accounting log: one JSON line per message event
+// (docs/accounting.md).
+type Accounting struct {
+	File     string   `yaml:"file"`      // path; "" for none
+	Stdout   bool     `yaml:"stdout"`    // also to standard output
+	MaxSize  ByteSize `yaml:"max_size"`  // per file before rotation
+	MaxFiles int      `yaml:"max_files"` // rotated files kept
 }
 
 // Default returns the embedded defaults: everything on loopback, data in
@@ -236,7 +246,7 @@ func Default() *Config {
 		Mailboxes:    Mailboxes{Quota: 1 << 30},
 		DNS:          DNS{Timeout: Duration(5e9), IPv6: true},
 		Spool:        Spool{Sync: true, MinFreeSpace: 100 << 20},
-		Log:          Log{Level: "info", Format: "json"},
+		Log:          Log{Level: "info", Format: "json", Accounting: Accounting{MaxSize: 100 << 20, MaxFiles: 10}},
 		Admin:        Admin{Enabled: true},
 		MemoryBudget: 1 << 30,
 	}
@@ -492,6 +502,12 @@ func (c *Config) validate() error {
 	case "debug", "info", "warn", "error":
 	default:
 		bad("log.level", "must be debug, info, warn or error, got %q", c.Log.Level)
+	}
+	if c.Log.Accounting.MaxSize < 1<<20 {
+		bad("log.accounting.max_size", "must be at least 1MiB")
+	}
+	if c.Log.Accounting.MaxFiles < 0 {
+		bad("log.accounting.max_files", "must not be negative")
 	}
 	if c.Log.Format != "json" && c.Log.Format != "console" {
 		bad("log.format", "must be json or console, got %q", c.Log.Format)

@@ -14,6 +14,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/mtaproject/mta/mta"
+	"github.com/mtaproject/mta/mta/accounting"
 	"github.com/mtaproject/mta/mta/config"
 	"github.com/mtaproject/mta/mta/mailbox"
 	"github.com/mtaproject/mta/mta/outbound"
@@ -129,7 +130,7 @@ func (q queueStore) Message(id string) (*scheduler.Message, error) {
 		return nil, err
 	}
 	out := &scheduler.Message{ID: m.ID, From: m.From, EnvID: m.EnvID, Ret: m.Ret, SMTPUTF8: m.SMTPUTF8,
-		Body8Bit: m.Body8Bit, Received: m.Received, Size: m.Size, Recipients: make([]scheduler.Recipient, len(m.Recipients))}
+		Body8Bit: m.Body8Bit, Received: m.Received, MessageID: m.MessageID, Size: m.Size, Recipients: make([]scheduler.Recipient, len(m.Recipients))}
 	for i, r := range m.Recipients {
 		out.Recipients[i] = scheduler.Recipient{Recipient: r.Recipient, Domain: r.Domain, Queued: r.Status == spool.Queued, Attempts: r.Attempts}
 	}
@@ -203,15 +204,24 @@ func (a acceptor) Accept(id string, env *mta.Envelope, header, body []byte) erro
 type adminStore struct {
 	*spool.Spool
 	sched *scheduler.Scheduler
-	log   *zap.Logger // operator actions are logged at info; nil: not logged
+	log   *zap.Logger     // operator actions are logged at info; nil: not logged
+	acct  *accounting.Log // and written to the accounting log; nil: not
 }
+
+// accountingEvents names the accounting event of each operator action.
+var accountingEvents = map[string]string{"hold": accounting.Hold, "release": accounting.Release,
+	"remove": accounting.Remove, "bounce": accounting.OperatorBounce}
 
 // logged records an operator's action on a message.
 func (a adminStore) logged(action, id string, err error) error {
-	if a.log != nil && err == nil {
+	if err != nil {
+		return err
+	}
+	if a.log != nil {
 		a.log.Info("operator action", zap.String("action", action), zap.String("id", id))
 	}
-	return err
+	a.acct.Write(&accounting.Event{Event: accountingEvents[action], ID: id})
+	return nil
 }
 
 func (a adminStore) Hold(id string) error {

@@ -7,6 +7,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/mtaproject/mta/mta"
+	"github.com/mtaproject/mta/mta/accounting"
 	"github.com/mtaproject/mta/mta/dsn"
 	"github.com/mtaproject/mta/spool"
 )
@@ -28,6 +29,7 @@ type notifier struct {
 	log          *zap.Logger
 	generated    *prometheus.CounterVec
 	dropped      prometheus.Counter
+	acct         *accounting.Log // nil: none
 }
 
 func newNotifier(hostname string, maxReturned int, delayWarning, maxLifetime time.Duration, postmaster string,
@@ -100,6 +102,8 @@ func (n *notifier) notice(t *spool.Transition, body func() ([]byte, error)) (*sp
 	rep := &dsn.Report{Hostname: n.hostname, ID: n.newID(), OriginalID: m.ID, Sender: to, EnvID: m.EnvID, Ret: m.Ret,
 		SMTPUTF8: m.SMTPUTF8, Arrival: m.Received, Date: t.Now, Recipients: rcpts, Original: original, MaxReturned: n.maxReturned}
 	data, eightBit := dsn.Build(rep)
+	// A trace field like every message's, naming the notice's queue ID.
+	data = append([]byte("Received: by "+n.hostname+" (mta) id "+rep.ID+"; "+t.Now.Format(time.RFC1123Z)+"\r\n"), data...)
 	notice := &spool.Message{ID: rep.ID, Notice: kind, SMTPUTF8: m.SMTPUTF8, Body8Bit: eightBit,
 		Recipients: []spool.RecipientState{{Recipient: mta.Recipient{Address: to, Notify: mta.NotifyNever}}}}
 	action := string(rcpts[0].Action)
@@ -109,6 +113,8 @@ func (n *notifier) notice(t *spool.Transition, body func() ([]byte, error)) (*sp
 	}
 	id := m.ID
 	committed := func() {
+		n.acct.Write(&accounting.Event{Event: accounting.Bounce, ID: id, MessageID: m.MessageID, Sender: m.From,
+			Recipient: to, DSNID: rep.ID, Action: action, Size: int64(len(data))})
 		n.generated.WithLabelValues(action).Inc()
 		n.log.Info("notification made", zap.String("id", id), zap.String("dsn_id", rep.ID), zap.String("action", action),
 			zap.String("to", to), zap.Strings("rcpts", addrs))

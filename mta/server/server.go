@@ -27,6 +27,7 @@ import (
 
 	"github.com/mtaproject/mta/metrics"
 	"github.com/mtaproject/mta/mta"
+	"github.com/mtaproject/mta/mta/accounting"
 	"github.com/mtaproject/mta/mta/admin"
 	"github.com/mtaproject/mta/mta/auth"
 	"github.com/mtaproject/mta/mta/certs"
@@ -51,6 +52,7 @@ type Server struct {
 	httpLn   net.Listener
 	ready    atomic.Bool
 
+	acct      *accounting.Log    // the accounting log; nil: off
 	users     *userDirectory     // the users file, re-read when it changes
 	mailboxes *mailbox.Transport // local delivery
 
@@ -102,6 +104,17 @@ func New(cfg *config.Config, log *zap.Logger) (_ *Server, err error) {
 	if err := os.MkdirAll(cfg.DataDir, 0o750); err != nil {
 		return nil, fmt.Errorf("data_dir: %w", err)
 	}
+	a := cfg.Log.Accounting
+	var acctErrors atomic.Int64
+	s.acct, err = accounting.Open(accounting.Config{File: a.File, Stdout: a.Stdout, MaxSize: int64(a.MaxSize), MaxFiles: a.MaxFiles,
+		OnError: func(err error) {
+			if acctErrors.Add(1)%1000 == 1 { // the first, then one in a thousand
+				log.Error("accounting log write failed", zap.Error(err), zap.Int64("failures", acctErrors.Load()))
+			}
+		}})
+	if err != nil {
+		return nil, cfg.FieldErr("log.accounting.file", err)
+	}
 	var notices *notifier // needs the spool's NewID: set once it is open, before delivery starts
 	s.spool, err = spool.Open(filepath.Join(cfg.DataDir, "spool"), spool.Options{
 		Sync:            cfg.Spool.Sync,
@@ -123,6 +136,7 @@ func New(cfg *config.Config, log *zap.Logger) (_ *Server, err error) {
 	}
 	notices = newNotifier(cfg.Hostname, int(cfg.DSN.MaxReturnedSize), cfg.DSN.DelayWarning.D(), cfg.Delivery.MaxLifetime.D(),
 		cfg.DSN.Postmaster, s.spool.NewID, log.Named("dsn"), s.registry)
+	notices.acct = s.acct
 	if !cfg.Spool.Sync {
 		log.Warn("spool.sync is off: acknowledged messages can be lost in a crash")
 	}
@@ -165,6 +179,7 @@ func New(cfg *config.Config, log *zap.Logger) (_ *Server, err error) {
 		Memory:                   memory,
 		Logger:                   log.Named("scheduler"),
 		Registerer:               s.registry,
+		Observe:                  s.accountOutcome,
 	})
 	// Messages a version without bounces kept for the bounce they were
 	// owed get it now, and leave the queue.
@@ -218,6 +233,7 @@ func New(cfg *config.Config, log *zap.Logger) (_ *Server, err error) {
 			Spool:                     acceptor{sp: s.spool, sched: s.sched},
 			Auth:                      users,
 			Mailboxes:                 local,
+			OnAccepted:                s.accountReception,
 			CleartextAuthFromLoopback: cfg.Auth.CleartextFromLoopback,
 			MaxAuthFailures:           cfg.Auth.MaxFailures,
 			AuthFailures:              authFailures,
@@ -356,7 +372,7 @@ func (s *Server) routes() http.Handler {
 		fmt.Fprintln(w, "ready")
 	})
 	if s.cfg.Admin.Enabled {
-		mux.Handle("/api/", admin.Handler(adminStore{Spool: s.spool, sched: s.sched, log: s.log.Named("admin")}, s.adminToken))
+		mux.Handle("/api/", admin.Handler(adminStore{Spool: s.spool, sched: s.sched, log: s.log.Named("admin"), acct: s.acct}, s.adminToken))
 	}
 	if s.cfg.Debug.Pprof {
 		// Profiles show memory contents: the same guard as the admin API.
@@ -491,6 +507,7 @@ func (s *Server) Run(ctx context.Context) error {
 		s.log.Error("closing the spool", zap.Error(err))
 		runErr = errors.Join(runErr, err)
 	}
+	s.acct.Close()
 	s.log.Info("mta stopped")
 	return runErr
 }
@@ -516,4 +533,30 @@ func readFirstLine(path string) (string, error) {
 	}
 	first, _, _ := strings.Cut(string(b), "\n")
 	return strings.TrimRight(first, "\r"), nil
+}
+
+// accountReception writes a reception to the accounting log.
+func (s *Server) accountReception(id string, env *mta.Envelope, size int, tlsVersion string) {
+	s.acct.Write(&accounting.Event{Event: accounting.Reception, ID: id, MessageID: env.MessageID, Sender: env.From,
+		Recipients: len(env.Recipients), Size: int64(size), ClientIP: env.ClientIP, HELO: env.HELO, AuthUser: env.AuthUser, TLS: tlsVersion})
+}
+
+// outcomeEvents names the accounting event of each delivery outcome.
+var outcomeEvents = map[string]string{"delivered": accounting.Delivery, "deferred": accounting.TransientFailure,
+	"failed": accounting.PermanentFailure, "expired": accounting.Expiry}
+
+// accountOutcome writes a recipient's delivery outcome to the accounting log.
+func (s *Server) accountOutcome(e scheduler.OutcomeEvent) {
+	if s.acct == nil {
+		return
+	}
+	ev := &accounting.Event{Event: outcomeEvents[e.Outcome], Recipient: e.Recipient, Destination: e.Destination,
+		MX: e.MX, IP: e.IP, TLS: e.TLS, Attempt: e.Attempt, QueuedFor: e.QueuedFor, Reply: e.Reason}
+	if m := e.Message; m != nil {
+		ev.ID, ev.MessageID, ev.Sender, ev.Size = m.ID, m.MessageID, m.From, m.Size
+	}
+	if r := e.Reply; r != nil {
+		ev.Code, ev.Enhanced, ev.Reply = r.Code, r.Enhanced.String(), r.Text
+	}
+	s.acct.Write(ev)
 }

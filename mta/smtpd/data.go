@@ -404,11 +404,15 @@ func (s *session) finishMessage(body []byte, f bodyFindings) {
 	id := sp.NewID()
 	now := time.Now()
 	hdr := s.received(make([]byte, 0, 320), id, now)
-	if s.srv.opts.AddMissingHeaders && (s.mayRelay() || s.srv.opts.Submission) {
-		hdr = appendMissingHeaders(hdr, facts, id, s.srv.opts.Hostname, now)
-	}
 	env := s.env
 	env.Received = now
+	env.MessageID = string(facts.messageID)
+	if s.srv.opts.AddMissingHeaders && (s.mayRelay() || s.srv.opts.Submission) {
+		hdr = appendMissingHeaders(hdr, facts, id, s.srv.opts.Hostname, now)
+		if !facts.hasMessageID {
+			env.MessageID = "<" + id + "@" + s.srv.opts.Hostname + ">"
+		}
+	}
 	if err := s.accept(id, &env, hdr, body); err != nil {
 		if errors.Is(err, errShuttingDown) {
 			s.refuse("shutting_down", &mta.ReplyShuttingDown)
@@ -424,14 +428,17 @@ func (s *session) finishMessage(body []byte, f bodyFindings) {
 		return
 	}
 	size := len(hdr) + len(body)
+	if f := s.srv.opts.OnAccepted; f != nil {
+		f(id, &env, size, s.tlsVersion())
+	}
 	s.srv.acceptedMsgs.Inc()
 	s.srv.acceptedBytes.Add(float64(size))
 	if ce := s.srv.log.Check(zap.InfoLevel, "message accepted"); ce != nil {
 		fields := []zap.Field{zap.String("id", id), zap.String("client_ip", s.ip.String()),
 			zap.String("helo", s.helo), zap.String("from", env.From), zap.Int("rcpts", len(env.Recipients)),
 			zap.Int("size", size), zap.String("tls", s.tlsVersion())}
-		if len(facts.messageID) > 0 {
-			fields = append(fields, zap.ByteString("message_id", facts.messageID))
+		if env.MessageID != "" {
+			fields = append(fields, zap.String("message_id", env.MessageID))
 		}
 		if s.authUser != "" {
 			fields = append(fields, zap.String("auth_user", s.authUser))

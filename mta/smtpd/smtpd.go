@@ -87,6 +87,10 @@ type Options struct {
 	// Mailboxes checks recipients in LocalDomains; nil: every address
 	// there is taken.
 	Mailboxes Mailboxes
+	// OnAccepted, when set, is told of every message stored (after its
+	// 250): its queue ID, envelope, size as stored and the session's TLS
+	// version. For the accounting log; it must be quick.
+	OnAccepted func(id string, env *mta.Envelope, size int, tls string)
 	// CleartextAuthFromLoopback allows AUTH without TLS from loopback
 	// clients, where nobody can listen in.
 	CleartextAuthFromLoopback bool
