@@ -196,6 +196,9 @@ func (s *Scheduler) deliver(conn Conn, route Route, w *work, reused bool) error 
 			deferred = o
 		}
 	}
+	// Reported before they are recorded, so that the accounting log has a
+	// failure before the bounce its recording makes.
+	s.logOutcomes(conn, route, m, env.Recipients, replies, attempts+1)
 	class := route.Class()
 	if len(delivered) > 0 {
 		s.m.outcomes.WithLabelValues("delivered", class).Add(float64(len(delivered)))
@@ -213,7 +216,6 @@ func (s *Scheduler) deliver(conn Conn, route Route, w *work, reused bool) error 
 		s.m.outcomes.WithLabelValues("deferred", class).Add(float64(n))
 		s.temporary(w, m, attempts, deferred)
 	}
-	s.logOutcomes(conn, route, m, env.Recipients, replies, attempts+1)
 	return nil
 }
 
