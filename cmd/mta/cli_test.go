@@ -2,6 +2,7 @@ package main
 
 import (
 	"bufio"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -17,7 +18,6 @@ import (
 	"github.com/emersion/go-smtp"
 
 	"github.com/mtaproject/mta/bench"
-	"github.com/mtaproject/mta/mta/admin"
 )
 
 // mtaCmd runs the binary with args and returns its combined output.
@@ -246,17 +246,6 @@ func TestQueueOutputEscapesControlCharacters(t *testing.T) {
 	}
 }
 
-// TestDeferredState: a message that waits out its destination's backoff
-// (no attempt of its own, but a reason) is listed as deferred.
-func TestDeferredState(t *testing.T) {
-	fresh := admin.Message{Recipients: []admin.Recipient{{Status: "queued"}}}
-	postponed := admin.Message{Recipients: []admin.Recipient{{Status: "queued", LastReply: "451 4.4.1 destination backed off after a connection failure: connect to mx[192.0.2.1]:25: connection refused"}}}
-	tried := admin.Message{Recipients: []admin.Recipient{{Status: "queued", Attempts: 1}}}
-	if deferred(fresh) || !deferred(postponed) || !deferred(tried) {
-		t.Fatalf("deferred: fresh %v, postponed %v, attempted %v", deferred(fresh), deferred(postponed), deferred(tried))
-	}
-}
-
 // TestQueueBounce: `mta queue bounce ID` fails a deferred message's
 // recipients now; the sender gets one notice, the message leaves the
 // queue, and the notice is counted and logged.
@@ -445,5 +434,83 @@ func TestEveryCommandHasHelp(t *testing.T) {
 	}
 	if out := mtaCmd(t, true, "queue", "--help"); !strings.Contains(out, "mta queue bounce ID") || strings.Contains(out, "mta serve") {
 		t.Errorf("queue --help:\n%s", out)
+	}
+}
+
+// TestQueueFiltersAndBulkActions: ls filters and --json, and hold,
+// release, rm and bounce by filter, against a running server's queue.
+func TestQueueFiltersAndBulkActions(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts subprocesses")
+	}
+	p := startMTA(t, t.TempDir(), "") // delivery off: the queue stays
+	send := func(from, to string) {
+		t.Helper()
+		c, err := smtp.Dial(p.SMTP)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		if err := c.SendMail(from, []string{to}, strings.NewReader("Subject: q\r\n\r\nx\r\n")); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for i := 0; i < 3; i++ {
+		send("app@example.org", fmt.Sprintf("u%d@a.test", i))
+	}
+	send("other@example.net", "v@b.test")
+	send("other@example.net", "w@b.test")
+	admin := "--admin=http://" + p.HTTP
+	count := func(args ...string) int {
+		t.Helper()
+		out := mtaCmd(t, true, append([]string{"queue", "ls", admin}, args...)...)
+		var n int
+		fmt.Sscanf(out[strings.LastIndex(strings.TrimSpace(out), "\n")+1:], "%d messages", &n)
+		return n
+	}
+	if n := count("--domain", "a.test"); n != 3 {
+		t.Errorf("--domain a.test: %d", n)
+	}
+	if n := count("--sender", "@example.net"); n != 2 {
+		t.Errorf("--sender @example.net: %d", n)
+	}
+	out := mtaCmd(t, true, "queue", "ls", admin, "--json", "--domain", "b.test")
+	lines := strings.Split(strings.TrimSpace(out), "\n")
+	for _, l := range lines {
+		var m struct{ ID, From, State string }
+		if err := json.Unmarshal([]byte(l), &m); err != nil || m.From != "other@example.net" || m.State != "queued" {
+			t.Errorf("--json line %q: %+v %v", l, m, err)
+		}
+	}
+	if len(lines) != 2 {
+		t.Errorf("--json gave %d lines", len(lines))
+	}
+	if out := mtaCmd(t, true, "queue", "hold", admin, "--domain", "a.test"); !strings.Contains(out, "3 messages held") {
+		t.Errorf("hold by domain: %q", out)
+	}
+	if n := count("--state", "held"); n != 3 {
+		t.Errorf("held: %d", n)
+	}
+	if out := mtaCmd(t, true, "queue", "release", admin, "--state", "held"); !strings.Contains(out, "3 messages released") {
+		t.Errorf("release by state: %q", out)
+	}
+	if out := mtaCmd(t, true, "queue", "rm", admin, "--sender", "other@example.net"); !strings.Contains(out, "2 messages removed") {
+		t.Errorf("rm by sender: %q", out)
+	}
+	if out := mtaCmd(t, true, "queue", "bounce", admin, "--older-than", "0s", "--domain", "a.test"); !strings.Contains(out, "3 messages bounced") {
+		t.Errorf("bounce by domain: %q", out)
+	}
+	if n := count("--sender", "<>"); n != 3 {
+		t.Errorf("after bouncing 3, %d notices queued", n)
+	}
+	if out := mtaCmd(t, false, "queue", "rm", admin); !strings.Contains(out, "want one queue ID") {
+		t.Errorf("rm without an ID or filters: %q", out)
+	}
+	if out := mtaCmd(t, false, "queue", "ls", admin, "--state", "active"); !strings.Contains(out, "state: want queued, deferred or held") {
+		t.Errorf("a bad state: %q", out)
+	}
+	mtaCmd(t, true, "queue", "rm", admin, "--all")
+	if n := count(); n != 0 {
+		t.Errorf("after rm --all: %d messages", n)
 	}
 }

@@ -5,6 +5,7 @@ package main
 import (
 	"bufio"
 	"context"
+	"encoding/json"
 	"errors"
 	"flag"
 	"fmt"
@@ -30,9 +31,13 @@ var version = "dev"
 
 const usage = `usage:
   mta serve [--config FILE]            run the server (embedded defaults without --config)
-  mta queue ls [--all]                 list queued messages
+  mta queue ls [--all] [--json] [FILTERS]
+                                       list queued messages; FILTERS: --domain D --sender S
+                                       --state queued|deferred|held --older-than 4h --reply 4.7.*
   mta queue show ID                    show one message and its recipients
   mta queue hold ID | release ID       hold a message back / put it back in the queue
+                                       (hold, release, rm and bounce also take FILTERS or --all
+                                       instead of an ID, and say how many they acted on)
   mta queue rm ID                      remove a message from the queue (its sender is not told)
   mta queue bounce ID                  fail its remaining recipients now and bounce them to the sender
   mta queue flush                      make every deferred message due now
@@ -65,7 +70,9 @@ func run(args []string, stdin io.Reader, stdout io.Writer) error {
 }
 
 // isHelp reports whether arg asks for help.
-func isHelp(arg string) bool { return arg == "--help" || arg == "-help" || arg == "-h" || arg == "help" }
+func isHelp(arg string) bool {
+	return arg == "--help" || arg == "-help" || arg == "-h" || arg == "help"
+}
 
 // commandUsage prints the usage lines of one command ("queue", "user").
 func commandUsage(out io.Writer, command string) {
@@ -212,7 +219,14 @@ func queue(args []string, out io.Writer) error {
 		return errors.New("queue: want ls, show, hold, release, rm, bounce or flush")
 	}
 	fs := flag.NewFlagSet("queue "+args[0], flag.ContinueOnError)
-	all := fs.Bool("all", false, "ls: list every message, not just the first 1000")
+	all := fs.Bool("all", false, "ls: list every message, not just the first 1000; hold/release/rm/bounce: act on every message")
+	asJSON := fs.Bool("json", false, "ls: one JSON object per message")
+	var f admin.Filter
+	fs.StringVar(&f.Domain, "domain", "", "only messages with a queued recipient in this domain")
+	fs.StringVar(&f.Sender, "sender", "", "only messages from this sender (address, @domain, or <> for the null sender)")
+	fs.StringVar(&f.State, "state", "", "only messages in this state: queued, deferred or held")
+	fs.DurationVar(&f.OlderThan, "older-than", 0, "only messages received longer ago than this (e.g. 4h)")
+	fs.StringVar(&f.Reply, "reply", "", "only messages with a queued recipient whose last reply matches (enhanced code pattern such as 4.7.*, or text)")
 	c, rest, err := adminClient(fs, args[1:])
 	if err != nil {
 		return err
@@ -227,7 +241,7 @@ func queue(args []string, out io.Writer) error {
 	}
 	switch args[0] {
 	case "ls":
-		return queueList(ctx, c, *all, out)
+		return queueList(ctx, c, f, *all, *asJSON, out)
 	case "show":
 		id, err := needID()
 		if err != nil {
@@ -240,15 +254,34 @@ func queue(args []string, out io.Writer) error {
 		printMessage(out, m)
 		return nil
 	case "hold", "release", "rm", "bounce":
+		done := map[string]string{"hold": "held", "release": "released", "rm": "removed", "bounce": "bounced"}[args[0]]
+		if len(rest) == 0 && (!f.Empty() || *all) {
+			action := map[string]string{"rm": "remove"}[args[0]]
+			if action == "" {
+				action = args[0]
+			}
+			res, err := c.Bulk(ctx, action, f, *all)
+			if err != nil {
+				return err
+			}
+			fmt.Fprintf(out, "%d messages %s\n", res.Matched, done)
+			if res.Failed > 0 {
+				return fmt.Errorf("queue %s: failed on %d messages (see the server log)", args[0], res.Failed)
+			}
+			return nil
+		}
+		if len(rest) == 1 && (!f.Empty() || *all) {
+			return fmt.Errorf("queue %s: give a queue ID or filters, not both", args[0])
+		}
 		id, err := needID()
 		if err != nil {
-			return err
+			return fmt.Errorf("%w, or filters (--domain, --sender, --state, --older-than, --reply) or --all", err)
 		}
 		action := map[string]func(context.Context, string) error{"hold": c.Hold, "release": c.Release, "rm": c.Remove, "bounce": c.Bounce}[args[0]]
 		if err := action(ctx, id); err != nil {
 			return err
 		}
-		fmt.Fprintf(out, "%s: %s\n", id, map[string]string{"hold": "held", "release": "released", "rm": "removed", "bounce": "bounced"}[args[0]])
+		fmt.Fprintf(out, "%s: %s\n", id, done)
 		return nil
 	case "flush":
 		n, err := c.Flush(ctx)
@@ -261,61 +294,54 @@ func queue(args []string, out io.Writer) error {
 	return fmt.Errorf("queue: unknown command %q", args[0])
 }
 
-func queueList(ctx context.Context, c *admin.Client, all bool, out io.Writer) error {
+func queueList(ctx context.Context, c *admin.Client, f admin.Filter, all, asJSON bool, out io.Writer) error {
 	tw := tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "ID\tSIZE\tAGE\tSTATE\tFROM\tRCPTS\tQUEUED")
+	enc := json.NewEncoder(out)
+	if !asJSON {
+		fmt.Fprintln(tw, "ID\tSIZE\tAGE\tSTATE\tFROM\tRCPTS\tQUEUED")
+	}
 	after, total := "", 0
 	for {
-		page, err := c.List(ctx, after, 1000)
+		page, err := c.ListFiltered(ctx, f, after, 1000)
 		if err != nil {
 			return err
 		}
 		for _, m := range page.Messages {
+			total++
+			if asJSON {
+				if err := enc.Encode(m); err != nil {
+					return err
+				}
+				continue
+			}
 			queued := 0
 			for _, r := range m.Recipients {
 				if r.Status == "queued" {
 					queued++
 				}
 			}
-			state := "active"
-			switch {
-			case m.Held:
-				state = "held"
-			case deferred(m):
-				state = "deferred"
-			}
 			from := printable(m.From)
 			if from == "" {
 				from = "<>"
 			}
-			fmt.Fprintf(tw, "%s\t%d\t%s\t%s\t%s\t%d\t%d\n", printable(m.ID), m.Size, time.Since(m.Received).Round(time.Second), state, from, len(m.Recipients), queued)
-			total++
+			fmt.Fprintf(tw, "%s\t%d\t%s\t%s\t%s\t%d\t%d\n", printable(m.ID), m.Size, time.Since(m.Received).Round(time.Second), printable(m.State), from, len(m.Recipients), queued)
 		}
-		if page.Next == "" || !all {
-			if page.Next != "" {
+		if page.Next == "" || !all && total >= 1000 {
+			if page.Next != "" && !asJSON {
 				fmt.Fprintln(tw, "... more: use --all")
 			}
 			break
 		}
 		after = page.Next
 	}
+	if asJSON {
+		return nil
+	}
 	if err := tw.Flush(); err != nil {
 		return err
 	}
 	fmt.Fprintf(out, "%d messages\n", total)
 	return nil
-}
-
-// deferred reports whether a queued message is waiting for a retry: it
-// was attempted, or it waits out a destination's backoff (postponed, with
-// the reason as its last reply, but no attempt of its own).
-func deferred(m admin.Message) bool {
-	for _, r := range m.Recipients {
-		if r.Status == "queued" && (r.Attempts > 0 || r.LastReply != "") {
-			return true
-		}
-	}
-	return false
 }
 
 // printMessage shows one message. Every field that came from the network

@@ -43,6 +43,7 @@ type Message struct {
 	Received   time.Time   `json:"received"`
 	Size       int64       `json:"size"`
 	Held       bool        `json:"held"`
+	State      string      `json:"state"` // queued (not tried yet), deferred or held
 	Recipients []Recipient `json:"recipients"`
 }
 
@@ -71,6 +72,16 @@ type Result struct {
 	Rescheduled int    `json:"rescheduled,omitempty"`
 }
 
+// BulkResult is the answer to an action on the messages a filter selects.
+type BulkResult struct {
+	Action  string `json:"action"`
+	Matched int    `json:"matched"`          // messages acted on
+	Failed  int    `json:"failed,omitempty"` // messages the action failed on
+}
+
+// maxScanned bounds the messages one filtered listing request reads.
+const maxScanned = 100_000
+
 // Error is the body of every non-2xx answer.
 type Error struct {
 	Error string `json:"error"`
@@ -78,7 +89,7 @@ type Error struct {
 
 func fromSpool(m *spool.Message) Message {
 	out := Message{ID: m.ID, From: m.From, EnvID: m.EnvID, Ret: string(m.Ret), ClientIP: m.ClientIP,
-		HELO: m.HELO, AuthUser: m.AuthUser, Received: m.Received, Size: m.Size, Held: m.Held}
+		HELO: m.HELO, AuthUser: m.AuthUser, Received: m.Received, Size: m.Size, Held: m.Held, State: State(m)}
 	for _, r := range m.Recipients {
 		rr := Recipient{Address: r.Address, Status: r.Status.String(), Notify: r.Notify.String(),
 			Attempts: r.Attempts, LastReply: r.LastReply}
@@ -117,20 +128,81 @@ func Handler(store Store, token string) http.Handler {
 			writeJSON(w, http.StatusBadRequest, Error{"after: not a queue ID"})
 			return
 		}
-		msgs, err := store.List(after, limit)
+		f, err := ParseFilter(r.URL.Query())
 		if err != nil {
-			writeJSON(w, http.StatusInternalServerError, Error{err.Error()})
+			writeJSON(w, http.StatusBadRequest, Error{err.Error()})
 			return
 		}
 		page := Page{Messages: []Message{}}
-		for _, m := range msgs {
-			page.Messages = append(page.Messages, fromSpool(m))
+		now := time.Now()
+		// With a filter, read on until the page is full, but look at no
+		// more than maxScanned messages per request: Next says where to
+		// go on.
+		for scanned := 0; len(page.Messages) < limit && scanned < maxScanned; {
+			msgs, err := store.List(after, min(limit, 1000))
+			if err != nil {
+				writeJSON(w, http.StatusInternalServerError, Error{err.Error()})
+				return
+			}
+			for _, m := range msgs {
+				after = m.ID
+				scanned++
+				if f.Match(m, now) {
+					page.Messages = append(page.Messages, fromSpool(m))
+					if len(page.Messages) == limit {
+						break
+					}
+				}
+			}
+			if len(msgs) < min(limit, 1000) {
+				after = ""
+				break
+			}
 		}
-		if len(msgs) == limit {
-			page.Next = msgs[len(msgs)-1].ID
-		}
+		page.Next = after
 		writeJSON(w, http.StatusOK, page)
 	})
+	bulk := func(name string, fn func(string) error) http.HandlerFunc {
+		return func(w http.ResponseWriter, r *http.Request) {
+			f, err := ParseFilter(r.URL.Query())
+			if err != nil {
+				writeJSON(w, http.StatusBadRequest, Error{err.Error()})
+				return
+			}
+			if f.Empty() && r.URL.Query().Get("all") != "true" {
+				writeJSON(w, http.StatusBadRequest, Error{name + " of every message: give a filter, or all=true"})
+				return
+			}
+			res := BulkResult{Action: name}
+			now := time.Now()
+			for after := ""; ; {
+				msgs, err := store.List(after, 1000)
+				if err != nil {
+					writeJSON(w, http.StatusInternalServerError, Error{err.Error()})
+					return
+				}
+				for _, m := range msgs {
+					after = m.ID
+					if !f.Match(m, now) {
+						continue
+					}
+					if err := fn(m.ID); err != nil && !errors.Is(err, mta.ErrNotFound) {
+						res.Failed++
+						continue
+					}
+					res.Matched++
+				}
+				if len(msgs) < 1000 {
+					break
+				}
+			}
+			writeJSON(w, http.StatusOK, res)
+		}
+	}
+	mux.HandleFunc("POST /api/v1/queue/hold", bulk("hold", store.Hold))
+	mux.HandleFunc("POST /api/v1/queue/release", bulk("release", store.Release))
+	mux.HandleFunc("POST /api/v1/queue/bounce", bulk("bounce", store.Bounce))
+	mux.HandleFunc("DELETE /api/v1/queue", bulk("remove", store.Remove))
 	mux.HandleFunc("GET /api/v1/queue/{id}", withID(func(w http.ResponseWriter, id string) {
 		m, err := store.Get(id)
 		if err != nil {

@@ -54,11 +54,17 @@ func (c *Client) do(ctx context.Context, method, path string, out any) error {
 
 // List returns one page of the queue.
 func (c *Client) List(ctx context.Context, after string, limit int) (Page, error) {
+	return c.ListFiltered(ctx, Filter{}, after, limit)
+}
+
+// ListFiltered returns one page of the messages f selects.
+func (c *Client) ListFiltered(ctx context.Context, f Filter, after string, limit int) (Page, error) {
 	var p Page
 	q := url.Values{"limit": {fmt.Sprint(limit)}}
 	if after != "" {
 		q.Set("after", after)
 	}
+	f.Query(q)
 	err := c.do(ctx, http.MethodGet, "/api/v1/queue?"+q.Encode(), &p)
 	return p, err
 }
@@ -96,4 +102,21 @@ func (c *Client) Flush(ctx context.Context) (int, error) {
 	var r Result
 	err := c.do(ctx, http.MethodPost, "/api/v1/queue/flush", &r)
 	return r.Rescheduled, err
+}
+
+// Bulk runs action (hold, release, bounce, remove) on every message f
+// selects; an empty f needs all.
+func (c *Client) Bulk(ctx context.Context, action string, f Filter, all bool) (BulkResult, error) {
+	q := url.Values{}
+	f.Query(q)
+	if all {
+		q.Set("all", "true")
+	}
+	method, path := http.MethodPost, "/api/v1/queue/"+action
+	if action == "remove" {
+		method, path = http.MethodDelete, "/api/v1/queue"
+	}
+	var r BulkResult
+	err := c.do(ctx, method, path+"?"+q.Encode(), &r)
+	return r, err
 }

@@ -40,9 +40,9 @@ func TestAccountingLogMatchesWhatArrived(t *testing.T) {
 	defer f.Close()
 	type event struct {
 		Time, Event, ID, MessageID, Sender, Recipient, Destination, MX, IP, TLS, Enhanced, Reply, DSNID, Action, ClientIP string
-		Code, Attempt, Recipients                                                                               int
-		Size                                                                                                    int64
-		QueuedFor                                                                                               float64 `json:"queued_for"`
+		Code, Attempt, Recipients                                                                                         int
+		Size                                                                                                              int64
+		QueuedFor                                                                                                         float64 `json:"queued_for"`
 	}
 	byKind := map[string][]event{}
 	sc := bufio.NewScanner(f)

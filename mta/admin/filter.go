@@ -1,0 +1,140 @@
+package admin
+
+import (
+	"errors"
+	"fmt"
+	"net/url"
+	"path"
+	"strings"
+	"time"
+
+	"github.com/mtaproject/mta/spool"
+)
+
+// Filter selects queued messages for listings and bulk actions. The zero
+// Filter selects every message.
+type Filter struct {
+	Domain    string        // a queued recipient's domain
+	Sender    string        // the envelope sender: an address, "@domain", or "<>" for the null sender
+	State     string        // queued (not tried yet), deferred (tried or postponed), held
+	OlderThan time.Duration // received longer ago than this
+	// Reply matches a queued recipient's last reply: a pattern of the
+	// enhanced code ("4.7.*", "5.1.1"), or else text it contains
+	// (case-insensitive).
+	Reply string
+}
+
+// Empty reports whether f selects everything.
+func (f Filter) Empty() bool { return f == Filter{} }
+
+// Query renders f as URL query parameters.
+func (f Filter) Query(q url.Values) {
+	set := func(k, v string) {
+		if v != "" {
+			q.Set(k, v)
+		}
+	}
+	set("domain", f.Domain)
+	set("sender", f.Sender)
+	set("state", f.State)
+	if f.OlderThan > 0 {
+		q.Set("older_than", f.OlderThan.String())
+	}
+	set("reply", f.Reply)
+}
+
+// ParseFilter reads a Filter from URL query parameters.
+func ParseFilter(q url.Values) (Filter, error) {
+	f := Filter{Domain: strings.ToLower(q.Get("domain")), Sender: strings.ToLower(q.Get("sender")), State: q.Get("state"), Reply: q.Get("reply")}
+	switch f.State {
+	case "", "queued", "deferred", "held":
+	default:
+		return f, fmt.Errorf("state: want queued, deferred or held, not %q", f.State)
+	}
+	if v := q.Get("older_than"); v != "" {
+		d, err := time.ParseDuration(v)
+		if err != nil || d < 0 {
+			return f, fmt.Errorf("older_than: not a duration (such as 30m or 24h): %q", v)
+		}
+		f.OlderThan = d
+	}
+	if _, err := path.Match(f.Reply, ""); err != nil {
+		return f, errors.New("reply: malformed pattern")
+	}
+	return f, nil
+}
+
+// State returns the queue state of m: held, deferred (some queued
+// recipient was tried or postponed) or queued (waiting for its first
+// attempt).
+func State(m *spool.Message) string {
+	switch {
+	case m.Held:
+		return "held"
+	case deferredRecipients(m):
+		return "deferred"
+	}
+	return "queued"
+}
+
+func deferredRecipients(m *spool.Message) bool {
+	for _, r := range m.Recipients {
+		if r.Status == spool.Queued && (r.Attempts > 0 || r.LastReply != "") {
+			return true
+		}
+	}
+	return false
+}
+
+// Match reports whether f selects m at time now.
+func (f Filter) Match(m *spool.Message, now time.Time) bool {
+	if f.State != "" && State(m) != f.State {
+		return false
+	}
+	if f.OlderThan > 0 && now.Sub(m.Received) < f.OlderThan {
+		return false
+	}
+	if f.Sender != "" {
+		from := strings.ToLower(m.From)
+		switch {
+		case f.Sender == "<>":
+			if from != "" {
+				return false
+			}
+		case strings.HasPrefix(f.Sender, "@"):
+			if !strings.HasSuffix(from, f.Sender) {
+				return false
+			}
+		case from != f.Sender:
+			return false
+		}
+	}
+	if f.Domain == "" && f.Reply == "" {
+		return true
+	}
+	for _, r := range m.Recipients {
+		if r.Status != spool.Queued {
+			continue
+		}
+		if f.Domain != "" && r.Domain != f.Domain {
+			continue
+		}
+		if f.Reply != "" && !replyMatches(f.Reply, r.LastReply) {
+			continue
+		}
+		return true
+	}
+	return false
+}
+
+// replyMatches matches a pattern against the enhanced code of a reply
+// ("451 4.7.1 text" → "4.7.1"), or looks for it in the text.
+func replyMatches(pattern, reply string) bool {
+	fields := strings.Fields(reply)
+	if len(fields) > 1 {
+		if ok, _ := path.Match(pattern, fields[1]); ok {
+			return true
+		}
+	}
+	return !strings.ContainsAny(pattern, "*?[") && strings.Contains(strings.ToLower(reply), strings.ToLower(pattern))
+}
