@@ -11,6 +11,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"testing"
 	"time"
@@ -484,6 +485,16 @@ func TestQueueFiltersAndBulkActions(t *testing.T) {
 	}
 	if len(lines) != 2 {
 		t.Errorf("--json gave %d lines", len(lines))
+	}
+	shape := mtaCmd(t, true, "queue", "shape", admin)
+	lines = strings.Split(strings.TrimSpace(shape), "\n")
+	if len(lines) != 4 || !strings.Contains(lines[0], "DESTINATION") || !strings.Contains(lines[0], "1280m+") ||
+		!regexp.MustCompile(`^\s*TOTAL\s+5\s+5\s`).MatchString(lines[1]) || !regexp.MustCompile(`^\s*a\.test\s+3\s+3\s`).MatchString(lines[2]) ||
+		!regexp.MustCompile(`^\s*b\.test\s+2\s+2\s`).MatchString(lines[3]) {
+		t.Errorf("queue shape:\n%s", shape)
+	}
+	if out := mtaCmd(t, true, "queue", "shape", admin, "--top", "1", "--json"); !strings.Contains(out, `"others":{"domain":"(others)","total":2`) {
+		t.Errorf("shape --top 1 --json: %s", out)
 	}
 	if out := mtaCmd(t, true, "queue", "hold", admin, "--domain", "a.test"); !strings.Contains(out, "3 messages held") {
 		t.Errorf("hold by domain: %q", out)

@@ -34,6 +34,7 @@ const usage = `usage:
   mta queue ls [--all] [--json] [FILTERS]
                                        list queued messages; FILTERS: --domain D --sender S
                                        --state queued|deferred|held --older-than 4h --reply 4.7.*
+  mta queue shape [--top N] [FILTERS]  queued recipients by destination and age (like qshape)
   mta queue show ID                    show one message and its recipients
   mta queue hold ID | release ID       hold a message back / put it back in the queue
                                        (hold, release, rm and bounce also take FILTERS or --all
@@ -216,11 +217,12 @@ func parseInterspersed(fs *flag.FlagSet, args []string) ([]string, error) {
 
 func queue(args []string, out io.Writer) error {
 	if len(args) == 0 {
-		return errors.New("queue: want ls, show, hold, release, rm, bounce or flush")
+		return errors.New("queue: want ls, shape, show, hold, release, rm, bounce or flush")
 	}
 	fs := flag.NewFlagSet("queue "+args[0], flag.ContinueOnError)
 	all := fs.Bool("all", false, "ls: list every message, not just the first 1000; hold/release/rm/bounce: act on every message")
-	asJSON := fs.Bool("json", false, "ls: one JSON object per message")
+	asJSON := fs.Bool("json", false, "ls: one JSON object per message; shape: the table as JSON")
+	top := fs.Int("top", 20, "shape: destinations shown (the rest are summed)")
 	var f admin.Filter
 	fs.StringVar(&f.Domain, "domain", "", "only messages with a queued recipient in this domain")
 	fs.StringVar(&f.Sender, "sender", "", "only messages from this sender (address, @domain, or <> for the null sender)")
@@ -242,6 +244,16 @@ func queue(args []string, out io.Writer) error {
 	switch args[0] {
 	case "ls":
 		return queueList(ctx, c, f, *all, *asJSON, out)
+	case "shape":
+		sh, err := c.Shape(ctx, f, *top)
+		if err != nil {
+			return err
+		}
+		if *asJSON {
+			return json.NewEncoder(out).Encode(sh)
+		}
+		printShape(out, sh)
+		return nil
 	case "show":
 		id, err := needID()
 		if err != nil {
@@ -559,4 +571,30 @@ func readPassword(stdin io.Reader, what string) (string, error) {
 		return "", errors.New(what + ": empty password on stdin")
 	}
 	return pw, nil
+}
+
+// printShape prints a queue shape as qshape does: a row per destination,
+// a column per age bucket.
+func printShape(out io.Writer, sh admin.Shape) {
+	tw := tabwriter.NewWriter(out, 0, 4, 1, ' ', tabwriter.AlignRight)
+	fmt.Fprint(tw, "DESTINATION\tT\t")
+	for _, b := range sh.Buckets {
+		fmt.Fprint(tw, b+"\t")
+	}
+	fmt.Fprintln(tw)
+	row := func(r admin.ShapeRow) {
+		fmt.Fprintf(tw, "%s\t%d\t", printable(r.Domain), r.Total)
+		for _, c := range r.Counts {
+			fmt.Fprintf(tw, "%d\t", c)
+		}
+		fmt.Fprintln(tw)
+	}
+	row(sh.Total)
+	for _, r := range sh.Domains {
+		row(r)
+	}
+	if sh.Others != nil {
+		row(*sh.Others)
+	}
+	tw.Flush()
 }

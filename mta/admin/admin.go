@@ -199,6 +199,41 @@ func Handler(store Store, token string) http.Handler {
 			writeJSON(w, http.StatusOK, res)
 		}
 	}
+	mux.HandleFunc("GET /api/v1/queue/shape", func(w http.ResponseWriter, r *http.Request) {
+		top := 20
+		if v := r.URL.Query().Get("top"); v != "" {
+			n, err := strconv.Atoi(v)
+			if err != nil || n < 1 || n > 1000 {
+				writeJSON(w, http.StatusBadRequest, Error{"top must be 1 to 1000"})
+				return
+			}
+			top = n
+		}
+		f, err := ParseFilter(r.URL.Query())
+		if err != nil {
+			writeJSON(w, http.StatusBadRequest, Error{err.Error()})
+			return
+		}
+		now := time.Now()
+		sh := newShaper(now)
+		for after := ""; ; {
+			msgs, err := store.List(after, 1000)
+			if err != nil {
+				writeJSON(w, http.StatusInternalServerError, Error{err.Error()})
+				return
+			}
+			for _, m := range msgs {
+				after = m.ID
+				if f.Match(m, now) {
+					sh.add(m)
+				}
+			}
+			if len(msgs) < 1000 {
+				break
+			}
+		}
+		writeJSON(w, http.StatusOK, sh.shape(top))
+	})
 	mux.HandleFunc("POST /api/v1/queue/hold", bulk("hold", store.Hold))
 	mux.HandleFunc("POST /api/v1/queue/release", bulk("release", store.Release))
 	mux.HandleFunc("POST /api/v1/queue/bounce", bulk("bounce", store.Bounce))

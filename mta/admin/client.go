@@ -120,3 +120,13 @@ func (c *Client) Bulk(ctx context.Context, action string, f Filter, all bool) (B
 	err := c.do(ctx, method, path+"?"+q.Encode(), &r)
 	return r, err
 }
+
+// Shape returns the queue by destination and age, the top largest
+// destinations of the messages f selects.
+func (c *Client) Shape(ctx context.Context, f Filter, top int) (Shape, error) {
+	q := url.Values{"top": {fmt.Sprint(top)}}
+	f.Query(q)
+	var sh Shape
+	err := c.do(ctx, http.MethodGet, "/api/v1/queue/shape?"+q.Encode(), &sh)
+	return sh, err
+}

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net/url"
 	"path"
+	"sort"
 	"strings"
 	"time"
 
@@ -137,4 +138,94 @@ func replyMatches(pattern, reply string) bool {
 		}
 	}
 	return !strings.ContainsAny(pattern, "*?[") && strings.Contains(strings.ToLower(reply), strings.ToLower(pattern))
+}
+
+// Shape is the queue by destination domain and age, as Postfix's qshape
+// shows it: for each domain, how many queued recipients wait in each age
+// bucket.
+type Shape struct {
+	Buckets []string   `json:"buckets"` // upper bounds of the age buckets, the last open
+	Total   ShapeRow   `json:"total"`
+	Domains []ShapeRow `json:"domains"` // the Top largest, largest first
+	Others  *ShapeRow  `json:"others,omitempty"`
+}
+
+// ShapeRow is one domain's line of a Shape.
+type ShapeRow struct {
+	Domain string `json:"domain"`
+	Total  int    `json:"total"`
+	Counts []int  `json:"counts"`
+}
+
+// shapeBuckets are qshape's: minutes, doubling.
+var shapeBuckets = []time.Duration{5 * time.Minute, 10 * time.Minute, 20 * time.Minute, 40 * time.Minute,
+	80 * time.Minute, 160 * time.Minute, 320 * time.Minute, 640 * time.Minute, 1280 * time.Minute}
+
+// shaper accumulates a Shape.
+type shaper struct {
+	now     time.Time
+	rows    map[string]*ShapeRow
+	total   ShapeRow
+	buckets int
+}
+
+func newShaper(now time.Time) *shaper {
+	n := len(shapeBuckets) + 1
+	return &shaper{now: now, rows: map[string]*ShapeRow{}, total: ShapeRow{Domain: "TOTAL", Counts: make([]int, n)}, buckets: n}
+}
+
+func (s *shaper) add(m *spool.Message) {
+	age := s.now.Sub(m.Received)
+	b := len(shapeBuckets)
+	for i, limit := range shapeBuckets {
+		if age < limit {
+			b = i
+			break
+		}
+	}
+	for _, r := range m.Recipients {
+		if r.Status != spool.Queued {
+			continue
+		}
+		row := s.rows[r.Domain]
+		if row == nil {
+			row = &ShapeRow{Domain: r.Domain, Counts: make([]int, s.buckets)}
+			s.rows[r.Domain] = row
+		}
+		row.Counts[b]++
+		row.Total++
+		s.total.Counts[b]++
+		s.total.Total++
+	}
+}
+
+func (s *shaper) shape(top int) Shape {
+	out := Shape{Total: s.total}
+	for _, b := range shapeBuckets {
+		out.Buckets = append(out.Buckets, fmt.Sprintf("%dm", int(b.Minutes())))
+	}
+	out.Buckets = append(out.Buckets, fmt.Sprintf("%dm+", int(shapeBuckets[len(shapeBuckets)-1].Minutes())))
+	rows := make([]ShapeRow, 0, len(s.rows))
+	for _, r := range s.rows {
+		rows = append(rows, *r)
+	}
+	sort.Slice(rows, func(i, j int) bool {
+		if rows[i].Total != rows[j].Total {
+			return rows[i].Total > rows[j].Total
+		}
+		return rows[i].Domain < rows[j].Domain
+	})
+	if len(rows) > top {
+		others := ShapeRow{Domain: "(others)", Counts: make([]int, s.buckets)}
+		for _, r := range rows[top:] {
+			others.Total += r.Total
+			for i, c := range r.Counts {
+				others.Counts[i] += c
+			}
+		}
+		out.Others = &others
+		rows = rows[:top]
+	}
+	out.Domains = rows
+	return out
 }
