@@ -57,7 +57,8 @@ func validMailbox(name string) error {
 // DeliverLocal stores copies of message id in their mailboxes and marks
 // their recipients delivered, in one synced batch: a crash leaves the
 // message queued (and the delivery is made again, to the same UIDs) or
-// delivered and stored, never one without the other.
+// delivered and stored, never one without the other. Short of free space
+// (the reserve of Put) it returns mta.ErrStorageFull and stores nothing.
 func (s *Spool) DeliverLocal(id string, copies []LocalCopy) error {
 	for _, c := range copies {
 		if err := validMailbox(c.Mailbox); err != nil {
@@ -69,6 +70,16 @@ func (s *Spool) DeliverLocal(id string, copies []LocalCopy) error {
 		body, err := s.Body(id)
 		if err != nil {
 			return nil, err
+		}
+		// The copies are new data, like an accepted message: they must
+		// leave the free-space reserve alone (a full WAL is fatal).
+		need := int64(0)
+		for _, c := range copies {
+			need += int64(len(c.Header) + len(body))
+		}
+		if s.free.below(s.opts.MinFreeSpace+need, s.opts.Now()) {
+			s.reclaim()
+			return nil, mta.ErrStorageFull
 		}
 		deleteDue(b, m)
 		t := &Transition{Local: true}

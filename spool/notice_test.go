@@ -162,3 +162,24 @@ func TestSettleFinished(t *testing.T) {
 		t.Errorf("its bounce: %+v, %v", n, err)
 	}
 }
+
+// TestDeliverLocalKeepsTheReserve: mailbox copies are new data; short of
+// the free-space reserve they are refused and the message stays queued.
+func TestDeliverLocalKeepsTheReserve(t *testing.T) {
+	s := openTest(t, t.TempDir(), Options{})
+	m := newMessage(s, "a@local.test")
+	if err := s.Put(m, nil, []byte("Subject: x\r\n\r\nx\r\n")); err != nil {
+		t.Fatal(err)
+	}
+	s.opts.MinFreeSpace = 1 << 62 // no disk has that
+	err := s.DeliverLocal(m.ID, []LocalCopy{{Mailbox: "alice", Recipients: []string{"a@local.test"}}})
+	if !errors.Is(err, mta.ErrStorageFull) {
+		t.Fatalf("DeliverLocal short of space: %v", err)
+	}
+	if got, _ := s.Get(m.ID); got.Recipients[0].Status != Queued {
+		t.Errorf("the recipient is %v", got.Recipients[0].Status)
+	}
+	if list, _ := s.MailboxList("alice"); len(list) != 0 {
+		t.Errorf("a copy was stored: %v", list)
+	}
+}
