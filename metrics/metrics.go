@@ -7,6 +7,8 @@ package metrics
 
 import (
 	"net/http"
+	"runtime"
+	"runtime/debug"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
@@ -30,4 +32,22 @@ func NewRegistry() *prometheus.Registry {
 // Handler serves the registry in the Prometheus exposition format.
 func Handler(r *prometheus.Registry) http.Handler {
 	return promhttp.HandlerFor(r, promhttp.HandlerOpts{Registry: r})
+}
+
+// BuildInfo returns mta_build_info: always 1, with the version, the VCS
+// revision and the Go version as labels, so that dashboards and alerts can
+// tell releases apart.
+func BuildInfo(version string) prometheus.Collector {
+	revision, goVersion := "unknown", runtime.Version()
+	if bi, ok := debug.ReadBuildInfo(); ok {
+		for _, s := range bi.Settings {
+			if s.Key == "vcs.revision" {
+				revision = s.Value
+			}
+		}
+	}
+	g := prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "mta_build_info", Help: "Always 1; the labels say which build is running."},
+		[]string{"version", "revision", "goversion"})
+	g.WithLabelValues(version, revision, goVersion).Set(1)
+	return g
 }

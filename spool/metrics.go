@@ -30,6 +30,9 @@ func newSpoolMetrics(s *Spool, reg prometheus.Registerer) *spoolMetrics {
 			Help: "Spool operations that failed, by operation (put_full: refused for lack of free space).",
 		}, []string{"op"}),
 	}
+	for _, op := range []string{"put", "put_full", "deliver", "fail", "defer", "lease", "hold", "release", "remove", "bounce"} {
+		m.errors.WithLabelValues(op)
+	}
 	m.collectors = []prometheus.Collector{
 		m.commit, m.errors,
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{

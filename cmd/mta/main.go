@@ -162,6 +162,7 @@ func serve(args []string) error {
 		// 1 GiB budget peaked at 2.6 GiB RSS instead of 1.7; BENCHMARKS.md).
 		debug.SetMemoryLimit(int64(cfg.MemoryBudget) + 512<<20)
 	}
+	server.Version = version
 	srv, err := server.New(cfg, log)
 	if err != nil {
 		return err

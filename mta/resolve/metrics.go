@@ -37,6 +37,11 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 		}
 		m.queries = c
 	}
+	for _, qtype := range []string{"MX", "A", "AAAA"} {
+		for _, r := range []string{"ok", "nxdomain", "nodata", "servfail", "timeout", "error"} {
+			m.queries.WithLabelValues(qtype, r)
+		}
+	}
 	if err := reg.Register(m.hits); err != nil {
 		var are prometheus.AlreadyRegisteredError
 		if !errors.As(err, &are) {

@@ -71,6 +71,10 @@ type smtpListener struct {
 	ln   net.Listener
 }
 
+// Version is the running build's version, for mta_build_info; cmd/mta
+// sets it.
+var Version = "dev"
+
 // maxHTTPConnections caps the HTTP listener's connections; more wait to be
 // accepted.
 const maxHTTPConnections = 64
@@ -96,6 +100,7 @@ func NewLogger(c config.Log) (*zap.Logger, error) {
 // bad certificate stops start-up with a clear error before anything runs.
 func New(cfg *config.Config, log *zap.Logger) (_ *Server, err error) {
 	s := &Server{cfg: cfg, log: log, registry: metrics.NewRegistry()}
+	s.registry.MustRegister(metrics.BuildInfo(Version))
 	defer func() {
 		if err != nil {
 			s.closeAll()

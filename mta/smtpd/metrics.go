@@ -51,8 +51,35 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 			Name: "mta_smtpd_panics_total", Help: "Panics recovered in SMTP session handlers (each answered 451).",
 		}),
 	}
+	// Known label values exist from the start, so that dashboards and
+	// alerts see zeros instead of nothing.
+	for _, l := range []string{"smtp", "submission"} {
+		m.connections.WithLabelValues(l)
+		m.active.WithLabelValues(l)
+		m.accepted.WithLabelValues(l)
+		m.bytes.WithLabelValues(l)
+		for _, r := range []string{"max_connections", "max_connections_per_ip", "shutting_down"} {
+			m.refused.WithLabelValues(l, r)
+		}
+		for _, r := range rejectionReasons {
+			m.rejected.WithLabelValues(l, r)
+		}
+	}
+	for _, r := range []string{"success", "failure", "blocked"} {
+		m.auth.WithLabelValues(r)
+	}
+	for _, r := range []string{"ok", "failed"} {
+		m.starttls.WithLabelValues(r)
+	}
 	if reg != nil {
 		reg.MustRegister(m.connections, m.active, m.refused, m.accepted, m.bytes, m.rejected, m.auth, m.authBlocks, m.starttls, m.panics)
 	}
 	return m
 }
+
+// rejectionReasons are the reason labels of mta_smtpd_rejections_total.
+var rejectionReasons = []string{"auth_cancelled", "auth_required", "bad_parameter", "bad_recipient", "bad_sender",
+	"bad_sequence", "bad_syntax", "bare_line_ending", "encryption_required", "line_too_long", "mailbox_full",
+	"memory_budget", "message_too_big", "not_implemented", "not_smtp", "nul_byte", "relay_denied",
+	"sender_not_owned", "shutting_down", "spool_error", "storage_full", "sync_error", "too_many_hops",
+	"too_many_recipients", "unknown_command", "unknown_parameter", "unknown_recipient"}
