@@ -2,6 +2,7 @@ package main
 
 import (
 	"os"
+	"os/exec"
 	"regexp"
 	"sort"
 	"strings"
@@ -51,6 +52,16 @@ func TestAlertsAndDashboardUseExistingMetrics(t *testing.T) {
 	}
 	if len(used) < 10 {
 		t.Errorf("only %d metric names found in the deploy files: is the pattern right?", len(used))
+	}
+	// promtool's lint of the exposition (names, types, help, units).
+	if promtool, err := exec.LookPath("promtool"); err == nil {
+		cmd := exec.Command(promtool, "check", "metrics")
+		cmd.Stdin = strings.NewReader(scrape)
+		if out, err := cmd.CombinedOutput(); err != nil {
+			t.Errorf("promtool check metrics: %v\n%s", err, out)
+		}
+	} else {
+		t.Log("promtool not found (apt-get install prometheus): the scrape was not linted")
 	}
 	if !regexp.MustCompile(`mta_build_info\{goversion="go[^"]+",revision="[^"]*",version="[^"]+"\} 1`).MatchString(scrape) {
 		t.Errorf("no mta_build_info in the scrape")
