@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"math/rand/v2"
+	"sort"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -101,7 +102,8 @@ type Scheduler struct {
 	events  chan event
 	kick    chan struct{}
 	unback  chan chan struct{} // end every destination's backoff (flush); closed when done
-	drops   chan struct{}      // signals that dropIDs has IDs
+	status  chan chan []DestinationStatus
+	drops   chan struct{} // signals that dropIDs has IDs
 	dropMu  sync.Mutex
 	dropIDs []string
 
@@ -209,6 +211,7 @@ func New(opts Options) *Scheduler {
 		events:       make(chan event, 1024),
 		kick:         make(chan struct{}, 1),
 		unback:       make(chan chan struct{}),
+		status:       make(chan chan []DestinationStatus),
 		drops:        make(chan struct{}, 1),
 		window:       map[workKey]*work{},
 		count:        map[string]int{},
@@ -325,6 +328,8 @@ func (s *Scheduler) Run(ctx context.Context) {
 				d.deadUntil, d.failures = time.Time{}, 0
 			}
 			close(done)
+		case reply := <-s.status:
+			reply <- s.destinations()
 		case <-tick.C:
 			s.scan()
 			s.sweep()
@@ -881,4 +886,63 @@ func errText(err error) string {
 		return ""
 	}
 	return err.Error()
+}
+
+// DestinationStatus is what the scheduler holds about one destination.
+type DestinationStatus struct {
+	Key         string    `json:"key"`         // the next-hop set
+	Class       string    `json:"class"`       // mx, route or local
+	Queued      int       `json:"queued"`      // work waiting in memory for a connection
+	Connections int       `json:"connections"` // connection workers now
+	Window      int       `json:"window"`      // connections allowed now
+	BackedOff   bool      `json:"backed_off"`  // no new connections until BackoffUntil
+	BackoffEnds time.Time `json:"backoff_until,omitempty"`
+	Failures    int       `json:"failures"`             // consecutive connection failures
+	LastError   string    `json:"last_error,omitempty"` // the last connection failure
+	LastErrorAt time.Time `json:"last_error_at,omitempty"`
+}
+
+// Destinations returns the state of every destination the scheduler
+// knows, busiest first; nil when it is not running (or too busy to answer
+// within two seconds).
+func (s *Scheduler) Destinations() []DestinationStatus {
+	if !s.running.Load() {
+		return nil
+	}
+	reply := make(chan []DestinationStatus, 1)
+	select {
+	case s.status <- reply:
+	case <-time.After(2 * time.Second):
+		return nil
+	}
+	select {
+	case st := <-reply:
+		return st
+	case <-time.After(2 * time.Second):
+		return nil
+	}
+}
+
+// destinations snapshots s.dests; it runs in run.
+func (s *Scheduler) destinations() []DestinationStatus {
+	now := s.opts.Now()
+	out := make([]DestinationStatus, 0, len(s.dests))
+	for _, d := range s.dests {
+		st := DestinationStatus{Key: d.key, Queued: len(d.queue), Connections: d.active, Window: d.window,
+			Failures: d.failures, LastError: d.why, LastErrorAt: d.failedAt}
+		if d.route != nil {
+			st.Class = d.route.Class()
+		}
+		if now.Before(d.deadUntil) {
+			st.BackedOff, st.BackoffEnds = true, d.deadUntil
+		}
+		out = append(out, st)
+	}
+	sort.Slice(out, func(i, j int) bool {
+		if a, b := out[i].Queued+out[i].Connections, out[j].Queued+out[j].Connections; a != b {
+			return a > b
+		}
+		return out[i].Key < out[j].Key
+	})
+	return out
 }

@@ -525,3 +525,46 @@ func TestQueueFiltersAndBulkActions(t *testing.T) {
 		t.Errorf("after rm --all: %d messages", n)
 	}
 }
+
+// TestDestLs: `mta dest ls` shows a destination that refuses connections
+// as backed off, with the error.
+func TestDestLs(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts subprocesses")
+	}
+	p := startMTA(t, t.TempDir(), "dns: {servers: [\"127.0.0.1:1\"]}\ndelivery: {min_backoff: 1s, max_backoff: 2s}\n"+
+		"routes: {\"*\": {hosts: [\"[127.0.0.1]:1\"], tls: none}}\n")
+	c, err := smtp.Dial(p.SMTP)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := c.SendMail("app@example.org", []string{"x@dead.test"}, strings.NewReader("Subject: d\r\n\r\nx\r\n")); err != nil {
+		t.Fatal(err)
+	}
+	c.Close()
+	admin := "--admin=http://" + p.HTTP
+	deadline := time.Now().Add(10 * time.Second)
+	var out string
+	for {
+		out = mtaCmd(t, true, "dest", "ls", admin)
+		if strings.Contains(out, "backed off until") {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("dest ls never showed the backoff:\n%s", out)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	if !strings.Contains(out, "route:[127.0.0.1]:1") || !strings.Contains(out, "connection refused") || !strings.Contains(out, "1 destinations") {
+		t.Errorf("dest ls:\n%s", out)
+	}
+	js := mtaCmd(t, true, "dest", "ls", admin, "--json")
+	var list []struct {
+		Key       string
+		BackedOff bool `json:"backed_off"`
+		Failures  int
+	}
+	if err := json.Unmarshal([]byte(js), &list); err != nil || len(list) != 1 || !list[0].BackedOff || list[0].Failures < 1 {
+		t.Errorf("dest ls --json: %s (%v)", js, err)
+	}
+}

@@ -42,6 +42,7 @@ const usage = `usage:
   mta queue rm ID                      remove a message from the queue (its sender is not told)
   mta queue bounce ID                  fail its remaining recipients now and bounce them to the sender
   mta queue flush                      make every deferred message due now
+  mta dest ls [--json]                 destinations: queued work, connections, window, backoff and last error
   mta config check [--config FILE]     validate a configuration file
   mta user hash                        read a password on stdin, print a users-file hash
   mta user add NAME [--address LIST] [--sender LIST]
@@ -100,7 +101,7 @@ func dispatch(args []string, stdin io.Reader, stdout io.Writer) error {
 		fmt.Fprint(os.Stderr, usage)
 		return errors.New("no command given")
 	}
-	if len(args) >= 2 && isHelp(args[1]) && (args[0] == "queue" || args[0] == "user" || args[0] == "config") {
+	if len(args) >= 2 && isHelp(args[1]) && (args[0] == "queue" || args[0] == "user" || args[0] == "config" || args[0] == "dest") {
 		commandUsage(stdout, args[0])
 		return nil
 	}
@@ -113,6 +114,8 @@ func dispatch(args []string, stdin io.Reader, stdout io.Writer) error {
 		return configCmd(args[1:], stdout)
 	case "user":
 		return user(args[1:], stdin, stdout)
+	case "dest":
+		return dest(args[1:], stdout)
 	case "version", "--version", "-v":
 		fmt.Fprintln(stdout, "mta", versionString())
 		return nil
@@ -598,4 +601,42 @@ func printShape(out io.Writer, sh admin.Shape) {
 		row(*sh.Others)
 	}
 	tw.Flush()
+}
+
+func dest(args []string, out io.Writer) error {
+	if len(args) == 0 || args[0] != "ls" {
+		return errors.New("dest: want ls")
+	}
+	fs := flag.NewFlagSet("dest ls", flag.ContinueOnError)
+	asJSON := fs.Bool("json", false, "the list as JSON")
+	c, rest, err := adminClient(fs, args[1:])
+	if err != nil {
+		return err
+	}
+	if len(rest) > 0 {
+		return fmt.Errorf("dest ls: unexpected %q", rest[0])
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	list, err := c.Destinations(ctx)
+	if err != nil {
+		return err
+	}
+	if *asJSON {
+		return json.NewEncoder(out).Encode(list)
+	}
+	tw := tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "DESTINATION\tCLASS\tQUEUED\tCONNS\tWINDOW\tSTATE\tLAST ERROR")
+	for _, d := range list {
+		state := "ok"
+		if d.BackedOff {
+			state = "backed off until " + d.BackoffEnds.Local().Format(time.TimeOnly)
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%d\t%d\t%d\t%s\t%s\n", printable(d.Key), d.Class, d.Queued, d.Connections, d.Window, state, printable(d.LastError))
+	}
+	if err := tw.Flush(); err != nil {
+		return err
+	}
+	fmt.Fprintf(out, "%d destinations\n", len(list))
+	return nil
 }

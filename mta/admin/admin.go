@@ -29,6 +29,23 @@ type Store interface {
 	Remove(id string) error
 	Bounce(id string) error // fail the remaining recipients now and bounce them
 	Flush() (int, error)
+	// Destinations returns what delivery knows of each destination, busiest
+	// first; nil when delivery is not running.
+	Destinations() []Destination
+}
+
+// Destination is one destination (a next-hop set) as delivery sees it.
+type Destination struct {
+	Key         string     `json:"key"`
+	Class       string     `json:"class"` // mx, route or local
+	Queued      int        `json:"queued"`
+	Connections int        `json:"connections"`
+	Window      int        `json:"window"`
+	BackedOff   bool       `json:"backed_off"`
+	BackoffEnds *time.Time `json:"backoff_until,omitempty"`
+	Failures    int        `json:"failures"`
+	LastError   string     `json:"last_error,omitempty"`
+	LastErrorAt *time.Time `json:"last_error_at,omitempty"`
 }
 
 // Message is one queued message as the API shows it.
@@ -233,6 +250,13 @@ func Handler(store Store, token string) http.Handler {
 			}
 		}
 		writeJSON(w, http.StatusOK, sh.shape(top))
+	})
+	mux.HandleFunc("GET /api/v1/destinations", func(w http.ResponseWriter, r *http.Request) {
+		d := store.Destinations()
+		if d == nil {
+			d = []Destination{}
+		}
+		writeJSON(w, http.StatusOK, d)
 	})
 	mux.HandleFunc("POST /api/v1/queue/hold", bulk("hold", store.Hold))
 	mux.HandleFunc("POST /api/v1/queue/release", bulk("release", store.Release))

@@ -130,3 +130,10 @@ func (c *Client) Shape(ctx context.Context, f Filter, top int) (Shape, error) {
 	err := c.do(ctx, http.MethodGet, "/api/v1/queue/shape?"+q.Encode(), &sh)
 	return sh, err
 }
+
+// Destinations returns delivery's destinations, busiest first.
+func (c *Client) Destinations(ctx context.Context) ([]Destination, error) {
+	var d []Destination
+	err := c.do(ctx, http.MethodGet, "/api/v1/destinations", &d)
+	return d, err
+}

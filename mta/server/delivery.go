@@ -15,6 +15,7 @@ import (
 
 	"github.com/mtaproject/mta/mta"
 	"github.com/mtaproject/mta/mta/accounting"
+	"github.com/mtaproject/mta/mta/admin"
 	"github.com/mtaproject/mta/mta/config"
 	"github.com/mtaproject/mta/mta/mailbox"
 	"github.com/mtaproject/mta/mta/outbound"
@@ -312,3 +313,22 @@ func (m mailboxStore) DeliverLocal(id string, copies []mailbox.Copy) error {
 }
 
 func (m mailboxStore) MailboxUsage(name string) (int, int64, error) { return m.sp.MailboxUsage(name) }
+
+// Destinations gives the admin API delivery's view of its destinations.
+func (a adminStore) Destinations() []admin.Destination {
+	var out []admin.Destination
+	for _, d := range a.sched.Destinations() {
+		ad := admin.Destination{Key: d.Key, Class: d.Class, Queued: d.Queued, Connections: d.Connections, Window: d.Window,
+			BackedOff: d.BackedOff, Failures: d.Failures, LastError: d.LastError}
+		if d.BackedOff {
+			t := d.BackoffEnds
+			ad.BackoffEnds = &t
+		}
+		if !d.LastErrorAt.IsZero() {
+			t := d.LastErrorAt
+			ad.LastErrorAt = &t
+		}
+		out = append(out, ad)
+	}
+	return out
+}
