@@ -43,6 +43,8 @@ const usage = `usage:
   mta queue bounce ID                  fail its remaining recipients now and bounce them to the sender
   mta queue flush                      make every deferred message due now
   mta dest ls [--json]                 destinations: queued work, connections, window, backoff and last error
+  mta reload                           apply the configuration file again, as SIGHUP does: log level,
+                                       TLS certificate and users now; other changes need a restart
   mta config check [--config FILE]     validate a configuration file
   mta user hash                        read a password on stdin, print a users-file hash
   mta user add NAME [--address LIST] [--sender LIST]
@@ -116,6 +118,22 @@ func dispatch(args []string, stdin io.Reader, stdout io.Writer) error {
 		return user(args[1:], stdin, stdout)
 	case "dest":
 		return dest(args[1:], stdout)
+	case "reload":
+		fs := flag.NewFlagSet("reload", flag.ContinueOnError)
+		c, rest, err := adminClient(fs, args[1:])
+		if err != nil {
+			return err
+		}
+		if len(rest) > 0 {
+			return fmt.Errorf("reload: unexpected %q", rest[0])
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+		defer cancel()
+		if err := c.Reload(ctx); err != nil {
+			return fmt.Errorf("reload refused, the running configuration stays: %w", err)
+		}
+		fmt.Fprintln(stdout, "configuration reloaded (the server log names what needs a restart)")
+		return nil
 	case "version", "--version", "-v":
 		fmt.Fprintln(stdout, "mta", versionString())
 		return nil
@@ -149,7 +167,7 @@ func serve(args []string) error {
 	if err != nil {
 		return err
 	}
-	log, err := server.NewLogger(cfg.Log)
+	log, level, err := server.NewLoggerLevel(cfg.Log)
 	if err != nil {
 		return err
 	}
@@ -170,6 +188,15 @@ func serve(args []string) error {
 	if err != nil {
 		return err
 	}
+	srv.SetLogLevel(level)
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
+	defer signal.Stop(hup)
+	go func() {
+		for range hup {
+			_ = srv.Reload() // the outcome is logged and counted
+		}
+	}()
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	go func() {
 		<-ctx.Done()

@@ -32,6 +32,8 @@ type Store interface {
 	// Destinations returns what delivery knows of each destination, busiest
 	// first; nil when delivery is not running.
 	Destinations() []Destination
+	// Reload applies the configuration file again (as SIGHUP does).
+	Reload() error
 }
 
 // Destination is one destination (a next-hop set) as delivery sees it.
@@ -250,6 +252,13 @@ func Handler(store Store, token string) http.Handler {
 			}
 		}
 		writeJSON(w, http.StatusOK, sh.shape(top))
+	})
+	mux.HandleFunc("POST /api/v1/reload", func(w http.ResponseWriter, r *http.Request) {
+		if err := store.Reload(); err != nil {
+			writeJSON(w, http.StatusUnprocessableEntity, Error{err.Error()})
+			return
+		}
+		writeJSON(w, http.StatusOK, Result{Action: "reload"})
 	})
 	mux.HandleFunc("GET /api/v1/destinations", func(w http.ResponseWriter, r *http.Request) {
 		d := store.Destinations()

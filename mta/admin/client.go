@@ -137,3 +137,8 @@ func (c *Client) Destinations(ctx context.Context) ([]Destination, error) {
 	err := c.do(ctx, http.MethodGet, "/api/v1/destinations", &d)
 	return d, err
 }
+
+// Reload makes the server apply its configuration file again.
+func (c *Client) Reload(ctx context.Context) error {
+	return c.do(ctx, http.MethodPost, "/api/v1/reload", &Result{})
+}

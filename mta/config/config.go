@@ -42,6 +42,7 @@ type Config struct {
 	MemoryBudget    ByteSize         `yaml:"memory_budget"` // message bodies held in memory at once, received and being delivered
 
 	trusted  []netip.Prefix
+	path     string         // the file loaded; "" for the embedded defaults
 	lines    map[string]int // line in the file of each field set there, by dotted path
 	warnings []string
 }
@@ -252,6 +253,10 @@ func Default() *Config {
 	}
 }
 
+// Path returns the file the configuration was loaded from; "" for the
+// embedded defaults.
+func (c *Config) Path() string { return c.path }
+
 // Load reads the file at path over the defaults, validates the result and
 // checks that the files it names can be read. An empty path returns the
 // validated defaults.
@@ -266,6 +271,7 @@ func Load(path string) (*Config, error) {
 			return nil, fmt.Errorf("config %s: %w", path, err)
 		}
 	}
+	cfg.path = path
 	err := cfg.validate()
 	if err == nil {
 		err = cfg.checkFiles()

@@ -207,6 +207,16 @@ type adminStore struct {
 	sched *scheduler.Scheduler
 	log   *zap.Logger     // operator actions are logged at info; nil: not logged
 	acct  *accounting.Log // and written to the accounting log; nil: not
+	// reload applies the configuration file again (mta reload).
+	reload func() error
+}
+
+// Reload applies the configuration file again.
+func (a adminStore) Reload() error {
+	if a.reload == nil {
+		return errors.New("reload is not available")
+	}
+	return a.reload()
 }
 
 // accountingEvents names the accounting event of each operator action.

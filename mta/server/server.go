@@ -53,6 +53,7 @@ type Server struct {
 	ready    atomic.Bool
 
 	acct      *accounting.Log    // the accounting log; nil: off
+	reload    *reloader          // applies a changed configuration file
 	users     *userDirectory     // the users file, re-read when it changes
 	mailboxes *mailbox.Transport // local delivery
 
@@ -81,9 +82,16 @@ const maxHTTPConnections = 64
 
 // NewLogger builds the zap logger the configuration asks for.
 func NewLogger(c config.Log) (*zap.Logger, error) {
+	l, _, err := NewLoggerLevel(c)
+	return l, err
+}
+
+// NewLoggerLevel is NewLogger, and also returns the logger's level, which
+// Server.SetLogLevel lets a reload change.
+func NewLoggerLevel(c config.Log) (*zap.Logger, zap.AtomicLevel, error) {
 	level, err := zapcore.ParseLevel(c.Level)
 	if err != nil {
-		return nil, fmt.Errorf("log.level: %w", err)
+		return nil, zap.AtomicLevel{}, fmt.Errorf("log.level: %w", err)
 	}
 	zc := zap.NewProductionConfig()
 	if c.Format == "console" {
@@ -93,8 +101,13 @@ func NewLogger(c config.Log) (*zap.Logger, error) {
 	zc.Sampling = nil // every accepted message is logged
 	zc.EncoderConfig.TimeKey = "ts"
 	zc.EncoderConfig.EncodeTime = zapcore.ISO8601TimeEncoder
-	return zc.Build()
+	l, err := zc.Build()
+	return l, zc.Level, err
 }
+
+// SetLogLevel gives the server its logger's level, so that a reload can
+// change it.
+func (s *Server) SetLogLevel(l zap.AtomicLevel) { s.reload.level = &l }
 
 // New opens the spool and binds every listener, so that a port in use or a
 // bad certificate stops start-up with a clear error before anything runs.
@@ -193,7 +206,13 @@ func New(cfg *config.Config, log *zap.Logger) (_ *Server, err error) {
 	} else if n > 0 {
 		log.Info("finished messages bounced and removed", zap.Int("messages", n))
 	}
-	tlsCfg := sec.tls
+	tlsCfg, certHold := dynamicTLS(sec.tls)
+	s.reload = &reloader{path: cfg.Path(), cfg: cfg, cert: certHold, users: s.users, log: log.Named("reload"),
+		reloads: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "mta_config_reloads_total",
+			Help: "Configuration reloads (SIGHUP, mta reload) by result (ok, failed)."}, []string{"result"})}
+	s.reload.reloads.WithLabelValues("ok")
+	s.reload.reloads.WithLabelValues("failed")
+	s.registry.MustRegister(s.reload.reloads)
 	var users smtpd.Authenticator
 	if cfg.Auth.UsersFile != "" {
 		users = s.users
@@ -377,7 +396,7 @@ func (s *Server) routes() http.Handler {
 		fmt.Fprintln(w, "ready")
 	})
 	if s.cfg.Admin.Enabled {
-		mux.Handle("/api/", admin.Handler(adminStore{Spool: s.spool, sched: s.sched, log: s.log.Named("admin"), acct: s.acct}, s.adminToken))
+		mux.Handle("/api/", admin.Handler(adminStore{Spool: s.spool, sched: s.sched, log: s.log.Named("admin"), acct: s.acct, reload: s.Reload}, s.adminToken))
 	}
 	if s.cfg.Debug.Pprof {
 		// Profiles show memory contents: the same guard as the admin API.

@@ -1,0 +1,131 @@
+package server
+
+import (
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"reflect"
+	"sync"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
+
+	"github.com/mtaproject/mta/mta/config"
+)
+
+// reloader applies a changed configuration file to the running server
+// (SIGHUP, `mta reload`): the log level, the TLS certificate and the users
+// file take effect at once, for new connections and logins, without
+// dropping any; every other changed setting is named in the log as needing
+// a restart. A file that does not load is refused and the running
+// configuration stays.
+type reloader struct {
+	mu      sync.Mutex
+	path    string // "" when the server runs on the embedded defaults
+	cfg     *config.Config
+	level   *zap.AtomicLevel // nil: the level is fixed
+	cert    *certHolder      // nil: no TLS
+	users   *userDirectory
+	log     *zap.Logger
+	reloads *prometheus.CounterVec
+}
+
+// certHolder serves the current certificate to every TLS listener.
+type certHolder struct {
+	mu   sync.RWMutex
+	cert *tls.Certificate
+}
+
+func (h *certHolder) get(*tls.ClientHelloInfo) (*tls.Certificate, error) {
+	h.mu.RLock()
+	defer h.mu.RUnlock()
+	return h.cert, nil
+}
+
+func (h *certHolder) set(c *tls.Certificate) {
+	h.mu.Lock()
+	h.cert = c
+	h.mu.Unlock()
+}
+
+// dynamicTLS returns a configuration like base whose certificate can be
+// replaced while listeners use it.
+func dynamicTLS(base *tls.Config) (*tls.Config, *certHolder) {
+	if base == nil || len(base.Certificates) == 0 {
+		return base, nil
+	}
+	h := &certHolder{cert: &base.Certificates[0]}
+	cfg := base.Clone()
+	cfg.Certificates = nil
+	cfg.GetCertificate = h.get
+	return cfg, h
+}
+
+// Reload reads the configuration file again and applies what can change
+// while the server runs. The returned error says why it was refused.
+func (s *Server) Reload() error {
+	r := s.reload
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	err := r.apply()
+	result := "ok"
+	if err != nil {
+		result = "failed"
+		r.log.Error("configuration reload refused; the running configuration stays", zap.Error(err))
+	}
+	r.reloads.WithLabelValues(result).Inc()
+	return err
+}
+
+func (r *reloader) apply() error {
+	if r.path == "" {
+		return errors.New("the server runs on the embedded defaults (no --config file): nothing to reload")
+	}
+	cfg, err := config.Load(r.path)
+	if err != nil {
+		return err
+	}
+	sec, err := loadSecrets(cfg, true)
+	if err != nil {
+		return err
+	}
+	applied := []string{}
+	if cfg.Log.Level != r.cfg.Log.Level && r.level != nil {
+		lvl, _ := zapcore.ParseLevel(cfg.Log.Level)
+		r.level.SetLevel(lvl)
+		applied = append(applied, "log.level")
+	}
+	if r.cert != nil && sec.tls != nil && len(sec.tls.Certificates) > 0 {
+		r.cert.set(&sec.tls.Certificates[0])
+		applied = append(applied, "tls certificate")
+	}
+	if cfg.Auth.UsersFile != r.cfg.Auth.UsersFile {
+		return fmt.Errorf("auth.users_file: a different users file needs a restart (edit %s in place instead)", r.cfg.Auth.UsersFile)
+	}
+	r.users.reloadIfChanged()
+	// What cannot change without a restart is named, not ignored.
+	var restart []string
+	for _, f := range []struct {
+		name     string
+		old, new any
+	}{
+		{"listen", r.cfg.Listen, cfg.Listen}, {"data_dir", r.cfg.DataDir, cfg.DataDir}, {"hostname", r.cfg.Hostname, cfg.Hostname},
+		{"local_domains", r.cfg.LocalDomains, cfg.LocalDomains}, {"trusted_networks", r.cfg.TrustedNetworks, cfg.TrustedNetworks},
+		{"smtp", r.cfg.SMTP, cfg.SMTP}, {"delivery", r.cfg.Delivery, cfg.Delivery}, {"dns", r.cfg.DNS, cfg.DNS},
+		{"routes", r.cfg.Routes, cfg.Routes}, {"spool", r.cfg.Spool, cfg.Spool}, {"dsn", r.cfg.DSN, cfg.DSN},
+		{"mailboxes", r.cfg.Mailboxes, cfg.Mailboxes}, {"memory_budget", r.cfg.MemoryBudget, cfg.MemoryBudget},
+		{"log.accounting", r.cfg.Log.Accounting, cfg.Log.Accounting}, {"admin", r.cfg.Admin, cfg.Admin},
+	} {
+		if !reflect.DeepEqual(f.old, f.new) {
+			restart = append(restart, f.name)
+		}
+	}
+	r.log.Info("configuration reloaded", zap.String("file", r.path), zap.Strings("applied", append(applied, "users file")),
+		zap.Strings("changed_needing_restart", restart))
+	if len(restart) > 0 {
+		r.log.Warn("these settings changed in the file but take effect only after a restart", zap.Strings("settings", restart))
+	}
+	r.cfg.Log.Level = cfg.Log.Level // the rest still describes what runs
+	return nil
+}
