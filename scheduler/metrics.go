@@ -1,7 +1,11 @@
 package scheduler
 
 import (
+	"fmt"
+
 	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/mtaproject/mta/mta"
 )
 
 // classUnrouted labels outcomes decided without a destination (routing
@@ -36,6 +40,38 @@ type instruments struct {
 	submitDropped   prometheus.Counter
 	freshToScan     prometheus.Counter
 	panics          prometheus.Counter
+	endToEnd        *prometheus.HistogramVec
+	replyCodes      *prometheus.CounterVec
+	attempts        prometheus.Histogram
+}
+
+// endToEndBuckets span a delivery in milliseconds to one after days of
+// retries (delivery.max_lifetime is 5 days by default).
+var endToEndBuckets = []float64{0.01, 0.1, 0.5, 1, 5, 30, 60, 300, 900, 1800, 3600, 4 * 3600, 12 * 3600, 86400, 2 * 86400, 5 * 86400}
+
+// commonCodes are the enhanced status codes that get a label of their own
+// in mta_delivery_replies_total; any other is counted as its class and
+// subject ("5.7.x"), and a reply without one by its class ("4.x.x"), so
+// the label set stays bounded whatever remote servers say.
+var commonCodes = map[string]bool{"2.0.0": true, "2.1.5": true, "2.6.0": true,
+	"4.2.2": true, "4.3.0": true, "4.3.2": true, "4.4.1": true, "4.4.2": true, "4.7.0": true, "4.7.1": true, "4.7.28": true,
+	"5.0.0": true, "5.1.1": true, "5.1.2": true, "5.1.10": true, "5.2.1": true, "5.2.2": true, "5.3.4": true,
+	"5.4.6": true, "5.4.7": true, "5.6.3": true, "5.6.7": true, "5.7.1": true, "5.7.26": true}
+
+// codeLabel is the bounded label of a reply (or "none" for an outcome
+// decided without one).
+func codeLabel(r *mta.Reply) string {
+	if r == nil {
+		return "none"
+	}
+	e := r.Enhanced
+	if e == (mta.Enhanced{}) {
+		return fmt.Sprintf("%d.x.x", min(max(r.Code/100, 2), 5))
+	}
+	if code := e.String(); commonCodes[code] {
+		return code
+	}
+	return fmt.Sprintf("%d.%d.x", min(max(e[0], 2), 5), min(e[1], 7))
 }
 
 func newMetrics(s *Scheduler, reg prometheus.Registerer) *instruments {
@@ -71,6 +107,20 @@ func newMetrics(s *Scheduler, reg prometheus.Registerer) *instruments {
 		submitDropped: prometheus.NewCounter(prometheus.CounterOpts{Name: "mta_delivery_submit_dropped_total", Help: "Fresh messages not handed over in memory (scheduler busy); the due scan finds them."}),
 		freshToScan:   prometheus.NewCounter(prometheus.CounterOpts{Name: "mta_delivery_fresh_to_scan_total", Help: "Fresh messages left to the due scan because their domain was at its share of the window and the overflow was full."}),
 		panics:        prometheus.NewCounter(prometheus.CounterOpts{Name: "mta_delivery_panics_total", Help: "Panics recovered while delivering a message (the message is deferred)."}),
+		endToEnd: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Name: "mta_delivery_end_to_end_seconds", Help: "From arrival to a recipient's final outcome (delivered, failed, expired).",
+			Buckets: endToEndBuckets,
+		}, []string{"outcome"}),
+		replyCodes: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "mta_delivery_replies_total", Help: "Recipient outcomes by outcome and enhanced status code (common codes by name, others as 5.7.x; none: decided without a reply).",
+		}, []string{"outcome", "code"}),
+		attempts: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name: "mta_delivery_attempts_per_delivery", Help: "Attempts a recipient took to be delivered.",
+			Buckets: []float64{1, 2, 3, 4, 5, 7, 10, 15, 20, 30, 50},
+		}),
+	}
+	for _, o := range []string{"delivered", "failed", "expired"} {
+		m.endToEnd.WithLabelValues(o)
 	}
 	for _, o := range knownOutcomes {
 		for _, c := range knownClasses {
@@ -86,6 +136,7 @@ func newMetrics(s *Scheduler, reg prometheus.Registerer) *instruments {
 	if reg != nil {
 		reg.MustRegister(m.outcomes, m.attemptLatency, m.connectLatency, m.connOpened, m.connReused, m.connFailed,
 			m.connClosed, m.messagesPerConn, m.activeConns, m.destBackoffs, m.postponed, m.routeErrors, m.submitDropped, m.freshToScan, m.panics,
+			m.endToEnd, m.replyCodes, m.attempts,
 			prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 				Name: "mta_delivery_window_size", Help: "Work items (message, domain) in the scheduler's active window.",
 			}, func() float64 { return float64(s.windowSize.Load()) }),

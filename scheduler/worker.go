@@ -257,6 +257,13 @@ func (s *Scheduler) report(e OutcomeEvent) {
 	if e.Message != nil {
 		e.QueuedFor = s.opts.Now().Sub(e.Message.Received)
 	}
+	s.m.replyCodes.WithLabelValues(e.Outcome, codeLabel(e.Reply)).Inc()
+	if e.Outcome != "deferred" && e.Message != nil {
+		s.m.endToEnd.WithLabelValues(e.Outcome).Observe(e.QueuedFor.Seconds())
+	}
+	if e.Outcome == "delivered" && e.Attempt > 0 {
+		s.m.attempts.Observe(float64(e.Attempt))
+	}
 	if s.opts.Observe != nil {
 		s.opts.Observe(e)
 	}

@@ -66,12 +66,52 @@ func newSpoolMetrics(s *Spool, reg prometheus.Registerer) *spoolMetrics {
 			return 1
 		}),
 	}
+	m.collectors = append(m.collectors, pebbleCollector{s})
 	if reg != nil {
 		for _, c := range m.collectors {
 			reg.MustRegister(c)
 		}
 	}
 	return m
+}
+
+// pebbleCollector reports the health of the Pebble database from one
+// snapshot of its metrics per scrape.
+type pebbleCollector struct{ s *Spool }
+
+var (
+	pebbleDebt      = prometheus.NewDesc("mta_spool_compaction_debt_bytes", "Bytes Pebble estimates it must compact to reach a stable shape; growing debt means writes outrun compactions.", nil, nil)
+	pebbleL0Files   = prometheus.NewDesc("mta_spool_l0_files", "Tables in level 0; many slow reads and stall writes.", nil, nil)
+	pebbleL0Sublvls = prometheus.NewDesc("mta_spool_l0_sublevels", "Sublevels of level 0 (its read amplification).", nil, nil)
+	pebbleWALBytes  = prometheus.NewDesc("mta_spool_wal_bytes", "Bytes of live write-ahead log files on disk.", nil, nil)
+	pebbleTableB    = prometheus.NewDesc("mta_spool_table_bytes", "Bytes of live tables on disk.", nil, nil)
+	pebbleDiskBytes = prometheus.NewDesc("mta_spool_disk_bytes", "Bytes the spool's database uses on disk in all (tables, WAL, obsolete files not yet deleted).", nil, nil)
+)
+
+func (pebbleCollector) Describe(ch chan<- *prometheus.Desc) {
+	for _, d := range []*prometheus.Desc{pebbleDebt, pebbleL0Files, pebbleL0Sublvls, pebbleWALBytes, pebbleTableB, pebbleDiskBytes} {
+		ch <- d
+	}
+}
+
+func (c pebbleCollector) Collect(ch chan<- prometheus.Metric) {
+	c.s.closeMu.RLock()
+	defer c.s.closeMu.RUnlock()
+	if c.s.closed {
+		return
+	}
+	m := c.s.db.Metrics()
+	gauge := func(d *prometheus.Desc, v float64) { ch <- prometheus.MustNewConstMetric(d, prometheus.GaugeValue, v) }
+	gauge(pebbleDebt, float64(m.Compact.EstimatedDebt))
+	gauge(pebbleL0Files, float64(m.Levels[0].TablesCount))
+	gauge(pebbleL0Sublvls, float64(m.Levels[0].Sublevels))
+	gauge(pebbleWALBytes, float64(m.WAL.PhysicalSize))
+	var tables int64
+	for _, l := range m.Levels {
+		tables += l.TablesSize
+	}
+	gauge(pebbleTableB, float64(tables))
+	gauge(pebbleDiskBytes, float64(m.DiskSpaceUsage()))
 }
 
 func (m *spoolMetrics) unregister() {

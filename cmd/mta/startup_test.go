@@ -311,6 +311,16 @@ func TestOutcomesAreLogged(t *testing.T) {
 			t.Errorf("acceptance line lacks %s: %s", want, accepted)
 		}
 	}
+	for metric, want := range map[string]float64{
+		`mta_delivery_end_to_end_seconds_count{outcome="delivered"}`:   1,
+		`mta_delivery_replies_total{code="2.0.0",outcome="delivered"}`: 1,
+		`mta_delivery_attempts_per_delivery_count`:                     1,
+	} {
+		v, err := p.Metric(metric)
+		if err != nil || v != want {
+			t.Errorf("%s = %v (%v), want %v", metric, v, err, want)
+		}
+	}
 	mtaCmd(t, true, "queue", "flush", "--admin=http://"+p.HTTP)
 	time.Sleep(200 * time.Millisecond)
 	if !strings.Contains(p.Log(), `"msg":"operator action","action":"flush"`) {

@@ -2,6 +2,7 @@ package resolve
 
 import (
 	"errors"
+	"time"
 
 	"github.com/miekg/dns"
 	"github.com/prometheus/client_golang/prometheus"
@@ -10,8 +11,9 @@ import (
 // metrics are the optional Prometheus counters; a nil *metrics counts
 // nothing.
 type metrics struct {
-	queries *prometheus.CounterVec
-	hits    prometheus.Counter
+	queries  *prometheus.CounterVec
+	hits     prometheus.Counter
+	duration prometheus.Histogram
 }
 
 func newMetrics(reg prometheus.Registerer) (*metrics, error) {
@@ -53,7 +55,30 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 		}
 		m.hits = c
 	}
+	m.duration = prometheus.NewHistogram(prometheus.HistogramOpts{
+		Name: "mta_dns_query_duration_seconds", Help: "Time of one DNS exchange with a server (retries over TCP included).",
+		Buckets: []float64{0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10},
+	})
+	if err := reg.Register(m.duration); err != nil {
+		var are prometheus.AlreadyRegisteredError
+		if !errors.As(err, &are) {
+			return nil, err
+		}
+		c, ok := are.ExistingCollector.(prometheus.Histogram)
+		if !ok {
+			return nil, err
+		}
+		m.duration = c
+	}
 	return m, nil
+}
+
+// took observes one exchange's duration.
+func (m *metrics) took(d time.Duration) {
+	if m == nil {
+		return
+	}
+	m.duration.Observe(d.Seconds())
 }
 
 func (m *metrics) query(qtype uint16, result string) {

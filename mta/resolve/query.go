@@ -261,6 +261,8 @@ func (r *Resolver) exchangeOne(ctx context.Context, srv, name string, qtype uint
 	m := new(dns.Msg)
 	m.SetQuestion(dns.Fqdn(name), qtype)
 	m.SetEdns0(ednsUDPSize, false)
+	start := time.Now()
+	defer func() { r.metrics.took(time.Since(start)) }()
 	resp, err := r.send(ctx, srv, m)
 	if err == nil && resp.Rcode == dns.RcodeFormatError {
 		m.Extra = nil

@@ -52,10 +52,11 @@ type Server struct {
 	httpLn   net.Listener
 	ready    atomic.Bool
 
-	acct      *accounting.Log    // the accounting log; nil: off
-	reload    *reloader          // applies a changed configuration file
-	users     *userDirectory     // the users file, re-read when it changes
-	mailboxes *mailbox.Transport // local delivery
+	acct       *accounting.Log    // the accounting log; nil: off
+	reload     *reloader          // applies a changed configuration file
+	queueStats *queueCollector    // the queue by state and age, for /metrics
+	users      *userDirectory     // the users file, re-read when it changes
+	mailboxes  *mailbox.Transport // local delivery
 
 	adminToken string // bearer token the admin API requires; "" for none
 }
@@ -199,6 +200,8 @@ func New(cfg *config.Config, log *zap.Logger) (_ *Server, err error) {
 		Registerer:               s.registry,
 		Observe:                  s.accountOutcome,
 	})
+	s.queueStats = newQueueCollector(s.spool, s.sched)
+	s.registry.MustRegister(s.queueStats)
 	// Messages a version without bounces kept for the bounce they were
 	// owed get it now, and leave the queue.
 	if n, err := s.spool.SettleFinished(); err != nil {
@@ -474,6 +477,7 @@ func (s *Server) Run(ctx context.Context) error {
 	watchCtx, stopWatch := context.WithCancel(context.Background())
 	defer stopWatch()
 	go s.users.watch(watchCtx, 2*time.Second)
+	go s.queueStats.run(watchCtx, 30*time.Second)
 	s.ready.Store(true)
 	fields := []zap.Field{zap.String("data_dir", s.cfg.DataDir), zap.Int64("queued", s.spool.Count())}
 	for _, name := range []string{"smtp", "submission", "pop3", "pop3s", "http"} {
