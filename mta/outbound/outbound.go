@@ -11,6 +11,8 @@ import (
 	"net/netip"
 	"slices"
 
+	"github.com/prometheus/client_golang/prometheus"
+
 	"github.com/mtaproject/mta/mta"
 	"github.com/mtaproject/mta/mta/resolve"
 	"github.com/mtaproject/mta/mta/smtpclient"
@@ -23,6 +25,9 @@ type Transport struct {
 	// Client holds the SMTP client options; TLS policy and AUTH are set
 	// per destination from its route.
 	Client smtpclient.Options
+	// STARTTLS, when set, counts new connections by how STARTTLS went
+	// (smtpclient.TLSUsed and the others).
+	STARTTLS *prometheus.CounterVec
 	// MaxAddresses bounds the addresses one Connect tries (Postfix's
 	// smtp_mx_address_limit), so that a black-holed destination ties a
 	// worker up for a bounded time; zero means 5.
@@ -83,6 +88,9 @@ hosts:
 			}
 			tried++
 			c, err := smtpclient.Dial(ctx, addr, name, opts)
+			if err == nil && t.STARTTLS != nil {
+				t.STARTTLS.WithLabelValues(c.TLSOutcome()).Inc()
+			}
 			if err == nil {
 				return &conn{c: c}, nil
 			}
@@ -164,4 +172,20 @@ func shuffleEqual(hosts []resolve.Host) []resolve.Host {
 		i = j
 	}
 	return out
+}
+
+// NewSTARTTLSCounter makes the counter of Transport.STARTTLS and registers
+// it with reg (nil: not registered).
+func NewSTARTTLSCounter(reg prometheus.Registerer) *prometheus.CounterVec {
+	c := prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "mta_delivery_starttls_total",
+		Help: "New outbound connections by how STARTTLS went: used, not_offered, refused (offered, then refused), fell_back (the handshake failed; sent without TLS), disabled (policy none).",
+	}, []string{"result"})
+	for _, r := range []string{smtpclient.TLSUsed, smtpclient.TLSNotOffered, smtpclient.TLSRefused, smtpclient.TLSFellBack, smtpclient.TLSDisabled} {
+		c.WithLabelValues(r)
+	}
+	if reg != nil {
+		reg.MustRegister(c)
+	}
+	return c
 }

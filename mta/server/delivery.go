@@ -62,6 +62,7 @@ func newTransport(cfg *config.Config, reg prometheus.Registerer, self *resolve.S
 	return &outbound.Transport{
 		Resolver:     res,
 		MaxAddresses: cfg.Delivery.MaxMXAddresses,
+		STARTTLS:     outbound.NewSTARTTLSCounter(reg),
 		Client: smtpclient.Options{
 			LocalName:  cfg.Delivery.HeloName,
 			NoChunking: !cfg.Delivery.Chunking,

@@ -88,20 +88,21 @@ func TestSTARTTLS(t *testing.T) {
 		wantTLS  bool
 		stage    string // expected Dial failure
 		sessions int
+		outcome  string // TLSOutcome when Dial succeeds
 	}{
-		{"opportunistic offered", script{starttls: true}, Options{}, "mx.example", true, "", 1},
-		{"opportunistic not offered", script{}, Options{}, "mx.example", false, "", 1},
+		{"opportunistic offered", script{starttls: true}, Options{}, "mx.example", true, "", 1, TLSUsed},
+		{"opportunistic not offered", script{}, Options{}, "mx.example", false, "", 1, TLSNotOffered},
 		{"opportunistic refused", script{starttls: true, replies: map[string]string{"STARTTLS": "454 4.7.0 TLS not available"}},
-			Options{}, "mx.example", false, "", 1},
-		{"opportunistic broken handshake", script{starttls: true, badTLS: true}, Options{}, "mx.example", false, "", 2},
-		{"none", script{starttls: true}, Options{TLS: TLSNone}, "mx.example", false, "", 1},
-		{"required insecure", script{starttls: true}, Options{TLS: TLSRequired, TLSConfig: insecure}, "mx.example", true, "", 1},
-		{"required verified", script{starttls: true}, Options{TLS: TLSRequired, TLSConfig: &tls.Config{RootCAs: pool}}, "localhost.", true, "", 1},
-		{"required wrong name", script{starttls: true}, Options{TLS: TLSRequired, TLSConfig: &tls.Config{RootCAs: pool}}, "mx.example", false, "starttls", 1},
-		{"required untrusted", script{starttls: true}, Options{TLS: TLSRequired}, "localhost", false, "starttls", 1},
-		{"required not offered", script{}, Options{TLS: TLSRequired, TLSConfig: insecure}, "mx.example", false, "starttls", 1},
+			Options{}, "mx.example", false, "", 1, TLSRefused},
+		{"opportunistic broken handshake", script{starttls: true, badTLS: true}, Options{}, "mx.example", false, "", 2, TLSFellBack},
+		{"none", script{starttls: true}, Options{TLS: TLSNone}, "mx.example", false, "", 1, TLSDisabled},
+		{"required insecure", script{starttls: true}, Options{TLS: TLSRequired, TLSConfig: insecure}, "mx.example", true, "", 1, TLSUsed},
+		{"required verified", script{starttls: true}, Options{TLS: TLSRequired, TLSConfig: &tls.Config{RootCAs: pool}}, "localhost.", true, "", 1, TLSUsed},
+		{"required wrong name", script{starttls: true}, Options{TLS: TLSRequired, TLSConfig: &tls.Config{RootCAs: pool}}, "mx.example", false, "starttls", 1, ""},
+		{"required untrusted", script{starttls: true}, Options{TLS: TLSRequired}, "localhost", false, "starttls", 1, ""},
+		{"required not offered", script{}, Options{TLS: TLSRequired, TLSConfig: insecure}, "mx.example", false, "starttls", 1, ""},
 		{"required refused", script{starttls: true, replies: map[string]string{"STARTTLS": "554 5.7.0 no TLS for you"}},
-			Options{TLS: TLSRequired, TLSConfig: insecure}, "mx.example", false, "starttls", 1},
+			Options{TLS: TLSRequired, TLSConfig: insecure}, "mx.example", false, "starttls", 1, ""},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			s := newServer(t, tc.sc)
@@ -119,6 +120,9 @@ func TestSTARTTLS(t *testing.T) {
 				defer c.Close()
 				if c.TLS() != tc.wantTLS {
 					t.Errorf("TLS() = %v", c.TLS())
+				}
+				if c.TLSOutcome() != tc.outcome {
+					t.Errorf("TLSOutcome() = %q, want %q", c.TLSOutcome(), tc.outcome)
 				}
 				if _, ok := c.Extensions()["STARTTLS"]; ok && tc.wantTLS {
 					t.Error("extensions not refreshed after STARTTLS")

@@ -157,6 +157,7 @@ type Conn struct {
 	chunking   bool // CHUNKING offered and allowed: send with BDAT
 	hasSize    bool
 	sizeLimit  int64
+	tlsOutcome string // see TLSOutcome
 	has8bit    bool
 	hasUTF8    bool
 	hasDSN     bool
@@ -195,6 +196,9 @@ func Dial(ctx context.Context, addr, serverName string, opts Options) (*Conn, er
 		// stream is lost, so try once more without TLS.
 		opts.TLS = TLSNone
 		c, err = dial(ctx, addr, serverName, opts)
+		if c != nil {
+			c.tlsOutcome = TLSFellBack
+		}
 	}
 	return c, err
 }
@@ -268,11 +272,17 @@ func (c *Conn) setup(serverName string) error {
 		return err
 	}
 	_, offered := c.ext["STARTTLS"]
+	c.tlsOutcome = TLSDisabled
 	switch c.opts.TLS {
 	case TLSOpportunistic:
+		c.tlsOutcome = TLSNotOffered
 		if offered {
 			if err := c.startTLS(serverName, false); err != nil {
 				return err
+			}
+			c.tlsOutcome = TLSRefused
+			if c.isTLS {
+				c.tlsOutcome = TLSUsed
 			}
 		}
 	case TLSRequired:
@@ -283,6 +293,7 @@ func (c *Conn) setup(serverName string) error {
 		if err := c.startTLS(serverName, true); err != nil {
 			return err
 		}
+		c.tlsOutcome = TLSUsed
 	}
 	if c.opts.Auth != nil {
 		return c.auth()
@@ -522,6 +533,18 @@ func (c *Conn) TLS() bool { return c.isTLS }
 // TLSInfo describes the TLS session, "TLS 1.3 TLS_AES_128_GCM_SHA256", or
 // is "" without TLS.
 func (c *Conn) TLSInfo() string { return c.tlsInfo }
+
+// Outcomes of STARTTLS on a connection, for metrics.
+const (
+	TLSUsed       = "used"        // the session is encrypted
+	TLSNotOffered = "not_offered" // opportunistic, and the server did not offer STARTTLS
+	TLSRefused    = "refused"     // opportunistic: the server offered STARTTLS but refused it (4xx/5xx)
+	TLSFellBack   = "fell_back"   // opportunistic: the handshake failed, the connection went on without TLS
+	TLSDisabled   = "disabled"    // the policy is none
+)
+
+// TLSOutcome says how STARTTLS went on this connection.
+func (c *Conn) TLSOutcome() string { return c.tlsOutcome }
 
 // OffersDSN reports whether the server offered DSN (RFC 3461), so that
 // NOTIFY, ORCPT, RET and ENVID go on with the message.
