@@ -315,6 +315,7 @@ func TestOutcomesAreLogged(t *testing.T) {
 		`mta_delivery_end_to_end_seconds_count{outcome="delivered"}`:   1,
 		`mta_delivery_replies_total{code="2.0.0",outcome="delivered"}`: 1,
 		`mta_delivery_attempts_per_delivery_count`:                     1,
+		`mta_delivery_starttls_total{result="disabled"}`:               1, // the route says tls: none
 	} {
 		v, err := p.Metric(metric)
 		if err != nil || v != want {
