@@ -150,3 +150,17 @@ func (s *Spool) Oldest() time.Time {
 	}
 	return IDTime(string(it.Key()[len(prefixMessage):]))
 }
+
+// FreeBytes returns the free space of the spool's file system as last
+// checked (see Options.MinFreeSpace).
+func (s *Spool) FreeBytes() int64 { return s.free.get(s.opts.Now()) }
+
+// DiskBytes returns what the spool's database uses on disk.
+func (s *Spool) DiskBytes() int64 {
+	s.closeMu.RLock()
+	defer s.closeMu.RUnlock()
+	if s.closed {
+		return 0
+	}
+	return int64(s.db.Metrics().DiskSpaceUsage())
+}

@@ -353,6 +353,13 @@ func (s *Spool) Due(now time.Time, limit int, skip func(domain string) bool) ([]
 // List returns up to limit messages with IDs greater than after, in ID
 // (acceptance) order. It is for the admin CLI; it decodes every record.
 func (s *Spool) List(after string, limit int) ([]*Message, error) {
+	// Background readers (the queue metrics) may still be scanning when
+	// the spool closes: an iterator on a closed Pebble panics.
+	s.closeMu.RLock()
+	defer s.closeMu.RUnlock()
+	if s.closed {
+		return nil, errors.New("spool: closed")
+	}
 	lower := []byte(prefixMessage + after + "\x00")
 	if after == "" {
 		lower = []byte(prefixMessage)

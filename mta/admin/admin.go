@@ -233,25 +233,12 @@ func Handler(store Store, token string) http.Handler {
 			writeJSON(w, http.StatusBadRequest, Error{err.Error()})
 			return
 		}
-		now := time.Now()
-		sh := newShaper(now)
-		for after := ""; ; {
-			msgs, err := store.List(after, 1000)
-			if err != nil {
-				writeJSON(w, http.StatusInternalServerError, Error{err.Error()})
-				return
-			}
-			for _, m := range msgs {
-				after = m.ID
-				if f.Match(m, now) {
-					sh.add(m)
-				}
-			}
-			if len(msgs) < 1000 {
-				break
-			}
+		sh, err := shapeOf(store, f, top)
+		if err != nil {
+			writeJSON(w, http.StatusInternalServerError, Error{err.Error()})
+			return
 		}
-		writeJSON(w, http.StatusOK, sh.shape(top))
+		writeJSON(w, http.StatusOK, sh)
 	})
 	mux.HandleFunc("POST /api/v1/reload", func(w http.ResponseWriter, r *http.Request) {
 		if err := store.Reload(); err != nil {

@@ -229,3 +229,36 @@ func (s *shaper) shape(top int) Shape {
 	out.Domains = rows
 	return out
 }
+
+// Lister lists the queue in ID order, as the spool does.
+type Lister interface {
+	List(after string, limit int) ([]*spool.Message, error)
+}
+
+// ShapeOf returns the shape of the whole queue, the top largest
+// destinations named.
+func ShapeOf(l Lister, top int) Shape {
+	sh, _ := shapeOf(l, Filter{}, top)
+	return sh
+}
+
+func shapeOf(l Lister, f Filter, top int) (Shape, error) {
+	now := time.Now()
+	sh := newShaper(now)
+	for after := ""; ; {
+		msgs, err := l.List(after, 1000)
+		if err != nil {
+			return Shape{}, err
+		}
+		for _, m := range msgs {
+			after = m.ID
+			if f.Match(m, now) {
+				sh.add(m)
+			}
+		}
+		if len(msgs) < 1000 {
+			break
+		}
+	}
+	return sh.shape(top), nil
+}

@@ -56,7 +56,7 @@ func newQueueCollector(sp *spool.Spool, sched *scheduler.Scheduler) *queueCollec
 
 // run counts the queue at once and then every interval until ctx ends.
 func (c *queueCollector) run(ctx context.Context, interval time.Duration) {
-	c.count()
+	c.count(ctx)
 	t := time.NewTicker(interval)
 	defer t.Stop()
 	for {
@@ -64,13 +64,14 @@ func (c *queueCollector) run(ctx context.Context, interval time.Duration) {
 		case <-ctx.Done():
 			return
 		case <-t.C:
-			c.count()
+			c.count(ctx)
 		}
 	}
 }
 
-// count scans the queue (at most a million messages).
-func (c *queueCollector) count() {
+// count scans the queue (at most a million messages); it gives up when
+// ctx ends, so that a stop does not wait for a long scan.
+func (c *queueCollector) count(ctx context.Context) {
 	byState := map[string]int{"queued": 0, "deferred": 0, "held": 0}
 	byAge := map[string]int{}
 	for _, a := range queueAges {
@@ -78,6 +79,9 @@ func (c *queueCollector) count() {
 	}
 	now := time.Now()
 	for after, n := "", 0; n < 1_000_000; {
+		if ctx.Err() != nil {
+			return
+		}
 		msgs, err := c.sp.List(after, 1000)
 		if err != nil {
 			return

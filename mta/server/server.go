@@ -55,6 +55,7 @@ type Server struct {
 	acct       *accounting.Log    // the accounting log; nil: off
 	reload     *reloader          // applies a changed configuration file
 	queueStats *queueCollector    // the queue by state and age, for /metrics
+	activity   *activity          // totals and recent events, for the status page
 	users      *userDirectory     // the users file, re-read when it changes
 	mailboxes  *mailbox.Transport // local delivery
 
@@ -113,7 +114,7 @@ func (s *Server) SetLogLevel(l zap.AtomicLevel) { s.reload.level = &l }
 // New opens the spool and binds every listener, so that a port in use or a
 // bad certificate stops start-up with a clear error before anything runs.
 func New(cfg *config.Config, log *zap.Logger) (_ *Server, err error) {
-	s := &Server{cfg: cfg, log: log, registry: metrics.NewRegistry()}
+	s := &Server{cfg: cfg, log: log, registry: metrics.NewRegistry(), activity: &activity{reasons: map[string]int{}}}
 	s.registry.MustRegister(metrics.BuildInfo(Version))
 	defer func() {
 		if err != nil {
@@ -399,6 +400,14 @@ func (s *Server) routes() http.Handler {
 		fmt.Fprintln(w, "ready")
 	})
 	if s.cfg.Admin.Enabled {
+		// The page holds no data (the Host check only); its data comes
+		// from /api/v1/status, behind the token like the rest of the API.
+		mux.Handle("GET /status", admin.Guard("", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			w.Header().Set("Content-Type", "text/html; charset=utf-8")
+			w.Header().Set("Content-Security-Policy", "default-src 'self'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'")
+			w.Write(statusPage)
+		})))
+		mux.Handle("GET /api/v1/status", admin.Guard(s.adminToken, http.HandlerFunc(s.statusJSON)))
 		mux.Handle("/api/", admin.Handler(adminStore{Spool: s.spool, sched: s.sched, log: s.log.Named("admin"), acct: s.acct, reload: s.Reload}, s.adminToken))
 	}
 	if s.cfg.Debug.Pprof {
@@ -475,9 +484,11 @@ func (s *Server) Run(ctx context.Context) error {
 		s.log.Warn("delivery.enabled is false: messages are accepted and queued, not delivered")
 	}
 	watchCtx, stopWatch := context.WithCancel(context.Background())
+	var watchers sync.WaitGroup
+	watchers.Add(2)
+	go func() { defer watchers.Done(); s.users.watch(watchCtx, 2*time.Second) }()
+	go func() { defer watchers.Done(); s.queueStats.run(watchCtx, 30*time.Second) }()
 	defer stopWatch()
-	go s.users.watch(watchCtx, 2*time.Second)
-	go s.queueStats.run(watchCtx, 30*time.Second)
 	s.ready.Store(true)
 	fields := []zap.Field{zap.String("data_dir", s.cfg.DataDir), zap.Int64("queued", s.spool.Count())}
 	for _, name := range []string{"smtp", "submission", "pop3", "pop3s", "http"} {
@@ -531,6 +542,8 @@ func (s *Server) Run(ctx context.Context) error {
 		hcancel()
 	}
 	wg.Wait()
+	stopWatch()
+	watchers.Wait() // the background readers are done before the spool closes
 	if err := s.spool.Close(); err != nil {
 		s.log.Error("closing the spool", zap.Error(err))
 		runErr = errors.Join(runErr, err)
@@ -565,6 +578,7 @@ func readFirstLine(path string) (string, error) {
 
 // accountReception writes a reception to the accounting log.
 func (s *Server) accountReception(id string, env *mta.Envelope, size int, tlsVersion string) {
+	s.activity.reception()
 	s.acct.Write(&accounting.Event{Event: accounting.Reception, ID: id, MessageID: env.MessageID, Sender: env.From,
 		Recipients: len(env.Recipients), Size: int64(size), ClientIP: env.ClientIP, HELO: env.HELO, AuthUser: env.AuthUser, TLS: tlsVersion})
 }
@@ -575,6 +589,7 @@ var outcomeEvents = map[string]string{"delivered": accounting.Delivery, "deferre
 
 // accountOutcome writes a recipient's delivery outcome to the accounting log.
 func (s *Server) accountOutcome(e scheduler.OutcomeEvent) {
+	s.activity.outcome(e)
 	if s.acct == nil {
 		return
 	}
