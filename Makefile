@@ -12,12 +12,12 @@ run:
 # interoperability test and the email-package checks, python3-flufl.bounce
 # for the bounce tests, swaks with Perl's TLS for the swaks one, fetchmail
 # and mpop for the POP3 ones, systemd-analyze and promtool for the deploy
-# checks). Without
+# checks, chromium for the status page). Without
 # them those tests skip and say what to install; with them nothing is
 # skipped.
-DEPS_APT = python3 python3-flufl.bounce swaks libnet-ssleay-perl libio-socket-ssl-perl fetchmail mpop systemd prometheus
+DEPS_APT = python3 python3-flufl.bounce swaks libnet-ssleay-perl libio-socket-ssl-perl fetchmail mpop systemd prometheus chromium
 deps:
-	@if ! command -v python3 >/dev/null 2>&1 || ! /usr/bin/python3 -c "import flufl.bounce" 2>/dev/null || ! command -v swaks >/dev/null 2>&1 || ! command -v fetchmail >/dev/null 2>&1 || ! command -v mpop >/dev/null 2>&1 || ! command -v systemd-analyze >/dev/null 2>&1 || ! command -v promtool >/dev/null 2>&1 || ! perl -MNet::SSLeay -e1 2>/dev/null; then \
+	@if ! command -v python3 >/dev/null 2>&1 || ! /usr/bin/python3 -c "import flufl.bounce" 2>/dev/null || ! command -v swaks >/dev/null 2>&1 || ! command -v fetchmail >/dev/null 2>&1 || ! command -v mpop >/dev/null 2>&1 || ! command -v systemd-analyze >/dev/null 2>&1 || ! command -v promtool >/dev/null 2>&1 || ! command -v chromium >/dev/null 2>&1 || ! perl -MNet::SSLeay -e1 2>/dev/null; then \
 		echo "installing $(DEPS_APT) (apt)"; \
 		if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq --no-install-recommends $(DEPS_APT); \
 		else sudo apt-get update -qq && sudo apt-get install -y -qq --no-install-recommends $(DEPS_APT); fi; \

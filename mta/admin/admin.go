@@ -233,7 +233,7 @@ func Handler(store Store, token string) http.Handler {
 			writeJSON(w, http.StatusBadRequest, Error{err.Error()})
 			return
 		}
-		sh, err := shapeOf(store, f, top)
+		sh, err := shapeOf(store, f, top, nil)
 		if err != nil {
 			writeJSON(w, http.StatusInternalServerError, Error{err.Error()})
 			return

@@ -235,14 +235,15 @@ type Lister interface {
 	List(after string, limit int) ([]*spool.Message, error)
 }
 
-// ShapeOf returns the shape of the whole queue, the top largest
-// destinations named.
-func ShapeOf(l Lister, top int) Shape {
-	sh, _ := shapeOf(l, Filter{}, top)
-	return sh
+// Overview returns the shape of the whole queue (the top largest
+// destinations named) and its messages by state, from one scan.
+func Overview(l Lister, top int) (Shape, map[string]int) {
+	states := map[string]int{"queued": 0, "deferred": 0, "held": 0}
+	sh, _ := shapeOf(l, Filter{}, top, func(m *spool.Message) { states[State(m)]++ })
+	return sh, states
 }
 
-func shapeOf(l Lister, f Filter, top int) (Shape, error) {
+func shapeOf(l Lister, f Filter, top int, each func(*spool.Message)) (Shape, error) {
 	now := time.Now()
 	sh := newShaper(now)
 	for after := ""; ; {
@@ -254,6 +255,9 @@ func shapeOf(l Lister, f Filter, top int) (Shape, error) {
 			after = m.ID
 			if f.Match(m, now) {
 				sh.add(m)
+				if each != nil {
+					each(m)
+				}
 			}
 		}
 		if len(msgs) < 1000 {

@@ -118,14 +118,8 @@ func (s *Server) statusJSON(w http.ResponseWriter, r *http.Request) {
 	if len(st.Reasons) > 10 {
 		st.Reasons = st.Reasons[:10]
 	}
-	s.queueStats.mu.Lock()
-	st.Queue = map[string]int{}
-	for k, v := range s.queueStats.byState {
-		st.Queue[k] = v
-	}
-	s.queueStats.mu.Unlock()
 	store := adminStore{Spool: s.spool, sched: s.sched}
-	st.Shape = admin.ShapeOf(s.spool, 10)
+	st.Shape, st.Queue = admin.Overview(s.spool, 10)
 	st.Destinations = store.Destinations()
 	if len(st.Destinations) > 10 {
 		st.Destinations = st.Destinations[:10]
