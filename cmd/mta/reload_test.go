@@ -1,16 +1,20 @@
 package main
 
 import (
+	"context"
 	"crypto/tls"
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
 
 	"github.com/emersion/go-smtp"
 
+	"github.com/mtaproject/mta/bench"
 	"github.com/mtaproject/mta/mta/certs"
 )
 
@@ -98,4 +102,76 @@ func TestReloadOnSIGHUPAndCommand(t *testing.T) {
 	if err := c.SendMail("a@example.org", []string{"b@example.com"}, strings.NewReader("Subject: after\r\n\r\nx\r\n")); err != nil {
 		t.Errorf("after the reloads: %v", err)
 	}
+}
+
+// TestReloadUnderLoad: SIGHUP every 100 ms while 10,000 messages flow in and
+// out loses and doubles nothing, and drops no session.
+func TestReloadUnderLoad(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts subprocesses")
+	}
+	sink, err := bench.StartSink(bench.SinkConfig{Addr: "127.0.0.1:0"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sink.Close()
+	var mu sync.Mutex
+	got := map[string]int{}
+	sink.OnMessage(func(m bench.SinkMessage) {
+		if sm := receivedID.FindSubmatch(m.Data); sm != nil {
+			mu.Lock()
+			got[string(sm[1])]++
+			mu.Unlock()
+		}
+	})
+	p := startMTA(t, t.TempDir(), "dns: {servers: [\"127.0.0.1:1\"]}\nroutes: {\"*\": {hosts: [\"["+strings.Replace(sink.Addr(), ":", "]:", 1)+"\"], tls: none}}\n")
+	stop := make(chan struct{})
+	var hups atomic.Int32
+	go func() {
+		tick := time.NewTicker(100 * time.Millisecond)
+		defer tick.Stop()
+		for {
+			select {
+			case <-stop:
+				return
+			case <-tick.C:
+				p.Cmd.Process.Signal(syscall.SIGHUP)
+				hups.Add(1)
+			}
+		}
+	}()
+	acked := map[string]bool{}
+	res, err := bench.RunLoad(context.Background(), bench.LoadConfig{
+		Addr: p.SMTP, Sessions: 20, Messages: 10000, Size: 1024, Pipelining: true, Seed: 11,
+		Domains: []string{"a.test", "b.test"}, Timeout: 10 * time.Second,
+		OnAccepted: func(id string, _ []byte) { acked[id] = true },
+	})
+	close(stop)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res.Accepted != 10000 || len(acked) != 10000 {
+		t.Fatalf("accepted %d of 10000 (%d acknowledged) while reloading: %+v", res.Accepted, len(acked), res)
+	}
+	deadline := time.Now().Add(60 * time.Second)
+	for {
+		mu.Lock()
+		n := len(got)
+		mu.Unlock()
+		if n >= len(acked) || time.Now().After(deadline) {
+			break
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	for id := range acked {
+		if got[id] != 1 {
+			t.Errorf("message %s arrived %d times", id, got[id])
+		}
+	}
+	if v, err := p.Metric(`mta_config_reloads_total{result="ok"}`); err != nil || v < 10 {
+		t.Errorf("reloads counted: %v (%v) of %d signals", v, err, hups.Load())
+	}
+	t.Logf("10,000 messages with %d reloads: every one delivered once", hups.Load())
 }
