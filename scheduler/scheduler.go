@@ -97,15 +97,22 @@ type Scheduler struct {
 	cache *conncache.Cache[Conn]
 
 	// Channels into the state-owning goroutine.
-	fresh   chan Due
-	next    chan nextReq
-	events  chan event
-	kick    chan struct{}
-	unback  chan chan struct{} // end every destination's backoff (flush); closed when done
-	status  chan chan []DestinationStatus
-	drops   chan struct{} // signals that dropIDs has IDs
-	dropMu  sync.Mutex
-	dropIDs []string
+	fresh  chan Due
+	next   chan nextReq
+	events chan event
+	kick   chan struct{}
+	unback chan chan struct{} // end every destination's backoff (flush); closed when done
+	status chan chan []DestinationStatus
+	drops  chan struct{} // signals that dropIDs has IDs
+	dropMu sync.Mutex
+
+	// suspended holds the domains an operator suspended (Suspend), each
+	// until a time (zero: until Resume). Read by workers, hence the lock.
+	suspendMu sync.Mutex
+	suspended map[string]time.Time
+	since     map[string]time.Time     // when each suspension began
+	grace     map[string]time.Duration // time a domain spent suspended: added to its lifetime
+	dropIDs   []string
 
 	// Owned by run.
 	window map[workKey]*work
@@ -640,15 +647,22 @@ func (s *Scheduler) serve(d *dest) {
 	}
 }
 
-// pop takes the next live work of d's queue.
+// pop takes the next live work of d's queue. Work for a suspended domain
+// is postponed instead: a suspended domain gets no attempts.
 func (s *Scheduler) pop(d *dest) *work {
+	now := s.opts.Now()
 	for len(d.queue) > 0 {
 		w := d.queue[0]
 		d.queue[0] = nil
 		d.queue = d.queue[1:]
-		if !w.dropped {
-			return w
+		if w.dropped {
+			continue
 		}
+		if until, ok := s.suspendedUntil(w.key.domain, now); ok {
+			s.postpone([]*work{w}, until, "451 4.4.5 delivery to "+w.key.domain+" suspended by the operator")
+			continue
+		}
+		return w
 	}
 	d.queue = nil
 	return nil
@@ -945,4 +959,101 @@ func (s *Scheduler) destinations() []DestinationStatus {
 		return out[i].Key < out[j].Key
 	})
 	return out
+}
+
+// suspendRecheck is how often postponed work of a suspended domain is
+// looked at again: a resume takes effect within it.
+const suspendRecheck = time.Minute
+
+// Suspend stops delivery to domain: its mail waits, without attempts and
+// without expiring, for d (0: until Resume). Work already on a connection
+// finishes its message. Suspensions live in memory: a restart ends them.
+func (s *Scheduler) Suspend(domain string, d time.Duration) {
+	var until time.Time
+	if d > 0 {
+		until = s.opts.Now().Add(d)
+	}
+	s.suspendMu.Lock()
+	if s.suspended == nil {
+		s.suspended, s.since, s.grace = map[string]time.Time{}, map[string]time.Time{}, map[string]time.Duration{}
+	}
+	if _, already := s.suspended[domain]; !already {
+		s.since[domain] = s.opts.Now()
+	}
+	s.suspended[domain] = until
+	s.suspendMu.Unlock()
+}
+
+// lifetime is MaxLifetime for domain's mail, plus the time the domain
+// spent suspended: an operator's hold costs the mail none of its lifetime.
+func (s *Scheduler) lifetime(domain string) time.Duration {
+	s.suspendMu.Lock()
+	defer s.suspendMu.Unlock()
+	s.endSuspensionsLocked(s.opts.Now())
+	l := s.opts.MaxLifetime + s.grace[domain]
+	if since, ok := s.since[domain]; ok {
+		l += s.opts.Now().Sub(since)
+	}
+	return l
+}
+
+// Resume ends a suspension; it reports whether domain was suspended.
+// Its mail is tried again within suspendRecheck.
+func (s *Scheduler) Resume(domain string) bool {
+	s.suspendMu.Lock()
+	_, ok := s.suspended[domain]
+	if ok {
+		s.grace[domain] += s.opts.Now().Sub(s.since[domain])
+	}
+	delete(s.suspended, domain)
+	delete(s.since, domain)
+	s.suspendMu.Unlock()
+	s.Kick()
+	return ok
+}
+
+// Suspended returns the suspended domains and until when (zero: until
+// resumed).
+func (s *Scheduler) Suspended() map[string]time.Time {
+	s.suspendMu.Lock()
+	defer s.suspendMu.Unlock()
+	s.endSuspensionsLocked(s.opts.Now())
+	out := map[string]time.Time{}
+	for d, until := range s.suspended {
+		out[d] = until
+	}
+	return out
+}
+
+// endSuspensionsLocked ends the timed suspensions that are over, as
+// Resume would. suspendMu is held.
+func (s *Scheduler) endSuspensionsLocked(now time.Time) {
+	for d, until := range s.suspended {
+		if !until.IsZero() && !now.Before(until) {
+			s.grace[d] += until.Sub(s.since[d])
+			delete(s.suspended, d)
+			delete(s.since, d)
+		}
+	}
+}
+
+// suspendedUntil reports whether domain is suspended at now, and when its
+// postponed work should be looked at again.
+func (s *Scheduler) suspendedUntil(domain string, now time.Time) (time.Time, bool) {
+	s.suspendMu.Lock()
+	if len(s.suspended) == 0 {
+		s.suspendMu.Unlock()
+		return time.Time{}, false
+	}
+	s.endSuspensionsLocked(now)
+	until, ok := s.suspended[domain]
+	s.suspendMu.Unlock()
+	if !ok {
+		return time.Time{}, false
+	}
+	next := now.Add(suspendRecheck)
+	if !until.IsZero() && until.Before(next) {
+		next = until
+	}
+	return next, true
 }

@@ -145,7 +145,7 @@ func (s *Scheduler) deliver(conn Conn, route Route, w *work, reused bool) error 
 	if len(env.Recipients) == 0 {
 		return nil
 	}
-	if s.opts.Now().Sub(m.Received) >= s.opts.MaxLifetime {
+	if s.opts.Now().Sub(m.Received) >= s.lifetime(w.key.domain) {
 		s.expire(m, addresses(env.Recipients), local("no attempt made"))
 		return nil
 	}
@@ -290,7 +290,7 @@ func (s *Scheduler) report(e OutcomeEvent) {
 // them if the message has outlived MaxLifetime.
 func (s *Scheduler) temporary(w *work, m *Message, attempts int, o Outcome) {
 	next := s.opts.Now().Add(s.backoffFor(attempts + 1))
-	if next.Sub(m.Received) >= s.opts.MaxLifetime {
+	if next.Sub(m.Received) >= s.lifetime(w.key.domain) {
 		rcpts, _ := pending(m, w.key.domain)
 		s.expire(m, addresses(rcpts), o)
 		return
@@ -377,7 +377,10 @@ func (s *Scheduler) expireDue(items []Due) {
 func (s *Scheduler) expired(leased []Due, now time.Time) []Due {
 	var old []Due
 	for _, d := range leased {
-		if d.Reply != "" && !d.Received.IsZero() && now.Sub(d.Received) >= s.opts.MaxLifetime {
+		if _, suspended := s.suspendedUntil(d.Domain, now); suspended {
+			continue // no lifetime penalty while an operator holds the domain
+		}
+		if d.Reply != "" && !d.Received.IsZero() && now.Sub(d.Received) >= s.lifetime(d.Domain) {
 			old = append(old, d)
 		}
 	}

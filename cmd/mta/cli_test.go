@@ -559,12 +559,70 @@ func TestDestLs(t *testing.T) {
 		t.Errorf("dest ls:\n%s", out)
 	}
 	js := mtaCmd(t, true, "dest", "ls", admin, "--json")
-	var list []struct {
-		Key       string
-		BackedOff bool `json:"backed_off"`
-		Failures  int
+	var got struct {
+		Destinations []struct {
+			Key       string
+			BackedOff bool `json:"backed_off"`
+			Failures  int
+		}
 	}
-	if err := json.Unmarshal([]byte(js), &list); err != nil || len(list) != 1 || !list[0].BackedOff || list[0].Failures < 1 {
+	if err := json.Unmarshal([]byte(js), &got); err != nil || len(got.Destinations) != 1 || !got.Destinations[0].BackedOff || got.Destinations[0].Failures < 1 {
 		t.Errorf("dest ls --json: %s (%v)", js, err)
+	}
+}
+
+// TestDestSuspendAndResume: a suspended domain's mail gets no attempt and
+// outlives delivery.max_lifetime without expiring; other domains flow; on
+// resume it is delivered at once.
+func TestDestSuspendAndResume(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts subprocesses")
+	}
+	sink, err := bench.StartSink(bench.SinkConfig{Addr: "127.0.0.1:0", Keep: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sink.Close()
+	p := startMTA(t, t.TempDir(), "dns: {servers: [\"127.0.0.1:1\"]}\ndelivery: {min_backoff: 1s, max_backoff: 2s, max_lifetime: 2s}\n"+
+		"routes: {\"*\": {hosts: [\"["+strings.Replace(sink.Addr(), ":", "]:", 1)+"\"], tls: none}}\n")
+	admin := "--admin=http://" + p.HTTP
+	if out := mtaCmd(t, true, "dest", "suspend", "held.test", admin); !strings.Contains(out, "held.test: suspended until resumed") {
+		t.Fatalf("suspend: %q", out)
+	}
+	c, err := smtp.Dial(p.SMTP)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, to := range []string{"a@held.test", "b@free.test"} {
+		if err := c.SendMail("app@free.test", []string{to}, strings.NewReader("Subject: s\r\n\r\nx\r\n")); err != nil {
+			t.Fatal(err)
+		}
+	}
+	c.Close()
+	time.Sleep(4 * time.Second) // twice the lifetime
+	to := func() []string {
+		var all []string
+		for _, m := range sink.Messages() {
+			all = append(all, m.To...)
+		}
+		return all
+	}
+	if got := strings.Join(to(), ","); got != "b@free.test" {
+		t.Fatalf("while held.test is suspended the sink got %q, want only b@free.test (and no bounce)", got)
+	}
+	if out := mtaCmd(t, true, "dest", "ls", admin); !strings.Contains(out, "suspended: held.test until resumed") {
+		t.Errorf("dest ls:\n%s", out)
+	}
+	if out := mtaCmd(t, true, "queue", "ls", admin, "--domain", "held.test"); !strings.Contains(out, "1 messages") {
+		t.Errorf("the suspended mail expired:\n%s", out)
+	}
+	mtaCmd(t, true, "dest", "resume", "held.test", admin)
+	mtaCmd(t, false, "dest", "resume", "held.test", admin) // not suspended any more
+	deadline := time.Now().Add(10 * time.Second)
+	for !strings.Contains(strings.Join(to(), ","), "a@held.test") {
+		if time.Now().After(deadline) {
+			t.Fatalf("after resume the sink got %v", to())
+		}
+		time.Sleep(100 * time.Millisecond)
 	}
 }

@@ -13,6 +13,7 @@ import (
 	"os"
 	"os/signal"
 	"runtime/debug"
+	"sort"
 	"strings"
 	"syscall"
 	"text/tabwriter"
@@ -43,6 +44,8 @@ const usage = `usage:
   mta queue bounce ID                  fail its remaining recipients now and bounce them to the sender
   mta queue flush                      make every deferred message due now
   mta dest ls [--json]                 destinations: queued work, connections, window, backoff and last error
+  mta dest suspend DOMAIN [--for 2h]   no attempts for DOMAIN's mail, which waits without using up its lifetime
+  mta dest resume DOMAIN               end a suspension
   mta reload                           apply the configuration file again, as SIGHUP does: log level,
                                        TLS certificate and users now; other changes need a restart
   mta config check [--config FILE]     validate a configuration file
@@ -631,26 +634,64 @@ func printShape(out io.Writer, sh admin.Shape) {
 }
 
 func dest(args []string, out io.Writer) error {
-	if len(args) == 0 || args[0] != "ls" {
-		return errors.New("dest: want ls")
+	if len(args) == 0 || args[0] != "ls" && args[0] != "suspend" && args[0] != "resume" {
+		return errors.New("dest: want ls, suspend or resume")
 	}
-	fs := flag.NewFlagSet("dest ls", flag.ContinueOnError)
-	asJSON := fs.Bool("json", false, "the list as JSON")
+	fs := flag.NewFlagSet("dest "+args[0], flag.ContinueOnError)
+	asJSON := fs.Bool("json", false, "ls: the list as JSON")
+	forD := fs.Duration("for", 0, "suspend: how long (e.g. 2h); 0: until resumed")
 	c, rest, err := adminClient(fs, args[1:])
 	if err != nil {
 		return err
 	}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	if args[0] != "ls" {
+		if len(rest) != 1 {
+			return fmt.Errorf("dest %s: want one domain", args[0])
+		}
+		if args[0] == "suspend" {
+			if err := c.Suspend(ctx, rest[0], *forD); err != nil {
+				return err
+			}
+			until := "until resumed"
+			if *forD > 0 {
+				until = "for " + forD.String()
+			}
+			fmt.Fprintf(out, "%s: suspended %s (its mail waits, without attempts and without using up its lifetime)\n", rest[0], until)
+			return nil
+		}
+		if err := c.Resume(ctx, rest[0]); err != nil {
+			return fmt.Errorf("dest resume %s: %w", rest[0], err)
+		}
+		fmt.Fprintf(out, "%s: resumed (its waiting mail is tried at once)\n", rest[0])
+		return nil
+	}
 	if len(rest) > 0 {
 		return fmt.Errorf("dest ls: unexpected %q", rest[0])
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-	defer cancel()
+	suspended, err := c.Suspensions(ctx)
+	if err != nil {
+		return err
+	}
 	list, err := c.Destinations(ctx)
 	if err != nil {
 		return err
 	}
 	if *asJSON {
-		return json.NewEncoder(out).Encode(list)
+		return json.NewEncoder(out).Encode(map[string]any{"destinations": list, "suspended": suspended})
+	}
+	var names []string
+	for d := range suspended {
+		names = append(names, d)
+	}
+	sort.Strings(names)
+	for _, d := range names {
+		until := "until resumed"
+		if t := suspended[d]; !t.IsZero() {
+			until = "until " + t.Local().Format(time.DateTime)
+		}
+		fmt.Fprintf(out, "suspended: %s %s\n", printable(d), until)
 	}
 	tw := tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
 	fmt.Fprintln(tw, "DESTINATION\tCLASS\tQUEUED\tCONNS\tWINDOW\tSTATE\tLAST ERROR")

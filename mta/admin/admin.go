@@ -34,6 +34,12 @@ type Store interface {
 	Destinations() []Destination
 	// Reload applies the configuration file again (as SIGHUP does).
 	Reload() error
+	// Suspend stops delivery to a domain for d (0: until Resume); Resume
+	// ends it (mta.ErrNotFound if it was not suspended); Suspensions lists
+	// them with their end (zero: until resumed).
+	Suspend(domain string, d time.Duration)
+	Resume(domain string) error
+	Suspensions() map[string]time.Time
 }
 
 // Destination is one destination (a next-hop set) as delivery sees it.
@@ -246,6 +252,34 @@ func Handler(store Store, token string) http.Handler {
 			return
 		}
 		writeJSON(w, http.StatusOK, Result{Action: "reload"})
+	})
+	mux.HandleFunc("GET /api/v1/suspensions", func(w http.ResponseWriter, r *http.Request) {
+		writeJSON(w, http.StatusOK, store.Suspensions())
+	})
+	mux.HandleFunc("POST /api/v1/destinations/{domain}/suspend", func(w http.ResponseWriter, r *http.Request) {
+		domain, ok := mta.NormalizeDomain(r.PathValue("domain"))
+		if !ok {
+			writeJSON(w, http.StatusBadRequest, Error{"not a domain: " + r.PathValue("domain")})
+			return
+		}
+		var d time.Duration
+		if v := r.URL.Query().Get("for"); v != "" {
+			var err error
+			if d, err = time.ParseDuration(v); err != nil || d <= 0 {
+				writeJSON(w, http.StatusBadRequest, Error{"for: not a positive duration (such as 2h): " + v})
+				return
+			}
+		}
+		store.Suspend(domain, d)
+		writeJSON(w, http.StatusOK, Result{ID: domain, Action: "suspend"})
+	})
+	mux.HandleFunc("POST /api/v1/destinations/{domain}/resume", func(w http.ResponseWriter, r *http.Request) {
+		domain, _ := mta.NormalizeDomain(r.PathValue("domain"))
+		if err := store.Resume(domain); err != nil {
+			writeError(w, err)
+			return
+		}
+		writeJSON(w, http.StatusOK, Result{ID: domain, Action: "resume"})
 	})
 	mux.HandleFunc("GET /api/v1/destinations", func(w http.ResponseWriter, r *http.Request) {
 		d := store.Destinations()

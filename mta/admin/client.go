@@ -142,3 +142,24 @@ func (c *Client) Destinations(ctx context.Context) ([]Destination, error) {
 func (c *Client) Reload(ctx context.Context) error {
 	return c.do(ctx, http.MethodPost, "/api/v1/reload", &Result{})
 }
+
+// Suspend stops delivery to domain for d (0: until Resume).
+func (c *Client) Suspend(ctx context.Context, domain string, d time.Duration) error {
+	q := url.Values{}
+	if d > 0 {
+		q.Set("for", d.String())
+	}
+	return c.do(ctx, http.MethodPost, "/api/v1/destinations/"+url.PathEscape(domain)+"/suspend?"+q.Encode(), &Result{})
+}
+
+// Resume ends a suspension.
+func (c *Client) Resume(ctx context.Context, domain string) error {
+	return c.do(ctx, http.MethodPost, "/api/v1/destinations/"+url.PathEscape(domain)+"/resume", &Result{})
+}
+
+// Suspensions lists the suspended domains and until when (zero: until resumed).
+func (c *Client) Suspensions(ctx context.Context) (map[string]time.Time, error) {
+	var m map[string]time.Time
+	err := c.do(ctx, http.MethodGet, "/api/v1/suspensions", &m)
+	return m, err
+}

@@ -343,3 +343,31 @@ func (a adminStore) Destinations() []admin.Destination {
 	}
 	return out
 }
+
+// Suspend stops delivery to domain (mta dest suspend).
+func (a adminStore) Suspend(domain string, d time.Duration) {
+	a.sched.Suspend(domain, d)
+	if a.log != nil {
+		a.log.Info("operator action", zap.String("action", "suspend"), zap.String("domain", domain), zap.Duration("for", d))
+	}
+}
+
+// Resume ends a suspension (mta dest resume).
+func (a adminStore) Resume(domain string) error {
+	if !a.sched.Resume(domain) {
+		return mta.ErrNotFound
+	}
+	// The domain's mail waits postponed: make the waiting mail due now, as
+	// queue flush does, so that it goes at once.
+	if _, err := a.Spool.Flush(); err != nil {
+		return err
+	}
+	a.sched.Kick()
+	if a.log != nil {
+		a.log.Info("operator action", zap.String("action", "resume"), zap.String("domain", domain))
+	}
+	return nil
+}
+
+// Suspensions lists the suspended domains.
+func (a adminStore) Suspensions() map[string]time.Time { return a.sched.Suspended() }
