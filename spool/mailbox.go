@@ -5,6 +5,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"hash/fnv"
 	"strings"
 
 	"github.com/cockroachdb/pebble/v2"
@@ -18,9 +19,11 @@ import (
 //	x/<mailbox>\x00<uid> → the message as delivered (trace header first)
 //	y/<mailbox>\x00<uid> → its size, uvarint: the index STAT and LIST read
 //
-// The UID of a message is the queue ID it was delivered from: unique,
-// stable, in arrival order, and the same if a delivery is repeated, so a
-// repeat overwrites instead of doubling.
+// The UID of a message is the queue ID it was delivered from and a tag of
+// the recipient domain (a message to aliases of one user in two local
+// domains is two deliveries, so two copies): unique, stable, in arrival
+// order, and the same if a delivery is repeated, so a repeat overwrites
+// instead of doubling.
 const (
 	prefixMailbox      = "x/"
 	prefixMailboxIndex = "y/"
@@ -41,6 +44,14 @@ type LocalCopy struct {
 	// Header is prepended to the stored message (Return-Path,
 	// Delivered-To).
 	Header []byte
+}
+
+// mailboxUID is the UID of message id delivered for domain: the queue ID,
+// a dot and 8 hex digits of the domain (25 printable characters).
+func mailboxUID(id, domain string) string {
+	h := fnv.New32a()
+	h.Write([]byte(strings.ToLower(domain)))
+	return fmt.Sprintf("%s.%08x", id, h.Sum32())
 }
 
 func mailboxKey(prefix, mailbox, uid string) []byte {
@@ -100,11 +111,12 @@ func (s *Spool) DeliverLocal(id string, copies []LocalCopy) error {
 				continue
 			}
 			size := int64(len(c.Header) + len(body))
-			op := b.SetDeferred(len(mailboxKey(prefixMailbox, c.Mailbox, id)), int(size))
-			copy(op.Key, mailboxKey(prefixMailbox, c.Mailbox, id))
+			uid := mailboxUID(id, mta.Domain(c.Recipients[0]))
+			op := b.SetDeferred(len(mailboxKey(prefixMailbox, c.Mailbox, uid)), int(size))
+			copy(op.Key, mailboxKey(prefixMailbox, c.Mailbox, uid))
 			copy(op.Value[copy(op.Value, c.Header):], body)
 			op.Finish()
-			_ = b.Set(mailboxKey(prefixMailboxIndex, c.Mailbox, id), binary.AppendUvarint(nil, uint64(size)), nil)
+			_ = b.Set(mailboxKey(prefixMailboxIndex, c.Mailbox, uid), binary.AppendUvarint(nil, uint64(size)), nil)
 		}
 		setDue(b, m)
 		return t, nil

@@ -161,6 +161,11 @@ func versionString() string {
 }
 
 func serve(args []string) error {
+	// SIGHUP means reload; caught from the start, so that one during the
+	// start-up (a certificate renewal's reload) does not kill the process.
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
+	defer signal.Stop(hup)
 	fs := flag.NewFlagSet("serve", flag.ContinueOnError)
 	cfgPath := fs.String("config", "", "configuration file (YAML); embedded defaults when empty")
 	if err := fs.Parse(args); err != nil {
@@ -192,9 +197,6 @@ func serve(args []string) error {
 		return err
 	}
 	srv.SetLogLevel(level)
-	hup := make(chan os.Signal, 1)
-	signal.Notify(hup, syscall.SIGHUP)
-	defer signal.Stop(hup)
 	go func() {
 		for range hup {
 			_ = srv.Reload() // the outcome is logged and counted

@@ -169,9 +169,11 @@ func Handler(store Store, token string) http.Handler {
 				writeJSON(w, http.StatusInternalServerError, Error{err.Error()})
 				return
 			}
+			used := 0 // messages of this batch looked at
 			for _, m := range msgs {
 				after = m.ID
 				scanned++
+				used++
 				if f.Match(m, now) {
 					page.Messages = append(page.Messages, fromSpool(m))
 					if len(page.Messages) == limit {
@@ -179,8 +181,8 @@ func Handler(store Store, token string) http.Handler {
 					}
 				}
 			}
-			if len(msgs) < min(limit, 1000) {
-				after = ""
+			if len(msgs) < min(limit, 1000) && used == len(msgs) {
+				after = "" // the end of the queue, every message of it looked at
 				break
 			}
 		}

@@ -4,6 +4,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 )
 
@@ -58,5 +59,38 @@ func TestSenderLists(t *testing.T) {
 	os.WriteFile(path, []byte("app:"+h+":a@b@c\n"), 0o600)
 	if _, err := LoadUsers(path); err == nil || !strings.Contains(err.Error(), ":1: user \"app\": sender") {
 		t.Fatalf("bad sender list: %v", err)
+	}
+}
+
+// TestUpdateKeepsOwnerModeAndComments: an edit keeps the file's mode,
+// owner and group (the server reads it through its group) and every other
+// line, and follows a symlink.
+func TestUpdateKeepsOwnerModeAndComments(t *testing.T) {
+	dir := t.TempDir()
+	real := filepath.Join(dir, "users.real")
+	hash, _ := Hash("x")
+	os.WriteFile(real, []byte("# team\napp:"+hash+"\n"), 0o640)
+	if os.Geteuid() == 0 {
+		os.Chown(real, 0, 65534) // a group the server would be in
+	}
+	link := filepath.Join(dir, "users")
+	os.Symlink(real, link)
+	if err := Update(link, "bob", func(*Entry) (*Entry, error) { return &Entry{Name: "bob", Hash: hash, Addresses: []string{"bob@x.test"}}, nil }); err != nil {
+		t.Fatal(err)
+	}
+	fi, err := os.Lstat(link)
+	if err != nil || fi.Mode()&os.ModeSymlink == 0 {
+		t.Fatalf("the symlink was replaced: %v %v", fi.Mode(), err)
+	}
+	fi, _ = os.Stat(real)
+	if fi.Mode().Perm() != 0o640 {
+		t.Errorf("mode %v", fi.Mode().Perm())
+	}
+	if st := fi.Sys().(*syscall.Stat_t); os.Geteuid() == 0 && st.Gid != 65534 {
+		t.Errorf("group %d, want 65534", st.Gid)
+	}
+	data, _ := os.ReadFile(real)
+	if !strings.HasPrefix(string(data), "# team\napp:") || !strings.Contains(string(data), "\nbob:"+hash+"::bob@x.test\n") {
+		t.Errorf("file:\n%s", data)
 	}
 }

@@ -86,6 +86,10 @@ var ErrNoUser = errors.New("no such user")
 // editors never lose each other's change. A missing file is created (mode
 // 0600).
 func Update(path, name string, fn func(old *Entry) (*Entry, error)) error {
+	// A symlinked users file is edited where it lives.
+	if real, err := filepath.EvalSymlinks(path); err == nil {
+		path = real
+	}
 	lock, err := os.OpenFile(path+".lock", os.O_CREATE|os.O_RDWR, 0o600)
 	if err != nil {
 		return err
@@ -96,9 +100,13 @@ func Update(path, name string, fn func(old *Entry) (*Entry, error)) error {
 	}
 	data, err := os.ReadFile(path)
 	mode := os.FileMode(0o600)
+	uid, gid := -1, -1
 	if err == nil {
 		if fi, err := os.Stat(path); err == nil {
 			mode = fi.Mode().Perm()
+			if st, ok := fi.Sys().(*syscall.Stat_t); ok {
+				uid, gid = int(st.Uid), int(st.Gid)
+			}
 		}
 	} else if !errors.Is(err, os.ErrNotExist) {
 		return err
@@ -149,6 +157,14 @@ func Update(path, name string, fn func(old *Entry) (*Entry, error)) error {
 	if err := tmp.Chmod(mode); err != nil {
 		tmp.Close()
 		return err
+	}
+	// Keep the owner and group too (root:mta 0640 in the deploy notes),
+	// or the server, which reads it as its group, could no longer.
+	if uid >= 0 && (uid != os.Geteuid() || gid != os.Getegid()) {
+		if err := tmp.Chown(uid, gid); err != nil {
+			tmp.Close()
+			return fmt.Errorf("keeping %s's owner: %w", path, err)
+		}
 	}
 	if err := tmp.Sync(); err != nil {
 		tmp.Close()

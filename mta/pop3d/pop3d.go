@@ -68,9 +68,22 @@ type Options struct {
 	// and 10.
 	MaxConnections, MaxPerIP int
 	Failures                 FailureLimiter // nil: no per-address limit
-	Metrics                  *Metrics
-	Logger                   *zap.Logger
+	// Locks is the table of mailboxes in use, shared by every listener
+	// (POP3 and POP3S) so that a mailbox has one session at a time
+	// whichever port it came through; nil: one of this listener's own.
+	Locks   *Locks
+	Metrics *Metrics
+	Logger  *zap.Logger
 }
+
+// Locks holds the mailboxes that have a session in TRANSACTION.
+type Locks struct {
+	mu     sync.Mutex
+	locked map[string]bool
+}
+
+// NewLocks returns an empty lock table.
+func NewLocks() *Locks { return &Locks{locked: map[string]bool{}} }
 
 // Server is one POP3 listener.
 type Server struct {
@@ -81,7 +94,6 @@ type Server struct {
 	ln       net.Listener
 	sessions map[*session]struct{}
 	perIP    map[netip.Addr]int
-	locked   map[string]bool // mailboxes with a session in TRANSACTION
 	closed   bool
 	wg       sync.WaitGroup
 }
@@ -106,8 +118,11 @@ func New(opts Options) *Server {
 	if opts.Metrics == nil {
 		opts.Metrics = NewMetrics(nil)
 	}
+	if opts.Locks == nil {
+		opts.Locks = NewLocks()
+	}
 	return &Server{opts: opts, log: opts.Logger.With(zap.String("listener", opts.Name)),
-		sessions: map[*session]struct{}{}, perIP: map[netip.Addr]int{}, locked: map[string]bool{}}
+		sessions: map[*session]struct{}{}, perIP: map[netip.Addr]int{}}
 }
 
 // Serve accepts connections on ln until Shutdown.
@@ -171,19 +186,21 @@ func (s *Server) handle(c net.Conn) {
 
 // lock takes the mailbox for one session (RFC 1939 §8: exclusive access).
 func (s *Server) lock(user string) bool {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if s.locked[user] {
+	l := s.opts.Locks
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.locked[user] {
 		return false
 	}
-	s.locked[user] = true
+	l.locked[user] = true
 	return true
 }
 
 func (s *Server) unlock(user string) {
-	s.mu.Lock()
-	delete(s.locked, user)
-	s.mu.Unlock()
+	l := s.opts.Locks
+	l.mu.Lock()
+	delete(l.locked, user)
+	l.mu.Unlock()
 }
 
 // Shutdown stops accepting, tells idle sessions the server is going away
@@ -205,7 +222,7 @@ func (s *Server) Shutdown(deadline time.Time) {
 	case <-time.After(time.Until(deadline)):
 		s.mu.Lock()
 		for sess := range s.sessions {
-			sess.conn.Close()
+			sess.raw.Close() // the TCP connection: the TLS one above it dies with it
 		}
 		s.mu.Unlock()
 		<-done

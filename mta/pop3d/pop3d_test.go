@@ -301,3 +301,35 @@ func TestImplicitTLSAndLock(t *testing.T) {
 		t.Errorf("after the first session quit: %q", l)
 	}
 }
+
+// TestLockSharedBetweenListeners: a mailbox open through one listener is
+// in use for the other too (POP3 and POP3S share the lock table).
+func TestLockSharedBetweenListeners(t *testing.T) {
+	locks, be := NewLocks(), newBackend("Subject: x\r\n\r\nx\r\n")
+	a, _ := start(t, be, func(o *Options) { o.Locks = locks })
+	b, _ := start(t, be, func(o *Options) { o.Locks = locks })
+	first := dial(t, a)
+	first.login()
+	second := dial(t, b)
+	second.cmd("USER u")
+	if r := second.cmd("PASS p"); !strings.HasPrefix(r, "-ERR [IN-USE]") {
+		t.Errorf("the other listener let a second session in: %q", r)
+	}
+}
+
+// TestImplicitTLSHandshakeTimesOut: a client that connects to the POP3S
+// port and says nothing is dropped, not left holding a slot.
+func TestImplicitTLSHandshakeTimesOut(t *testing.T) {
+	addr, _ := start(t, newBackend(), func(o *Options) { o.ImplicitTLS = true; o.IdleTimeout = 300 * time.Millisecond })
+	c, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	start := time.Now()
+	_, err = c.Read(make([]byte, 1))
+	if err == nil || time.Since(start) > 3*time.Second {
+		t.Errorf("a silent client on the TLS port: %v after %v", err, time.Since(start))
+	}
+}

@@ -79,9 +79,22 @@ func (s *session) run() {
 		s.w.Flush()
 		s.conn.Close()
 	}()
+	if tc, ok := s.conn.(*tls.Conn); ok {
+		// Implicit TLS: the handshake gets a deadline of its own, or a
+		// client that connects and says nothing would hold its slot.
+		s.raw.SetDeadline(time.Now().Add(min(s.srv.opts.IdleTimeout, time.Minute)))
+		if err := tc.Handshake(); err != nil {
+			return
+		}
+		s.raw.SetDeadline(time.Time{})
+	}
 	s.reply("+OK " + s.srv.opts.Hostname + " POP3 server ready")
 	for {
 		if err := s.flushIfIdle(); err != nil {
+			return
+		}
+		if s.stopping.Load() {
+			s.reply("-ERR [SYS/TEMP] server shutting down")
 			return
 		}
 		s.raw.SetReadDeadline(time.Now().Add(s.srv.opts.IdleTimeout))

@@ -89,10 +89,10 @@ func TestLocalDeliveryReadOverPOP3(t *testing.T) {
 		t.Fatalf("the remote recipient got %d messages", n)
 	}
 	list, err := w.srv.Spool().MailboxList("alice")
-	if err != nil || len(list) != 1 || list[0].UID != id {
+	if err != nil || len(list) != 1 || !strings.HasPrefix(list[0].UID, id+".") {
 		t.Fatalf("alice's mailbox: %+v, %v", list, err)
 	}
-	stored, err := w.srv.Spool().MailboxGet("alice", id)
+	stored, err := w.srv.Spool().MailboxGet("alice", list[0].UID)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -131,7 +131,7 @@ func TestLocalDeliveryReadOverPOP3(t *testing.T) {
 	if s := steps["stat"]; s["count"] != 1.0 || s["size"] != float64(len(stored)) {
 		t.Errorf("STAT %v, want 1 %d", s, len(stored))
 	}
-	if l := fmt.Sprint(steps["uidl"]["lines"]); l != "[1 "+id+"]" {
+	if l := fmt.Sprint(steps["uidl"]["lines"]); l != "[1 "+list[0].UID+"]" {
 		t.Errorf("UIDL %s", l)
 	}
 	if r := steps["retr"]; r["same"] != true {
@@ -262,5 +262,33 @@ func TestBounceToALocalSenderLandsInItsMailbox(t *testing.T) {
 	r := parseReport(string(msg))
 	if !bytes.HasPrefix(msg, []byte("Return-Path: <>\r\nDelivered-To: alice@local.test\r\n")) || r.rcpts["gone@remote.test"]["Status"] != "5.1.1" || r.perMessage["X-Queue-ID"] != id {
 		t.Fatalf("alice's mailbox holds:\n%s", msg)
+	}
+}
+
+// TestAliasesInTwoLocalDomainsGetTwoCopies: a message to a user's address
+// in each of two local domains is two deliveries, so two copies, each with
+// its own Delivered-To and UID.
+func TestAliasesInTwoLocalDomainsGetTwoCopies(t *testing.T) {
+	hash, _ := auth.Hash("pw")
+	users := filepath.Join(t.TempDir(), "users")
+	os.WriteFile(users, []byte("carol:"+hash+"::carol@local.test,carol@other.test\n"), 0o600)
+	w := newWorld(t, "", "local_domains: [local.test, other.test]\nauth: {users_file: "+users+"}\n")
+	id := w.send("app@example.org", []string{"carol@local.test", "carol@other.test"}, "Subject: twice\r\n\r\nx\r\n")
+	w.waitFor("both deliveries", 10*time.Second, func() bool { return w.gone(id) })
+	list, _ := w.srv.Spool().MailboxList("carol")
+	if len(list) != 2 || list[0].UID == list[1].UID {
+		t.Fatalf("carol's mailbox: %+v", list)
+	}
+	seen := map[string]bool{}
+	for _, m := range list {
+		b, _ := w.srv.Spool().MailboxGet("carol", m.UID)
+		for _, to := range []string{"carol@local.test", "carol@other.test"} {
+			if bytes.Contains(b, []byte("Delivered-To: "+to+"\r\n")) {
+				seen[to] = true
+			}
+		}
+	}
+	if len(seen) != 2 {
+		t.Errorf("Delivered-To headers seen: %v", seen)
 	}
 }

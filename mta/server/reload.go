@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"reflect"
+	"strings"
 	"sync"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -21,14 +22,15 @@ import (
 // a restart. A file that does not load is refused and the running
 // configuration stays.
 type reloader struct {
-	mu      sync.Mutex
-	path    string // "" when the server runs on the embedded defaults
-	cfg     *config.Config
-	level   *zap.AtomicLevel // nil: the level is fixed
-	cert    *certHolder      // nil: no TLS
-	users   *userDirectory
-	log     *zap.Logger
-	reloads *prometheus.CounterVec
+	mu         sync.Mutex
+	path       string // "" when the server runs on the embedded defaults
+	cfg        *config.Config
+	level      *zap.AtomicLevel // nil: the level is fixed
+	cert       *certHolder      // nil: no TLS
+	users      *userDirectory
+	adminToken string // the token in force
+	log        *zap.Logger
+	reloads    *prometheus.CounterVec
 }
 
 // certHolder serves the current certificate to every TLS listener.
@@ -90,6 +92,10 @@ func (r *reloader) apply() error {
 	if err != nil {
 		return err
 	}
+	// Every check before any change: a refused file changes nothing.
+	if cfg.Auth.UsersFile != r.cfg.Auth.UsersFile {
+		return fmt.Errorf("auth.users_file: a different users file needs a restart (edit %s in place instead)", r.cfg.Auth.UsersFile)
+	}
 	applied := []string{}
 	if cfg.Log.Level != r.cfg.Log.Level && r.level != nil {
 		lvl, _ := zapcore.ParseLevel(cfg.Log.Level)
@@ -100,26 +106,12 @@ func (r *reloader) apply() error {
 		r.cert.set(&sec.tls.Certificates[0])
 		applied = append(applied, "tls certificate")
 	}
-	if cfg.Auth.UsersFile != r.cfg.Auth.UsersFile {
-		return fmt.Errorf("auth.users_file: a different users file needs a restart (edit %s in place instead)", r.cfg.Auth.UsersFile)
-	}
 	r.users.reloadIfChanged()
-	// What cannot change without a restart is named, not ignored.
-	var restart []string
-	for _, f := range []struct {
-		name     string
-		old, new any
-	}{
-		{"listen", r.cfg.Listen, cfg.Listen}, {"data_dir", r.cfg.DataDir, cfg.DataDir}, {"hostname", r.cfg.Hostname, cfg.Hostname},
-		{"local_domains", r.cfg.LocalDomains, cfg.LocalDomains}, {"trusted_networks", r.cfg.TrustedNetworks, cfg.TrustedNetworks},
-		{"smtp", r.cfg.SMTP, cfg.SMTP}, {"delivery", r.cfg.Delivery, cfg.Delivery}, {"dns", r.cfg.DNS, cfg.DNS},
-		{"routes", r.cfg.Routes, cfg.Routes}, {"spool", r.cfg.Spool, cfg.Spool}, {"dsn", r.cfg.DSN, cfg.DSN},
-		{"mailboxes", r.cfg.Mailboxes, cfg.Mailboxes}, {"memory_budget", r.cfg.MemoryBudget, cfg.MemoryBudget},
-		{"log.accounting", r.cfg.Log.Accounting, cfg.Log.Accounting}, {"admin", r.cfg.Admin, cfg.Admin},
-	} {
-		if !reflect.DeepEqual(f.old, f.new) {
-			restart = append(restart, f.name)
-		}
+	// Whatever else differs from what runs is named, not ignored: every
+	// field of the configuration is compared, but for those just applied.
+	restart := changedFields(r.cfg, cfg, map[string]bool{"log.level": true, "tls.cert_file": true, "tls.key_file": true})
+	if sec.adminToken != r.adminToken {
+		restart = append(restart, "admin.token_file (its content)")
 	}
 	r.log.Info("configuration reloaded", zap.String("file", r.path), zap.Strings("applied", append(applied, "users file")),
 		zap.Strings("changed_needing_restart", restart))
@@ -128,4 +120,34 @@ func (r *reloader) apply() error {
 	}
 	r.cfg.Log.Level = cfg.Log.Level // the rest still describes what runs
 	return nil
+}
+
+// changedFields lists the dotted names of the fields (down to the second
+// level) whose values differ between a and b, except those in skip.
+func changedFields(a, b *config.Config, skip map[string]bool) []string {
+	var out []string
+	va, vb := reflect.ValueOf(a).Elem(), reflect.ValueOf(b).Elem()
+	t := va.Type()
+	for i := 0; i < t.NumField(); i++ {
+		f := t.Field(i)
+		if !f.IsExported() {
+			continue
+		}
+		name := strings.Split(f.Tag.Get("yaml"), ",")[0]
+		fa, fb := va.Field(i), vb.Field(i)
+		if f.Type.Kind() == reflect.Struct {
+			for j := 0; j < f.Type.NumField(); j++ {
+				sub := f.Type.Field(j)
+				full := name + "." + strings.Split(sub.Tag.Get("yaml"), ",")[0]
+				if sub.IsExported() && !skip[full] && !reflect.DeepEqual(fa.Field(j).Interface(), fb.Field(j).Interface()) {
+					out = append(out, full)
+				}
+			}
+			continue
+		}
+		if !skip[name] && !reflect.DeepEqual(fa.Interface(), fb.Interface()) {
+			out = append(out, name)
+		}
+	}
+	return out
 }

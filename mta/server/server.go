@@ -211,7 +211,7 @@ func New(cfg *config.Config, log *zap.Logger) (_ *Server, err error) {
 		log.Info("finished messages bounced and removed", zap.Int("messages", n))
 	}
 	tlsCfg, certHold := dynamicTLS(sec.tls)
-	s.reload = &reloader{path: cfg.Path(), cfg: cfg, cert: certHold, users: s.users, log: log.Named("reload"),
+	s.reload = &reloader{path: cfg.Path(), cfg: cfg, cert: certHold, users: s.users, adminToken: sec.adminToken, log: log.Named("reload"),
 		reloads: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "mta_config_reloads_total",
 			Help: "Configuration reloads (SIGHUP, mta reload) by result (ok, failed)."}, []string{"result"})}
 	s.reload.reloads.WithLabelValues("ok")
@@ -273,6 +273,7 @@ func New(cfg *config.Config, log *zap.Logger) (_ *Server, err error) {
 		s.smtp = append(s.smtp, &smtpListener{name: l.name, srv: srv, ln: ln})
 	}
 	pm := pop3d.NewMetrics(s.registry)
+	mailboxLocks := pop3d.NewLocks() // one session per mailbox, whichever listener
 	for _, l := range []struct {
 		name, addr string
 		implicit   bool
@@ -290,7 +291,7 @@ func New(cfg *config.Config, log *zap.Logger) (_ *Server, err error) {
 		srv := pop3d.New(pop3d.Options{
 			Name: l.name, Hostname: cfg.Hostname, Backend: pop3Backend{users: s.users, sp: s.spool},
 			TLS: tlsCfg, ImplicitTLS: l.implicit, CleartextFromLoopback: cfg.Auth.CleartextFromLoopback,
-			Failures: authFailures, Metrics: pm, Logger: log.Named("pop3d"),
+			Failures: authFailures, Locks: mailboxLocks, Metrics: pm, Logger: log.Named("pop3d"),
 		})
 		s.pop3 = append(s.pop3, &pop3Listener{name: l.name, srv: srv, ln: ln})
 	}

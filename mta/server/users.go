@@ -3,6 +3,7 @@ package server
 import (
 	"context"
 	"os"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -21,6 +22,7 @@ type userDirectory struct {
 	path string
 	cur  atomic.Pointer[auth.Users]
 	log  *zap.Logger
+	mu   sync.Mutex // one reload at a time (the watcher, SIGHUP, the API)
 	// seen is the modification time and size of the version loaded.
 	seenMod  time.Time
 	seenSize int64
@@ -58,6 +60,8 @@ func (d *userDirectory) reloadIfChanged() {
 	if d.path == "" {
 		return
 	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
 	fi, err := os.Stat(d.path)
 	if err != nil {
 		d.log.Error("users file unreadable; keeping the version loaded", zap.String("file", d.path), zap.Error(err))
