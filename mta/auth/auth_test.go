@@ -75,7 +75,9 @@ func TestUpdateKeepsOwnerModeAndComments(t *testing.T) {
 	}
 	link := filepath.Join(dir, "users")
 	os.Symlink(real, link)
-	if err := Update(link, "bob", func(*Entry) (*Entry, error) { return &Entry{Name: "bob", Hash: hash, Addresses: []string{"bob@x.test"}}, nil }); err != nil {
+	if err := Update(link, "bob", func(*Entry) (*Entry, error) {
+		return &Entry{Name: "bob", Hash: hash, Addresses: []string{"bob@x.test"}}, nil
+	}); err != nil {
 		t.Fatal(err)
 	}
 	fi, err := os.Lstat(link)
