@@ -239,8 +239,27 @@ type Lister interface {
 // destinations named) and its messages by state, from one scan.
 func Overview(l Lister, top int) (Shape, map[string]int) {
 	states := map[string]int{"queued": 0, "deferred": 0, "held": 0}
-	sh, _ := shapeOf(l, Filter{}, top, func(m *spool.Message) { states[State(m)]++ })
+	sh, _ := shapeOf(&capped{l: l, left: overviewCap}, Filter{}, top, func(m *spool.Message) { states[State(m)]++ })
 	return sh, states
+}
+
+// overviewCap bounds the messages one Overview reads: the status page asks
+// every two seconds, and a queue of millions would make that a full scan.
+const overviewCap = 100_000
+
+// capped is a Lister that stops after left messages.
+type capped struct {
+	l    Lister
+	left int
+}
+
+func (c *capped) List(after string, limit int) ([]*spool.Message, error) {
+	if c.left <= 0 {
+		return nil, nil
+	}
+	msgs, err := c.l.List(after, min(limit, c.left))
+	c.left -= len(msgs)
+	return msgs, err
 }
 
 func shapeOf(l Lister, f Filter, top int, each func(*spool.Message)) (Shape, error) {

@@ -62,11 +62,10 @@ func (a *activity) outcome(e scheduler.OutcomeEvent) {
 		if len(reply) > 120 {
 			reply = reply[:120]
 		}
-		if _, ok := a.reasons[reply]; ok || len(a.reasons) < maxReasons {
-			a.reasons[reply]++
-		} else {
-			a.reasons["(other reasons)"]++
+		if _, ok := a.reasons[reply]; !ok && len(a.reasons) >= maxReasons {
+			clear(a.reasons) // start counting afresh: the page shows recent reasons, bounded
 		}
+		a.reasons[reply]++
 	case "failed", "expired":
 		a.failed++
 		id := ""
