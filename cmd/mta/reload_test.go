@@ -175,3 +175,64 @@ func TestReloadUnderLoad(t *testing.T) {
 	}
 	t.Logf("10,000 messages with %d reloads: every one delivered once", hups.Load())
 }
+
+// TestReloadChangesRoutes: a reload with a new route sends mail for
+// domains routed from then on to the new next hop, without a restart.
+func TestReloadChangesRoutes(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts subprocesses")
+	}
+	a, err := bench.StartSink(bench.SinkConfig{Addr: "127.0.0.1:0", Keep: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer a.Close()
+	b, err := bench.StartSink(bench.SinkConfig{Addr: "127.0.0.1:0", Keep: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer b.Close()
+	route := func(s *bench.Sink) string {
+		return "routes: {\"*\": {hosts: [\"[" + strings.Replace(s.Addr(), ":", "]:", 1) + "\"], tls: none}}\n"
+	}
+	data := t.TempDir()
+	base := "dns: {servers: [\"127.0.0.1:1\"]}\n"
+	p := startMTA(t, data, base+route(a))
+	send := func(to string) {
+		t.Helper()
+		c, err := smtp.Dial(p.SMTP)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		if err := c.SendMail("app@example.org", []string{to}, strings.NewReader("Subject: r\r\n\r\nx\r\n")); err != nil {
+			t.Fatal(err)
+		}
+	}
+	wait := func(s *bench.Sink, n int) {
+		t.Helper()
+		deadline := time.Now().Add(10 * time.Second)
+		for len(s.Messages()) < n {
+			if time.Now().After(deadline) {
+				t.Fatalf("the sink got %d messages, want %d", len(s.Messages()), n)
+			}
+			time.Sleep(50 * time.Millisecond)
+		}
+	}
+	send("x@one.test")
+	wait(a, 1)
+	cfgPath := filepath.Join(data, "mta.yaml")
+	orig, _ := os.ReadFile(cfgPath)
+	os.WriteFile(cfgPath, []byte(strings.Replace(string(orig), route(a), route(b), 1)), 0o600)
+	if out := mtaCmd(t, true, "reload", "--admin=http://"+p.HTTP); !strings.Contains(out, "reloaded") {
+		t.Fatalf("reload: %q", out)
+	}
+	if !strings.Contains(p.Log(), `"applied":["routes","tls certificate","users file"]`) || strings.Contains(p.Log(), `"changed_needing_restart":["routes"`) {
+		t.Errorf("reload line:\n%s", p.Log())
+	}
+	send("y@two.test")
+	wait(b, 1)
+	if len(a.Messages()) != 1 {
+		t.Errorf("the old next hop got %d messages after the reload", len(a.Messages()))
+	}
+}

@@ -14,6 +14,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/miekg/dns"
@@ -153,7 +154,7 @@ type Resolver struct {
 	now        func() time.Time
 	defaultTLS TLSPolicy
 	self       *Self
-	routes     map[string]*route
+	routes     atomic.Pointer[map[string]*route] // replaced whole by SetRoutes
 	metrics    *metrics
 
 	randMu sync.Mutex
@@ -219,20 +220,8 @@ func New(cfg Config) (*Resolver, error) {
 		r.servers = append(r.servers, s)
 	}
 
-	r.routes = make(map[string]*route, len(cfg.Routes))
-	for dom, rt := range cfg.Routes {
-		key := dom
-		if key != "*" {
-			var ok bool
-			if key, ok = normalize(dom); !ok {
-				return nil, fmt.Errorf("resolve: bad route domain %q", dom)
-			}
-		}
-		p, err := r.prepareRoute(rt)
-		if err != nil {
-			return nil, fmt.Errorf("resolve: route %q: %w", dom, err)
-		}
-		r.routes[key] = p
+	if err := r.SetRoutes(cfg.Routes); err != nil {
+		return nil, err
 	}
 
 	if cfg.Registerer != nil {
@@ -318,10 +307,11 @@ func (r *Resolver) resolve(ctx context.Context, domain string) (*Destination, er
 	}
 	display := strings.ToLower(strings.TrimSuffix(domain, "."))
 
-	if rt := r.routes[name]; rt != nil {
+	routes := *r.routes.Load()
+	if rt := routes[name]; rt != nil {
 		return r.resolveRoute(ctx, display, name, rt)
 	}
-	if rt := r.routes["*"]; rt != nil {
+	if rt := routes["*"]; rt != nil {
 		return r.resolveRoute(ctx, display, name, rt)
 	}
 
@@ -431,4 +421,27 @@ func sortMX(mx []mxHost) string {
 		names[i] = strconv.Itoa(int(h.pref)) + " " + h.host
 	}
 	return "mx:" + strings.Join(names, ",")
+}
+
+// SetRoutes replaces the static routes (Config.Routes) while the resolver
+// is in use: lookups that start afterwards see the new ones. On an error
+// the routes in use stay.
+func (r *Resolver) SetRoutes(routes map[string]Route) error {
+	m := make(map[string]*route, len(routes))
+	for dom, rt := range routes {
+		key := dom
+		if key != "*" {
+			var ok bool
+			if key, ok = normalize(dom); !ok {
+				return fmt.Errorf("resolve: bad route domain %q", dom)
+			}
+		}
+		p, err := r.prepareRoute(rt)
+		if err != nil {
+			return fmt.Errorf("resolve: route %q: %w", dom, err)
+		}
+		m[key] = p
+	}
+	r.routes.Store(&m)
+	return nil
 }

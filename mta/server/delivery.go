@@ -29,21 +29,9 @@ import (
 // describes this server for loop detection; its listener addresses may be
 // filled in later, before delivery starts.
 func newTransport(cfg *config.Config, reg prometheus.Registerer, self *resolve.Self) (*outbound.Transport, error) {
-	routes := map[string]resolve.Route{}
-	for dom, r := range cfg.Routes {
-		rr := resolve.Route{Hosts: r.Hosts, TLS: resolve.TLSPolicy(r.TLS)}
-		if r.Auth != nil {
-			field := "routes." + dom + ".auth.password_file"
-			pw, err := readFirstLine(r.Auth.PasswordFile)
-			if err != nil {
-				return nil, cfg.FieldErr(field, err)
-			}
-			if pw == "" {
-				return nil, cfg.FieldErr(field, fmt.Errorf("%s: empty password", r.Auth.PasswordFile))
-			}
-			rr.Auth = &resolve.Auth{Username: r.Auth.Username, Password: pw}
-		}
-		routes[dom] = rr
+	routes, err := buildRoutes(cfg)
+	if err != nil {
+		return nil, err
 	}
 	res, err := resolve.New(resolve.Config{
 		Servers:    cfg.DNS.Servers,
@@ -73,6 +61,28 @@ func newTransport(cfg *config.Config, reg prometheus.Registerer, self *resolve.S
 			},
 		},
 	}, nil
+}
+
+// buildRoutes turns the configuration's routes into the resolver's,
+// reading their password files.
+func buildRoutes(cfg *config.Config) (map[string]resolve.Route, error) {
+	routes := map[string]resolve.Route{}
+	for dom, r := range cfg.Routes {
+		rr := resolve.Route{Hosts: r.Hosts, TLS: resolve.TLSPolicy(r.TLS)}
+		if r.Auth != nil {
+			field := "routes." + dom + ".auth.password_file"
+			pw, err := readFirstLine(r.Auth.PasswordFile)
+			if err != nil {
+				return nil, cfg.FieldErr(field, err)
+			}
+			if pw == "" {
+				return nil, cfg.FieldErr(field, fmt.Errorf("%s: empty password", r.Auth.PasswordFile))
+			}
+			rr.Auth = &resolve.Auth{Username: r.Auth.Username, Password: pw}
+		}
+		routes[dom] = rr
+	}
+	return routes, nil
 }
 
 // newSelf describes this server for the resolver's loop detection: its

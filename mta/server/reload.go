@@ -13,12 +13,14 @@ import (
 	"go.uber.org/zap/zapcore"
 
 	"github.com/mtaproject/mta/mta/config"
+	"github.com/mtaproject/mta/mta/resolve"
 )
 
 // reloader applies a changed configuration file to the running server
-// (SIGHUP, `mta reload`): the log level, the TLS certificate and the users
-// file take effect at once, for new connections and logins, without
-// dropping any; every other changed setting is named in the log as needing
+// (SIGHUP, `mta reload`): the routes, the log level, the TLS certificate
+// and the users file take effect at once (routes for domains routed from
+// then on: within the scheduler's 30 s route cache), without dropping any
+// connection or message; every other changed setting is named in the log as needing
 // a restart. A file that does not load is refused and the running
 // configuration stays.
 type reloader struct {
@@ -28,7 +30,8 @@ type reloader struct {
 	level      *zap.AtomicLevel // nil: the level is fixed
 	cert       *certHolder      // nil: no TLS
 	users      *userDirectory
-	adminToken string // the token in force
+	resolver   *resolve.Resolver // its static routes are replaced on reload
+	adminToken string            // the token in force
 	log        *zap.Logger
 	reloads    *prometheus.CounterVec
 }
@@ -96,7 +99,22 @@ func (r *reloader) apply() error {
 	if cfg.Auth.UsersFile != r.cfg.Auth.UsersFile {
 		return fmt.Errorf("auth.users_file: a different users file needs a restart (edit %s in place instead)", r.cfg.Auth.UsersFile)
 	}
+	routesChanged := !reflect.DeepEqual(r.cfg.Routes, cfg.Routes)
+	var routes map[string]resolve.Route
+	if routesChanged {
+		if routes, err = buildRoutes(cfg); err != nil {
+			return err
+		}
+	}
 	applied := []string{}
+	if routesChanged && r.resolver != nil {
+		// First: the one change that can still fail.
+		if err := r.resolver.SetRoutes(routes); err != nil {
+			return fmt.Errorf("routes: %w", err)
+		}
+		r.cfg.Routes = cfg.Routes
+		applied = append(applied, "routes")
+	}
 	if cfg.Log.Level != r.cfg.Log.Level && r.level != nil {
 		lvl, _ := zapcore.ParseLevel(cfg.Log.Level)
 		r.level.SetLevel(lvl)
@@ -109,7 +127,7 @@ func (r *reloader) apply() error {
 	r.users.reloadIfChanged()
 	// Whatever else differs from what runs is named, not ignored: every
 	// field of the configuration is compared, but for those just applied.
-	restart := changedFields(r.cfg, cfg, map[string]bool{"log.level": true, "tls.cert_file": true, "tls.key_file": true})
+	restart := changedFields(r.cfg, cfg, map[string]bool{"log.level": true, "tls.cert_file": true, "tls.key_file": true, "routes": true})
 	if sec.adminToken != r.adminToken {
 		restart = append(restart, "admin.token_file (its content)")
 	}

@@ -211,7 +211,7 @@ func New(cfg *config.Config, log *zap.Logger) (_ *Server, err error) {
 		log.Info("finished messages bounced and removed", zap.Int("messages", n))
 	}
 	tlsCfg, certHold := dynamicTLS(sec.tls)
-	s.reload = &reloader{path: cfg.Path(), cfg: cfg, cert: certHold, users: s.users, adminToken: sec.adminToken, log: log.Named("reload"),
+	s.reload = &reloader{path: cfg.Path(), cfg: cfg, cert: certHold, users: s.users, resolver: transport.Resolver, adminToken: sec.adminToken, log: log.Named("reload"),
 		reloads: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "mta_config_reloads_total",
 			Help: "Configuration reloads (SIGHUP, mta reload) by result (ok, failed)."}, []string{"result"})}
 	s.reload.reloads.WithLabelValues("ok")
