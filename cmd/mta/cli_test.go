@@ -617,7 +617,12 @@ func TestDestSuspendAndResume(t *testing.T) {
 		t.Errorf("the suspended mail expired:\n%s", out)
 	}
 	mtaCmd(t, true, "dest", "resume", "held.test", admin)
-	mtaCmd(t, false, "dest", "resume", "held.test", admin) // not suspended any more
+	if out := mtaCmd(t, false, "dest", "resume", "held.test", admin); !strings.Contains(out, "held.test is not suspended") {
+		t.Errorf("resume of a domain not suspended: %q", out)
+	}
+	if out := mtaCmd(t, false, "dest", "suspend", "x.test", "--for", "-1h", admin); !strings.Contains(out, "--for must be positive") {
+		t.Errorf("a negative --for: %q", out)
+	}
 	deadline := time.Now().Add(10 * time.Second)
 	for !strings.Contains(strings.Join(to(), ","), "a@held.test") {
 		if time.Now().After(deadline) {

@@ -652,6 +652,9 @@ func dest(args []string, out io.Writer) error {
 		if len(rest) != 1 {
 			return fmt.Errorf("dest %s: want one domain", args[0])
 		}
+		if *forD < 0 {
+			return fmt.Errorf("dest suspend: --for must be positive (leave it out to suspend until resumed)")
+		}
 		if args[0] == "suspend" {
 			if err := c.Suspend(ctx, rest[0], *forD); err != nil {
 				return err

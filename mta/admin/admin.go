@@ -278,6 +278,10 @@ func Handler(store Store, token string) http.Handler {
 	mux.HandleFunc("POST /api/v1/destinations/{domain}/resume", func(w http.ResponseWriter, r *http.Request) {
 		domain, _ := mta.NormalizeDomain(r.PathValue("domain"))
 		if err := store.Resume(domain); err != nil {
+			if errors.Is(err, mta.ErrNotFound) {
+				writeJSON(w, http.StatusNotFound, Error{domain + " is not suspended"})
+				return
+			}
 			writeError(w, err)
 			return
 		}
