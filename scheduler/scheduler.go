@@ -109,6 +109,7 @@ type Scheduler struct {
 	// suspended holds the domains an operator suspended (Suspend), each
 	// until a time (zero: until Resume). Read by workers, hence the lock.
 	suspendMu sync.Mutex
+	everHeld  atomic.Bool // a domain was ever suspended: until then nothing below needs the lock
 	suspended map[string]time.Time
 	since     map[string]time.Time     // when each suspension began
 	grace     map[string]time.Duration // time a domain spent suspended: added to its lifetime
@@ -981,12 +982,16 @@ func (s *Scheduler) Suspend(domain string, d time.Duration) {
 		s.since[domain] = s.opts.Now()
 	}
 	s.suspended[domain] = until
+	s.everHeld.Store(true)
 	s.suspendMu.Unlock()
 }
 
 // lifetime is MaxLifetime for domain's mail, plus the time the domain
 // spent suspended: an operator's hold costs the mail none of its lifetime.
 func (s *Scheduler) lifetime(domain string) time.Duration {
+	if !s.everHeld.Load() {
+		return s.opts.MaxLifetime // the delivery path, before any suspension: no lock
+	}
 	s.suspendMu.Lock()
 	defer s.suspendMu.Unlock()
 	s.endSuspensionsLocked(s.opts.Now())
@@ -1040,6 +1045,9 @@ func (s *Scheduler) endSuspensionsLocked(now time.Time) {
 // suspendedUntil reports whether domain is suspended at now, and when its
 // postponed work should be looked at again.
 func (s *Scheduler) suspendedUntil(domain string, now time.Time) (time.Time, bool) {
+	if !s.everHeld.Load() {
+		return time.Time{}, false
+	}
 	s.suspendMu.Lock()
 	if len(s.suspended) == 0 {
 		s.suspendMu.Unlock()

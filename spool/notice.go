@@ -4,8 +4,6 @@ import (
 	"time"
 
 	"github.com/cockroachdb/pebble/v2"
-
-	"github.com/mtaproject/mta/mta"
 )
 
 // Outcome is what an attempt's result records on recipients.
@@ -71,12 +69,7 @@ func (s *Spool) addNotice(b *pebble.Batch, n *Notice, now time.Time) []string {
 	m.Received = now
 	m.Size = int64(len(n.Data))
 	due := now.Add(s.opts.FreshLease)
-	for i := range m.Recipients {
-		r := &m.Recipients[i]
-		r.Domain = mta.Domain(r.Address)
-		r.Status = Queued
-		r.NextAttempt = due
-	}
+	m.queueAll(due)
 	var k keyBuf
 	_ = b.Set(k.message(m.ID), m.encode(nil), nil)
 	_ = b.Set(k.body(m.ID), n.Data, nil)

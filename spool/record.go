@@ -102,6 +102,16 @@ func (m *Message) Pending() []string {
 	return out
 }
 
+// queueAll makes every recipient of a new message queued, due at due.
+func (m *Message) queueAll(due time.Time) {
+	for i := range m.Recipients {
+		r := &m.Recipients[i]
+		r.Domain = mta.Domain(r.Address)
+		r.Status = Queued
+		r.NextAttempt = due
+	}
+}
+
 // Done reports whether no recipient is still queued.
 func (m *Message) Done() bool {
 	for i := range m.Recipients {

@@ -211,12 +211,7 @@ func (s *Spool) Put(m *Message, header, body []byte) (err error) {
 	}
 	m.Size = size
 	due := now.Add(s.opts.FreshLease)
-	for i := range m.Recipients {
-		r := &m.Recipients[i]
-		r.Domain = mta.Domain(r.Address)
-		r.Status = Queued
-		r.NextAttempt = due
-	}
+	m.queueAll(due)
 	b := s.db.NewBatch()
 	defer b.Close()
 	rec := recordPool.Get().(*[]byte)

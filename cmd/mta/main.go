@@ -517,15 +517,6 @@ func user(args []string, stdin io.Reader, out io.Writer) error {
 			return errors.New("user " + args[0] + ": no users file: give --file FILE, or --config FILE with auth.users_file set")
 		}
 	}
-	list := func(s string) []string {
-		var out []string
-		for _, x := range strings.Split(s, ",") {
-			if x = strings.TrimSpace(x); x != "" {
-				out = append(out, x)
-			}
-		}
-		return out
-	}
 	if args[0] == "ls" {
 		entries, err := auth.Entries(path)
 		if err != nil {
@@ -571,10 +562,10 @@ func user(args []string, stdin io.Reader, out io.Writer) error {
 				e.Senders, e.Addresses = old.Senders, old.Addresses
 			}
 			if *addresses != "" {
-				e.Addresses = list(*addresses)
+				e.Addresses = auth.SplitList(*addresses)
 			}
 			if *senders != "" {
-				e.Senders = list(*senders)
+				e.Senders = auth.SplitList(*senders)
 			}
 			return e, nil
 		})

@@ -41,22 +41,25 @@ func parseEntry(line string) (e Entry, ok bool) {
 	if len(f) > 1 {
 		e.Hash = f[1]
 	}
-	list := func(s string) []string {
-		var out []string
-		for _, x := range strings.Split(s, ",") {
-			if x = strings.TrimSpace(x); x != "" {
-				out = append(out, x)
-			}
-		}
-		return out
-	}
 	if len(f) > 2 {
-		e.Senders = list(f[2])
+		e.Senders = SplitList(f[2])
 	}
 	if len(f) > 3 {
-		e.Addresses = list(f[3])
+		e.Addresses = SplitList(f[3])
 	}
 	return e, true
+}
+
+// SplitList splits a comma-separated list of a users file line (senders,
+// addresses), dropping blanks.
+func SplitList(s string) []string {
+	var out []string
+	for _, x := range strings.Split(s, ",") {
+		if x = strings.TrimSpace(x); x != "" {
+			out = append(out, x)
+		}
+	}
+	return out
 }
 
 // Entries returns the users of the file at path, in file order.

@@ -57,16 +57,7 @@ func newQueueCollector(sp *spool.Spool, sched *scheduler.Scheduler) *queueCollec
 // run counts the queue at once and then every interval until ctx ends.
 func (c *queueCollector) run(ctx context.Context, interval time.Duration) {
 	c.count(ctx)
-	t := time.NewTicker(interval)
-	defer t.Stop()
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-t.C:
-			c.count(ctx)
-		}
-	}
+	every(ctx, interval, func() { c.count(ctx) })
 }
 
 // count scans the queue (at most a million messages); it gives up when

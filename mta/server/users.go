@@ -82,6 +82,11 @@ func (d *userDirectory) reloadIfChanged() {
 
 // watch checks the file every interval until ctx ends.
 func (d *userDirectory) watch(ctx context.Context, interval time.Duration) {
+	every(ctx, interval, d.reloadIfChanged)
+}
+
+// every calls fn every interval until ctx ends.
+func every(ctx context.Context, interval time.Duration, fn func()) {
 	t := time.NewTicker(interval)
 	defer t.Stop()
 	for {
@@ -89,7 +94,7 @@ func (d *userDirectory) watch(ctx context.Context, interval time.Duration) {
 		case <-ctx.Done():
 			return
 		case <-t.C:
-			d.reloadIfChanged()
+			fn()
 		}
 	}
 }
