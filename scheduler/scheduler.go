@@ -27,18 +27,13 @@ type Options struct {
 	Store     Store
 	Transport Transport
 
-	MaxConnections           int           // all destinations (500)
-	MaxPerDestination        int           // per destination (20)
-	InitialPerDestination    int           // a destination starts with this many, +1 per good connection (5)
-	MaxMessagesPerConnection int           // then a new connection (1000)
-	IdleTimeout              time.Duration // idle connection kept for reuse (10s)
-	MinBackoff, MaxBackoff   time.Duration // retry delay bounds (5m, 4000s)
-	MaxLifetime              time.Duration // then a deferral is a failure (5 days)
-	Lease                    time.Duration // next attempt written before an attempt (1m)
-	WindowSize               int           // work items in memory (20000)
-	ScanInterval             time.Duration // due-index scan period (1s)
-	RouteTTL                 time.Duration // domain → destination kept this long (30s)
-	StopGrace                time.Duration // on stop, transactions in flight may finish this long (30s)
+	// Limits are the limits a reload may change (SetLimits).
+	Limits
+	Lease        time.Duration // next attempt written before an attempt (1m)
+	WindowSize   int           // work items in memory (20000)
+	ScanInterval time.Duration // due-index scan period (1s)
+	RouteTTL     time.Duration // domain → destination kept this long (30s)
+	StopGrace    time.Duration // on stop, transactions in flight may finish this long (30s)
 	// Memory bounds the message bodies held at once, shared with the SMTP
 	// edge: a delivery waits for room before it reads its body; nil:
 	// unbounded.
@@ -54,6 +49,39 @@ type Options struct {
 	Seed    uint64 // jitter; 0: random
 }
 
+// Limits are the settings a running scheduler can change (SetLimits).
+type Limits struct {
+	MaxConnections           int           // all destinations (500)
+	MaxPerDestination        int           // per destination (20)
+	InitialPerDestination    int           // a destination starts with this many, +1 per good connection (5)
+	MaxMessagesPerConnection int           // then a new connection (1000)
+	IdleTimeout              time.Duration // idle connection kept for reuse (10s)
+	MinBackoff, MaxBackoff   time.Duration // retry delay bounds (5m, 4000s)
+	MaxLifetime              time.Duration // then a deferral is a failure (5 days)
+}
+
+// defaults fills in the zero values.
+func (l *Limits) defaults() {
+	def := func(v *int, d int) {
+		if *v <= 0 {
+			*v = d
+		}
+	}
+	defd := func(v *time.Duration, d time.Duration) {
+		if *v <= 0 {
+			*v = d
+		}
+	}
+	def(&l.MaxConnections, 500)
+	def(&l.MaxPerDestination, 20)
+	def(&l.InitialPerDestination, 5)
+	def(&l.MaxMessagesPerConnection, 1000)
+	defd(&l.IdleTimeout, 10*time.Second)
+	defd(&l.MinBackoff, 5*time.Minute)
+	defd(&l.MaxBackoff, 4000*time.Second)
+	defd(&l.MaxLifetime, 5*24*time.Hour)
+}
+
 func (o *Options) defaults() {
 	def := func(v *int, d int) {
 		if *v <= 0 {
@@ -65,15 +93,8 @@ func (o *Options) defaults() {
 			*v = d
 		}
 	}
-	def(&o.MaxConnections, 500)
-	def(&o.MaxPerDestination, 20)
-	def(&o.InitialPerDestination, 5)
-	def(&o.MaxMessagesPerConnection, 1000)
+	o.Limits.defaults()
 	def(&o.WindowSize, 20000)
-	defd(&o.IdleTimeout, 10*time.Second)
-	defd(&o.MinBackoff, 5*time.Minute)
-	defd(&o.MaxBackoff, 4000*time.Second)
-	defd(&o.MaxLifetime, 5*24*time.Hour)
 	defd(&o.Lease, time.Minute)
 	defd(&o.ScanInterval, time.Second)
 	defd(&o.RouteTTL, 30*time.Second)
@@ -92,6 +113,7 @@ func (o *Options) defaults() {
 // Scheduler delivers the queue. Create it with New, start it with Run.
 type Scheduler struct {
 	opts  Options
+	lim   atomic.Pointer[Limits] // opts.Limits, replaced whole by SetLimits
 	log   *zap.Logger
 	m     *instruments
 	cache *conncache.Cache[Conn]
@@ -103,6 +125,7 @@ type Scheduler struct {
 	kick   chan struct{}
 	unback chan chan struct{} // end every destination's backoff (flush); closed when done
 	status chan chan []DestinationStatus
+	retune chan struct{} // the limits changed: serve what they now allow
 	drops  chan struct{} // signals that dropIDs has IDs
 	dropMu sync.Mutex
 
@@ -220,6 +243,7 @@ func New(opts Options) *Scheduler {
 		kick:         make(chan struct{}, 1),
 		unback:       make(chan chan struct{}),
 		status:       make(chan chan []DestinationStatus),
+		retune:       make(chan struct{}, 1),
 		drops:        make(chan struct{}, 1),
 		window:       map[workKey]*work{},
 		count:        map[string]int{},
@@ -229,6 +253,8 @@ func New(opts Options) *Scheduler {
 		dests:        map[string]*dest{},
 		rnd:          rand.New(rand.NewPCG(opts.Seed, opts.Seed^0x9e3779b97f4a7c15)),
 	}
+	lim := opts.Limits
+	s.lim.Store(&lim)
 	s.workerRnd = rand.New(rand.NewPCG(opts.Seed+1, opts.Seed))
 	s.m = newMetrics(s, opts.Registerer)
 	s.cache = conncache.New[Conn](conncache.Options{
@@ -242,6 +268,23 @@ func New(opts Options) *Scheduler {
 		},
 	})
 	return s
+}
+
+// limits returns the limits in force.
+func (s *Scheduler) limits() *Limits { return s.lim.Load() }
+
+// SetLimits replaces the limits while the scheduler runs (a reload): new
+// connections and attempts follow them at once; connections open over a
+// lowered limit finish their current message and are not replaced. Zero
+// values take the defaults.
+func (s *Scheduler) SetLimits(l Limits) {
+	l.defaults()
+	s.lim.Store(&l)
+	s.cache.SetLimits(l.IdleTimeout, l.MaxMessagesPerConnection, l.MaxPerDestination)
+	select {
+	case s.retune <- struct{}{}:
+	default:
+	}
 }
 
 // Submit hands over a message that was just accepted: its work enters the
@@ -331,6 +374,8 @@ func (s *Scheduler) Run(ctx context.Context) {
 			}
 		case <-s.kick:
 			s.scan()
+		case <-s.retune:
+			s.retuned()
 		case done := <-s.unback:
 			for _, d := range s.dests {
 				d.deadUntil, d.failures = time.Time{}, 0
@@ -620,9 +665,11 @@ func (s *Scheduler) limit(d *dest) int {
 	if d.failures > 0 {
 		return 1
 	}
+	lim := s.limits()
 	if d.window == 0 {
-		d.window = min(s.opts.InitialPerDestination, s.opts.MaxPerDestination)
+		d.window = min(lim.InitialPerDestination, lim.MaxPerDestination)
 	}
+	d.window = min(d.window, lim.MaxPerDestination) // lowered by a reload
 	return d.window
 }
 
@@ -630,7 +677,7 @@ func (s *Scheduler) limit(d *dest) int {
 // slots; a destination that is out of global slots waits its turn.
 func (s *Scheduler) serve(d *dest) {
 	for len(d.queue) > 0 && d.active < s.limit(d) {
-		if s.active >= s.opts.MaxConnections {
+		if s.active >= s.limits().MaxConnections {
 			if !d.inWaiting {
 				d.inWaiting = true
 				s.waiting = append(s.waiting, d)
@@ -681,6 +728,9 @@ func (s *Scheduler) nextFor(r nextReq) *work {
 	if len(s.waiting) > 0 && r.served >= fairShare {
 		return nil
 	}
+	if lim := s.limits(); d.active > lim.MaxPerDestination || s.active > lim.MaxConnections {
+		return nil // over limits lowered by a reload: this connection ends
+	}
 	return s.pop(d)
 }
 
@@ -721,7 +771,7 @@ func (s *Scheduler) handle(ev event) {
 			d.failures = 0
 			d.deadUntil = time.Time{}
 			d.window = 0 // start again from the initial window
-		} else if d.window < s.opts.MaxPerDestination {
+		} else if d.window < s.limits().MaxPerDestination {
 			d.window++ // each good new connection earns one more
 		}
 		s.serve(d)
@@ -734,9 +784,25 @@ func (s *Scheduler) handle(ev event) {
 	}
 }
 
+// retuned applies new limits: a destination's window is at least the new
+// initial one (a raised limit is used at once, not earned again
+// connection by connection), and what they now allow is served.
+func (s *Scheduler) retuned() {
+	lim := s.limits()
+	for _, d := range s.dests {
+		if d.window != 0 {
+			d.window = max(d.window, min(lim.InitialPerDestination, lim.MaxPerDestination))
+		}
+	}
+	s.serveWaiting()
+	for _, d := range s.dests {
+		s.serve(d)
+	}
+}
+
 // serveWaiting gives freed global slots to waiting destinations in turn.
 func (s *Scheduler) serveWaiting() {
-	for len(s.waiting) > 0 && s.active < s.opts.MaxConnections {
+	for len(s.waiting) > 0 && s.active < s.limits().MaxConnections {
 		d := s.waiting[0]
 		s.waiting = s.waiting[1:]
 		d.inWaiting = false
@@ -759,7 +825,7 @@ func (s *Scheduler) backOff(key string, cause error) {
 	}
 	d.failures++
 	d.failedAt = now
-	until := now.Add(backoff(d.failures, s.opts.MinBackoff, s.opts.MaxBackoff, s.rnd))
+	until := now.Add(backoff(d.failures, s.limits().MinBackoff, s.limits().MaxBackoff, s.rnd))
 	if until.After(d.deadUntil) {
 		d.deadUntil = until
 	}
@@ -858,7 +924,7 @@ func (s *Scheduler) sweep() {
 			backed++
 		case len(d.queue) > 0 || d.active > 0:
 			active++
-		case !d.inWaiting && (d.failures == 0 || now.After(d.deadUntil.Add(s.opts.MaxBackoff))):
+		case !d.inWaiting && (d.failures == 0 || now.After(d.deadUntil.Add(s.limits().MaxBackoff))):
 			delete(s.dests, k) // idle: forget it; routing re-creates it
 		}
 	}
@@ -990,12 +1056,12 @@ func (s *Scheduler) Suspend(domain string, d time.Duration) {
 // spent suspended: an operator's hold costs the mail none of its lifetime.
 func (s *Scheduler) lifetime(domain string) time.Duration {
 	if !s.everHeld.Load() {
-		return s.opts.MaxLifetime // the delivery path, before any suspension: no lock
+		return s.limits().MaxLifetime // the delivery path, before any suspension: no lock
 	}
 	s.suspendMu.Lock()
 	defer s.suspendMu.Unlock()
 	s.endSuspensionsLocked(s.opts.Now())
-	l := s.opts.MaxLifetime + s.grace[domain]
+	l := s.limits().MaxLifetime + s.grace[domain]
 	if since, ok := s.since[domain]; ok {
 		l += s.opts.Now().Sub(since)
 	}

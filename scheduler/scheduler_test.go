@@ -23,8 +23,8 @@ type harness struct {
 
 func start(t *testing.T, edit func(*Options), store *memStore, tr *fakeTransport) *harness {
 	t.Helper()
-	opts := Options{Store: store, Transport: tr, MinBackoff: time.Hour, MaxBackoff: 2 * time.Hour,
-		ScanInterval: 20 * time.Millisecond, IdleTimeout: time.Minute, Seed: 42}
+	opts := Options{Store: store, Transport: tr, Limits: Limits{MinBackoff: time.Hour, MaxBackoff: 2 * time.Hour, IdleTimeout: time.Minute},
+		ScanInterval: 20 * time.Millisecond, Seed: 42}
 	if edit != nil {
 		edit(&opts)
 	}
@@ -388,5 +388,43 @@ func TestMessagesPerConnectionCountsWholeLives(t *testing.T) {
 	}
 	if c, sum := m.GetHistogram().GetSampleCount(), m.GetHistogram().GetSampleSum(); c != 1 || sum != 5 {
 		t.Fatalf("messages per connection: %d observations summing to %v, want 1 of 5", c, sum)
+	}
+}
+
+// TestSetLimitsWhileRunning: a raised per-destination limit is used at
+// once by a busy destination; a lowered one ends the connections over it
+// after their current message, and no more than it are opened again.
+func TestSetLimitsWhileRunning(t *testing.T) {
+	store, tr := newMemStore(), newFakeTransport()
+	tr.delay["tune.test"] = 2 * time.Millisecond
+	h := start(t, func(o *Options) { o.MaxPerDestination = 1; o.InitialPerDestination = 1 }, store, tr)
+	now := time.Now()
+	const total = 3000
+	for i := 0; i < total; i++ {
+		id := fmt.Sprintf("t%04d", i)
+		store.add(id, now, now, "r@tune.test")
+		h.s.Submit(id, []string{"tune.test"})
+	}
+	delivered := func() int { d, _ := store.counts(); return d }
+	waitFor(t, "deliveries at the first limit", func() bool { return delivered() >= 50 })
+	if _, _, peak := tr.stats("tune.test"); peak != 1 {
+		t.Fatalf("%d connections at once under a limit of 1", peak)
+	}
+	h.s.SetLimits(Limits{MaxPerDestination: 4, InitialPerDestination: 4, MinBackoff: time.Hour, MaxBackoff: 2 * time.Hour, IdleTimeout: time.Minute})
+	waitFor(t, "4 connections after the limit was raised", func() bool { _, _, peak := tr.stats("tune.test"); return peak == 4 })
+
+	h.s.SetLimits(Limits{MaxPerDestination: 1, InitialPerDestination: 1, MinBackoff: time.Hour, MaxBackoff: 2 * time.Hour, IdleTimeout: time.Minute})
+	active := func() int { tr.mu.Lock(); defer tr.mu.Unlock(); return tr.active["tune.test"] }
+	waitFor(t, "the connections over the lowered limit to end", func() bool { return active() <= 1 })
+	before := delivered()
+	if before > total-100 {
+		t.Fatalf("the connections over the lowered limit ended only when the queue was empty (%d of %d delivered)", before, total)
+	}
+	tr.mu.Lock()
+	tr.maxActive["tune.test"] = tr.active["tune.test"] // count afresh from here
+	tr.mu.Unlock()
+	waitFor(t, "deliveries at the lowered limit", func() bool { return delivered() >= before+100 })
+	if _, _, peak := tr.stats("tune.test"); peak > 1 {
+		t.Fatalf("%d connections at once after the limit was lowered to 1", peak)
 	}
 }

@@ -85,7 +85,7 @@ func (s *Scheduler) worker(key string, route Route, first *work) {
 			// alive (this matters when it was the probe).
 			s.events <- event{kind: evConnOK, key: key, at: start}
 		}
-		if !conn.Usable() || messages >= s.opts.MaxMessagesPerConnection {
+		if !conn.Usable() || messages >= s.limits().MaxMessagesPerConnection {
 			break
 		}
 		reply := make(chan *work, 1)
@@ -313,7 +313,7 @@ func (s *Scheduler) backoffFor(attempt int) time.Duration {
 	// The jitter source is shared by workers: guard it.
 	s.rndMu.Lock()
 	defer s.rndMu.Unlock()
-	return backoff(attempt, s.opts.MinBackoff, s.opts.MaxBackoff, s.workerRnd)
+	return backoff(attempt, s.limits().MinBackoff, s.limits().MaxBackoff, s.workerRnd)
 }
 
 // expire fails recipients whose message outlived the queue lifetime
@@ -321,7 +321,7 @@ func (s *Scheduler) backoffFor(attempt int) time.Duration {
 // attempt, whose remote reply (if it had one) the bounce quotes.
 func (s *Scheduler) expire(m *Message, rcpts []string, last Outcome) {
 	o := last
-	o.Reply = fmt.Sprintf("550 5.4.7 Delivery time expired after %s; last error: %s", s.opts.MaxLifetime, last.Reply)
+	o.Reply = fmt.Sprintf("550 5.4.7 Delivery time expired after %s; last error: %s", s.limits().MaxLifetime, last.Reply)
 	s.m.outcomes.WithLabelValues("expired", classUnrouted).Add(float64(len(rcpts)))
 	s.logLocal("expired", m, rcpts, o.Reply)
 	if err := s.opts.Store.Failed(m.ID, results(rcpts, o)); err != nil {

@@ -46,8 +46,9 @@ const usage = `usage:
   mta dest ls [--json]                 destinations: queued work, connections, window, backoff and last error
   mta dest suspend DOMAIN [--for 2h]   no attempts for DOMAIN's mail, which waits without using up its lifetime
   mta dest resume DOMAIN               end a suspension
-  mta reload                           apply the configuration file again, as SIGHUP does: log level,
-                                       TLS certificate and users now; other changes need a restart
+  mta reload                           apply the configuration file again, as SIGHUP does: routes,
+                                       SMTP and delivery limits, TLS certificate, users, log level
+                                       now; the log names what needs a restart (docs/config.md)
   mta config check [--config FILE]     validate a configuration file
   mta user hash                        read a password on stdin, print a users-file hash
   mta user add NAME [--address LIST] [--sender LIST]

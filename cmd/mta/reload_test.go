@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"crypto/tls"
+	"errors"
 	"os"
 	"path/filepath"
 	"strings"
@@ -234,5 +235,103 @@ func TestReloadChangesRoutes(t *testing.T) {
 	wait(b, 1)
 	if len(a.Messages()) != 1 {
 		t.Errorf("the old next hop got %d messages after the reload", len(a.Messages()))
+	}
+}
+
+// TestReloadAppliesLimitsAndDeliverySettings: a reload changes the SMTP
+// limits for the sessions that connect afterwards (EHLO advertises the new
+// SIZE, a larger message gets 552) and the delivery settings for the next
+// connections (one message per connection), and names neither as needing
+// a restart.
+func TestReloadAppliesLimitsAndDeliverySettings(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts subprocesses")
+	}
+	sink, err := bench.StartSink(bench.SinkConfig{Addr: "127.0.0.1:0", Keep: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sink.Close()
+	data := t.TempDir()
+	p := startMTA(t, data, "dns: {servers: [\"127.0.0.1:1\"]}\nroutes: {\"*\": {hosts: [\"["+strings.Replace(sink.Addr(), ":", "]:", 1)+"\"], tls: none}}\n")
+	body := "Subject: limits\r\n\r\n" + strings.Repeat("0123456789abcdef\r\n", 200) // 3.6 kB
+	send := func() error {
+		t.Helper()
+		c, err := smtp.Dial(p.SMTP)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		return c.SendMail("app@example.org", []string{"r@remote.test"}, strings.NewReader(body))
+	}
+	sendAndWait := func(n int) {
+		t.Helper()
+		if err := send(); err != nil {
+			t.Fatal(err)
+		}
+		deadline := time.Now().Add(10 * time.Second)
+		for len(sink.Messages()) < n {
+			if time.Now().After(deadline) {
+				t.Fatalf("the sink got %d messages, want %d", len(sink.Messages()), n)
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+	}
+	connIDs := func() map[int64]bool {
+		ids := map[int64]bool{}
+		for _, m := range sink.Messages() {
+			ids[m.ConnID] = true
+		}
+		return ids
+	}
+	for i := 1; i <= 3; i++ {
+		sendAndWait(i)
+	}
+	if n := len(connIDs()); n != 1 {
+		t.Fatalf("3 messages one after another came over %d connections, want 1 reused", n)
+	}
+
+	cfgPath := filepath.Join(data, "mta.yaml")
+	orig, _ := os.ReadFile(cfgPath)
+	os.WriteFile(cfgPath, append(append([]byte{}, orig...), "smtp: {max_message_size: 2000}\ndelivery: {max_messages_per_connection: 1}\n"...), 0o600)
+	if out := mtaCmd(t, true, "reload", "--admin=http://"+p.HTTP); !strings.Contains(out, "reloaded") {
+		t.Fatalf("reload: %q", out)
+	}
+	if !strings.Contains(p.Log(), `"applied":["smtp.max_message_size","delivery.max_messages_per_connection","tls certificate","users file"]`) ||
+		!strings.Contains(p.Log(), `"changed_needing_restart":[]`) {
+		t.Errorf("reload line:\n%s", p.Log())
+	}
+	c, err := smtp.Dial(p.SMTP)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Hello("client.test"); err != nil {
+		t.Fatal(err)
+	}
+	if ok, size := c.Extension("SIZE"); !ok || size != "2000" {
+		t.Errorf("EHLO after the reload: SIZE %q, want 2000", size)
+	}
+	c.Close()
+	var se *smtp.SMTPError
+	if err := send(); !errors.As(err, &se) || se.Code != 552 {
+		t.Fatalf("a 3.6 kB message after the size limit was lowered to 2000: %v, want 552", err)
+	}
+
+	// The cached connection carried a message already: the next message
+	// goes over a new one, and so does each after it.
+	os.WriteFile(cfgPath, append(append([]byte{}, orig...), "delivery: {max_messages_per_connection: 1}\n"...), 0o600)
+	p.Cmd.Process.Signal(syscall.SIGHUP)
+	deadline := time.Now().Add(10 * time.Second)
+	for strings.Count(p.Log(), `"msg":"configuration reloaded"`) < 2 {
+		if time.Now().After(deadline) {
+			t.Fatalf("no second reload in the log:\n%s", p.Log())
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	for i := 4; i <= 6; i++ {
+		sendAndWait(i)
+	}
+	if n := len(connIDs()); n != 4 {
+		t.Errorf("3 more messages with one message per connection: %d connections in all, want 1 + 3", n)
 	}
 }

@@ -10,6 +10,7 @@ import (
 	"math/rand/v2"
 	"net/netip"
 	"slices"
+	"sync/atomic"
 
 	"github.com/prometheus/client_golang/prometheus"
 
@@ -22,16 +23,38 @@ import (
 // Transport implements scheduler.Transport.
 type Transport struct {
 	Resolver *resolve.Resolver
-	// Client holds the SMTP client options; TLS policy and AUTH are set
-	// per destination from its route.
-	Client smtpclient.Options
 	// STARTTLS, when set, counts new connections by how STARTTLS went
 	// (smtpclient.TLSUsed and the others).
 	STARTTLS *prometheus.CounterVec
+	settings atomic.Pointer[Settings]
+}
+
+// Settings are how a Transport connects; a reload replaces them
+// (SetSettings).
+type Settings struct {
+	// Client holds the SMTP client options; TLS policy and AUTH are set
+	// per destination from its route.
+	Client smtpclient.Options
 	// MaxAddresses bounds the addresses one Connect tries (Postfix's
 	// smtp_mx_address_limit), so that a black-holed destination ties a
 	// worker up for a bounded time; zero means 5.
 	MaxAddresses int
+}
+
+// New returns a Transport that routes with res and connects as s says.
+func New(res *resolve.Resolver, starttls *prometheus.CounterVec, s Settings) *Transport {
+	t := &Transport{Resolver: res, STARTTLS: starttls}
+	t.SetSettings(s)
+	return t
+}
+
+// SetSettings replaces the settings: connections opened from then on use
+// them, those open keep theirs.
+func (t *Transport) SetSettings(s Settings) {
+	if s.MaxAddresses <= 0 {
+		s.MaxAddresses = 5
+	}
+	t.settings.Store(&s)
 }
 
 type route struct{ dest *resolve.Destination }
@@ -62,16 +85,14 @@ func (t *Transport) Connect(ctx context.Context, r scheduler.Route) (scheduler.C
 	if !ok {
 		return nil, fmt.Errorf("outbound: foreign route %T", r)
 	}
-	opts := t.Client
+	set := t.settings.Load()
+	opts := set.Client
 	opts.TLS = smtpclient.TLSPolicy(rt.dest.TLS)
 	if rt.dest.Route != nil && rt.dest.Route.Auth != nil {
 		opts.Auth = &smtpclient.Auth{Username: rt.dest.Route.Auth.Username, Password: rt.dest.Route.Auth.Password}
 	}
 	var errs []error
-	tried, limit := 0, t.MaxAddresses
-	if limit <= 0 {
-		limit = 5
-	}
+	tried, limit := 0, set.MaxAddresses
 hosts:
 	for _, h := range shuffleEqual(rt.dest.Hosts) {
 		for _, a := range h.Addrs {

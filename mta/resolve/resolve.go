@@ -143,19 +143,18 @@ const (
 
 // Resolver finds destinations. It is safe for concurrent use.
 type Resolver struct {
-	servers    []string
-	udp, tcp   *dns.Client
-	attempts   int
-	port       int
-	ipv6       bool
-	maxCNAME   int
-	minTTL     time.Duration
-	maxTTL     time.Duration
-	now        func() time.Time
-	defaultTLS TLSPolicy
-	self       *Self
-	routes     atomic.Pointer[map[string]*route] // replaced whole by SetRoutes
-	metrics    *metrics
+	servers  []string
+	udp, tcp *dns.Client
+	attempts int
+	port     int
+	ipv6     bool
+	maxCNAME int
+	minTTL   time.Duration
+	maxTTL   time.Duration
+	now      func() time.Time
+	self     *Self
+	table    atomic.Pointer[table] // routes and default TLS policy, replaced whole by SetRoutes
+	metrics  *metrics
 
 	randMu sync.Mutex
 	rand   *rand.Rand
@@ -169,18 +168,17 @@ type Resolver struct {
 // New returns a Resolver for cfg.
 func New(cfg Config) (*Resolver, error) {
 	r := &Resolver{
-		attempts:   orDefault(cfg.Attempts, defaultAttempts),
-		port:       orDefault(cfg.Port, defaultPort),
-		ipv6:       cfg.IPv6,
-		maxCNAME:   orDefault(cfg.MaxCNAME, defaultMaxCNAME),
-		minTTL:     orDefault(cfg.MinTTL, defaultMinTTL),
-		maxTTL:     orDefault(cfg.MaxTTL, defaultMaxTTL),
-		now:        cfg.Now,
-		defaultTLS: cfg.DefaultTLS,
-		self:       cfg.Self,
-		rand:       cfg.Rand,
-		cache:      newCache(orDefault(cfg.CacheSize, defaultCacheSize)),
-		flights:    make(map[cacheKey]*flight),
+		attempts: orDefault(cfg.Attempts, defaultAttempts),
+		port:     orDefault(cfg.Port, defaultPort),
+		ipv6:     cfg.IPv6,
+		maxCNAME: orDefault(cfg.MaxCNAME, defaultMaxCNAME),
+		minTTL:   orDefault(cfg.MinTTL, defaultMinTTL),
+		maxTTL:   orDefault(cfg.MaxTTL, defaultMaxTTL),
+		now:      cfg.Now,
+		self:     cfg.Self,
+		rand:     cfg.Rand,
+		cache:    newCache(orDefault(cfg.CacheSize, defaultCacheSize)),
+		flights:  make(map[cacheKey]*flight),
 	}
 	if r.now == nil {
 		r.now = time.Now
@@ -190,12 +188,6 @@ func New(cfg Config) (*Resolver, error) {
 	}
 	if r.maxTTL < r.minTTL {
 		return nil, fmt.Errorf("resolve: MaxTTL %v below MinTTL %v", r.maxTTL, r.minTTL)
-	}
-	if r.defaultTLS == "" {
-		r.defaultTLS = TLSOpportunistic
-	}
-	if !validTLS(r.defaultTLS) {
-		return nil, fmt.Errorf("resolve: bad DefaultTLS %q", r.defaultTLS)
 	}
 	timeout := orDefault(cfg.Timeout, defaultTimeout)
 	r.udp = &dns.Client{Net: "udp", Timeout: timeout, UDPSize: ednsUDPSize}
@@ -220,7 +212,7 @@ func New(cfg Config) (*Resolver, error) {
 		r.servers = append(r.servers, s)
 	}
 
-	if err := r.SetRoutes(cfg.Routes); err != nil {
+	if err := r.SetRoutes(cfg.Routes, cfg.DefaultTLS); err != nil {
 		return nil, err
 	}
 
@@ -307,11 +299,11 @@ func (r *Resolver) resolve(ctx context.Context, domain string) (*Destination, er
 	}
 	display := strings.ToLower(strings.TrimSuffix(domain, "."))
 
-	routes := *r.routes.Load()
-	if rt := routes[name]; rt != nil {
+	tbl := r.table.Load()
+	if rt := tbl.routes[name]; rt != nil {
 		return r.resolveRoute(ctx, display, name, rt)
 	}
-	if rt := routes["*"]; rt != nil {
+	if rt := tbl.routes["*"]; rt != nil {
 		return r.resolveRoute(ctx, display, name, rt)
 	}
 
@@ -323,7 +315,7 @@ func (r *Resolver) resolve(ctx context.Context, domain string) (*Destination, er
 	case mx.status == statusNXDomain:
 		return nil, errNoDomain(name)
 	case mx.status == statusNoData:
-		return r.implicitMX(ctx, display, name)
+		return r.implicitMX(ctx, display, name, tbl.defaultTLS)
 	case mx.nullMX:
 		return nil, errNullMX(name)
 	}
@@ -337,7 +329,7 @@ func (r *Resolver) resolve(ctx context.Context, domain string) (*Destination, er
 		names[i] = h.host
 	}
 	res := r.hostAddrs(ctx, names)
-	dest := &Destination{Domain: display, Key: mx.key, Hosts: make([]Host, 0, len(hosts)), TLS: r.defaultTLS}
+	dest := &Destination{Domain: display, Key: mx.key, Hosts: make([]Host, 0, len(hosts)), TLS: tbl.defaultTLS}
 	var tempErr error
 	for i, h := range hosts {
 		if len(res[i].addrs) == 0 {
@@ -360,7 +352,7 @@ func (r *Resolver) resolve(ctx context.Context, domain string) (*Destination, er
 
 // implicitMX handles a domain without MX records (RFC 5321 §5.1): the domain
 // itself is the host.
-func (r *Resolver) implicitMX(ctx context.Context, display, name string) (*Destination, error) {
+func (r *Resolver) implicitMX(ctx context.Context, display, name string, tls TLSPolicy) (*Destination, error) {
 	res := r.hostAddrs(ctx, []string{name})[0]
 	if len(res.addrs) == 0 {
 		if res.err != nil {
@@ -372,7 +364,7 @@ func (r *Resolver) implicitMX(ctx context.Context, display, name string) (*Desti
 		Domain: display,
 		Key:    "a:" + name,
 		Hosts:  []Host{{Name: name, Port: r.port, Addrs: res.addrs}},
-		TLS:    r.defaultTLS,
+		TLS:    tls,
 	}, nil
 }
 
@@ -423,10 +415,23 @@ func sortMX(mx []mxHost) string {
 	return "mx:" + strings.Join(names, ",")
 }
 
-// SetRoutes replaces the static routes (Config.Routes) while the resolver
-// is in use: lookups that start afterwards see the new ones. On an error
-// the routes in use stay.
-func (r *Resolver) SetRoutes(routes map[string]Route) error {
+// table is what SetRoutes replaces.
+type table struct {
+	routes     map[string]*route
+	defaultTLS TLSPolicy
+}
+
+// SetRoutes replaces the static routes (Config.Routes) and the default TLS
+// policy (Config.DefaultTLS; "" is opportunistic) while the resolver is in
+// use: lookups that start afterwards see the new ones. On an error the
+// ones in use stay.
+func (r *Resolver) SetRoutes(routes map[string]Route, defaultTLS TLSPolicy) error {
+	if defaultTLS == "" {
+		defaultTLS = TLSOpportunistic
+	}
+	if !validTLS(defaultTLS) {
+		return fmt.Errorf("resolve: bad DefaultTLS %q", defaultTLS)
+	}
 	m := make(map[string]*route, len(routes))
 	for dom, rt := range routes {
 		key := dom
@@ -436,12 +441,12 @@ func (r *Resolver) SetRoutes(routes map[string]Route) error {
 				return fmt.Errorf("resolve: bad route domain %q", dom)
 			}
 		}
-		p, err := r.prepareRoute(rt)
+		p, err := r.prepareRoute(rt, defaultTLS)
 		if err != nil {
 			return fmt.Errorf("resolve: route %q: %w", dom, err)
 		}
 		m[key] = p
 	}
-	r.routes.Store(&m)
+	r.table.Store(&table{routes: m, defaultTLS: defaultTLS})
 	return nil
 }

@@ -26,13 +26,13 @@ type routeHost struct {
 }
 
 // prepareRoute parses and checks a Route.
-func (r *Resolver) prepareRoute(rt Route) (*route, error) {
+func (r *Resolver) prepareRoute(rt Route, defaultTLS TLSPolicy) (*route, error) {
 	if len(rt.Hosts) == 0 {
 		return nil, errors.New("no hosts")
 	}
 	p := &route{tls: rt.TLS}
 	if p.tls == "" {
-		p.tls = r.defaultTLS
+		p.tls = defaultTLS
 	}
 	if !validTLS(p.tls) {
 		return nil, fmt.Errorf("bad TLS policy %q", rt.TLS)

@@ -46,11 +46,15 @@ func newTransport(cfg *config.Config, reg prometheus.Registerer, self *resolve.S
 	if err != nil {
 		return nil, fmt.Errorf("dns: %w", err)
 	}
+	return outbound.New(res, outbound.NewSTARTTLSCounter(reg), clientSettings(cfg)), nil
+}
+
+// clientSettings are the outbound SMTP client's settings from cfg, which a
+// reload may change.
+func clientSettings(cfg *config.Config) outbound.Settings {
 	t := cfg.Delivery.Timeouts
-	return &outbound.Transport{
-		Resolver:     res,
+	return outbound.Settings{
 		MaxAddresses: cfg.Delivery.MaxMXAddresses,
-		STARTTLS:     outbound.NewSTARTTLSCounter(reg),
 		Client: smtpclient.Options{
 			LocalName:  cfg.Delivery.HeloName,
 			NoChunking: !cfg.Delivery.Chunking,
@@ -60,7 +64,7 @@ func newTransport(cfg *config.Config, reg prometheus.Registerer, self *resolve.S
 				DataInit: t.DataInit.D(), DataBlock: t.DataBlock.D(), DataDone: t.DataDone.D(),
 			},
 		},
-	}, nil
+	}
 }
 
 // buildRoutes turns the configuration's routes into the resolver's,

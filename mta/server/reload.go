@@ -4,8 +4,6 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
-	"reflect"
-	"strings"
 	"sync"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -13,16 +11,18 @@ import (
 	"go.uber.org/zap/zapcore"
 
 	"github.com/mtaproject/mta/mta/config"
+	"github.com/mtaproject/mta/mta/outbound"
 	"github.com/mtaproject/mta/mta/resolve"
+	"github.com/mtaproject/mta/mta/smtpd"
+	"github.com/mtaproject/mta/scheduler"
 )
 
 // reloader applies a changed configuration file to the running server
-// (SIGHUP, `mta reload`): the routes, the log level, the TLS certificate
-// and the users file take effect at once (routes for domains routed from
-// then on: within the scheduler's 30 s route cache), without dropping any
-// connection or message; every other changed setting is named in the log as needing
-// a restart. A file that does not load is refused and the running
-// configuration stays.
+// (SIGHUP, `mta reload`): the settings in liveFields take effect at once,
+// without dropping any connection or message; every other changed setting
+// is named in the log as needing a restart. A file that does not load is
+// refused and the running configuration stays. docs/operations.md says
+// what applies when.
 type reloader struct {
 	mu         sync.Mutex
 	path       string // "" when the server runs on the embedded defaults
@@ -30,10 +30,34 @@ type reloader struct {
 	level      *zap.AtomicLevel // nil: the level is fixed
 	cert       *certHolder      // nil: no TLS
 	users      *userDirectory
-	resolver   *resolve.Resolver // its static routes are replaced on reload
-	adminToken string            // the token in force
+	transport  *outbound.Transport // its client settings and the resolver's routes are replaced
+	sched      *scheduler.Scheduler
+	listeners  []*smtpd.Server // each takes the new smtpd.Policy
+	connLimits *smtpd.ConnLimits
+	authFails  *smtpd.AuthFailures
+	adminToken string // the token in force
 	log        *zap.Logger
 	reloads    *prometheus.CounterVec
+}
+
+// liveFields are the settings a reload applies (by their dotted names in
+// the file); changedFields compares down to the second level, so a group
+// such as routes or delivery.timeouts is one name.
+var liveFields = map[string]bool{
+	"log.level": true, "tls.cert_file": true, "tls.key_file": true, "routes": true,
+	"trusted_networks":      true,
+	"smtp.max_message_size": true, "smtp.max_recipients": true, "smtp.max_line_length": true, "smtp.max_hops": true,
+	"smtp.max_connections": true, "smtp.max_connections_per_ip": true,
+	"smtp.command_timeout": true, "smtp.data_timeout": true,
+	"smtp.bare_line_endings": true, "smtp.bare_line_endings_trusted": true,
+	"smtp.reject_early_data": true, "smtp.add_missing_headers": true,
+	"auth.max_failures":         true,
+	"auth.client_failure_limit": true, "auth.client_failure_window": true,
+	"delivery.helo_name": true, "delivery.tls": true, "delivery.chunking": true, "delivery.timeouts": true,
+	"delivery.max_connections": true, "delivery.max_connections_per_destination": true,
+	"delivery.initial_connections_per_destination": true, "delivery.max_messages_per_connection": true,
+	"delivery.max_mx_addresses": true, "delivery.idle_timeout": true,
+	"delivery.min_backoff": true, "delivery.max_backoff": true, "delivery.max_lifetime": true,
 }
 
 // certHolder serves the current certificate to every TLS listener.
@@ -99,73 +123,96 @@ func (r *reloader) apply() error {
 	if cfg.Auth.UsersFile != r.cfg.Auth.UsersFile {
 		return fmt.Errorf("auth.users_file: a different users file needs a restart (edit %s in place instead)", r.cfg.Auth.UsersFile)
 	}
-	routesChanged := !reflect.DeepEqual(r.cfg.Routes, cfg.Routes)
-	var routes map[string]resolve.Route
-	if routesChanged {
-		if routes, err = buildRoutes(cfg); err != nil {
-			return err
+	routes, err := buildRoutes(cfg)
+	if err != nil {
+		return err
+	}
+	var applied, restart []string
+	for _, f := range config.Diff(r.cfg, cfg) {
+		if liveFields[f] {
+			applied = append(applied, f)
+		} else {
+			restart = append(restart, f)
 		}
 	}
-	applied := []string{}
-	if routesChanged && r.resolver != nil {
-		// First: the one change that can still fail.
-		if err := r.resolver.SetRoutes(routes); err != nil {
+	// What runs from now on: the live settings of the new file, the rest
+	// as started.
+	next := r.cfg.Merge(cfg, liveFields)
+	if r.transport != nil {
+		// First: the one change that can still fail. Route password files
+		// are read again, so a changed password applies too.
+		if err := r.transport.Resolver.SetRoutes(routes, resolve.TLSPolicy(next.Delivery.TLS)); err != nil {
 			return fmt.Errorf("routes: %w", err)
 		}
-		r.cfg.Routes = cfg.Routes
-		applied = append(applied, "routes")
+		r.transport.SetSettings(clientSettings(next))
 	}
-	if cfg.Log.Level != r.cfg.Log.Level && r.level != nil {
-		lvl, _ := zapcore.ParseLevel(cfg.Log.Level)
+	if r.level != nil {
+		lvl, _ := zapcore.ParseLevel(next.Log.Level)
 		r.level.SetLevel(lvl)
-		applied = append(applied, "log.level")
 	}
 	if r.cert != nil && sec.tls != nil && len(sec.tls.Certificates) > 0 {
 		r.cert.set(&sec.tls.Certificates[0])
 		applied = append(applied, "tls certificate")
 	}
+	pol := smtpPolicy(next)
+	for _, l := range r.listeners {
+		l.SetPolicy(pol)
+	}
+	if r.connLimits != nil {
+		r.connLimits.SetMax(next.SMTP.MaxConnections, next.SMTP.MaxConnectionsPerIP)
+	}
+	if r.authFails != nil {
+		r.authFails.SetLimit(next.Auth.ClientFailureLimit, next.Auth.ClientFailureWindow.D())
+	}
+	if r.sched != nil {
+		r.sched.SetLimits(schedulerLimits(next))
+	}
 	r.users.reloadIfChanged()
-	// Whatever else differs from what runs is named, not ignored: every
-	// field of the configuration is compared, but for those just applied.
-	restart := changedFields(r.cfg, cfg, map[string]bool{"log.level": true, "tls.cert_file": true, "tls.key_file": true, "routes": true})
+	applied = append(applied, "users file")
 	if sec.adminToken != r.adminToken {
 		restart = append(restart, "admin.token_file (its content)")
 	}
-	r.log.Info("configuration reloaded", zap.String("file", r.path), zap.Strings("applied", append(applied, "users file")),
+	r.log.Info("configuration reloaded", zap.String("file", r.path), zap.Strings("applied", applied),
 		zap.Strings("changed_needing_restart", restart))
 	if len(restart) > 0 {
 		r.log.Warn("these settings changed in the file but take effect only after a restart", zap.Strings("settings", restart))
 	}
-	r.cfg.Log.Level = cfg.Log.Level // the rest still describes what runs
+	r.cfg = next
 	return nil
 }
 
-// changedFields lists the dotted names of the fields (down to the second
-// level) whose values differ between a and b, except those in skip.
-func changedFields(a, b *config.Config, skip map[string]bool) []string {
-	var out []string
-	va, vb := reflect.ValueOf(a).Elem(), reflect.ValueOf(b).Elem()
-	t := va.Type()
-	for i := 0; i < t.NumField(); i++ {
-		f := t.Field(i)
-		if !f.IsExported() {
-			continue
-		}
-		name := strings.Split(f.Tag.Get("yaml"), ",")[0]
-		fa, fb := va.Field(i), vb.Field(i)
-		if f.Type.Kind() == reflect.Struct {
-			for j := 0; j < f.Type.NumField(); j++ {
-				sub := f.Type.Field(j)
-				full := name + "." + strings.Split(sub.Tag.Get("yaml"), ",")[0]
-				if sub.IsExported() && !skip[full] && !reflect.DeepEqual(fa.Field(j).Interface(), fb.Field(j).Interface()) {
-					out = append(out, full)
-				}
-			}
-			continue
-		}
-		if !skip[name] && !reflect.DeepEqual(fa.Interface(), fb.Interface()) {
-			out = append(out, name)
-		}
+// smtpPolicy is the part of the SMTP listeners' options that cfg sets and
+// a reload may change.
+func smtpPolicy(cfg *config.Config) smtpd.Policy {
+	return smtpd.Policy{
+		Trusted:                   cfg.Trusted,
+		MaxMessageSize:            int64(cfg.SMTP.MaxMessageSize),
+		MaxRecipients:             cfg.SMTP.MaxRecipients,
+		MaxLineLength:             cfg.SMTP.MaxLineLength,
+		MaxHops:                   cfg.SMTP.MaxHops,
+		CommandTimeout:            cfg.SMTP.CommandTimeout.D(),
+		DataTimeout:               cfg.SMTP.DataTimeout.D(),
+		BareLineEndings:           smtpd.LineEndings(cfg.SMTP.BareLineEndings),
+		BareLineEndingsTrusted:    smtpd.LineEndings(cfg.SMTP.BareLineEndingsTrusted),
+		RejectEarlyData:           cfg.SMTP.RejectEarlyData,
+		AddMissingHeaders:         cfg.SMTP.AddMissingHeaders,
+		CleartextAuthFromLoopback: cfg.Auth.CleartextFromLoopback,
+		MaxAuthFailures:           cfg.Auth.MaxFailures,
 	}
-	return out
+}
+
+// schedulerLimits is the part of the scheduler's options that cfg sets
+// and a reload may change.
+func schedulerLimits(cfg *config.Config) scheduler.Limits {
+	d := cfg.Delivery
+	return scheduler.Limits{
+		MaxConnections:           d.MaxConnections,
+		MaxPerDestination:        d.MaxConnectionsPerDestination,
+		InitialPerDestination:    d.InitialConnectionsPerDestination,
+		MaxMessagesPerConnection: d.MaxMessagesPerConnection,
+		IdleTimeout:              d.IdleTimeout.D(),
+		MinBackoff:               d.MinBackoff.D(),
+		MaxBackoff:               d.MaxBackoff.D(),
+		MaxLifetime:              d.MaxLifetime.D(),
+	}
 }

@@ -183,23 +183,16 @@ func New(cfg *config.Config, log *zap.Logger) (_ *Server, err error) {
 	}
 	d := cfg.Delivery
 	s.sched = scheduler.New(scheduler.Options{
-		Store:                    queueStore{s.spool},
-		Transport:                newRouter(cfg.LocalDomains, s.mailboxes, transport),
-		MaxConnections:           d.MaxConnections,
-		MaxPerDestination:        d.MaxConnectionsPerDestination,
-		InitialPerDestination:    d.InitialConnectionsPerDestination,
-		MaxMessagesPerConnection: d.MaxMessagesPerConnection,
-		IdleTimeout:              d.IdleTimeout.D(),
-		MinBackoff:               d.MinBackoff.D(),
-		MaxBackoff:               d.MaxBackoff.D(),
-		MaxLifetime:              d.MaxLifetime.D(),
-		Lease:                    d.Lease.D(),
-		WindowSize:               d.ActiveWindow,
-		StopGrace:                cfg.SMTP.ShutdownTimeout.D(),
-		Memory:                   memory,
-		Logger:                   log.Named("scheduler"),
-		Registerer:               s.registry,
-		Observe:                  s.accountOutcome,
+		Store:      queueStore{s.spool},
+		Transport:  newRouter(cfg.LocalDomains, s.mailboxes, transport),
+		Limits:     schedulerLimits(cfg),
+		Lease:      d.Lease.D(),
+		WindowSize: d.ActiveWindow,
+		StopGrace:  cfg.SMTP.ShutdownTimeout.D(),
+		Memory:     memory,
+		Logger:     log.Named("scheduler"),
+		Registerer: s.registry,
+		Observe:    s.accountOutcome,
 	})
 	s.queueStats = newQueueCollector(s.spool, s.sched)
 	s.registry.MustRegister(s.queueStats)
@@ -211,7 +204,7 @@ func New(cfg *config.Config, log *zap.Logger) (_ *Server, err error) {
 		log.Info("finished messages bounced and removed", zap.Int("messages", n))
 	}
 	tlsCfg, certHold := dynamicTLS(sec.tls)
-	s.reload = &reloader{path: cfg.Path(), cfg: cfg, cert: certHold, users: s.users, resolver: transport.Resolver, adminToken: sec.adminToken, log: log.Named("reload"),
+	s.reload = &reloader{path: cfg.Path(), cfg: cfg, cert: certHold, users: s.users, transport: transport, sched: s.sched, adminToken: sec.adminToken, log: log.Named("reload"),
 		reloads: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "mta_config_reloads_total",
 			Help: "Configuration reloads (SIGHUP, mta reload) by result (ok, failed)."}, []string{"result"})}
 	s.reload.reloads.WithLabelValues("ok")
@@ -228,6 +221,7 @@ func New(cfg *config.Config, log *zap.Logger) (_ *Server, err error) {
 	s.adminToken = sec.adminToken
 	limits := smtpd.NewConnLimits(cfg.SMTP.MaxConnections, cfg.SMTP.MaxConnectionsPerIP)
 	authFailures := smtpd.NewAuthFailures(cfg.Auth.ClientFailureLimit, cfg.Auth.ClientFailureWindow.D())
+	s.reload.connLimits, s.reload.authFails = limits, authFailures
 	m := smtpd.NewMetrics(s.registry)
 	for _, l := range []struct {
 		name, addr string
@@ -242,35 +236,24 @@ func New(cfg *config.Config, log *zap.Logger) (_ *Server, err error) {
 		}
 		addListener(self, ln)
 		srv := smtpd.New(smtpd.Options{
-			Name:                      l.name,
-			Hostname:                  cfg.Hostname,
-			Submission:                l.submission,
-			LocalDomains:              cfg.LocalDomains,
-			Trusted:                   cfg.Trusted,
-			MaxMessageSize:            int64(cfg.SMTP.MaxMessageSize),
-			MaxRecipients:             cfg.SMTP.MaxRecipients,
-			MaxLineLength:             cfg.SMTP.MaxLineLength,
-			MaxHops:                   cfg.SMTP.MaxHops,
-			CommandTimeout:            cfg.SMTP.CommandTimeout.D(),
-			DataTimeout:               cfg.SMTP.DataTimeout.D(),
-			BareLineEndings:           smtpd.LineEndings(cfg.SMTP.BareLineEndings),
-			BareLineEndingsTrusted:    smtpd.LineEndings(cfg.SMTP.BareLineEndingsTrusted),
-			RejectEarlyData:           cfg.SMTP.RejectEarlyData,
-			AddMissingHeaders:         cfg.SMTP.AddMissingHeaders,
-			TLS:                       tlsCfg,
-			Spool:                     acceptor{sp: s.spool, sched: s.sched},
-			Auth:                      users,
-			Mailboxes:                 local,
-			OnAccepted:                s.accountReception,
-			CleartextAuthFromLoopback: cfg.Auth.CleartextFromLoopback,
-			MaxAuthFailures:           cfg.Auth.MaxFailures,
-			AuthFailures:              authFailures,
-			Memory:                    memory,
-			Limits:                    limits,
-			Metrics:                   m,
-			Logger:                    log.Named("smtpd"),
+			Name:         l.name,
+			Hostname:     cfg.Hostname,
+			Submission:   l.submission,
+			LocalDomains: cfg.LocalDomains,
+			Policy:       smtpPolicy(cfg),
+			TLS:          tlsCfg,
+			Spool:        acceptor{sp: s.spool, sched: s.sched},
+			Auth:         users,
+			Mailboxes:    local,
+			OnAccepted:   s.accountReception,
+			AuthFailures: authFailures,
+			Memory:       memory,
+			Limits:       limits,
+			Metrics:      m,
+			Logger:       log.Named("smtpd"),
 		})
 		s.smtp = append(s.smtp, &smtpListener{name: l.name, srv: srv, ln: ln})
+		s.reload.listeners = append(s.reload.listeners, srv)
 	}
 	pm := pop3d.NewMetrics(s.registry)
 	mailboxLocks := pop3d.NewLocks() // one session per mailbox, whichever listener

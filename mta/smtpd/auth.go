@@ -29,7 +29,7 @@ var (
 
 // authAllowed: AUTH only over TLS, or from loopback where nobody can listen.
 func (s *session) authAllowed() bool {
-	return s.srv.opts.Auth != nil && (s.tls != nil || s.srv.opts.CleartextAuthFromLoopback && s.ip.IsLoopback())
+	return s.srv.opts.Auth != nil && (s.tls != nil || s.pol.CleartextAuthFromLoopback && s.ip.IsLoopback())
 }
 
 // auth answers AUTH PLAIN and AUTH LOGIN, with their challenges.
@@ -107,7 +107,7 @@ func (s *session) saslResponse(initial string, hasInitial bool, challenge string
 	enc := initial
 	if !hasInitial {
 		s.replyText(334, mta.Enhanced{}, base64.StdEncoding.EncodeToString([]byte(challenge)))
-		line, err := s.readLine(s.srv.opts.CommandTimeout)
+		line, err := s.readLine(s.pol.CommandTimeout)
 		if err != nil {
 			s.readFailed(err, false)
 			return nil, false
@@ -146,7 +146,7 @@ func (s *session) checkFailed(user string) {
 // many.
 func (s *session) authFailed(r *mta.Reply) {
 	s.reply(r)
-	if s.authFailures++; s.authFailures >= s.srv.opts.MaxAuthFailures {
+	if s.authFailures++; s.authFailures >= s.pol.MaxAuthFailures {
 		s.reply(&replyAuthTooMany)
 		s.closing = true
 	}
@@ -183,6 +183,14 @@ func NewAuthFailures(limit int, window time.Duration) *AuthFailures {
 	return &AuthFailures{limit: limit, window: window, now: time.Now, clients: map[netip.Prefix]*failureCount{}}
 }
 
+// SetLimit changes the limit and the window (a reload); the counts so far
+// stay, and blocks in force run to their end.
+func (a *AuthFailures) SetLimit(limit int, window time.Duration) {
+	a.mu.Lock()
+	a.limit, a.window = limit, window
+	a.mu.Unlock()
+}
+
 func clientKey(ip netip.Addr) netip.Prefix {
 	if ip.Is4() {
 		return netip.PrefixFrom(ip, 32)
@@ -204,11 +212,14 @@ func (a *AuthFailures) blocked(ip netip.Addr) bool {
 
 // fail records a failure of ip and reports whether it blocked the address.
 func (a *AuthFailures) fail(ip netip.Addr) bool {
-	if a == nil || a.limit <= 0 {
+	if a == nil {
 		return false
 	}
 	a.mu.Lock()
 	defer a.mu.Unlock()
+	if a.limit <= 0 {
+		return false
+	}
 	now, key := a.now(), clientKey(ip)
 	c := a.clients[key]
 	if c == nil || now.Sub(c.start) > a.window && !now.Before(c.until) {

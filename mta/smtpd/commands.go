@@ -106,7 +106,7 @@ func (s *session) hello(arg string, esmtp bool) {
 	lines := make([]string, 0, 12)
 	lines = append(lines, host+" Hello "+sanitizeName(name),
 		"PIPELINING",
-		"SIZE "+strconv.FormatInt(s.srv.opts.MaxMessageSize, 10),
+		"SIZE "+strconv.FormatInt(s.pol.MaxMessageSize, 10),
 		"8BITMIME",
 		"ENHANCEDSTATUSCODES",
 		"CHUNKING")
@@ -172,7 +172,7 @@ func (s *session) mail(arg string) {
 				s.refuse("bad_parameter", &replyBadParam)
 				return
 			}
-			if n > s.srv.opts.MaxMessageSize {
+			if n > s.pol.MaxMessageSize {
 				s.refuse("message_too_big", &mta.ReplyMessageTooBig)
 				return
 			}
@@ -327,7 +327,7 @@ func (s *session) rcpt(arg string) {
 		s.refuse("relay_denied", &mta.ReplyRelayDenied)
 		return
 	}
-	if len(s.env.Recipients) >= s.srv.opts.MaxRecipients {
+	if len(s.env.Recipients) >= s.pol.MaxRecipients {
 		s.refuse("too_many_recipients", &mta.ReplyTooManyRecipients)
 		return
 	}
@@ -437,7 +437,7 @@ func (s *session) startTLS(arg string) {
 		return
 	}
 	tc := tls.Server(s.raw, s.srv.opts.TLS)
-	_ = s.raw.SetDeadline(time.Now().Add(s.srv.opts.CommandTimeout))
+	_ = s.raw.SetDeadline(time.Now().Add(s.pol.CommandTimeout))
 	if err := tc.Handshake(); err != nil {
 		s.srv.opts.Metrics.starttls.WithLabelValues("failed").Inc()
 		s.srv.log.Debug("TLS handshake failed", zap.String("client_ip", s.ip.String()), zap.Error(err))

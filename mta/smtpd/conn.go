@@ -25,6 +25,14 @@ func NewConnLimits(maxTotal, maxPerIP int) *ConnLimits {
 	return &ConnLimits{maxTotal: maxTotal, maxPerIP: maxPerIP, perIP: map[netip.Addr]int{}}
 }
 
+// SetMax changes the limits: connections already open stay, new ones are
+// counted against the new limits.
+func (l *ConnLimits) SetMax(maxTotal, maxPerIP int) {
+	l.mu.Lock()
+	l.maxTotal, l.maxPerIP = maxTotal, maxPerIP
+	l.mu.Unlock()
+}
+
 // acquire takes a slot for ip, or returns the reply that refuses it.
 func (l *ConnLimits) acquire(ip netip.Addr) (*mta.Reply, string) {
 	l.mu.Lock()

@@ -47,7 +47,7 @@ func (s *session) data(arg string) {
 	// Postfix's smtpd_forbid_unauth_pipelining does: refuse and disconnect,
 	// also when DATA itself is refused (the content would be read as
 	// commands).
-	early := s.srv.opts.RejectEarlyData && s.authUser == "" && s.r.Buffered() > 0
+	early := s.pol.RejectEarlyData && s.authUser == "" && s.r.Buffered() > 0
 	defer func() {
 		if early {
 			s.closing = true
@@ -97,7 +97,7 @@ var dotCRLF = []byte(".\r\n")
 // machine.
 func (s *session) readData(dst *bytes.Buffer) (bodyFindings, error) {
 	var f bodyFindings
-	limit, maxLine := s.srv.opts.MaxMessageSize, s.srv.opts.MaxLineLength
+	limit, maxLine := s.pol.MaxMessageSize, s.pol.MaxLineLength
 	var size int64
 	lineLen := 0
 	atLineStart := true
@@ -120,7 +120,7 @@ func (s *session) readData(dst *bytes.Buffer) (bodyFindings, error) {
 					return f, err
 				}
 			}
-			s.setReadDeadline(s.srv.opts.DataTimeout)
+			s.setReadDeadline(s.pol.DataTimeout)
 		}
 		if atLineStart {
 			head, err := s.r.Peek(3)
@@ -249,7 +249,7 @@ func (s *session) bdatChunk(arg string) {
 	if s.bdat == nil {
 		s.bdat = getBuffer()
 	}
-	if int64(s.bdat.Len())+int64(n) > s.srv.opts.MaxMessageSize {
+	if int64(s.bdat.Len())+int64(n) > s.pol.MaxMessageSize {
 		s.bdatBad = true // the rest of the message is read and dropped
 		s.bdat.Reset()
 		if err := s.discard(int64(n)); err != nil {
@@ -292,7 +292,7 @@ func (s *session) bdatChunk(arg string) {
 		return
 	}
 	body := s.bdat.Bytes()
-	s.finishMessage(body, scanBody(body, s.srv.opts.MaxLineLength))
+	s.finishMessage(body, scanBody(body, s.pol.MaxLineLength))
 }
 
 // chunkReceived answers a BDAT chunk that is not the last.
@@ -312,7 +312,7 @@ func (s *session) copyChunk(dst *bytes.Buffer, n int64) error {
 			if err := s.flush(); err != nil {
 				return err
 			}
-			s.setReadDeadline(s.srv.opts.DataTimeout)
+			s.setReadDeadline(s.pol.DataTimeout)
 			if _, err := s.r.Peek(1); err != nil {
 				return err
 			}
@@ -353,9 +353,9 @@ func scanBody(body []byte, maxLine int) bodyFindings {
 // ID and is only queued once the spool said the message is stored.
 func (s *session) finishMessage(body []byte, f bodyFindings) {
 	defer s.resetTransaction()
-	policy := s.srv.opts.BareLineEndings
+	policy := s.pol.BareLineEndings
 	if s.mayRelay() {
-		policy = s.srv.opts.BareLineEndingsTrusted
+		policy = s.pol.BareLineEndingsTrusted
 	}
 	switch {
 	case f.tooBig:
@@ -395,7 +395,7 @@ func (s *session) finishMessage(body []byte, f bodyFindings) {
 		return
 	}
 	facts := scanHeader(body)
-	if max := s.srv.opts.MaxHops; max > 0 && facts.received >= max {
+	if max := s.pol.MaxHops; max > 0 && facts.received >= max {
 		// With ours it would be one more: a mail loop (RFC 5321 §6.3).
 		s.refuse("too_many_hops", &mta.ReplyTooManyHops)
 		return
@@ -407,7 +407,7 @@ func (s *session) finishMessage(body []byte, f bodyFindings) {
 	env := s.env
 	env.Received = now
 	env.MessageID = string(facts.messageID)
-	if s.srv.opts.AddMissingHeaders && (s.mayRelay() || s.srv.opts.Submission) {
+	if s.pol.AddMissingHeaders && (s.mayRelay() || s.srv.opts.Submission) {
 		hdr = appendMissingHeaders(hdr, facts, id, s.srv.opts.Hostname, now)
 		if !facts.hasMessageID {
 			env.MessageID = "<" + id + "@" + s.srv.opts.Hostname + ">"

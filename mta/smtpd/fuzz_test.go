@@ -234,8 +234,8 @@ var dataReaderServers = func() []*Server {
 		size int64
 		line int
 	}{{64 << 10, 1000}, {0, 1000}, {40, 10}, {5, 3}} {
-		ss = append(ss, New(Options{Name: "fuzz", Hostname: "mx.test", MaxMessageSize: o.size, MaxLineLength: o.line,
-			CommandTimeout: time.Minute, DataTimeout: time.Minute}))
+		ss = append(ss, New(Options{Name: "fuzz", Hostname: "mx.test", Policy: Policy{MaxMessageSize: o.size, MaxLineLength: o.line,
+			CommandTimeout: time.Minute, DataTimeout: time.Minute}}))
 	}
 	return ss
 }()
@@ -261,7 +261,7 @@ func checkDataReader(t *testing.T, data []byte, cfg uint8, chunks uint64) {
 		bufSize = max(readBufferSize, srv.opts.MaxLineLength+2)
 	}
 	c := &fakeConn{data: data, rng: chunks}
-	s := &session{srv: srv, raw: c, nc: c, r: bufio.NewReaderSize(c, bufSize), out: []byte(reply354)}
+	s := &session{srv: srv, pol: srv.policy.Load(), raw: c, nc: c, r: bufio.NewReaderSize(c, bufSize), out: []byte(reply354)}
 	c.sess = s
 	var dst bytes.Buffer
 	fnd, err := s.readData(&dst)

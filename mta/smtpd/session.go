@@ -32,6 +32,7 @@ const maxErrors = 20
 // goroutine touches its fields, except busy and raw, which Shutdown uses.
 type session struct {
 	srv *Server
+	pol *Policy   // the listener's policy when the session began
 	raw net.Conn  // the TCP connection
 	nc  net.Conn  // raw, or the TLS connection over it after STARTTLS
 	tls *tls.Conn // nc after STARTTLS, else nil
@@ -67,13 +68,15 @@ type session struct {
 }
 
 func newSession(s *Server, c net.Conn, ip netip.Addr) *session {
+	pol := s.policy.Load()
 	return &session{
 		srv:     s,
+		pol:     pol,
 		raw:     c,
 		nc:      c,
-		r:       bufio.NewReaderSize(c, max(readBufferSize, s.opts.MaxLineLength+2)),
+		r:       bufio.NewReaderSize(c, max(readBufferSize, pol.MaxLineLength+2)),
 		ip:      ip,
-		trusted: s.opts.Trusted(ip),
+		trusted: pol.Trusted(ip),
 	}
 }
 
@@ -86,7 +89,7 @@ func (s *session) serve() {
 			s.reply(&mta.ReplyShuttingDown)
 			return
 		}
-		line, err := s.readLine(s.srv.opts.CommandTimeout)
+		line, err := s.readLine(s.pol.CommandTimeout)
 		if err != nil {
 			s.readFailed(err, false)
 			return
@@ -150,7 +153,7 @@ func (s *session) readLine(timeout time.Duration) ([]byte, error) {
 		s.setReadDeadline(timeout)
 	}
 	line, err := s.r.ReadSlice('\n')
-	if err == bufio.ErrBufferFull || err == nil && len(line) > s.srv.opts.MaxLineLength+2 {
+	if err == bufio.ErrBufferFull || err == nil && len(line) > s.pol.MaxLineLength+2 {
 		return nil, errLineTooLong
 	}
 	if err != nil {
@@ -233,7 +236,7 @@ func (s *session) flush() error {
 	if len(s.out) == 0 {
 		return nil
 	}
-	if t := s.srv.opts.CommandTimeout; t > 0 {
+	if t := s.pol.CommandTimeout; t > 0 {
 		_ = s.raw.SetWriteDeadline(time.Now().Add(t))
 	}
 	_, err := s.nc.Write(s.out)

@@ -59,12 +59,10 @@ const (
 	NormalizeBareLineEndings LineEndings = "normalize" // store them as CRLF
 )
 
-// Options configure one SMTP listener.
-type Options struct {
-	Name           string // listener name in metrics and logs: "smtp", "submission"
-	Hostname       string // our name in the banner and Received:
-	Submission     bool   // require AUTH before MAIL (RFC 6409)
-	LocalDomains   []string
+// Policy is the part of a listener's options that a reload may change
+// (Server.SetPolicy). A session takes the policy in force when it connects
+// and keeps it to its end, so that what its EHLO advertised stays true.
+type Policy struct {
 	Trusted        func(netip.Addr) bool // trusted networks: may relay without AUTH
 	MaxMessageSize int64
 	MaxRecipients  int
@@ -81,9 +79,36 @@ type Options struct {
 	// AddMissingHeaders adds Date: and Message-ID: to messages from
 	// trusted and authenticated clients that lack them (RFC 6409 §8.3).
 	AddMissingHeaders bool
-	TLS               *tls.Config // nil: no STARTTLS
-	Spool             Spooler
-	Auth              Authenticator // nil: no AUTH
+	// CleartextAuthFromLoopback allows AUTH without TLS from loopback
+	// clients, where nobody can listen in.
+	CleartextAuthFromLoopback bool
+	// MaxAuthFailures closes a connection after this many failed AUTH
+	// attempts; zero means 3.
+	MaxAuthFailures int
+}
+
+// withDefaults fills in the zero values that have a default.
+func (p Policy) withDefaults() *Policy {
+	if p.Trusted == nil {
+		p.Trusted = func(netip.Addr) bool { return false }
+	}
+	if p.MaxAuthFailures <= 0 {
+		p.MaxAuthFailures = 3
+	}
+	return &p
+}
+
+// Options configure one SMTP listener.
+type Options struct {
+	Name         string // listener name in metrics and logs: "smtp", "submission"
+	Hostname     string // our name in the banner and Received:
+	Submission   bool   // require AUTH before MAIL (RFC 6409)
+	LocalDomains []string
+	// Policy holds the limits and policies a reload may change.
+	Policy
+	TLS   *tls.Config // nil: no STARTTLS
+	Spool Spooler
+	Auth  Authenticator // nil: no AUTH
 	// Mailboxes checks recipients in LocalDomains; nil: every address
 	// there is taken.
 	Mailboxes Mailboxes
@@ -91,12 +116,6 @@ type Options struct {
 	// 250): its queue ID, envelope, size as stored and the session's TLS
 	// version. For the accounting log; it must be quick.
 	OnAccepted func(id string, env *mta.Envelope, size int, tls string)
-	// CleartextAuthFromLoopback allows AUTH without TLS from loopback
-	// clients, where nobody can listen in.
-	CleartextAuthFromLoopback bool
-	// MaxAuthFailures closes a connection after this many failed AUTH
-	// attempts; zero means 3.
-	MaxAuthFailures int
 	// AuthFailures counts failed AUTH per client address across
 	// connections and listeners, and refuses AUTH from an address over its
 	// limit; nil: no such limit.
@@ -125,7 +144,8 @@ type Server struct {
 	ln       net.Listener
 	sessions map[*session]struct{}
 	wg       sync.WaitGroup
-	stopping atomic.Bool // read by every session before each command: no lock
+	stopping atomic.Bool            // read by every session before each command: no lock
+	policy   atomic.Pointer[Policy] // what new sessions take (SetPolicy)
 
 	// acceptMu is held for reading while a message is handed to the
 	// spool; Shutdown takes it for writing to wait for those, then sets
@@ -142,14 +162,8 @@ func New(opts Options) *Server {
 	if opts.Logger == nil {
 		opts.Logger = zap.NewNop()
 	}
-	if opts.Trusted == nil {
-		opts.Trusted = func(netip.Addr) bool { return false }
-	}
 	if opts.AuthFailureDelay == 0 {
 		opts.AuthFailureDelay = time.Second
-	}
-	if opts.MaxAuthFailures <= 0 {
-		opts.MaxAuthFailures = 3
 	}
 	if opts.Limits == nil {
 		opts.Limits = NewConnLimits(1000, 1000)
@@ -159,6 +173,7 @@ func New(opts Options) *Server {
 	}
 	s := &Server{opts: opts, local: map[string]bool{}, sessions: map[*session]struct{}{},
 		log: opts.Logger.With(zap.String("listener", opts.Name))}
+	s.policy.Store(opts.Policy.withDefaults())
 	s.acceptedMsgs = opts.Metrics.accepted.WithLabelValues(opts.Name)
 	s.acceptedBytes = opts.Metrics.bytes.WithLabelValues(opts.Name)
 	for _, d := range opts.LocalDomains {
@@ -170,6 +185,10 @@ func New(opts Options) *Server {
 	}
 	return s
 }
+
+// SetPolicy replaces the limits and policies: sessions that connect from
+// then on follow p, those already open keep theirs.
+func (s *Server) SetPolicy(p Policy) { s.policy.Store(p.withDefaults()) }
 
 // Serve accepts connections on l until Shutdown. It returns nil after a
 // shutdown.

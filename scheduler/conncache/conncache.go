@@ -55,7 +55,11 @@ func New[C Conn](opts Options) *Cache[C] {
 		opts.OnClose = func(string, int) {}
 	}
 	c := &Cache[C]{opts: opts, idle: map[string][]entry[C]{}, stop: make(chan struct{}), done: make(chan struct{})}
-	go c.janitor()
+	period := opts.IdleTimeout / 2
+	if period <= 0 || period > time.Second {
+		period = time.Second
+	}
+	go c.janitor(period)
 	return c
 }
 
@@ -72,6 +76,10 @@ func (c *Cache[C]) Get(dest string) (conn C, messages int, ok bool) {
 			go c.close(e.conn, "idle_timeout", e.messages)
 			continue
 		}
+		if c.opts.MaxMessages > 0 && e.messages >= c.opts.MaxMessages { // lowered since it was parked
+			go c.close(e.conn, "message_limit", e.messages)
+			continue
+		}
 		c.set(dest, list)
 		return e.conn, e.messages, true
 	}
@@ -86,7 +94,7 @@ func (c *Cache[C]) Put(dest string, conn C, messages int) {
 	case !conn.Usable():
 		c.close(conn, "unusable", messages)
 		return
-	case c.opts.MaxMessages > 0 && messages >= c.opts.MaxMessages:
+	case c.overLimit(messages):
 		c.close(conn, "message_limit", messages)
 		return
 	}
@@ -155,17 +163,28 @@ func (c *Cache[C]) set(dest string, list []entry[C]) {
 	}
 }
 
+func (c *Cache[C]) overLimit(messages int) bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.opts.MaxMessages > 0 && messages >= c.opts.MaxMessages
+}
+
+// SetLimits changes IdleTimeout, MaxMessages and MaxIdle while the cache
+// is in use (a reload); connections parked already are judged by the new
+// values from then on.
+func (c *Cache[C]) SetLimits(idleTimeout time.Duration, maxMessages, maxIdle int) {
+	c.mu.Lock()
+	c.opts.IdleTimeout, c.opts.MaxMessages, c.opts.MaxIdle = idleTimeout, maxMessages, maxIdle
+	c.mu.Unlock()
+}
+
 func (c *Cache[C]) close(conn C, reason string, messages int) {
 	_ = conn.Close()
 	c.opts.OnClose(reason, messages)
 }
 
-func (c *Cache[C]) janitor() {
+func (c *Cache[C]) janitor(period time.Duration) {
 	defer close(c.done)
-	period := c.opts.IdleTimeout / 2
-	if period <= 0 || period > time.Second {
-		period = time.Second
-	}
 	t := time.NewTicker(period)
 	defer t.Stop()
 	for {
