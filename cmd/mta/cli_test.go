@@ -631,3 +631,97 @@ func TestDestSuspendAndResume(t *testing.T) {
 		time.Sleep(100 * time.Millisecond)
 	}
 }
+
+// TestQueueFlushByIDAndFilter: `queue flush --domain D` and `queue flush
+// ID` make only the mail they select due now, ending the destination's
+// backoff so that it is tried at once; the rest keeps waiting.
+func TestQueueFlushByIDAndFilter(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts subprocesses")
+	}
+	p := startMTA(t, t.TempDir(), "dns: {servers: [\"127.0.0.1:1\"]}\ndelivery: {min_backoff: 1h, max_backoff: 2h}\n"+
+		"routes: {\"*\": {hosts: [\"[127.0.0.1]:1\"], tls: none}}\n")
+	for _, to := range []string{"x@a.test", "y@b.test"} {
+		c, err := smtp.Dial(p.SMTP)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := c.SendMail("app@example.org", []string{to}, strings.NewReader("Subject: f\r\n\r\nx\r\n")); err != nil {
+			t.Fatal(err)
+		}
+		c.Close()
+	}
+	admin := "--admin=http://" + p.HTTP
+	type state struct {
+		id       string
+		attempts int
+		next     time.Time
+	}
+	states := func() map[string]state {
+		t.Helper()
+		out := map[string]state{}
+		for _, l := range strings.Split(strings.TrimSpace(mtaCmd(t, true, "queue", "ls", admin, "--json")), "\n") {
+			var m struct {
+				ID         string
+				State      string
+				Recipients []struct {
+					Address     string
+					Attempts    int
+					NextAttempt *time.Time `json:"next_attempt"`
+				}
+			}
+			if err := json.Unmarshal([]byte(l), &m); err != nil || len(m.Recipients) != 1 {
+				t.Fatalf("queue ls --json line %q: %v", l, err)
+			}
+			r := m.Recipients[0]
+			st := state{id: m.ID, attempts: r.Attempts}
+			if r.NextAttempt != nil && m.State == "deferred" {
+				st.next = *r.NextAttempt
+			}
+			out[r.Address] = st
+		}
+		return out
+	}
+	waitUntil := func(what string, cond func(map[string]state) bool) map[string]state {
+		t.Helper()
+		deadline := time.Now().Add(15 * time.Second)
+		for {
+			s := states()
+			if cond(s) {
+				return s
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("%s: %+v\n%s", what, s, p.Log())
+			}
+			time.Sleep(100 * time.Millisecond)
+		}
+	}
+	later := func(s state) bool { return time.Until(s.next) > 30*time.Minute }
+	before := waitUntil("both deferred for the backoff", func(s map[string]state) bool {
+		return len(s) == 2 && later(s["x@a.test"]) && later(s["y@b.test"])
+	})
+
+	if out := mtaCmd(t, true, "queue", "flush", admin, "--domain", "a.test"); !strings.Contains(out, "1 messages due now") {
+		t.Fatalf("flush --domain a.test: %q", out)
+	}
+	after := waitUntil("a.test tried again", func(s map[string]state) bool {
+		return s["x@a.test"].attempts == before["x@a.test"].attempts+1 && later(s["x@a.test"])
+	})
+	if after["y@b.test"] != before["y@b.test"] {
+		t.Errorf("flushing a.test changed b.test's mail: %+v, was %+v", after["y@b.test"], before["y@b.test"])
+	}
+
+	id := after["y@b.test"].id
+	if out := mtaCmd(t, true, "queue", "flush", admin, id); !strings.Contains(out, id+": due now") {
+		t.Fatalf("flush %s: %q", id, out)
+	}
+	final := waitUntil("b.test tried again", func(s map[string]state) bool {
+		return s["y@b.test"].attempts == before["y@b.test"].attempts+1 && later(s["y@b.test"])
+	})
+	if final["x@a.test"] != after["x@a.test"] {
+		t.Errorf("flushing %s changed a.test's mail: %+v, was %+v", id, final["x@a.test"], after["x@a.test"])
+	}
+	if out := mtaCmd(t, false, "queue", "flush", admin, "0000000000000000"); !strings.Contains(out, "no such message") {
+		t.Errorf("flush of an unknown ID: %q", out)
+	}
+}

@@ -42,7 +42,8 @@ const usage = `usage:
                                        instead of an ID, and say how many they acted on)
   mta queue rm ID                      remove a message from the queue (its sender is not told)
   mta queue bounce ID                  fail its remaining recipients now and bounce them to the sender
-  mta queue flush                      make every deferred message due now
+  mta queue flush [ID | FILTERS]       make every deferred message (or one, or those FILTERS select)
+                                       due now, and end the destinations' backoff
   mta dest ls [--json]                 destinations: queued work, connections, window, backoff and last error
   mta dest suspend DOMAIN [--for 2h]   no attempts for DOMAIN's mail, which waits without using up its lifetime
   mta dest resume DOMAIN               end a suspension
@@ -257,7 +258,7 @@ func queue(args []string, out io.Writer) error {
 		return errors.New("queue: want ls, shape, show, hold, release, rm, bounce or flush")
 	}
 	fs := flag.NewFlagSet("queue "+args[0], flag.ContinueOnError)
-	all := fs.Bool("all", false, "ls: list every message, not just the first 1000; hold/release/rm/bounce: act on every message")
+	all := fs.Bool("all", false, "ls: list every message, not just the first 1000; hold/release/rm/bounce/flush: act on every message")
 	asJSON := fs.Bool("json", false, "ls: one JSON object per message; shape: the table as JSON")
 	top := fs.Int("top", 20, "shape: destinations shown (the rest are summed)")
 	var f admin.Filter
@@ -302,8 +303,18 @@ func queue(args []string, out io.Writer) error {
 		}
 		printMessage(out, m)
 		return nil
+	case "flush":
+		if len(rest) == 0 && f.Empty() {
+			n, err := c.Flush(ctx)
+			if err != nil {
+				return err
+			}
+			fmt.Fprintf(out, "%d messages due now\n", n)
+			return nil
+		}
+		fallthrough
 	case "hold", "release", "rm", "bounce":
-		done := map[string]string{"hold": "held", "release": "released", "rm": "removed", "bounce": "bounced"}[args[0]]
+		done := map[string]string{"hold": "held", "release": "released", "rm": "removed", "bounce": "bounced", "flush": "due now"}[args[0]]
 		if len(rest) == 0 && (!f.Empty() || *all) {
 			action := map[string]string{"rm": "remove"}[args[0]]
 			if action == "" {
@@ -326,18 +337,11 @@ func queue(args []string, out io.Writer) error {
 		if err != nil {
 			return fmt.Errorf("%w, or filters (--domain, --sender, --state, --older-than, --reply) or --all", err)
 		}
-		action := map[string]func(context.Context, string) error{"hold": c.Hold, "release": c.Release, "rm": c.Remove, "bounce": c.Bounce}[args[0]]
+		action := map[string]func(context.Context, string) error{"hold": c.Hold, "release": c.Release, "rm": c.Remove, "bounce": c.Bounce, "flush": c.FlushMessage}[args[0]]
 		if err := action(ctx, id); err != nil {
 			return err
 		}
 		fmt.Fprintf(out, "%s: %s\n", id, done)
-		return nil
-	case "flush":
-		n, err := c.Flush(ctx)
-		if err != nil {
-			return err
-		}
-		fmt.Fprintf(out, "%d messages due now\n", n)
 		return nil
 	}
 	return fmt.Errorf("queue: unknown command %q", args[0])

@@ -29,6 +29,11 @@ type Store interface {
 	Remove(id string) error
 	Bounce(id string) error // fail the remaining recipients now and bounce them
 	Flush() (int, error)
+	// FlushMessage makes the queued recipients of message id due now
+	// (unless it is held); EndBackoffs ends every destination's backoff,
+	// so that flushed mail is tried at once rather than postponed again.
+	FlushMessage(id string) error
+	EndBackoffs()
 	// Destinations returns what delivery knows of each destination, busiest
 	// first; nil when delivery is not running.
 	Destinations() []Destination
@@ -319,7 +324,21 @@ func Handler(store Store, token string) http.Handler {
 	mux.HandleFunc("POST /api/v1/queue/{id}/release", action("release", store.Release))
 	mux.HandleFunc("DELETE /api/v1/queue/{id}", action("remove", store.Remove))
 	mux.HandleFunc("POST /api/v1/queue/{id}/bounce", action("bounce", store.Bounce))
+	flushOne := action("flush", store.FlushMessage)
+	mux.HandleFunc("POST /api/v1/queue/{id}/flush", func(w http.ResponseWriter, r *http.Request) {
+		store.EndBackoffs()
+		flushOne(w, r)
+	})
+	flushSome := bulk("flush", store.FlushMessage)
 	mux.HandleFunc("POST /api/v1/queue/flush", func(w http.ResponseWriter, r *http.Request) {
+		// With a filter: the messages it selects, as the other bulk
+		// actions; without: every deferred message, in one pass over the
+		// due index.
+		if f, err := ParseFilter(r.URL.Query()); err != nil || !f.Empty() {
+			store.EndBackoffs()
+			flushSome(w, r)
+			return
+		}
 		n, err := store.Flush()
 		if err != nil {
 			writeError(w, err)

@@ -104,7 +104,12 @@ func (c *Client) Flush(ctx context.Context) (int, error) {
 	return r.Rescheduled, err
 }
 
-// Bulk runs action (hold, release, bounce, remove) on every message f
+// FlushMessage makes one message's queued recipients due now.
+func (c *Client) FlushMessage(ctx context.Context, id string) error {
+	return c.do(ctx, http.MethodPost, "/api/v1/queue/"+url.PathEscape(id)+"/flush", &Result{})
+}
+
+// Bulk runs action (hold, release, bounce, remove, flush) on every message f
 // selects; an empty f needs all.
 func (c *Client) Bulk(ctx context.Context, action string, f Filter, all bool) (BulkResult, error) {
 	q := url.Values{}

@@ -246,7 +246,9 @@ func (a adminStore) logged(action, id string, err error) error {
 	if a.log != nil {
 		a.log.Info("operator action", zap.String("action", action), zap.String("id", id))
 	}
-	a.acct.Write(&accounting.Event{Event: accountingEvents[action], ID: id})
+	if ev := accountingEvents[action]; ev != "" {
+		a.acct.Write(&accounting.Event{Event: ev, ID: id})
+	}
 	return nil
 }
 
@@ -283,6 +285,18 @@ func (a adminStore) Release(id string) error {
 	}
 	return a.logged("release", id, err)
 }
+
+// FlushMessage makes message id's queued recipients due now.
+func (a adminStore) FlushMessage(id string) error {
+	err := a.Spool.Reschedule(id, time.Now())
+	if err == nil {
+		a.sched.Kick()
+	}
+	return a.logged("flush", id, err)
+}
+
+// EndBackoffs ends every destination's backoff.
+func (a adminStore) EndBackoffs() { a.sched.EndBackoffs() }
 
 // Flush makes every deferred message due now and ends every destination's
 // backoff, so that the mail is tried at once.
