@@ -26,17 +26,23 @@ type Process struct {
 	SMTP string // bound SMTP address
 	HTTP string // bound HTTP address
 	POP3 string // bound POP3 address
+	API  string // bound injection API address, when listen.api is set
 	done chan struct{}
 	mu   sync.Mutex
 	logs bytes.Buffer
 }
 
 // StartMTA runs `binary serve` with data in dataDir, every listener on a
-// free loopback port, and extraYAML appended to the configuration. It
+// free loopback port (listen.api too when extraYAML names API tenants),
+// and extraYAML appended to the configuration. It
 // returns once the server logged that it started.
 func StartMTA(binary, dataDir, extraYAML string) (*Process, error) {
 	cfgPath := filepath.Join(dataDir, "mta.yaml")
-	yaml := fmt.Sprintf("data_dir: %s\nhostname: mx.test\nlisten:\n  smtp: 127.0.0.1:0\n  submission: \"\"\n  pop3: 127.0.0.1:0\n  http: 127.0.0.1:0\n%s", dataDir, extraYAML)
+	api := ""
+	if strings.Contains(extraYAML, "tenants:") {
+		api = "  api: 127.0.0.1:0\n" // the injection API, for the tenants named
+	}
+	yaml := fmt.Sprintf("data_dir: %s\nhostname: mx.test\nlisten:\n  smtp: 127.0.0.1:0\n  submission: \"\"\n  pop3: 127.0.0.1:0\n  http: 127.0.0.1:0\n%s%s", dataDir, api, extraYAML)
 	if err := os.MkdirAll(dataDir, 0o750); err != nil {
 		return nil, err
 	}
@@ -79,6 +85,7 @@ func StartMTA(binary, dataDir, extraYAML string) (*Process, error) {
 		p.SMTP, _ = entry["smtp"].(string)
 		p.HTTP, _ = entry["http"].(string)
 		p.POP3, _ = entry["pop3"].(string)
+		p.API, _ = entry["api"].(string)
 		return p, nil
 	case <-p.done:
 		return nil, fmt.Errorf("mta exited during start:\n%s", p.Log())

@@ -71,6 +71,26 @@ type Envelope struct {
 	AuthUser   string      // the authenticated user, if any
 	MessageID  string      // the header's Message-ID ("<…>"), for logs; "" when none
 	Received   time.Time   // when the message was accepted
+	Priority   Priority    // its delivery lane
+}
+
+// Priority is a message's delivery lane: transactional mail (password
+// resets, receipts) is delivered ahead of bulk mail and notices waiting
+// for the same destination.
+type Priority uint8
+
+// Delivery lanes.
+const (
+	PriorityBulk          Priority = iota // the default, and notices
+	PriorityTransactional                 // ahead of the others
+)
+
+// String names the lane: "bulk" or "transactional".
+func (p Priority) String() string {
+	if p == PriorityTransactional {
+		return "transactional"
+	}
+	return "bulk"
 }
 
 // Domain returns the domain part of an address, lower-cased, or "" when the

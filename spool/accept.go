@@ -13,6 +13,12 @@ import (
 // envelope and calls Put. It is what the SMTP edge's Spooler interface asks
 // for.
 func (s *Spool) Accept(id string, env *mta.Envelope, header, body []byte) error {
+	return s.Put(NewMessage(id, env), header, body)
+}
+
+// NewMessage is the record of a new message with the given envelope, all
+// its recipients waiting.
+func NewMessage(id string, env *mta.Envelope) *Message {
 	m := &Message{
 		ID:        id,
 		From:      env.From,
@@ -25,12 +31,13 @@ func (s *Spool) Accept(id string, env *mta.Envelope, header, body []byte) error 
 		AuthUser:  env.AuthUser,
 		MessageID: env.MessageID,
 		Received:  env.Received,
+		Priority:  env.Priority,
 	}
 	m.Recipients = make([]RecipientState, len(env.Recipients))
 	for i, r := range env.Recipients {
 		m.Recipients[i].Recipient = r
 	}
-	return s.Put(m, header, body)
+	return m
 }
 
 // Room returns mta.ErrStorageFull if size more bytes would take the file

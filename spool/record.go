@@ -63,6 +63,7 @@ type Message struct {
 	HELO       string           // client's HELO name
 	AuthUser   string           // authenticated submitter, if any
 	MessageID  string           // the header's Message-ID, for logs (version 3)
+	Priority   mta.Priority     // its delivery lane (a flag: any version)
 	Received   time.Time        // acceptance time
 	Size       int64            // bytes stored under b/<id>
 	Notice     NoticeKind       // whether this is a notification (DSN) we made
@@ -134,6 +135,7 @@ const (
 	flagHeld
 	flagSenderNotice
 	flagPostmasterNotice
+	flagTransactional // Priority is transactional
 )
 
 // Recipient flags (version 2).
@@ -152,6 +154,9 @@ func (m *Message) encode(dst []byte) []byte {
 	}
 	if m.Held {
 		flags |= flagHeld
+	}
+	if m.Priority == mta.PriorityTransactional {
+		flags |= flagTransactional
 	}
 	switch m.Notice {
 	case SenderNotice:
@@ -205,6 +210,9 @@ func decodeMessage(id string, b []byte) (*Message, error) {
 	m.SMTPUTF8 = flags&flagSMTPUTF8 != 0
 	m.Body8Bit = flags&flagBody8Bit != 0
 	m.Held = flags&flagHeld != 0
+	if flags&flagTransactional != 0 {
+		m.Priority = mta.PriorityTransactional
+	}
 	switch {
 	case flags&flagSenderNotice != 0:
 		m.Notice = SenderNotice

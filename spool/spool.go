@@ -192,48 +192,67 @@ func (s *Spool) Healthy() error {
 // With Options.Sync it returns only after the batch is on disk. m.ID must
 // come from NewID; Put sets m.Size, the recipients' Domain, Status and
 // NextAttempt, and m.Received if zero.
-func (s *Spool) Put(m *Message, header, body []byte) (err error) {
+func (s *Spool) Put(m *Message, header, body []byte) error {
+	return s.PutAll([]Incoming{{Message: m, Header: header, Body: body}})
+}
+
+// Incoming is one new message for PutAll.
+type Incoming struct {
+	Message      *Message
+	Header, Body []byte
+}
+
+// PutAll stores several new messages as Put does, in one batch and one
+// sync: all of them or, on an error, none. The injection API uses it so
+// that one request of many recipients costs one fsync.
+func (s *Spool) PutAll(msgs []Incoming) error {
 	if err := s.Healthy(); err != nil {
 		return err
 	}
-	if !ValidID(m.ID) {
-		return fmt.Errorf("spool: put: invalid queue ID %q", m.ID)
+	var size int64
+	for _, in := range msgs {
+		if !ValidID(in.Message.ID) {
+			return fmt.Errorf("spool: put: invalid queue ID %q", in.Message.ID)
+		}
+		size += int64(len(in.Header) + len(in.Body))
 	}
-	size := int64(len(header) + len(body))
 	if s.free.below(s.opts.MinFreeSpace+size, s.opts.Now()) {
 		s.metrics.errors.WithLabelValues("put_full").Inc()
 		s.reclaim()
 		return mta.ErrStorageFull
 	}
 	now := s.opts.Now()
-	if m.Received.IsZero() {
-		m.Received = now
-	}
-	m.Size = size
 	due := now.Add(s.opts.FreshLease)
-	m.queueAll(due)
 	b := s.db.NewBatch()
 	defer b.Close()
-	rec := recordPool.Get().(*[]byte)
-	*rec = m.encode((*rec)[:0])
 	key := keyBuf{}
-	_ = b.Set(key.message(m.ID), *rec, nil)
-	recordPool.Put(rec)
-	op := b.SetDeferred(len(key.body(m.ID)), int(size))
-	copy(op.Key, key.body(m.ID))
-	copy(op.Value[copy(op.Value, header):], body)
-	op.Finish()
-	if !m.Held {
-		for _, d := range m.Pending() {
-			_ = b.Set(key.due(due, m.ID, d), nil, nil)
+	rec := recordPool.Get().(*[]byte)
+	for _, in := range msgs {
+		m := in.Message
+		if m.Received.IsZero() {
+			m.Received = now
+		}
+		m.Size = int64(len(in.Header) + len(in.Body))
+		m.queueAll(due)
+		*rec = m.encode((*rec)[:0])
+		_ = b.Set(key.message(m.ID), *rec, nil)
+		op := b.SetDeferred(len(key.body(m.ID)), int(m.Size))
+		copy(op.Key, key.body(m.ID))
+		copy(op.Value[copy(op.Value, in.Header):], in.Body)
+		op.Finish()
+		if !m.Held {
+			for _, d := range m.Pending() {
+				_ = b.Set(key.due(due, m.ID, d), nil, nil)
+			}
 		}
 	}
+	recordPool.Put(rec)
 	start := time.Now()
 	if err := s.commit(b, "put"); err != nil {
 		return err
 	}
 	s.metrics.commit.Observe(time.Since(start).Seconds())
-	s.count.Add(1)
+	s.count.Add(int64(len(msgs)))
 	return nil
 }
 

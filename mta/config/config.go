@@ -17,6 +17,8 @@ import (
 	"time"
 
 	"go.yaml.in/yaml/v3"
+
+	"github.com/mtaproject/mta/mta"
 )
 
 // Config is the whole configuration. Every field is documented, with its
@@ -38,6 +40,7 @@ type Config struct {
 	Routes          map[string]Route `yaml:"routes"`
 	Log             Log              `yaml:"log"`
 	Admin           Admin            `yaml:"admin"`
+	API             API              `yaml:"api"`
 	Debug           Debug            `yaml:"debug"`
 	MemoryBudget    ByteSize         `yaml:"memory_budget"` // message bodies held in memory at once, received and being delivered
 
@@ -73,6 +76,7 @@ type Listen struct {
 	POP3       string `yaml:"pop3"`       // POP3 mailbox access (STLS when TLS is configured)
 	POP3S      string `yaml:"pop3s"`      // POP3 over implicit TLS (port 995)
 	HTTP       string `yaml:"http"`       // /metrics, /healthz, /readyz and the admin API
+	API        string `yaml:"api"`        // the HTTP injection API (api.tenants)
 }
 
 // SMTP holds the inbound SMTP limits and policies.
@@ -172,6 +176,21 @@ type Admin struct {
 	TokenFile string `yaml:"token_file"` // file whose first line is the bearer token the admin API requires; empty: none (loopback listen.http only)
 }
 
+// API holds the settings of the HTTP injection API (listen.api,
+// docs/injection.md).
+type API struct {
+	MaxRequestSize ByteSize `yaml:"max_request_size"` // bytes of one request body
+	MaxRecipients  int      `yaml:"max_recipients"`   // recipients of one request
+	Tenants        []Tenant `yaml:"tenants"`
+}
+
+// Tenant is one application allowed to inject mail.
+type Tenant struct {
+	Name        string   `yaml:"name"`
+	TokenFile   string   `yaml:"token_file"`   // file whose first line is its bearer token
+	FromDomains []string `yaml:"from_domains"` // domains it may send from; empty: any
+}
+
 // Debug holds settings for diagnosing the server.
 type Debug struct {
 	Pprof bool `yaml:"pprof"` // serve /debug/pprof/ on the HTTP listener
@@ -249,6 +268,7 @@ func Default() *Config {
 		Spool:        Spool{Sync: true, MinFreeSpace: 100 << 20},
 		Log:          Log{Level: "info", Format: "json", Accounting: Accounting{MaxSize: 100 << 20, MaxFiles: 10}},
 		Admin:        Admin{Enabled: true},
+		API:          API{MaxRequestSize: 32 << 20, MaxRecipients: 10000},
 		MemoryBudget: 1 << 30,
 	}
 }
@@ -392,6 +412,9 @@ func (c *Config) checkFiles() error {
 	readable("tls.key_file", c.TLS.KeyFile)
 	readable("auth.users_file", c.Auth.UsersFile)
 	readable("admin.token_file", c.Admin.TokenFile)
+	for i, tn := range c.API.Tenants {
+		readable(fmt.Sprintf("api.tenants[%d].token_file", i), tn.TokenFile)
+	}
 	for dom, r := range c.Routes {
 		if r.Auth != nil {
 			readable("routes."+dom+".auth.password_file", r.Auth.PasswordFile)
@@ -492,6 +515,7 @@ func (c *Config) validate() error {
 		bad("spool.min_free_space", "must not be negative")
 	}
 	c.validateDelivery(bad)
+	c.validateAPI(bad)
 	if c.Mailboxes.Quota < 0 {
 		bad("mailboxes.quota", "must not be negative (0: no limit)")
 	}
@@ -597,4 +621,48 @@ func (c *Config) validateDelivery(bad func(field, format string, args ...any)) {
 		routes[key] = r
 	}
 	c.Routes = routes
+}
+
+// validateAPI checks the injection API's settings.
+func (c *Config) validateAPI(bad func(field, format string, args ...any)) {
+	a := &c.API
+	if a.MaxRequestSize <= 0 {
+		bad("api.max_request_size", "must be greater than zero, got %d", int64(a.MaxRequestSize))
+	}
+	if a.MaxRecipients <= 0 {
+		bad("api.max_recipients", "must be greater than zero, got %d", a.MaxRecipients)
+	}
+	if c.Listen.API != "" && len(a.Tenants) == 0 {
+		bad("api.tenants", "listen.api is set: name at least one tenant (name and token_file) that may inject")
+	}
+	seen := map[string]bool{}
+	for i, tn := range a.Tenants {
+		field := fmt.Sprintf("api.tenants[%d]", i)
+		if !validTenantName(tn.Name) {
+			bad(field+".name", "want 1 to 64 letters, digits, '-' or '_', got %q", tn.Name)
+		} else if seen[tn.Name] {
+			bad(field+".name", "%q is named twice", tn.Name)
+		}
+		seen[tn.Name] = true
+		if tn.TokenFile == "" {
+			bad(field+".token_file", "must be set: the file with the tenant's bearer token")
+		}
+		for j, d := range tn.FromDomains {
+			if _, ok := mta.NormalizeDomain(d); !ok {
+				bad(fmt.Sprintf("%s.from_domains[%d]", field, j), "not a domain: %q", d)
+			}
+		}
+	}
+}
+
+func validTenantName(s string) bool {
+	if s == "" || len(s) > 64 {
+		return false
+	}
+	for _, r := range s {
+		if !(r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' || r == '-' || r == '_') {
+			return false
+		}
+	}
+	return true
 }

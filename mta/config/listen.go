@@ -29,6 +29,7 @@ func (c *Config) validateListen(bad func(field, format string, args ...any)) {
 	for _, l := range []struct{ field, addr string }{
 		{"listen.smtp", c.Listen.SMTP}, {"listen.submission", c.Listen.Submission},
 		{"listen.pop3", c.Listen.POP3}, {"listen.pop3s", c.Listen.POP3S}, {"listen.http", c.Listen.HTTP},
+		{"listen.api", c.Listen.API},
 	} {
 		if l.addr == "" {
 			continue

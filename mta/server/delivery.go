@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"slices"
 	"strings"
 	"time"
 
@@ -17,6 +18,7 @@ import (
 	"github.com/mtaproject/mta/mta/accounting"
 	"github.com/mtaproject/mta/mta/admin"
 	"github.com/mtaproject/mta/mta/config"
+	"github.com/mtaproject/mta/mta/inject"
 	"github.com/mtaproject/mta/mta/mailbox"
 	"github.com/mtaproject/mta/mta/outbound"
 	"github.com/mtaproject/mta/mta/resolve"
@@ -197,22 +199,35 @@ func (a acceptor) Accept(id string, env *mta.Envelope, header, body []byte) erro
 	if err := a.sp.Accept(id, env, header, body); err != nil {
 		return err
 	}
+	a.sched.Submit(id, domainsOf(env))
+	return nil
+}
+
+// AcceptAll stores injected messages in one batch and hands them to
+// delivery.
+func (a acceptor) AcceptAll(msgs []inject.Message) error {
+	in := make([]spool.Incoming, len(msgs))
+	for i, m := range msgs {
+		in[i] = spool.Incoming{Message: spool.NewMessage(m.ID, m.Env), Header: m.Header, Body: m.Body}
+	}
+	if err := a.sp.PutAll(in); err != nil {
+		return err
+	}
+	for _, m := range msgs {
+		a.sched.Submit(m.ID, domainsOf(m.Env))
+	}
+	return nil
+}
+
+// domainsOf lists the recipient domains of env, each once.
+func domainsOf(env *mta.Envelope) []string {
 	var domains []string
 	for _, r := range env.Recipients {
-		d := mta.Domain(r.Address)
-		seen := false
-		for _, x := range domains {
-			if x == d {
-				seen = true
-				break
-			}
-		}
-		if !seen {
+		if d := mta.Domain(r.Address); !slices.Contains(domains, d) {
 			domains = append(domains, d)
 		}
 	}
-	a.sched.Submit(id, domains)
-	return nil
+	return domains
 }
 
 // adminStore is the admin API's store: the spool, with the scheduler told

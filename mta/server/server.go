@@ -32,6 +32,7 @@ import (
 	"github.com/mtaproject/mta/mta/auth"
 	"github.com/mtaproject/mta/mta/certs"
 	"github.com/mtaproject/mta/mta/config"
+	"github.com/mtaproject/mta/mta/inject"
 	"github.com/mtaproject/mta/mta/mailbox"
 	"github.com/mtaproject/mta/mta/pop3d"
 	"github.com/mtaproject/mta/mta/smtpd"
@@ -50,6 +51,8 @@ type Server struct {
 	pop3     []*pop3Listener
 	http     *http.Server
 	httpLn   net.Listener
+	api      *http.Server // the injection API; nil when listen.api is off
+	apiLn    net.Listener
 	ready    atomic.Bool
 
 	acct       *accounting.Log    // the accounting log; nil: off
@@ -81,6 +84,10 @@ var Version = "dev"
 // maxHTTPConnections caps the HTTP listener's connections; more wait to be
 // accepted.
 const maxHTTPConnections = 64
+
+// maxAPIConnections caps the injection API's connections: each request may
+// hold api.max_request_size in memory.
+const maxAPIConnections = 64
 
 // NewLogger builds the zap logger the configuration asks for.
 func NewLogger(c config.Log) (*zap.Logger, error) {
@@ -278,6 +285,31 @@ func New(cfg *config.Config, log *zap.Logger) (_ *Server, err error) {
 		})
 		s.pop3 = append(s.pop3, &pop3Listener{name: l.name, srv: srv, ln: ln})
 	}
+	if cfg.Listen.API != "" {
+		if s.apiLn, err = listen(cfg, "listen.api", cfg.Listen.API); err != nil {
+			return nil, err
+		}
+		s.apiLn = netutil.LimitListener(s.apiLn, maxAPIConnections)
+		s.api = &http.Server{
+			Handler: inject.Handler(inject.Options{
+				Hostname:       cfg.Hostname,
+				Tenants:        sec.tenants,
+				MaxRequestSize: int64(cfg.API.MaxRequestSize),
+				MaxRecipients:  cfg.API.MaxRecipients,
+				MaxMessageSize: int64(cfg.SMTP.MaxMessageSize),
+				Store:          acceptor{sp: s.spool, sched: s.sched},
+				Memory:         memory,
+				OnAccepted:     func(id string, env *mta.Envelope, size int) { s.accountReception(id, env, size, "") },
+				Logger:         log.Named("inject"),
+			}),
+			ReadHeaderTimeout: 10 * time.Second,
+			ReadTimeout:       5 * time.Minute, // a large request over a slow link
+			WriteTimeout:      5 * time.Minute,
+			IdleTimeout:       2 * time.Minute,
+			MaxHeaderBytes:    32 << 10,
+			ErrorLog:          zap.NewStdLog(log.Named("inject")),
+		}
+	}
 	if cfg.Listen.HTTP != "" {
 		s.httpLn, err = listen(cfg, "listen.http", cfg.Listen.HTTP)
 		if err != nil {
@@ -305,6 +337,7 @@ type secrets struct {
 	tls        *tls.Config
 	users      *auth.Users // nil without a users file
 	adminToken string
+	tenants    []inject.Tenant // the injection API's, with their tokens
 }
 
 // loadSecrets reads and checks the certificate, the users file and the
@@ -337,6 +370,22 @@ func loadSecrets(cfg *config.Config, generate bool) (*secrets, error) {
 		if sec.adminToken == "" {
 			return nil, cfg.FieldErr("admin.token_file", fmt.Errorf("%s: empty token", cfg.Admin.TokenFile))
 		}
+	}
+	seen := map[string]string{}
+	for i, tn := range cfg.API.Tenants {
+		field := fmt.Sprintf("api.tenants[%d].token_file", i)
+		token, err := readFirstLine(tn.TokenFile)
+		if err != nil {
+			return nil, cfg.FieldErr(field, err)
+		}
+		if len(token) < 16 {
+			return nil, cfg.FieldErr(field, fmt.Errorf("%s: the token is %d characters, want at least 16 (e.g. openssl rand -hex 32)", tn.TokenFile, len(token)))
+		}
+		if other, ok := seen[token]; ok {
+			return nil, cfg.FieldErr(field, fmt.Errorf("the same token as tenant %s: a token must name one tenant", other))
+		}
+		seen[token] = tn.Name
+		sec.tenants = append(sec.tenants, inject.Tenant{Name: tn.Name, Token: token, FromDomains: tn.FromDomains})
 	}
 	return &sec, nil
 }
@@ -411,6 +460,9 @@ func (s *Server) Addr(name string) string {
 	if name == "http" && s.httpLn != nil {
 		return s.httpLn.Addr().String()
 	}
+	if name == "api" && s.apiLn != nil {
+		return s.apiLn.Addr().String()
+	}
 	for _, l := range s.smtp {
 		if l.name == name {
 			return l.ln.Addr().String()
@@ -430,7 +482,7 @@ func (s *Server) Spool() *spool.Spool { return s.spool }
 // Run serves until ctx is cancelled, then stops gracefully within
 // smtp.shutdown_timeout. It returns the first listener error, if any.
 func (s *Server) Run(ctx context.Context) error {
-	errc := make(chan error, len(s.smtp)+len(s.pop3)+1)
+	errc := make(chan error, len(s.smtp)+len(s.pop3)+2)
 	var wg sync.WaitGroup
 	for _, l := range s.pop3 {
 		wg.Add(1)
@@ -459,6 +511,15 @@ func (s *Server) Run(ctx context.Context) error {
 			}
 		}()
 	}
+	if s.api != nil {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if err := s.api.Serve(s.apiLn); err != nil && !errors.Is(err, http.ErrServerClosed) {
+				errc <- fmt.Errorf("listen.api: %w", err)
+			}
+		}()
+	}
 	schedCtx, stopSched := context.WithCancel(context.Background())
 	schedDone := make(chan struct{})
 	if s.cfg.Delivery.Enabled {
@@ -475,7 +536,7 @@ func (s *Server) Run(ctx context.Context) error {
 	defer stopWatch()
 	s.ready.Store(true)
 	fields := []zap.Field{zap.String("data_dir", s.cfg.DataDir), zap.Int64("queued", s.spool.Count())}
-	for _, name := range []string{"smtp", "submission", "pop3", "pop3s", "http"} {
+	for _, name := range []string{"smtp", "submission", "pop3", "pop3s", "http", "api"} {
 		if a := s.Addr(name); a != "" {
 			fields = append(fields, zap.String(name, a))
 		}
@@ -509,6 +570,12 @@ func (s *Server) Run(ctx context.Context) error {
 	for _, l := range s.pop3 {
 		swg.Add(1)
 		go func() { defer swg.Done(); l.srv.Shutdown(deadline) }()
+	}
+	if s.api != nil {
+		// Injections in flight are stored and answered before the spool
+		// closes.
+		swg.Add(1)
+		go func() { defer swg.Done(); _ = s.api.Shutdown(sctx) }()
 	}
 	swg.Wait()
 	// Deliveries in flight finish (within the same deadline) before the
@@ -544,6 +611,9 @@ func (s *Server) closeAll() {
 	}
 	if s.httpLn != nil {
 		s.httpLn.Close()
+	}
+	if s.apiLn != nil {
+		s.apiLn.Close()
 	}
 	if s.spool != nil {
 		s.spool.Close()

@@ -1,0 +1,438 @@
+package inject
+
+import (
+	"bytes"
+	"crypto/subtle"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/mail"
+	"strings"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/mtaproject/mta/mta"
+)
+
+// Tenant is one application allowed to inject.
+type Tenant struct {
+	Name  string
+	Token string // its bearer token
+	// FromDomains are the domains its envelope sender and From: may use;
+	// empty: any.
+	FromDomains []string
+}
+
+// Message is one rendered message for the store.
+type Message struct {
+	ID           string
+	Env          *mta.Envelope
+	Header, Body []byte
+}
+
+// Store keeps accepted messages.
+type Store interface {
+	NewID() string
+	// AcceptAll stores the messages durably, all or none, and hands them
+	// to delivery; mta.ErrStorageFull means no room.
+	AcceptAll(msgs []Message) error
+}
+
+// Options configure the handler.
+type Options struct {
+	Hostname       string
+	Tenants        []Tenant
+	MaxRequestSize int64 // bytes of one request body
+	MaxRecipients  int   // recipients of one request
+	MaxMessageSize int64 // bytes of one rendered message (smtp.max_message_size)
+	Store          Store
+	// Memory bounds the bytes held by requests being handled, shared with
+	// SMTP: a request past it gets 503; nil: unbounded.
+	Memory *mta.Budget
+	// Refuse, when set, may refuse a recipient of a tenant (the
+	// suppression list) with the reply it gives; nil: none refused.
+	Refuse func(tenant, address string) *mta.Reply
+	// OnAccepted is told of every message stored (the accounting log).
+	OnAccepted func(id string, env *mta.Envelope, size int)
+	Logger     *zap.Logger
+	Now        func() time.Time
+}
+
+// Result is the reply to an injection.
+type Result struct {
+	Accepted   int               `json:"accepted"`
+	Rejected   int               `json:"rejected"`
+	Recipients []RecipientResult `json:"recipients"`
+}
+
+// RecipientResult is one recipient's outcome, in the order given: its
+// queue ID, or why it was refused.
+type RecipientResult struct {
+	Email string      `json:"email"`
+	ID    string      `json:"id,omitempty"`
+	Error *ReplyError `json:"error,omitempty"`
+}
+
+// ReplyError is a refusal in SMTP terms, so that an application handles
+// both injection paths alike.
+type ReplyError struct {
+	Code     int    `json:"code"`
+	Enhanced string `json:"enhanced"`
+	Text     string `json:"text"`
+}
+
+// ErrorBody is the body of a refused request.
+type ErrorBody struct {
+	Error string `json:"error"`
+}
+
+// batchBytes and batchMessages bound one spool batch: large requests are
+// stored in several, each one sync.
+const (
+	batchBytes    = 16 << 20
+	batchMessages = 1000
+)
+
+// Handler serves POST /api/v1/messages.
+func Handler(opts Options) http.Handler {
+	if opts.Logger == nil {
+		opts.Logger = zap.NewNop()
+	}
+	if opts.Now == nil {
+		opts.Now = time.Now
+	}
+	h := &handler{opts: opts}
+	mux := http.NewServeMux()
+	mux.HandleFunc("POST /api/v1/messages", h.inject)
+	mux.HandleFunc("/api/v1/messages", func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Allow", "POST")
+		writeJSON(w, http.StatusMethodNotAllowed, ErrorBody{"use POST"})
+	})
+	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
+		writeJSON(w, http.StatusNotFound, ErrorBody{"not found: the injection API is POST /api/v1/messages"})
+	})
+	return mux
+}
+
+type handler struct{ opts Options }
+
+// tenant returns the tenant whose token the request carries.
+func (h *handler) tenant(r *http.Request) *Tenant {
+	token, ok := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
+	if !ok || token == "" {
+		return nil
+	}
+	var found *Tenant
+	for i := range h.opts.Tenants {
+		// Every token is compared, in constant time: the answer's timing
+		// says nothing about which one, or how much of one, matched.
+		if subtle.ConstantTimeCompare([]byte(token), []byte(h.opts.Tenants[i].Token)) == 1 {
+			found = &h.opts.Tenants[i]
+		}
+	}
+	return found
+}
+
+func (h *handler) inject(w http.ResponseWriter, r *http.Request) {
+	t := h.tenant(r)
+	if t == nil {
+		w.Header().Set("WWW-Authenticate", `Bearer realm="mta injection API"`)
+		writeJSON(w, http.StatusUnauthorized, ErrorBody{"missing or unknown bearer token"})
+		return
+	}
+	if ct := r.Header.Get("Content-Type"); !strings.HasPrefix(ct, "application/json") {
+		writeJSON(w, http.StatusUnsupportedMediaType, ErrorBody{"Content-Type must be application/json"})
+		return
+	}
+	// The request body and one batch of rendered messages are in memory
+	// at once.
+	need := h.opts.MaxRequestSize
+	if r.ContentLength >= 0 && r.ContentLength < need {
+		need = r.ContentLength
+	}
+	need += batchBytes
+	if h.opts.Memory != nil {
+		if !h.opts.Memory.TryAcquire(need) {
+			w.Header().Set("Retry-After", "5")
+			writeJSON(w, http.StatusServiceUnavailable, ErrorBody{"busy: the memory budget for messages in flight is used up; try again shortly"})
+			return
+		}
+		defer h.opts.Memory.Release(need)
+	}
+	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, h.opts.MaxRequestSize))
+	if err != nil {
+		var tooBig *http.MaxBytesError
+		if errors.As(err, &tooBig) {
+			writeJSON(w, http.StatusRequestEntityTooLarge, ErrorBody{fmt.Sprintf("request body over %d bytes (api.max_request_size)", h.opts.MaxRequestSize)})
+			return
+		}
+		writeJSON(w, http.StatusBadRequest, ErrorBody{"reading the request: " + err.Error()})
+		return
+	}
+	req, err := decode(body)
+	if err != nil {
+		writeJSON(w, http.StatusBadRequest, ErrorBody{err.Error()})
+		return
+	}
+	body = nil
+	plan, status, err := h.prepare(t, req)
+	if err != nil {
+		writeJSON(w, status, ErrorBody{err.Error()})
+		return
+	}
+	res := h.run(t, plan, clientIP(r))
+	status = http.StatusOK
+	if res.Accepted == 0 {
+		status = http.StatusUnprocessableEntity
+		if plan.storageFull {
+			w.Header().Set("Retry-After", "60")
+			status = http.StatusServiceUnavailable
+		}
+	}
+	writeJSON(w, status, res)
+}
+
+// plan is a checked request.
+type plan struct {
+	req         *Request
+	from        string // envelope sender
+	raw         []byte // Content, with CRLF line endings; nil with a builder
+	built       *compiled
+	priority    mta.Priority
+	storageFull bool
+}
+
+// prepare checks a request as a whole; its error refuses all of it, with
+// the status to answer.
+func (h *handler) prepare(t *Tenant, req *Request) (*plan, int, error) {
+	p := &plan{req: req}
+	switch n := len(req.Recipients); {
+	case n == 0:
+		return nil, http.StatusBadRequest, errors.New("recipients: at least one is needed")
+	case n > h.opts.MaxRecipients:
+		return nil, http.StatusRequestEntityTooLarge, fmt.Errorf("recipients: %d, over the limit of %d per request (api.max_recipients)", n, h.opts.MaxRecipients)
+	}
+	switch req.Priority {
+	case "", "bulk":
+		p.priority = mta.PriorityBulk
+	case "transactional":
+		p.priority = mta.PriorityTransactional
+	default:
+		return nil, http.StatusBadRequest, fmt.Errorf("priority: want transactional or bulk, got %q", req.Priority)
+	}
+	var headerFrom string
+	switch {
+	case (req.Content == "") == (req.Message == nil):
+		return nil, http.StatusBadRequest, errors.New("give exactly one of content (a whole message) and message (its parts)")
+	case req.Message != nil:
+		c, err := compile(req.Message)
+		if err != nil {
+			return nil, http.StatusBadRequest, err
+		}
+		p.built, headerFrom = c, c.from.Address
+	default:
+		p.raw = crlf(req.Content)
+		m, err := mail.ReadMessage(bytes.NewReader(p.raw))
+		if err != nil {
+			return nil, http.StatusBadRequest, fmt.Errorf("content: not an RFC 5322 message: %v", err)
+		}
+		if int64(len(p.raw)) > h.opts.MaxMessageSize {
+			return nil, http.StatusRequestEntityTooLarge, fmt.Errorf("content: %d bytes, over the message size limit of %d", len(p.raw), h.opts.MaxMessageSize)
+		}
+		if f, err := mail.ParseAddress(m.Header.Get("From")); err == nil {
+			headerFrom = f.Address
+		} else {
+			return nil, http.StatusBadRequest, fmt.Errorf("content: the From field: %v", err)
+		}
+	}
+	p.from = req.EnvelopeFrom
+	if p.from == "" {
+		p.from = headerFrom
+	} else if a, err := mail.ParseAddress(p.from); err != nil || a.Address != p.from {
+		return nil, http.StatusBadRequest, fmt.Errorf("envelope_from: %q is not a bare address", p.from)
+	}
+	for _, a := range []struct{ field, addr string }{{"envelope_from", p.from}, {"from", headerFrom}} {
+		if !t.mayUse(a.addr) {
+			return nil, http.StatusForbidden, fmt.Errorf("%s: tenant %s may not send from %s", a.field, t.Name, mta.Domain(a.addr))
+		}
+	}
+	return p, 0, nil
+}
+
+// mayUse reports whether the tenant may send from address.
+func (t *Tenant) mayUse(address string) bool {
+	if len(t.FromDomains) == 0 {
+		return true
+	}
+	d := mta.Domain(address)
+	for _, ok := range t.FromDomains {
+		if strings.EqualFold(d, ok) {
+			return true
+		}
+	}
+	return false
+}
+
+// Replies for recipients refused one by one.
+var (
+	replyBadAddress  = mta.Reply{Code: 550, Enhanced: mta.Enhanced{5, 1, 3}, Text: "Bad recipient address syntax"}
+	replyTooBig      = mta.Reply{Code: 552, Enhanced: mta.Enhanced{5, 3, 4}, Text: "Message size exceeds fixed limit"}
+	replyStorageFull = mta.Reply{Code: 452, Enhanced: mta.Enhanced{4, 3, 1}, Text: "Insufficient system storage"}
+	replySpoolError  = mta.Reply{Code: 451, Enhanced: mta.Enhanced{4, 3, 0}, Text: "Local error in processing: not stored"}
+)
+
+// run renders and stores a message per recipient.
+func (h *handler) run(t *Tenant, p *plan, client string) *Result {
+	res := &Result{Recipients: make([]RecipientResult, len(p.req.Recipients))}
+	var batch []Message
+	var batchIdx []int
+	size := 0
+	flush := func() {
+		if len(batch) == 0 {
+			return
+		}
+		err := h.opts.Store.AcceptAll(batch)
+		for i, m := range batch {
+			rr := &res.Recipients[batchIdx[i]]
+			if err != nil {
+				reply := &replySpoolError
+				if errors.Is(err, mta.ErrStorageFull) {
+					reply, p.storageFull = &replyStorageFull, true
+				}
+				rr.Error = replyError(reply)
+				continue
+			}
+			rr.ID = m.ID
+			if h.opts.OnAccepted != nil {
+				h.opts.OnAccepted(m.ID, m.Env, len(m.Header)+len(m.Body))
+			}
+		}
+		if err != nil {
+			h.opts.Logger.Error("injected messages not stored", zap.String("tenant", t.Name), zap.Int("messages", len(batch)), zap.Error(err))
+		}
+		batch, batchIdx, size = batch[:0], batchIdx[:0], 0
+	}
+	now := h.opts.Now()
+	for i, rcpt := range p.req.Recipients {
+		rr := &res.Recipients[i]
+		rr.Email = rcpt.Email
+		m, reply := h.message(t, p, rcpt, client, now)
+		if reply != nil {
+			rr.Error = replyError(reply)
+			continue
+		}
+		batch = append(batch, *m)
+		batchIdx = append(batchIdx, i)
+		if size += len(m.Header) + len(m.Body); size >= batchBytes || len(batch) >= batchMessages {
+			flush()
+		}
+	}
+	flush()
+	for _, rr := range res.Recipients {
+		if rr.Error != nil {
+			res.Rejected++
+		} else {
+			res.Accepted++
+		}
+	}
+	h.opts.Logger.Info("messages injected", zap.String("tenant", t.Name), zap.String("client_ip", client),
+		zap.String("from", p.from), zap.Int("accepted", res.Accepted), zap.Int("rejected", res.Rejected))
+	return res
+}
+
+// message renders the message for one recipient, or says why not.
+func (h *handler) message(t *Tenant, p *plan, rcpt Recipient, client string, now time.Time) (*Message, *mta.Reply) {
+	to, err := mail.ParseAddress(rcpt.Email)
+	if err != nil || to.Address != rcpt.Email || strings.ContainsAny(rcpt.Email, " \t\r\n<>") {
+		return nil, &replyBadAddress
+	}
+	if _, ok := mta.NormalizeDomain(mta.Domain(rcpt.Email)); !ok {
+		return nil, &replyBadAddress
+	}
+	if h.opts.Refuse != nil {
+		if reply := h.opts.Refuse(t.Name, rcpt.Email); reply != nil {
+			return nil, reply
+		}
+	}
+	id := h.opts.Store.NewID()
+	messageID := "<" + id + "@" + h.opts.Hostname + ">"
+	body := p.raw
+	if p.built != nil {
+		to.Name = rcpt.Name
+		body, err = p.built.render(to, templateData(p.req.Substitutions, rcpt.Substitutions, rcpt), messageID, now, int(h.opts.MaxMessageSize))
+		var re *renderError
+		switch {
+		case errors.Is(err, errTooBig):
+			return nil, &replyTooBig
+		case errors.As(err, &re):
+			return nil, &mta.Reply{Code: 554, Enhanced: mta.Enhanced{5, 6, 0}, Text: "Template: " + re.Error()}
+		case err != nil:
+			return nil, &replySpoolError
+		}
+	} else if id := headerMessageID(p.raw); id != "" {
+		messageID = id
+	}
+	env := &mta.Envelope{
+		From:       p.from,
+		Recipients: []mta.Recipient{{Address: rcpt.Email}},
+		Body8Bit:   !isASCII(body),
+		ClientIP:   client,
+		AuthUser:   t.Name,
+		MessageID:  messageID,
+		Received:   now,
+		Priority:   p.priority,
+	}
+	hdr := fmt.Appendf(nil, "Received: from %s (HTTP injection API, tenant %s)\r\n\tby %s (mta) with HTTP id %s\r\n\tfor <%s>; %s\r\n",
+		client, t.Name, h.opts.Hostname, id, rcpt.Email, now.Format(time.RFC1123Z))
+	return &Message{ID: id, Env: env, Header: hdr, Body: body}, nil
+}
+
+func replyError(r *mta.Reply) *ReplyError {
+	return &ReplyError{Code: r.Code, Enhanced: r.Enhanced.String(), Text: r.Text}
+}
+
+// crlf returns s with every line ending CRLF and a final one.
+func crlf(s string) []byte {
+	s = strings.ReplaceAll(strings.ReplaceAll(s, "\r\n", "\n"), "\r", "\n")
+	if !strings.HasSuffix(s, "\n") {
+		s += "\n"
+	}
+	return []byte(strings.ReplaceAll(s, "\n", "\r\n"))
+}
+
+// headerMessageID returns the Message-ID field of a raw message, or "".
+func headerMessageID(msg []byte) string {
+	m, err := mail.ReadMessage(bytes.NewReader(msg))
+	if err != nil {
+		return ""
+	}
+	return strings.TrimSpace(m.Header.Get("Message-Id"))
+}
+
+func isASCII(b []byte) bool {
+	for _, c := range b {
+		if c > 127 {
+			return false
+		}
+	}
+	return true
+}
+
+func clientIP(r *http.Request) string {
+	host, _, err := net.SplitHostPort(r.RemoteAddr)
+	if err != nil {
+		return r.RemoteAddr
+	}
+	return host
+}
+
+func writeJSON(w http.ResponseWriter, status int, v any) {
+	w.Header().Set("Content-Type", "application/json")
+	w.Header().Set("X-Content-Type-Options", "nosniff")
+	w.WriteHeader(status)
+	_ = json.NewEncoder(w).Encode(v)
+}

@@ -1,0 +1,87 @@
+// Package inject is the HTTP injection API (POST /api/v1/messages on
+// listen.api): an application posts one message, raw or built from parts
+// and templates, with a list of recipients, and each recipient becomes a
+// message of its own in the spool, stored as durably as mail received over
+// SMTP before the reply names its queue ID. docs/injection.md describes the
+// request, the reply and the decisions behind them.
+package inject
+
+import (
+	"bytes"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+)
+
+// Request is the JSON body of POST /api/v1/messages.
+type Request struct {
+	// EnvelopeFrom is the reverse path; "" takes the From address.
+	EnvelopeFrom string `json:"envelope_from"`
+	// Content is a complete RFC 5322 message, sent as it is (not
+	// templated) to every recipient. Exactly one of Content and Message.
+	Content string `json:"content"`
+	// Message is a message built from parts, with templates.
+	Message *Builder `json:"message"`
+	// Recipients each get a message of their own.
+	Recipients []Recipient `json:"recipients"`
+	// Substitutions are template data for every recipient; a recipient's
+	// own substitutions win.
+	Substitutions map[string]any `json:"substitutions"`
+	// Priority is "transactional" or "bulk" (the default); see
+	// docs/injection.md.
+	Priority string `json:"priority"`
+}
+
+// Builder is a message described by its parts. Subject, Text, HTML and
+// the values of Headers are templates: Go's text/template, and
+// html/template for HTML, which escapes substituted values for where they
+// appear in the markup.
+type Builder struct {
+	From        string            `json:"from"` // "Name <address>" or an address
+	ReplyTo     string            `json:"reply_to"`
+	Subject     string            `json:"subject"`
+	Text        string            `json:"text"`
+	HTML        string            `json:"html"`
+	Headers     map[string]string `json:"headers"`
+	Attachments []Attachment      `json:"attachments"`
+}
+
+// Attachment is a file attached to a built message.
+type Attachment struct {
+	Filename    string `json:"filename"`
+	ContentType string `json:"content_type"` // default application/octet-stream
+	Content     []byte `json:"content"`      // base64 in the JSON
+}
+
+// Recipient is one recipient and its own template data.
+type Recipient struct {
+	Email         string         `json:"email"`
+	Name          string         `json:"name"` // for the To: field of a built message
+	Substitutions map[string]any `json:"substitutions"`
+}
+
+// decode reads a request strictly: an unknown field is an error, so that a
+// misspelt one is not silently ignored.
+func decode(b []byte) (*Request, error) {
+	dec := json.NewDecoder(bytes.NewReader(b))
+	dec.DisallowUnknownFields()
+	var r Request
+	if err := dec.Decode(&r); err != nil {
+		var syn *json.SyntaxError
+		var typ *json.UnmarshalTypeError
+		switch {
+		case errors.As(err, &syn):
+			return nil, fmt.Errorf("not valid JSON at offset %d: %v", syn.Offset, err)
+		case errors.Is(err, io.ErrUnexpectedEOF):
+			return nil, errors.New("not valid JSON: the body ends in the middle of a value")
+		case errors.As(err, &typ):
+			return nil, fmt.Errorf("field %s: want %s, got a JSON %s", typ.Field, typ.Type, typ.Value)
+		}
+		return nil, fmt.Errorf("bad request body: %v", err)
+	}
+	if dec.More() {
+		return nil, errors.New("bad request body: more than one JSON value")
+	}
+	return &r, nil
+}
