@@ -16,7 +16,7 @@ run:
 # say what to install; with them nothing is skipped. The large tools are
 # installed one by one after the others, so that a package that cannot be
 # installed on some machine skips its tests instead of stopping the run.
-DEPS_APT = python3 python3-flufl.bounce swaks libnet-ssleay-perl libio-socket-ssl-perl fetchmail mpop
+DEPS_APT = python3 python3-flufl.bounce python3-dkim swaks libnet-ssleay-perl libio-socket-ssl-perl fetchmail mpop
 DEPS_APT_LARGE = systemd prometheus chromium
 SUDO = $$( [ "$$(id -u)" = 0 ] || echo sudo )
 deps:

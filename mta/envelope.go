@@ -72,6 +72,10 @@ type Envelope struct {
 	MessageID  string      // the header's Message-ID ("<…>"), for logs; "" when none
 	Received   time.Time   // when the message was accepted
 	Priority   Priority    // its delivery lane
+	// Submitted marks our users' mail: from a trusted network, an
+	// authenticated client or the injection API. Only it is DKIM-signed,
+	// so that nobody else's mail goes out with our signature.
+	Submitted bool
 }
 
 // Priority is a message's delivery lane: transactional mail (password

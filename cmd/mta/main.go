@@ -21,9 +21,11 @@ import (
 	"unicode"
 	"unicode/utf8"
 
+	"github.com/mtaproject/mta/mta"
 	"github.com/mtaproject/mta/mta/admin"
 	"github.com/mtaproject/mta/mta/auth"
 	"github.com/mtaproject/mta/mta/config"
+	"github.com/mtaproject/mta/mta/dkim"
 	"github.com/mtaproject/mta/mta/server"
 )
 
@@ -51,6 +53,8 @@ const usage = `usage:
                                        SMTP and delivery limits, TLS certificate, users, log level
                                        now; the log names what needs a restart (docs/config.md)
   mta config check [--config FILE]     validate a configuration file
+  mta dkim keygen DOMAIN SELECTOR [--type rsa|ed25519] [--out FILE]
+                                       make a signing key and print its DNS TXT record
   mta user hash                        read a password on stdin, print a users-file hash
   mta user add NAME [--address LIST] [--sender LIST]
                                        add a user (password on stdin) to the users file
@@ -121,6 +125,8 @@ func dispatch(args []string, stdin io.Reader, stdout io.Writer) error {
 		return configCmd(args[1:], stdout)
 	case "user":
 		return user(args[1:], stdin, stdout)
+	case "dkim":
+		return dkimCmd(args[1:], stdout)
 	case "dest":
 		return dest(args[1:], stdout)
 	case "reload":
@@ -481,6 +487,54 @@ func configCmd(args []string, out io.Writer) error {
 		fmt.Fprintln(out, "warning:", w)
 	}
 	fmt.Fprintln(out, "configuration ok")
+	return nil
+}
+
+// dkimCmd is `mta dkim keygen`.
+func dkimCmd(args []string, out io.Writer) error {
+	if len(args) == 0 || args[0] != "keygen" {
+		return errors.New("dkim: want keygen DOMAIN SELECTOR [--type rsa|ed25519] [--out FILE]")
+	}
+	fs := flag.NewFlagSet("dkim keygen", flag.ContinueOnError)
+	keyType := fs.String("type", "rsa", "key type: rsa (2048 bits, verified everywhere) or ed25519 (RFC 8463, small and fast)")
+	file := fs.String("out", "", "write the private key to this file (mode 0600; it must not exist); default: DOMAIN.SELECTOR.pem")
+	rest, err := parseInterspersed(fs, args[1:])
+	if err != nil {
+		return err
+	}
+	if len(rest) != 2 {
+		return errors.New("dkim keygen: want DOMAIN SELECTOR")
+	}
+	domain, ok := mta.NormalizeDomain(rest[0])
+	if !ok {
+		return fmt.Errorf("dkim keygen: %q is not a domain", rest[0])
+	}
+	selector := rest[1]
+	if _, ok := mta.NormalizeDomain(selector); !ok || strings.ContainsAny(selector, "_") {
+		return fmt.Errorf("dkim keygen: %q is not a selector (a DNS label such as s2026)", selector)
+	}
+	key, record, err := dkim.Generate(dkim.KeyType(*keyType), domain, selector)
+	if err != nil {
+		return fmt.Errorf("dkim keygen: %w", err)
+	}
+	path := *file
+	if path == "" {
+		path = domain + "." + selector + ".pem"
+	}
+	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
+	if err != nil {
+		return fmt.Errorf("dkim keygen: %w (an existing key is never overwritten)", err)
+	}
+	if _, err := f.Write(key); err != nil {
+		f.Close()
+		return err
+	}
+	if err := f.Close(); err != nil {
+		return err
+	}
+	fmt.Fprintf(out, "; private key written to %s; add to the configuration:\n", path)
+	fmt.Fprintf(out, ";   dkim: {keys: [{domain: %s, selector: %s, key_file: %s}]}\n", domain, selector, path)
+	fmt.Fprintf(out, "; and publish this record in DNS:\n%s\n", record)
 	return nil
 }
 

@@ -31,8 +31,11 @@ func Python(t testing.TB, modules ...string) string {
 	}
 	what := "python3"
 	for _, m := range modules {
-		if m == "flufl.bounce" {
+		switch m {
+		case "flufl.bounce":
 			what += " python3-flufl.bounce"
+		case "dkim":
+			what += " python3-dkim"
 		}
 	}
 	t.Skipf("no python3 that can import %v: install %s (apt), or run make test", modules, what)

@@ -41,6 +41,7 @@ type Config struct {
 	Log             Log              `yaml:"log"`
 	Admin           Admin            `yaml:"admin"`
 	API             API              `yaml:"api"`
+	DKIM            DKIM             `yaml:"dkim"`
 	Debug           Debug            `yaml:"debug"`
 	MemoryBudget    ByteSize         `yaml:"memory_budget"` // message bodies held in memory at once, received and being delivered
 
@@ -182,6 +183,19 @@ type API struct {
 	MaxRequestSize ByteSize `yaml:"max_request_size"` // bytes of one request body
 	MaxRecipients  int      `yaml:"max_recipients"`   // recipients of one request
 	Tenants        []Tenant `yaml:"tenants"`
+}
+
+// DKIM holds the signing keys (docs/dkim.md).
+type DKIM struct {
+	Keys    []DKIMKey `yaml:"keys"`
+	Headers []string  `yaml:"headers"` // fields signed when present; empty: the built-in list
+}
+
+// DKIMKey is one signing domain's key.
+type DKIMKey struct {
+	Domain   string `yaml:"domain"`   // d=; mail from it and its subdomains is signed
+	Selector string `yaml:"selector"` // s=; published at SELECTOR._domainkey.DOMAIN
+	KeyFile  string `yaml:"key_file"` // PEM private key (RSA or Ed25519; mta dkim keygen)
 }
 
 // Tenant is one application allowed to inject mail.
@@ -415,6 +429,9 @@ func (c *Config) checkFiles() error {
 	for i, tn := range c.API.Tenants {
 		readable(fmt.Sprintf("api.tenants[%d].token_file", i), tn.TokenFile)
 	}
+	for i, k := range c.DKIM.Keys {
+		readable(fmt.Sprintf("dkim.keys[%d].key_file", i), k.KeyFile)
+	}
 	for dom, r := range c.Routes {
 		if r.Auth != nil {
 			readable("routes."+dom+".auth.password_file", r.Auth.PasswordFile)
@@ -516,6 +533,7 @@ func (c *Config) validate() error {
 	}
 	c.validateDelivery(bad)
 	c.validateAPI(bad)
+	c.validateDKIM(bad)
 	if c.Mailboxes.Quota < 0 {
 		bad("mailboxes.quota", "must not be negative (0: no limit)")
 	}
@@ -665,4 +683,37 @@ func validTenantName(s string) bool {
 		}
 	}
 	return true
+}
+
+// validateDKIM checks the signing keys' settings; the keys themselves are
+// read at start (and on reload).
+func (c *Config) validateDKIM(bad func(field, format string, args ...any)) {
+	seen := map[string]bool{}
+	for i, k := range c.DKIM.Keys {
+		field := fmt.Sprintf("dkim.keys[%d]", i)
+		d, ok := mta.NormalizeDomain(k.Domain)
+		switch {
+		case !ok:
+			bad(field+".domain", "not a domain: %q", k.Domain)
+		case seen[d]:
+			bad(field+".domain", "%s has a key already: one key per signing domain", d)
+		}
+		seen[d] = true
+		if _, ok := mta.NormalizeDomain(k.Selector); !ok || strings.Contains(k.Selector, "_") {
+			bad(field+".selector", "want a DNS label such as s2026 (letters, digits, '-'), got %q", k.Selector)
+		}
+		if k.KeyFile == "" {
+			bad(field+".key_file", "must be set: the PEM private key (mta dkim keygen writes one)")
+		}
+	}
+	from := false
+	for i, h := range c.DKIM.Headers {
+		if h == "" || strings.ContainsAny(h, ": \t\r\n") {
+			bad(fmt.Sprintf("dkim.headers[%d]", i), "not a header field name: %q", h)
+		}
+		from = from || strings.EqualFold(h, "From")
+	}
+	if len(c.DKIM.Headers) > 0 && !from {
+		bad("dkim.headers", "must include From (RFC 6376 §5.4)")
+	}
 }

@@ -385,6 +385,7 @@ func (h *handler) message(t *Tenant, p *plan, rcpt Recipient, client string, now
 		MessageID:  messageID,
 		Received:   now,
 		Priority:   p.priority,
+		Submitted:  true,
 	}
 	hdr := fmt.Appendf(nil, "Received: from %s (HTTP injection API, tenant %s)\r\n\tby %s (mta) with HTTP id %s\r\n\tfor <%s>; %s\r\n",
 		client, t.Name, h.opts.Hostname, id, rcpt.Email, now.Format(time.RFC1123Z))

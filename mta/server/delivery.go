@@ -190,12 +190,14 @@ func ignoreGone(err error) error {
 type acceptor struct {
 	sp    *spool.Spool
 	sched *scheduler.Scheduler
+	dkim  *signing
 }
 
 func (a acceptor) NewID() string         { return a.sp.NewID() }
 func (a acceptor) Room(size int64) error { return a.sp.Room(size) }
 
 func (a acceptor) Accept(id string, env *mta.Envelope, header, body []byte) error {
+	header, body = a.dkim.sign(id, env, header, body)
 	if err := a.sp.Accept(id, env, header, body); err != nil {
 		return err
 	}
@@ -208,7 +210,8 @@ func (a acceptor) Accept(id string, env *mta.Envelope, header, body []byte) erro
 func (a acceptor) AcceptAll(msgs []inject.Message) error {
 	in := make([]spool.Incoming, len(msgs))
 	for i, m := range msgs {
-		in[i] = spool.Incoming{Message: spool.NewMessage(m.ID, m.Env), Header: m.Header, Body: m.Body}
+		header, body := a.dkim.sign(m.ID, m.Env, m.Header, m.Body)
+		in[i] = spool.Incoming{Message: spool.NewMessage(m.ID, m.Env), Header: header, Body: body}
 	}
 	if err := a.sp.PutAll(in); err != nil {
 		return err

@@ -32,6 +32,7 @@ type reloader struct {
 	users      *userDirectory
 	transport  *outbound.Transport // its client settings and the resolver's routes are replaced
 	sched      *scheduler.Scheduler
+	signing    *signing        // its keys are replaced
 	listeners  []*smtpd.Server // each takes the new smtpd.Policy
 	connLimits *smtpd.ConnLimits
 	authFails  *smtpd.AuthFailures
@@ -58,6 +59,7 @@ var liveFields = map[string]bool{
 	"delivery.initial_connections_per_destination": true, "delivery.max_messages_per_connection": true,
 	"delivery.max_mx_addresses": true, "delivery.idle_timeout": true,
 	"delivery.min_backoff": true, "delivery.max_backoff": true, "delivery.max_lifetime": true,
+	"dkim.keys": true, "dkim.headers": true,
 }
 
 // certHolder serves the current certificate to every TLS listener.
@@ -166,6 +168,9 @@ func (r *reloader) apply() error {
 	}
 	if r.sched != nil {
 		r.sched.SetLimits(schedulerLimits(next))
+	}
+	if r.signing != nil {
+		r.signing.signer.Store(sec.dkim) // read again, so that a rotated key file applies
 	}
 	r.users.reloadIfChanged()
 	applied = append(applied, "users file")

@@ -32,6 +32,7 @@ import (
 	"github.com/mtaproject/mta/mta/auth"
 	"github.com/mtaproject/mta/mta/certs"
 	"github.com/mtaproject/mta/mta/config"
+	"github.com/mtaproject/mta/mta/dkim"
 	"github.com/mtaproject/mta/mta/inject"
 	"github.com/mtaproject/mta/mta/mailbox"
 	"github.com/mtaproject/mta/mta/pop3d"
@@ -61,6 +62,7 @@ type Server struct {
 	activity   *activity          // totals and recent events, for the status page
 	users      *userDirectory     // the users file, re-read when it changes
 	mailboxes  *mailbox.Transport // local delivery
+	signing    *signing           // DKIM signing of accepted mail
 
 	adminToken string // bearer token the admin API requires; "" for none
 }
@@ -210,8 +212,9 @@ func New(cfg *config.Config, log *zap.Logger) (_ *Server, err error) {
 	} else if n > 0 {
 		log.Info("finished messages bounced and removed", zap.Int("messages", n))
 	}
+	s.signing = newSigning(s.registry, sec.dkim, log.Named("dkim"))
 	tlsCfg, certHold := dynamicTLS(sec.tls)
-	s.reload = &reloader{path: cfg.Path(), cfg: cfg, cert: certHold, users: s.users, transport: transport, sched: s.sched, adminToken: sec.adminToken, log: log.Named("reload"),
+	s.reload = &reloader{path: cfg.Path(), cfg: cfg, cert: certHold, users: s.users, transport: transport, sched: s.sched, signing: s.signing, adminToken: sec.adminToken, log: log.Named("reload"),
 		reloads: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "mta_config_reloads_total",
 			Help: "Configuration reloads (SIGHUP, mta reload) by result (ok, failed)."}, []string{"result"})}
 	s.reload.reloads.WithLabelValues("ok")
@@ -249,7 +252,7 @@ func New(cfg *config.Config, log *zap.Logger) (_ *Server, err error) {
 			LocalDomains: cfg.LocalDomains,
 			Policy:       smtpPolicy(cfg),
 			TLS:          tlsCfg,
-			Spool:        acceptor{sp: s.spool, sched: s.sched},
+			Spool:        acceptor{sp: s.spool, sched: s.sched, dkim: s.signing},
 			Auth:         users,
 			Mailboxes:    local,
 			OnAccepted:   s.accountReception,
@@ -297,7 +300,7 @@ func New(cfg *config.Config, log *zap.Logger) (_ *Server, err error) {
 				MaxRequestSize: int64(cfg.API.MaxRequestSize),
 				MaxRecipients:  cfg.API.MaxRecipients,
 				MaxMessageSize: int64(cfg.SMTP.MaxMessageSize),
-				Store:          acceptor{sp: s.spool, sched: s.sched},
+				Store:          acceptor{sp: s.spool, sched: s.sched, dkim: s.signing},
 				Memory:         memory,
 				OnAccepted:     func(id string, env *mta.Envelope, size int) { s.accountReception(id, env, size, "") },
 				Logger:         log.Named("inject"),
@@ -338,6 +341,7 @@ type secrets struct {
 	users      *auth.Users // nil without a users file
 	adminToken string
 	tenants    []inject.Tenant // the injection API's, with their tokens
+	dkim       *dkim.Signer    // nil without keys
 }
 
 // loadSecrets reads and checks the certificate, the users file and the
@@ -369,6 +373,18 @@ func loadSecrets(cfg *config.Config, generate bool) (*secrets, error) {
 		}
 		if sec.adminToken == "" {
 			return nil, cfg.FieldErr("admin.token_file", fmt.Errorf("%s: empty token", cfg.Admin.TokenFile))
+		}
+	}
+	var keys []dkim.Key
+	for i, k := range cfg.DKIM.Keys {
+		if _, err := dkim.LoadKey(k.KeyFile); err != nil {
+			return nil, cfg.FieldErr(fmt.Sprintf("dkim.keys[%d].key_file", i), err)
+		}
+		keys = append(keys, dkim.Key{Domain: k.Domain, Selector: k.Selector, KeyFile: k.KeyFile})
+	}
+	if len(keys) > 0 {
+		if sec.dkim, err = dkim.New(keys, cfg.DKIM.Headers); err != nil {
+			return nil, cfg.FieldErr("dkim.keys", err)
 		}
 	}
 	seen := map[string]string{}

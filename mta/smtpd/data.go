@@ -406,6 +406,7 @@ func (s *session) finishMessage(body []byte, f bodyFindings) {
 	hdr := s.received(make([]byte, 0, 320), id, now)
 	env := s.env
 	env.Received = now
+	env.Submitted = s.mayRelay()
 	env.MessageID = string(facts.messageID)
 	if s.pol.AddMissingHeaders && (s.mayRelay() || s.srv.opts.Submission) {
 		hdr = appendMissingHeaders(hdr, facts, id, s.srv.opts.Hostname, now)

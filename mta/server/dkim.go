@@ -1,0 +1,69 @@
+package server
+
+import (
+	"sync/atomic"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"go.uber.org/zap"
+
+	"github.com/mtaproject/mta/mta"
+	"github.com/mtaproject/mta/mta/dkim"
+	"github.com/mtaproject/mta/mta/sevenbit"
+)
+
+// signing DKIM-signs our users' mail as it is accepted, with the keys in
+// force (a reload replaces them).
+type signing struct {
+	signer  atomic.Pointer[dkim.Signer]
+	results *prometheus.CounterVec
+	log     *zap.Logger
+}
+
+func newSigning(reg prometheus.Registerer, sg *dkim.Signer, log *zap.Logger) *signing {
+	s := &signing{log: log, results: prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "mta_dkim_signatures_total",
+		Help: "Accepted messages of our users by DKIM signing result (signed, no_key, failed).",
+	}, []string{"result"})}
+	for _, r := range []string{"signed", "no_key", "failed"} {
+		s.results.WithLabelValues(r)
+	}
+	reg.MustRegister(s.results)
+	s.signer.Store(sg)
+	return s
+}
+
+// sign returns the message to store: header with a DKIM-Signature field
+// in front when a key applies. Mail that is not our users' is returned as
+// it is. An 8-bit message is made 7-bit first when it can be (RFC 6376
+// §5.3), so that no relay's conversion breaks the signature. A signing
+// failure leaves the message unsigned, logged and counted: mail is never
+// refused for it.
+func (s *signing) sign(id string, env *mta.Envelope, header, body []byte) ([]byte, []byte) {
+	if s == nil || !env.Submitted {
+		return header, body
+	}
+	sg := s.signer.Load()
+	if sg.Empty() {
+		return header, body
+	}
+	sig, err := sg.Sign(header, body)
+	if err == nil && sig != "" && sevenbit.Needed(body) {
+		if conv, cerr := sevenbit.Convert(body); cerr == nil {
+			body = conv
+			env.Body8Bit = false
+			sig, err = sg.Sign(header, body)
+		}
+	}
+	switch {
+	case err != nil:
+		s.results.WithLabelValues("failed").Inc()
+		s.log.Warn("DKIM signing failed; the message goes unsigned", zap.String("id", id), zap.Error(err))
+		return header, body
+	case sig == "":
+		s.results.WithLabelValues("no_key").Inc()
+		return header, body
+	}
+	s.results.WithLabelValues("signed").Inc()
+	out := make([]byte, 0, len(sig)+len(header))
+	return append(append(out, sig...), header...), body
+}
