@@ -53,6 +53,9 @@ const usage = `usage:
                                        SMTP and delivery limits, TLS certificate, users, log level
                                        now; the log names what needs a restart (docs/config.md)
   mta config check [--config FILE]     validate a configuration file
+  mta suppress ls [--tenant T] [--json] the suppression list (hard bounces, API and operator entries)
+  mta suppress add|rm ADDRESS [--tenant T] [--reason R]
+                                       add an address to a tenant's list (default: SMTP mail's) / remove it
   mta dkim keygen DOMAIN SELECTOR [--type rsa|ed25519] [--out FILE]
                                        make a signing key and print its DNS TXT record
   mta user hash                        read a password on stdin, print a users-file hash
@@ -127,6 +130,8 @@ func dispatch(args []string, stdin io.Reader, stdout io.Writer) error {
 		return user(args[1:], stdin, stdout)
 	case "dkim":
 		return dkimCmd(args[1:], stdout)
+	case "suppress":
+		return suppress(args[1:], stdout)
 	case "dest":
 		return dest(args[1:], stdout)
 	case "reload":
@@ -488,6 +493,89 @@ func configCmd(args []string, out io.Writer) error {
 	}
 	fmt.Fprintln(out, "configuration ok")
 	return nil
+}
+
+// suppress is `mta suppress ls|add|rm`.
+func suppress(args []string, out io.Writer) error {
+	if len(args) == 0 {
+		return errors.New("suppress: want ls, add or rm")
+	}
+	fs := flag.NewFlagSet("suppress "+args[0], flag.ContinueOnError)
+	tenant := fs.String("tenant", "", "the tenant's list (an api.tenants name, or default for SMTP mail); ls without it: every tenant's")
+	reason := fs.String("reason", "", "add: why, kept with the entry")
+	asJSON := fs.Bool("json", false, "ls: one JSON object per entry")
+	c, rest, err := adminClient(fs, args[1:])
+	if err != nil {
+		return err
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+	one := func() (string, error) {
+		if len(rest) != 1 {
+			return "", fmt.Errorf("suppress %s: want one address", args[0])
+		}
+		return rest[0], nil
+	}
+	list := *tenant
+	if list == "" && args[0] != "ls" {
+		list = "default"
+	}
+	switch args[0] {
+	case "ls":
+		tw := tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
+		enc := json.NewEncoder(out)
+		if !*asJSON {
+			fmt.Fprintln(tw, "TENANT\tADDRESS\tSOURCE\tADDED\tREASON")
+		}
+		n := 0
+		for after := ""; ; {
+			page, err := c.Suppressions(ctx, list, after, 1000)
+			if err != nil {
+				return err
+			}
+			for _, e := range page.Suppressions {
+				n++
+				if *asJSON {
+					if err := enc.Encode(e); err != nil {
+						return err
+					}
+					continue
+				}
+				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", printable(e.Tenant), printable(e.Address), printable(e.Source), e.Added.UTC().Format(time.RFC3339), printable(e.Reason))
+			}
+			if page.Next == "" {
+				break
+			}
+			after = page.Next
+		}
+		if *asJSON {
+			return nil
+		}
+		tw.Flush()
+		fmt.Fprintf(out, "%d suppressed addresses\n", n)
+		return nil
+	case "add":
+		a, err := one()
+		if err != nil {
+			return err
+		}
+		if err := c.Suppress(ctx, list, a, *reason); err != nil {
+			return err
+		}
+		fmt.Fprintf(out, "%s: suppressed for %s\n", a, list)
+		return nil
+	case "rm":
+		a, err := one()
+		if err != nil {
+			return err
+		}
+		if err := c.Unsuppress(ctx, list, a); err != nil {
+			return err
+		}
+		fmt.Fprintf(out, "%s: no longer suppressed for %s\n", a, list)
+		return nil
+	}
+	return fmt.Errorf("suppress: unknown command %q", args[0])
 }
 
 // dkimCmd is `mta dkim keygen`.

@@ -1,6 +1,8 @@
 package admin
 
 import (
+	"github.com/mtaproject/mta/spool"
+
 	"context"
 	"encoding/json"
 	"fmt"
@@ -167,4 +169,37 @@ func (c *Client) Suspensions(ctx context.Context) (map[string]time.Time, error) 
 	var m map[string]time.Time
 	err := c.do(ctx, http.MethodGet, "/api/v1/suspensions", &m)
 	return m, err
+}
+
+// SuppressionPage is one page of the suppression list.
+type SuppressionPage struct {
+	Suppressions []spool.Suppression `json:"suppressions"`
+	Next         string              `json:"next,omitempty"` // pass as after for the next page
+}
+
+// Suppressions returns a page of tenant's suppression list ("" for every
+// tenant's).
+func (c *Client) Suppressions(ctx context.Context, tenant, after string, limit int) (SuppressionPage, error) {
+	q := url.Values{"limit": {fmt.Sprint(limit)}}
+	if tenant != "" {
+		q.Set("tenant", tenant)
+	}
+	if after != "" {
+		q.Set("after", after)
+	}
+	var p SuppressionPage
+	err := c.do(ctx, http.MethodGet, "/api/v1/suppressions?"+q.Encode(), &p)
+	return p, err
+}
+
+// Suppress adds address to tenant's suppression list.
+func (c *Client) Suppress(ctx context.Context, tenant, address, reason string) error {
+	q := url.Values{"tenant": {tenant}, "address": {address}, "reason": {reason}}
+	return c.do(ctx, http.MethodPost, "/api/v1/suppressions?"+q.Encode(), &spool.Suppression{})
+}
+
+// Unsuppress removes address from tenant's suppression list.
+func (c *Client) Unsuppress(ctx context.Context, tenant, address string) error {
+	q := url.Values{"tenant": {tenant}, "address": {address}}
+	return c.do(ctx, http.MethodDelete, "/api/v1/suppressions?"+q.Encode(), &map[string]string{})
 }

@@ -13,6 +13,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"time"
 
@@ -42,6 +43,7 @@ type Config struct {
 	Admin           Admin            `yaml:"admin"`
 	API             API              `yaml:"api"`
 	DKIM            DKIM             `yaml:"dkim"`
+	Suppression     Suppression      `yaml:"suppression"`
 	Debug           Debug            `yaml:"debug"`
 	MemoryBudget    ByteSize         `yaml:"memory_budget"` // message bodies held in memory at once, received and being delivered
 
@@ -191,6 +193,14 @@ type DKIM struct {
 	Headers []string  `yaml:"headers"` // fields signed when present; empty: the built-in list
 }
 
+// Suppression holds the suppression list's settings (docs/suppression.md).
+type Suppression struct {
+	Enabled bool `yaml:"enabled"` // refuse suppressed recipients of our users' mail, and add hard bounces
+	// BounceCodes are the enhanced codes of remote permanent failures
+	// that add the recipient: "5.1.1", or a class such as "5.1.*".
+	BounceCodes []string `yaml:"bounce_codes"`
+}
+
 // DKIMKey is one signing domain's key.
 type DKIMKey struct {
 	Domain   string `yaml:"domain"`   // d=; mail from it and its subdomains is signed
@@ -283,6 +293,7 @@ func Default() *Config {
 		Log:          Log{Level: "info", Format: "json", Accounting: Accounting{MaxSize: 100 << 20, MaxFiles: 10}},
 		Admin:        Admin{Enabled: true},
 		API:          API{MaxRequestSize: 32 << 20, MaxRecipients: 10000},
+		Suppression:  Suppression{Enabled: true, BounceCodes: []string{"5.1.1", "5.1.2", "5.1.3", "5.1.6", "5.1.10", "5.2.1"}},
 		MemoryBudget: 1 << 30,
 	}
 }
@@ -534,6 +545,11 @@ func (c *Config) validate() error {
 	c.validateDelivery(bad)
 	c.validateAPI(bad)
 	c.validateDKIM(bad)
+	for i, code := range c.Suppression.BounceCodes {
+		if !validCodePattern(code) {
+			bad(fmt.Sprintf("suppression.bounce_codes[%d]", i), "want a permanent enhanced status code such as 5.1.1 or 5.1.*, got %q", code)
+		}
+	}
 	if c.Mailboxes.Quota < 0 {
 		bad("mailboxes.quota", "must not be negative (0: no limit)")
 	}
@@ -716,4 +732,22 @@ func (c *Config) validateDKIM(bad func(field, format string, args ...any)) {
 	if len(c.DKIM.Headers) > 0 && !from {
 		bad("dkim.headers", "must include From (RFC 6376 §5.4)")
 	}
+}
+
+// validCodePattern reports whether p is "5.x.y" with x and y numbers or
+// "*" (y only, or both).
+func validCodePattern(p string) bool {
+	parts := strings.Split(p, ".")
+	if len(parts) != 3 || parts[0] != "5" {
+		return false
+	}
+	for i, s := range parts[1:] {
+		if s == "*" && (i == 1 || parts[2] == "*") {
+			continue
+		}
+		if _, err := strconv.Atoi(s); err != nil || len(s) > 3 {
+			return false
+		}
+	}
+	return true
 }

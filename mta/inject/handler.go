@@ -121,27 +121,35 @@ func Handler(opts Options) http.Handler {
 type handler struct{ opts Options }
 
 // tenant returns the tenant whose token the request carries.
-func (h *handler) tenant(r *http.Request) *Tenant {
+func (h *handler) tenant(r *http.Request) *Tenant { return Authenticate(h.opts.Tenants, r) }
+
+// Authenticate returns the tenant whose bearer token r carries, or nil.
+func Authenticate(tenants []Tenant, r *http.Request) *Tenant {
 	token, ok := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
 	if !ok || token == "" {
 		return nil
 	}
 	var found *Tenant
-	for i := range h.opts.Tenants {
+	for i := range tenants {
 		// Every token is compared, in constant time: the answer's timing
 		// says nothing about which one, or how much of one, matched.
-		if subtle.ConstantTimeCompare([]byte(token), []byte(h.opts.Tenants[i].Token)) == 1 {
-			found = &h.opts.Tenants[i]
+		if subtle.ConstantTimeCompare([]byte(token), []byte(tenants[i].Token)) == 1 {
+			found = &tenants[i]
 		}
 	}
 	return found
 }
 
+// Unauthorized answers a request without a known token.
+func Unauthorized(w http.ResponseWriter) {
+	w.Header().Set("WWW-Authenticate", `Bearer realm="mta injection API"`)
+	writeJSON(w, http.StatusUnauthorized, ErrorBody{"missing or unknown bearer token"})
+}
+
 func (h *handler) inject(w http.ResponseWriter, r *http.Request) {
 	t := h.tenant(r)
 	if t == nil {
-		w.Header().Set("WWW-Authenticate", `Bearer realm="mta injection API"`)
-		writeJSON(w, http.StatusUnauthorized, ErrorBody{"missing or unknown bearer token"})
+		Unauthorized(w)
 		return
 	}
 	if ct := r.Header.Get("Content-Type"); !strings.HasPrefix(ct, "application/json") {

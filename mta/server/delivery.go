@@ -148,7 +148,8 @@ func (q queueStore) Message(id string) (*scheduler.Message, error) {
 		return nil, err
 	}
 	out := &scheduler.Message{ID: m.ID, From: m.From, EnvID: m.EnvID, Ret: m.Ret, SMTPUTF8: m.SMTPUTF8,
-		Body8Bit: m.Body8Bit, Received: m.Received, MessageID: m.MessageID, Size: m.Size, Recipients: make([]scheduler.Recipient, len(m.Recipients))}
+		Body8Bit: m.Body8Bit, Received: m.Received, MessageID: m.MessageID, Size: m.Size,
+		AuthUser: m.AuthUser, Priority: m.Priority, Recipients: make([]scheduler.Recipient, len(m.Recipients))}
 	for i, r := range m.Recipients {
 		out.Recipients[i] = scheduler.Recipient{Recipient: r.Recipient, Domain: r.Domain, Queued: r.Status == spool.Queued, Attempts: r.Attempts}
 	}

@@ -63,6 +63,7 @@ type Server struct {
 	users      *userDirectory     // the users file, re-read when it changes
 	mailboxes  *mailbox.Transport // local delivery
 	signing    *signing           // DKIM signing of accepted mail
+	suppress   *suppressions      // the suppression list; nil when off
 
 	adminToken string // bearer token the admin API requires; "" for none
 }
@@ -213,6 +214,16 @@ func New(cfg *config.Config, log *zap.Logger) (_ *Server, err error) {
 		log.Info("finished messages bounced and removed", zap.Int("messages", n))
 	}
 	s.signing = newSigning(s.registry, sec.dkim, log.Named("dkim"))
+	var suppressed func(authUser, rcpt string) *mta.Reply
+	var refuse func(tenant, rcpt string) *mta.Reply
+	if cfg.Suppression.Enabled {
+		s.suppress = &suppressions{sp: s.spool, tenants: map[string]bool{}, codes: cfg.Suppression.BounceCodes, log: log.Named("suppression")}
+		for _, tn := range cfg.API.Tenants {
+			s.suppress.tenants[tn.Name] = true
+		}
+		suppressed = func(authUser, rcpt string) *mta.Reply { return s.suppress.refuse(s.suppress.tenant(authUser), rcpt) }
+		refuse = s.suppress.refuse
+	}
 	tlsCfg, certHold := dynamicTLS(sec.tls)
 	s.reload = &reloader{path: cfg.Path(), cfg: cfg, cert: certHold, users: s.users, transport: transport, sched: s.sched, signing: s.signing, adminToken: sec.adminToken, log: log.Named("reload"),
 		reloads: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "mta_config_reloads_total",
@@ -256,6 +267,7 @@ func New(cfg *config.Config, log *zap.Logger) (_ *Server, err error) {
 			Auth:         users,
 			Mailboxes:    local,
 			OnAccepted:   s.accountReception,
+			Suppressed:   suppressed,
 			AuthFailures: authFailures,
 			Memory:       memory,
 			Limits:       limits,
@@ -293,18 +305,34 @@ func New(cfg *config.Config, log *zap.Logger) (_ *Server, err error) {
 			return nil, err
 		}
 		s.apiLn = netutil.LimitListener(s.apiLn, maxAPIConnections)
+		apiMux := http.NewServeMux()
+		if s.suppress != nil {
+			// A tenant sees and edits its own list only.
+			tenantList := s.suppress.handler(func(r *http.Request) (string, error) {
+				return inject.Authenticate(sec.tenants, r).Name, nil
+			}, "api")
+			apiMux.Handle("/api/v1/suppressions", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+				if inject.Authenticate(sec.tenants, r) == nil {
+					inject.Unauthorized(w)
+					return
+				}
+				tenantList.ServeHTTP(w, r)
+			}))
+		}
+		apiMux.Handle("/", inject.Handler(inject.Options{
+			Hostname:       cfg.Hostname,
+			Tenants:        sec.tenants,
+			MaxRequestSize: int64(cfg.API.MaxRequestSize),
+			MaxRecipients:  cfg.API.MaxRecipients,
+			MaxMessageSize: int64(cfg.SMTP.MaxMessageSize),
+			Store:          acceptor{sp: s.spool, sched: s.sched, dkim: s.signing},
+			Memory:         memory,
+			Refuse:         refuse,
+			OnAccepted:     func(id string, env *mta.Envelope, size int) { s.accountReception(id, env, size, "") },
+			Logger:         log.Named("inject"),
+		}))
 		s.api = &http.Server{
-			Handler: inject.Handler(inject.Options{
-				Hostname:       cfg.Hostname,
-				Tenants:        sec.tenants,
-				MaxRequestSize: int64(cfg.API.MaxRequestSize),
-				MaxRecipients:  cfg.API.MaxRecipients,
-				MaxMessageSize: int64(cfg.SMTP.MaxMessageSize),
-				Store:          acceptor{sp: s.spool, sched: s.sched, dkim: s.signing},
-				Memory:         memory,
-				OnAccepted:     func(id string, env *mta.Envelope, size int) { s.accountReception(id, env, size, "") },
-				Logger:         log.Named("inject"),
-			}),
+			Handler:           apiMux,
 			ReadHeaderTimeout: 10 * time.Second,
 			ReadTimeout:       5 * time.Minute, // a large request over a slow link
 			WriteTimeout:      5 * time.Minute,
@@ -457,6 +485,13 @@ func (s *Server) routes() http.Handler {
 			w.Write(statusPage)
 		})))
 		mux.Handle("GET /api/v1/status", admin.Guard(s.adminToken, http.HandlerFunc(s.statusJSON)))
+		if s.suppress != nil {
+			// Operators: any tenant's list (?tenant=, "default" for SMTP
+			// mail; every tenant when listing without one).
+			mux.Handle("/api/v1/suppressions", admin.Guard(s.adminToken, s.suppress.handler(func(r *http.Request) (string, error) {
+				return r.URL.Query().Get("tenant"), nil
+			}, "operator")))
+		}
 		mux.Handle("/api/", admin.Handler(adminStore{Spool: s.spool, sched: s.sched, log: s.log.Named("admin"), acct: s.acct, reload: s.Reload}, s.adminToken))
 	}
 	if s.cfg.Debug.Pprof {
@@ -660,6 +695,7 @@ var outcomeEvents = map[string]string{"delivered": accounting.Delivery, "deferre
 // accountOutcome writes a recipient's delivery outcome to the accounting log.
 func (s *Server) accountOutcome(e scheduler.OutcomeEvent) {
 	s.activity.outcome(e)
+	s.suppress.outcome(e)
 	if s.acct == nil {
 		return
 	}

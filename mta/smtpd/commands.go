@@ -331,6 +331,12 @@ func (s *session) rcpt(arg string) {
 		s.refuse("too_many_recipients", &mta.ReplyTooManyRecipients)
 		return
 	}
+	if f := s.srv.opts.Suppressed; f != nil && s.mayRelay() && !p.postmaster {
+		if rep := f(s.authUser, r.Address); rep != nil {
+			s.refuse("suppressed", rep)
+			return
+		}
+	}
 	if mb := s.srv.opts.Mailboxes; mb != nil && s.srv.local[mta.Domain(r.Address)] {
 		if rep := mb.Check(r.Address, s.declared); rep != nil {
 			reason := "unknown_recipient"

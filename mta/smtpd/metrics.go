@@ -81,5 +81,5 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 var rejectionReasons = []string{"auth_cancelled", "auth_required", "bad_parameter", "bad_recipient", "bad_sender",
 	"bad_sequence", "bad_syntax", "bare_line_ending", "encryption_required", "line_too_long", "mailbox_full",
 	"memory_budget", "message_too_big", "not_implemented", "not_smtp", "nul_byte", "relay_denied",
-	"sender_not_owned", "shutting_down", "spool_error", "storage_full", "sync_error", "too_many_hops",
+	"sender_not_owned", "shutting_down", "spool_error", "storage_full", "suppressed", "sync_error", "too_many_hops",
 	"too_many_recipients", "unknown_command", "unknown_parameter", "unknown_recipient"}

@@ -112,6 +112,10 @@ type Options struct {
 	// Mailboxes checks recipients in LocalDomains; nil: every address
 	// there is taken.
 	Mailboxes Mailboxes
+	// Suppressed, when set, may refuse a recipient of our users' mail
+	// (trusted or authenticated clients) at RCPT: the suppression list.
+	// It is given the session's AUTH user ("" for none).
+	Suppressed func(authUser, rcpt string) *mta.Reply
 	// OnAccepted, when set, is told of every message stored (after its
 	// 250): its queue ID, envelope, size as stored and the session's TLS
 	// version. For the accounting log; it must be quick.
