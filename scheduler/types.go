@@ -32,6 +32,8 @@ type Message struct {
 	Received   time.Time
 	MessageID  string // the header's, for the log
 	Size       int64  // bytes as stored, for the memory budget
+	AuthUser   string // who submitted it (an AUTH user or an API tenant)
+	Priority   mta.Priority
 	Recipients []Recipient
 }
 

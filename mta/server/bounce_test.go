@@ -159,7 +159,7 @@ func TestNotifyVariants(t *testing.T) {
 // TestReturnedContent: RET=HDRS returns the header, RET=FULL the message,
 // and a message over dsn.max_returned_size only its header.
 func TestReturnedContent(t *testing.T) {
-	w := newWorld(t, "", "dsn: {max_returned_size: 2KiB}\n")
+	w := newWorld(t, "", "dsn: {max_returned_size: 2KiB}\nsuppression: {enabled: false}\n") // the same address bounces three times
 	w.bounces()
 	w.dns.SetA("remote.test", "127.0.0.1")
 	w.sink("127.0.0.1", bench.SinkConfig{RcptReplies: map[string]string{"gone@remote.test": "550 5.1.1 gone"}})
