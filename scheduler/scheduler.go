@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"math/rand/v2"
+	"slices"
 	"sort"
 	"sync"
 	"sync/atomic"
@@ -119,15 +120,18 @@ type Scheduler struct {
 	cache *conncache.Cache[Conn]
 
 	// Channels into the state-owning goroutine.
-	fresh  chan Due
-	next   chan nextReq
-	events chan event
-	kick   chan struct{}
-	unback chan chan struct{} // end every destination's backoff (flush); closed when done
-	status chan chan []DestinationStatus
-	retune chan struct{} // the limits changed: serve what they now allow
-	drops  chan struct{} // signals that dropIDs has IDs
-	dropMu sync.Mutex
+	fresh chan Due
+	// urgentFresh carries transactional work; the loop serves it as
+	// fresh, its own channel keeps bulk bursts from filling it.
+	urgentFresh chan Due
+	next        chan nextReq
+	events      chan event
+	kick        chan struct{}
+	unback      chan chan struct{} // end every destination's backoff (flush); closed when done
+	status      chan chan []DestinationStatus
+	retune      chan struct{} // the limits changed: serve what they now allow
+	drops       chan struct{} // signals that dropIDs has IDs
+	dropMu      sync.Mutex
 
 	// suspended holds the domains an operator suspended (Suspend), each
 	// until a time (zero: until Resume). Read by workers, hence the lock.
@@ -179,6 +183,7 @@ type work struct {
 	key      workKey
 	dropped  bool // held or removed while queued
 	requeued bool // already retried once on a fresh connection
+	urgent   bool // transactional: queued ahead of bulk work
 }
 
 type domainState struct {
@@ -192,7 +197,8 @@ type domainState struct {
 type dest struct {
 	key       string
 	route     Route
-	queue     []*work
+	queue     []*work   // the urgent work first (urgent of them), then the rest, each in arrival order
+	urgent    int       // how many at the front of queue are urgent
 	active    int       // connection workers
 	deadUntil time.Time // backed off after connection failures
 	failures  int       // consecutive connection failures
@@ -238,6 +244,7 @@ func New(opts Options) *Scheduler {
 		opts:         opts,
 		log:          opts.Logger,
 		fresh:        make(chan Due, 8192),
+		urgentFresh:  make(chan Due, 1024),
 		next:         make(chan nextReq),
 		events:       make(chan event, 1024),
 		kick:         make(chan struct{}, 1),
@@ -290,10 +297,16 @@ func (s *Scheduler) SetLimits(l Limits) {
 // Submit hands over a message that was just accepted: its work enters the
 // window at once, without waiting for a scan. It never blocks; if the
 // scheduler is busy the work is found by the next scan instead.
-func (s *Scheduler) Submit(id string, domains []string) {
+// Transactional work goes ahead of the bulk work queued for its
+// destination, and enters the window even when bulk work fills its share.
+func (s *Scheduler) Submit(id string, domains []string, p mta.Priority) {
+	ch := s.fresh
+	if p == mta.PriorityTransactional {
+		ch = s.urgentFresh // a burst of bulk mail cannot crowd it out
+	}
 	for _, d := range domains {
 		select {
-		case s.fresh <- Due{ID: id, Domain: d}:
+		case ch <- Due{ID: id, Domain: d, urgent: p == mta.PriorityTransactional}:
 		default:
 			s.m.submitDropped.Inc()
 		}
@@ -358,6 +371,10 @@ func (s *Scheduler) Run(ctx context.Context) {
 		case <-ctx.Done():
 			s.stop()
 			return
+		case d := <-s.urgentFresh:
+			if !s.addUrgent(d.ID, d.Domain) {
+				s.addFresh(d.ID, d.Domain)
+			}
 		case d := <-s.fresh:
 			s.addFresh(d.ID, d.Domain)
 		case r := <-s.next:
@@ -540,6 +557,26 @@ func (s *Scheduler) addFresh(id, domain string) {
 	s.waitingFresh[k] = true
 }
 
+// maxUrgentOver bounds, as a multiple of the window, the transactional
+// work let into the window past its limits: beyond it, transactional mail
+// waits its turn as bulk mail does.
+const maxUrgentOver = 1
+
+// addUrgent puts transactional work in the window even when bulk work
+// fills its domain's share or the window; it reports false (the work then
+// goes the ordinary way) past maxUrgentOver windows.
+func (s *Scheduler) addUrgent(id, domain string) bool {
+	k := workKey{id, domain}
+	if w := s.window[k]; w != nil {
+		return true
+	}
+	if len(s.window) >= (1+maxUrgentOver)*s.opts.WindowSize {
+		return false
+	}
+	s.insert(k, true)
+	return true
+}
+
 // refill moves fresh work from the overflow into the window while its
 // domains are admitted.
 func (s *Scheduler) refill() {
@@ -609,7 +646,15 @@ func (s *Scheduler) add(id, domain string) bool {
 	if !s.admits(domain, 0, 0) {
 		return false
 	}
-	w := &work{key: k}
+	s.insert(k, false)
+	return true
+}
+
+// insert puts new work in the window and queues it for its destination
+// (routing the domain first when its route is not known).
+func (s *Scheduler) insert(k workKey, urgent bool) {
+	domain := k.domain
+	w := &work{key: k, urgent: urgent}
 	s.window[k] = w
 	s.count[domain]++
 	ds := s.domains[domain]
@@ -619,7 +664,7 @@ func (s *Scheduler) add(id, domain string) bool {
 	}
 	if ds.route != nil && s.opts.Now().Sub(ds.routedAt) < s.opts.RouteTTL {
 		s.enqueue(s.destFor(ds.route), w)
-		return true
+		return
 	}
 	ds.waiting = append(ds.waiting, w)
 	if !ds.resolving {
@@ -627,7 +672,6 @@ func (s *Scheduler) add(id, domain string) bool {
 		s.workers.Add(1)
 		go s.resolve(domain)
 	}
-	return true
 }
 
 func (s *Scheduler) resolve(domain string) {
@@ -656,7 +700,12 @@ func (s *Scheduler) enqueue(d *dest, w *work) {
 		s.postpone([]*work{w}, d.deadUntil, d.why)
 		return
 	}
-	d.queue = append(d.queue, w)
+	if w.urgent {
+		d.queue = slices.Insert(d.queue, d.urgent, w)
+		d.urgent++
+	} else {
+		d.queue = append(d.queue, w)
+	}
 	s.serve(d)
 }
 
@@ -703,6 +752,9 @@ func (s *Scheduler) pop(d *dest) *work {
 		w := d.queue[0]
 		d.queue[0] = nil
 		d.queue = d.queue[1:]
+		if d.urgent > 0 {
+			d.urgent--
+		}
 		if w.dropped {
 			continue
 		}
@@ -712,7 +764,7 @@ func (s *Scheduler) pop(d *dest) *work {
 		}
 		return w
 	}
-	d.queue = nil
+	d.queue, d.urgent = nil, 0
 	return nil
 }
 
@@ -746,7 +798,12 @@ func (s *Scheduler) handle(ev event) {
 		case s.opts.Now().Before(d.deadUntil):
 			s.postpone([]*work{ev.work}, d.deadUntil, d.why)
 		default:
-			d.queue = append([]*work{ev.work}, d.queue...)
+			if ev.work.urgent {
+				d.queue = append([]*work{ev.work}, d.queue...)
+				d.urgent++
+			} else {
+				d.queue = slices.Insert(d.queue, d.urgent, ev.work)
+			}
 			s.serve(d)
 		}
 	case evExit:
@@ -838,7 +895,7 @@ func (s *Scheduler) backOff(key string, cause error) {
 			queued = append(queued, w)
 		}
 	}
-	d.queue = nil
+	d.queue, d.urgent = nil, 0
 	d.why = "451 4.4.1 destination backed off after a connection failure: " + errText(cause)
 	s.postpone(queued, d.deadUntil, d.why)
 }

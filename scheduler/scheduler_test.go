@@ -56,7 +56,7 @@ func TestConnectionsAreReusedForManyMessages(t *testing.T) {
 	for i := 0; i < 300; i++ {
 		id := fmt.Sprintf("m%03d", i)
 		store.add(id, now, now.Add(time.Hour), "r@one.test")
-		h.s.Submit(id, []string{"one.test"})
+		h.s.Submit(id, []string{"one.test"}, mta.PriorityBulk)
 	}
 	waitFor(t, "300 deliveries", func() bool { d, _ := store.counts(); return d == 300 })
 	connects, sent, maxActive := tr.stats("one.test")
@@ -130,7 +130,7 @@ func TestOutcomesPerRecipient(t *testing.T) {
 	h := start(t, nil, store, tr)
 	now := time.Now()
 	store.add("m1", now, now.Add(time.Hour), "good@x.test", "bad@x.test", "later@x.test")
-	h.s.Submit("m1", []string{"x.test"})
+	h.s.Submit("m1", []string{"x.test"}, mta.PriorityBulk)
 	waitFor(t, "outcomes", func() bool {
 		store.mu.Lock()
 		defer store.mu.Unlock()
@@ -156,7 +156,7 @@ func TestExpiredMessageFails(t *testing.T) {
 	h := start(t, func(o *Options) { o.MaxLifetime = 90 * time.Minute }, store, tr)
 	now := time.Now()
 	store.add("old", now.Add(-time.Hour), now.Add(time.Hour), "r@x.test")
-	h.s.Submit("old", []string{"x.test"})
+	h.s.Submit("old", []string{"x.test"}, mta.PriorityBulk)
 	waitFor(t, "expiry", func() bool { _, f := store.counts(); return f == 1 })
 	store.mu.Lock()
 	defer store.mu.Unlock()
@@ -172,7 +172,7 @@ func TestRoutingErrors(t *testing.T) {
 	h := start(t, nil, store, tr)
 	now := time.Now()
 	store.add("m1", now, now.Add(time.Hour), "a@nx.test", "b@flaky.test", "c@ok.test")
-	h.s.Submit("m1", []string{"nx.test", "flaky.test", "ok.test"})
+	h.s.Submit("m1", []string{"nx.test", "flaky.test", "ok.test"}, mta.PriorityBulk)
 	waitFor(t, "outcomes", func() bool {
 		store.mu.Lock()
 		defer store.mu.Unlock()
@@ -188,13 +188,13 @@ func TestSlowDestinationDoesNotStarveOthers(t *testing.T) {
 	for i := 0; i < 400; i++ {
 		id := fmt.Sprintf("s%03d", i)
 		store.add(id, now, now.Add(time.Hour), "r@slow.test")
-		h.s.Submit(id, []string{"slow.test"})
+		h.s.Submit(id, []string{"slow.test"}, mta.PriorityBulk)
 	}
 	time.Sleep(50 * time.Millisecond) // slow.test holds both global slots
 	for i := 0; i < 20; i++ {
 		id := fmt.Sprintf("f%03d", i)
 		store.add(id, now, now.Add(time.Hour), "r@fast.test")
-		h.s.Submit(id, []string{"fast.test"})
+		h.s.Submit(id, []string{"fast.test"}, mta.PriorityBulk)
 	}
 	start := time.Now()
 	waitFor(t, "fast deliveries", func() bool {
@@ -216,7 +216,7 @@ func TestDropForgetsQueuedWork(t *testing.T) {
 	for i := 0; i < 5; i++ {
 		id := fmt.Sprintf("m%d", i)
 		store.add(id, now, now.Add(time.Hour), "r@x.test")
-		h.s.Submit(id, []string{"x.test"})
+		h.s.Submit(id, []string{"x.test"}, mta.PriorityBulk)
 	}
 	waitFor(t, "all five in the window", func() bool { return h.s.windowSize.Load() == 5 })
 	h.s.Drop("m4")
@@ -243,7 +243,7 @@ func TestWorkPastItsLeaseIsRenewedNotRescanned(t *testing.T) {
 		store.add(id, now, now.Add(50*time.Millisecond), "r@slow.test")
 	}
 	for i := 0; i < n; i++ {
-		h.s.Submit(fmt.Sprintf("s%04d", i), []string{"slow.test"})
+		h.s.Submit(fmt.Sprintf("s%04d", i), []string{"slow.test"}, mta.PriorityBulk)
 	}
 	waitFor(t, "all in the window", func() bool { return h.s.windowSize.Load() >= n-100 })
 	time.Sleep(100 * time.Millisecond) // the leases run out
@@ -268,7 +268,7 @@ func TestConcurrencyWindowGrowsFromTheInitialOne(t *testing.T) {
 	for i := 0; i < 200; i++ {
 		id := fmt.Sprintf("g%03d", i)
 		store.add(id, now, now.Add(time.Hour), "r@grow.test")
-		h.s.Submit(id, []string{"grow.test"})
+		h.s.Submit(id, []string{"grow.test"}, mta.PriorityBulk)
 	}
 	waitFor(t, "200 deliveries", func() bool { d, _ := store.counts(); return d == 200 })
 	connects, _, maxActive := tr.stats("grow.test")
@@ -321,7 +321,7 @@ func TestFreshWorkOverflowsAndIsNotLost(t *testing.T) {
 	for i := 0; i < 150; i++ {
 		id := fmt.Sprintf("f%03d", i)
 		store.add(id, now, far, "r@bulk.test")
-		h.s.Submit(id, []string{"bulk.test"})
+		h.s.Submit(id, []string{"bulk.test"}, mta.PriorityBulk)
 	}
 	waitFor(t, "all fresh work delivered", func() bool { d, _ := store.counts(); return d == 150 })
 	if got := testutil.ToFloat64(h.s.m.freshToScan); got != 0 {
@@ -331,7 +331,7 @@ func TestFreshWorkOverflowsAndIsNotLost(t *testing.T) {
 	for i := 0; i < 400; i++ {
 		id := fmt.Sprintf("g%03d", i)
 		store.add(id, now, far, "r@slow.test")
-		h.s.Submit(id, []string{"slow.test"})
+		h.s.Submit(id, []string{"slow.test"}, mta.PriorityBulk)
 	}
 	waitFor(t, "the rest counted", func() bool {
 		d, _ := store.counts()
@@ -377,7 +377,7 @@ func TestMessagesPerConnectionCountsWholeLives(t *testing.T) {
 	for i := 0; i < 5; i++ { // one at a time: each worker session parks the connection
 		id := fmt.Sprintf("m%d", i)
 		store.add(id, now, now, "r@one.test")
-		h.s.Submit(id, []string{"one.test"})
+		h.s.Submit(id, []string{"one.test"}, mta.PriorityBulk)
 		waitFor(t, "delivery", func() bool { d, _ := store.counts(); return d == i+1 })
 		waitFor(t, "parked", func() bool { return h.s.cache.Idle() == 1 })
 	}
@@ -403,7 +403,7 @@ func TestSetLimitsWhileRunning(t *testing.T) {
 	for i := 0; i < total; i++ {
 		id := fmt.Sprintf("t%04d", i)
 		store.add(id, now, now, "r@tune.test")
-		h.s.Submit(id, []string{"tune.test"})
+		h.s.Submit(id, []string{"tune.test"}, mta.PriorityBulk)
 	}
 	delivered := func() int { d, _ := store.counts(); return d }
 	waitFor(t, "deliveries at the first limit", func() bool { return delivered() >= 50 })
@@ -426,5 +426,42 @@ func TestSetLimitsWhileRunning(t *testing.T) {
 	waitFor(t, "deliveries at the lowered limit", func() bool { return delivered() >= before+100 })
 	if _, _, peak := tr.stats("tune.test"); peak > 1 {
 		t.Fatalf("%d connections at once after the limit was lowered to 1", peak)
+	}
+}
+
+// TestTransactionalAheadOfBulk: with 20,000 bulk messages queued for a
+// busy destination (the window full of them), a transactional message to
+// the same destination is delivered within a second, long before the
+// backlog is.
+func TestTransactionalAheadOfBulk(t *testing.T) {
+	store, tr := newMemStore(), newFakeTransport()
+	tr.delay["lane.test"] = time.Millisecond
+	h := start(t, func(o *Options) { o.MaxPerDestination = 2; o.InitialPerDestination = 2 }, store, tr)
+	now := time.Now()
+	const backlog = 20000
+	for i := 0; i < backlog; i++ {
+		id := fmt.Sprintf("b%05d", i)
+		store.add(id, now, now, "r@lane.test")
+		h.s.Submit(id, []string{"lane.test"}, mta.PriorityBulk)
+	}
+	delivered := func() int { d, _ := store.counts(); return d }
+	waitFor(t, "the backlog to start", func() bool { return delivered() > 100 })
+	store.add("urgent", time.Now(), time.Now().Add(time.Hour), "reset@lane.test") // due later, as the spool's fresh lease makes it
+	sent := time.Now()
+	h.s.Submit("urgent", []string{"lane.test"}, mta.PriorityTransactional)
+	done := func() bool {
+		store.mu.Lock()
+		defer store.mu.Unlock()
+		_, ok := store.done["urgent reset@lane.test"]
+		return ok
+	}
+	waitFor(t, "the transactional message", done)
+	took, behind := time.Since(sent), backlog-delivered()
+	t.Logf("transactional message delivered after %v with %d bulk messages still queued", took, behind)
+	if took > time.Second {
+		t.Errorf("the transactional message took %v behind a bulk backlog", took)
+	}
+	if behind < backlog/2 {
+		t.Errorf("only %d bulk messages were still queued: the test did not hold a backlog", behind)
 	}
 }

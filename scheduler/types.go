@@ -19,6 +19,8 @@ type Due struct {
 	// Was, with Lease, is the due time the scan read: the item is leased
 	// only if nothing moved it since (a worker's deferral wins).
 	Was time.Time
+
+	urgent bool // Submit: transactional work
 }
 
 // Message is what the scheduler needs of a queued message.

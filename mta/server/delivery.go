@@ -202,7 +202,7 @@ func (a acceptor) Accept(id string, env *mta.Envelope, header, body []byte) erro
 	if err := a.sp.Accept(id, env, header, body); err != nil {
 		return err
 	}
-	a.sched.Submit(id, domainsOf(env))
+	a.sched.Submit(id, domainsOf(env), env.Priority)
 	return nil
 }
 
@@ -218,7 +218,7 @@ func (a acceptor) AcceptAll(msgs []inject.Message) error {
 		return err
 	}
 	for _, m := range msgs {
-		a.sched.Submit(m.ID, domainsOf(m.Env))
+		a.sched.Submit(m.ID, domainsOf(m.Env), m.Env.Priority)
 	}
 	return nil
 }

@@ -159,7 +159,7 @@ func New(cfg *config.Config, log *zap.Logger) (_ *Server, err error) {
 		Notifier: func(t *spool.Transition, body func() ([]byte, error)) (*spool.Notice, error) {
 			return notices.notice(t, body)
 		},
-		OnNotice: func(id string, domains []string) { s.sched.Submit(id, domains) },
+		OnNotice: func(id string, domains []string) { s.sched.Submit(id, domains, mta.PriorityBulk) }, // notices wait behind transactional mail
 	})
 	if err != nil {
 		return nil, err
