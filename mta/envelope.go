@@ -76,6 +76,9 @@ type Envelope struct {
 	// authenticated client or the injection API. Only it is DKIM-signed,
 	// so that nobody else's mail goes out with our signature.
 	Submitted bool
+	// Metadata is what the injection API was given for the message,
+	// carried into its events (webhooks, the accounting log).
+	Metadata map[string]string
 }
 
 // Priority is a message's delivery lane: transactional mail (password

@@ -36,6 +36,7 @@ type Message struct {
 	Size       int64  // bytes as stored, for the memory budget
 	AuthUser   string // who submitted it (an AUTH user or an API tenant)
 	Priority   mta.Priority
+	Metadata   map[string]string // from the injection API, for events
 	Recipients []Recipient
 }
 

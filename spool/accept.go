@@ -32,6 +32,7 @@ func NewMessage(id string, env *mta.Envelope) *Message {
 		MessageID: env.MessageID,
 		Received:  env.Received,
 		Priority:  env.Priority,
+		Metadata:  env.Metadata,
 	}
 	m.Recipients = make([]RecipientState, len(env.Recipients))
 	for i, r := range env.Recipients {

@@ -4,6 +4,8 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"maps"
+	"slices"
 	"time"
 
 	"github.com/mtaproject/mta/mta"
@@ -52,22 +54,23 @@ type RecipientState struct {
 // Message is the spool record of one message: its envelope and the state of
 // every recipient. It is stored under m/<id>.
 type Message struct {
-	ID         string           // queue ID
-	From       string           // reverse-path; "" is the null sender
-	EnvID      string           // DSN ENVID
-	Ret        mta.Return       // DSN RET
-	SMTPUTF8   bool             // accepted with SMTPUTF8
-	Body8Bit   bool             // accepted with BODY=8BITMIME
-	Held       bool             // on hold: not due until released
-	ClientIP   string           // client that submitted it
-	HELO       string           // client's HELO name
-	AuthUser   string           // authenticated submitter, if any
-	MessageID  string           // the header's Message-ID, for logs (version 3)
-	Priority   mta.Priority     // its delivery lane (a flag: any version)
-	Received   time.Time        // acceptance time
-	Size       int64            // bytes stored under b/<id>
-	Notice     NoticeKind       // whether this is a notification (DSN) we made
-	Recipients []RecipientState // in the order accepted
+	ID         string            // queue ID
+	From       string            // reverse-path; "" is the null sender
+	EnvID      string            // DSN ENVID
+	Ret        mta.Return        // DSN RET
+	SMTPUTF8   bool              // accepted with SMTPUTF8
+	Body8Bit   bool              // accepted with BODY=8BITMIME
+	Held       bool              // on hold: not due until released
+	ClientIP   string            // client that submitted it
+	HELO       string            // client's HELO name
+	AuthUser   string            // authenticated submitter, if any
+	MessageID  string            // the header's Message-ID, for logs (version 3)
+	Priority   mta.Priority      // its delivery lane (a flag: any version)
+	Metadata   map[string]string // given at injection, carried into its events (version 4)
+	Received   time.Time         // acceptance time
+	Size       int64             // bytes stored under b/<id>
+	Notice     NoticeKind        // whether this is a notification (DSN) we made
+	Recipients []RecipientState  // in the order accepted
 }
 
 // NoticeKind says whether a message is a notification the server made.
@@ -126,8 +129,8 @@ func (m *Message) Done() bool {
 // recordVersion is the first byte of every encoded Message. Older
 // versions are still read: version 1 (before notices) lacks the notice
 // kind and, per recipient, RemoteMTA, Diagnostic and the recipient flags;
-// version 2 lacks the Message-ID.
-const recordVersion = 3
+// version 2 lacks the Message-ID; version 3 the metadata.
+const recordVersion = 4
 
 const (
 	flagSMTPUTF8 = 1 << iota
@@ -192,6 +195,11 @@ func (m *Message) encode(dst []byte) []byte {
 		}
 		dst = binary.AppendUvarint(dst, rflags)
 	}
+	dst = binary.AppendUvarint(dst, uint64(len(m.Metadata)))
+	for _, k := range slices.Sorted(maps.Keys(m.Metadata)) {
+		dst = appendString(dst, k)
+		dst = appendString(dst, m.Metadata[k])
+	}
 	return dst
 }
 
@@ -251,6 +259,19 @@ func decodeMessage(id string, b []byte) (*Message, error) {
 			r.RemoteMTA = d.string()
 			r.Diagnostic = d.string()
 			r.DelayNotified = d.uvarint()&rflagDelayNotified != 0
+		}
+	}
+	if version >= 4 {
+		n := d.uvarint()
+		if n > uint64(len(d.b)) {
+			return nil, fmt.Errorf("%w %s", errCorrupt, id)
+		}
+		if n > 0 {
+			m.Metadata = make(map[string]string, n)
+		}
+		for range n {
+			k := d.string()
+			m.Metadata[k] = d.string()
 		}
 	}
 	if d.err || len(d.b) != 0 {

@@ -8,7 +8,9 @@ package accounting
 
 import (
 	"io"
+	"maps"
 	"os"
+	"slices"
 	"strconv"
 	"sync"
 	"time"
@@ -49,12 +51,14 @@ type Event struct {
 	Reply       string
 	Attempt     int
 	Size        int64
-	QueuedFor   time.Duration // since arrival
-	ClientIP    string        // reception
-	HELO        string        // reception
-	AuthUser    string        // reception
-	DSNID       string        // bounce: the notice's queue ID
-	Action      string        // bounce: failed, delayed, relayed, delivered
+	QueuedFor   time.Duration     // since arrival
+	ClientIP    string            // reception
+	HELO        string            // reception
+	AuthUser    string            // reception
+	DSNID       string            // bounce: the notice's queue ID
+	Action      string            // bounce: failed, delayed, relayed, delivered
+	Tenant      string            // whose mail: an API tenant, or "default"
+	Metadata    map[string]string // given at injection
 }
 
 // Config says where the log goes.
@@ -183,6 +187,19 @@ func (e *Event) AppendJSON(b []byte) []byte {
 	str("auth_user", e.AuthUser)
 	str("dsn_id", e.DSNID)
 	str("action", e.Action)
+	str("tenant", e.Tenant)
+	if len(e.Metadata) > 0 {
+		b = append(b, `,"metadata":{`...)
+		for i, k := range slices.Sorted(maps.Keys(e.Metadata)) {
+			if i > 0 {
+				b = append(b, ',')
+			}
+			b = appendString(b, k)
+			b = append(b, ':')
+			b = appendString(b, e.Metadata[k])
+		}
+		b = append(b, '}')
+	}
 	return append(b, '}')
 }
 

@@ -11,6 +11,7 @@ import (
 	"io/fs"
 	"net"
 	"net/netip"
+	"net/url"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -44,6 +45,7 @@ type Config struct {
 	API             API              `yaml:"api"`
 	DKIM            DKIM             `yaml:"dkim"`
 	Suppression     Suppression      `yaml:"suppression"`
+	Webhooks        []Webhook        `yaml:"webhooks"`
 	Debug           Debug            `yaml:"debug"`
 	MemoryBudget    ByteSize         `yaml:"memory_budget"` // message bodies held in memory at once, received and being delivered
 
@@ -199,6 +201,16 @@ type Suppression struct {
 	// BounceCodes are the enhanced codes of remote permanent failures
 	// that add the recipient: "5.1.1", or a class such as "5.1.*".
 	BounceCodes []string `yaml:"bounce_codes"`
+}
+
+// Webhook is one endpoint that receives a tenant's message events
+// (docs/webhooks.md).
+type Webhook struct {
+	Name       string   `yaml:"name"`        // in metrics, logs and event IDs
+	Tenant     string   `yaml:"tenant"`      // whose events: an api.tenants name, or "default" for SMTP mail
+	URL        string   `yaml:"url"`         // http or https
+	SecretFile string   `yaml:"secret_file"` // first line: the HMAC-SHA256 key of the signature header
+	MaxBuffer  ByteSize `yaml:"max_buffer"`  // events kept on disk while the endpoint does not take them; default 64MiB
 }
 
 // DKIMKey is one signing domain's key.
@@ -443,6 +455,9 @@ func (c *Config) checkFiles() error {
 	for i, k := range c.DKIM.Keys {
 		readable(fmt.Sprintf("dkim.keys[%d].key_file", i), k.KeyFile)
 	}
+	for i, w := range c.Webhooks {
+		readable(fmt.Sprintf("webhooks[%d].secret_file", i), w.SecretFile)
+	}
 	for dom, r := range c.Routes {
 		if r.Auth != nil {
 			readable("routes."+dom+".auth.password_file", r.Auth.PasswordFile)
@@ -545,6 +560,7 @@ func (c *Config) validate() error {
 	c.validateDelivery(bad)
 	c.validateAPI(bad)
 	c.validateDKIM(bad)
+	c.validateWebhooks(bad)
 	for i, code := range c.Suppression.BounceCodes {
 		if !validCodePattern(code) {
 			bad(fmt.Sprintf("suppression.bounce_codes[%d]", i), "want a permanent enhanced status code such as 5.1.1 or 5.1.*, got %q", code)
@@ -750,4 +766,38 @@ func validCodePattern(p string) bool {
 		}
 	}
 	return true
+}
+
+// validateWebhooks checks the webhooks; their secrets are read at start.
+func (c *Config) validateWebhooks(bad func(field, format string, args ...any)) {
+	tenants := map[string]bool{"default": true}
+	for _, tn := range c.API.Tenants {
+		tenants[tn.Name] = true
+	}
+	names := map[string]bool{}
+	for i := range c.Webhooks {
+		w := &c.Webhooks[i]
+		field := fmt.Sprintf("webhooks[%d]", i)
+		if !validTenantName(w.Name) {
+			bad(field+".name", "want 1 to 64 letters, digits, '-' or '_', got %q", w.Name)
+		} else if names[w.Name] {
+			bad(field+".name", "%q is named twice", w.Name)
+		}
+		names[w.Name] = true
+		if !tenants[w.Tenant] {
+			bad(field+".tenant", "%q is neither default nor one of api.tenants", w.Tenant)
+		}
+		if u, err := url.Parse(w.URL); err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
+			bad(field+".url", "want an http:// or https:// URL, got %q", w.URL)
+		}
+		if w.SecretFile == "" {
+			bad(field+".secret_file", "must be set: the file with the signing secret")
+		}
+		if w.MaxBuffer == 0 {
+			w.MaxBuffer = 64 << 20
+		}
+		if w.MaxBuffer < 0 {
+			bad(field+".max_buffer", "must be greater than zero")
+		}
+	}
 }

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"net"
 	"net/http"
 	"net/mail"
@@ -232,6 +233,14 @@ func (h *handler) prepare(t *Tenant, req *Request) (*plan, int, error) {
 	default:
 		return nil, http.StatusBadRequest, fmt.Errorf("priority: want transactional or bulk, got %q", req.Priority)
 	}
+	if err := checkMetadata("metadata", req.Metadata); err != nil {
+		return nil, http.StatusBadRequest, err
+	}
+	for i, r := range req.Recipients {
+		if err := checkMetadata(fmt.Sprintf("recipients[%d].metadata", i), metadata(req.Metadata, r.Metadata)); err != nil {
+			return nil, http.StatusBadRequest, err
+		}
+	}
 	var headerFrom string
 	switch {
 	case (req.Content == "") == (req.Message == nil):
@@ -394,10 +403,40 @@ func (h *handler) message(t *Tenant, p *plan, rcpt Recipient, client string, now
 		Received:   now,
 		Priority:   p.priority,
 		Submitted:  true,
+		Metadata:   metadata(p.req.Metadata, rcpt.Metadata),
 	}
 	hdr := fmt.Appendf(nil, "Received: from %s (HTTP injection API, tenant %s)\r\n\tby %s (mta) with HTTP id %s\r\n\tfor <%s>; %s\r\n",
 		client, t.Name, h.opts.Hostname, id, rcpt.Email, now.Format(time.RFC1123Z))
 	return &Message{ID: id, Env: env, Header: hdr, Body: body}, nil
+}
+
+// metadata merges the request's metadata and a recipient's (which wins).
+func metadata(global, own map[string]string) map[string]string {
+	if len(global)+len(own) == 0 {
+		return nil
+	}
+	out := make(map[string]string, len(global)+len(own))
+	maps.Copy(out, global)
+	maps.Copy(out, own)
+	return out
+}
+
+// maxMetadata bounds the metadata of one message, keys and values.
+const maxMetadata = 4096
+
+// checkMetadata refuses metadata that would bloat every event.
+func checkMetadata(field string, m map[string]string) error {
+	n := 0
+	for k, v := range m {
+		if k == "" {
+			return fmt.Errorf("%s: an empty key", field)
+		}
+		n += len(k) + len(v)
+	}
+	if n > maxMetadata {
+		return fmt.Errorf("%s: %d bytes of keys and values, over the limit of %d", field, n, maxMetadata)
+	}
+	return nil
 }
 
 func replyError(r *mta.Reply) *ReplyError {

@@ -31,6 +31,9 @@ type Request struct {
 	// Priority is "transactional" or "bulk" (the default); see
 	// docs/injection.md.
 	Priority string `json:"priority"`
+	// Metadata goes with every recipient's message into its events
+	// (webhooks, the accounting log); a recipient's own wins.
+	Metadata map[string]string `json:"metadata"`
 }
 
 // Builder is a message described by its parts. Subject, Text, HTML and
@@ -56,9 +59,10 @@ type Attachment struct {
 
 // Recipient is one recipient and its own template data.
 type Recipient struct {
-	Email         string         `json:"email"`
-	Name          string         `json:"name"` // for the To: field of a built message
-	Substitutions map[string]any `json:"substitutions"`
+	Email         string            `json:"email"`
+	Name          string            `json:"name"` // for the To: field of a built message
+	Substitutions map[string]any    `json:"substitutions"`
+	Metadata      map[string]string `json:"metadata"`
 }
 
 // decode reads a request strictly: an unknown field is an error, so that a

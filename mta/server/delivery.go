@@ -149,7 +149,7 @@ func (q queueStore) Message(id string) (*scheduler.Message, error) {
 	}
 	out := &scheduler.Message{ID: m.ID, From: m.From, EnvID: m.EnvID, Ret: m.Ret, SMTPUTF8: m.SMTPUTF8,
 		Body8Bit: m.Body8Bit, Received: m.Received, MessageID: m.MessageID, Size: m.Size,
-		AuthUser: m.AuthUser, Priority: m.Priority, Recipients: make([]scheduler.Recipient, len(m.Recipients))}
+		AuthUser: m.AuthUser, Priority: m.Priority, Metadata: m.Metadata, Recipients: make([]scheduler.Recipient, len(m.Recipients))}
 	for i, r := range m.Recipients {
 		out.Recipients[i] = scheduler.Recipient{Recipient: r.Recipient, Domain: r.Domain, Queued: r.Status == spool.Queued, Attempts: r.Attempts}
 	}
@@ -238,9 +238,10 @@ func domainsOf(env *mta.Envelope) []string {
 // of every change so that it takes effect at once.
 type adminStore struct {
 	*spool.Spool
-	sched *scheduler.Scheduler
-	log   *zap.Logger     // operator actions are logged at info; nil: not logged
-	acct  *accounting.Log // and written to the accounting log; nil: not
+	sched   *scheduler.Scheduler
+	log     *zap.Logger // operator actions are logged at info; nil: not logged
+	events  *eventLog   // and sent as events (accounting log, webhooks)
+	tenants tenantSet
 	// reload applies the configuration file again (mta reload).
 	reload func() error
 }
@@ -258,51 +259,69 @@ var accountingEvents = map[string]string{"hold": accounting.Hold, "release": acc
 	"remove": accounting.Remove, "bounce": accounting.OperatorBounce}
 
 // logged records an operator's action on a message.
-func (a adminStore) logged(action, id string, err error) error {
+// before reads a message's record ahead of an operator action, for its
+// event; nil when no event is wanted or it cannot be read.
+func (a adminStore) before(id string) *spool.Message {
+	if !a.events.on() {
+		return nil
+	}
+	m, _ := a.Spool.Get(id)
+	return m
+}
+
+func (a adminStore) logged(action, id string, m *spool.Message, err error) error {
 	if err != nil {
 		return err
 	}
 	if a.log != nil {
 		a.log.Info("operator action", zap.String("action", action), zap.String("id", id))
 	}
-	if ev := accountingEvents[action]; ev != "" {
-		a.acct.Write(&accounting.Event{Event: ev, ID: id})
+	if ev := accountingEvents[action]; ev != "" && a.events.on() {
+		e := &accounting.Event{Event: ev, ID: id, Tenant: defaultTenant}
+		if m != nil {
+			e.MessageID, e.Sender, e.Tenant, e.Metadata = m.MessageID, m.From, a.tenants.of(m.AuthUser), m.Metadata
+		}
+		a.events.Write(e)
 	}
 	return nil
 }
 
 func (a adminStore) Hold(id string) error {
+	m := a.before(id)
 	err := a.Spool.Hold(id)
 	if err == nil {
 		a.sched.Drop(id)
 	}
-	return a.logged("hold", id, err)
+	return a.logged("hold", id, m, err)
 }
 
 func (a adminStore) Remove(id string) error {
+	m := a.before(id)
 	err := a.Spool.Remove(id)
 	if err == nil {
 		a.sched.Drop(id)
 	}
-	return a.logged("remove", id, err)
+	return a.logged("remove", id, m, err)
 }
 
 // Bounce fails the message's remaining recipients now and returns it to
 // its sender.
 func (a adminStore) Bounce(id string) error {
+	m := a.before(id)
 	err := a.Spool.Bounce(id, "550 5.0.0 Returned to the sender by the mail administrator")
 	if err == nil {
 		a.sched.Drop(id)
 	}
-	return a.logged("bounce", id, err)
+	return a.logged("bounce", id, m, err)
 }
 
 func (a adminStore) Release(id string) error {
+	m := a.before(id)
 	err := a.Spool.Release(id)
 	if err == nil {
 		a.sched.Kick()
 	}
-	return a.logged("release", id, err)
+	return a.logged("release", id, m, err)
 }
 
 // FlushMessage makes message id's queued recipients due now.
@@ -311,7 +330,7 @@ func (a adminStore) FlushMessage(id string) error {
 	if err == nil {
 		a.sched.Kick()
 	}
-	return a.logged("flush", id, err)
+	return a.logged("flush", id, nil, err) // logged, no event
 }
 
 // EndBackoffs ends every destination's backoff.

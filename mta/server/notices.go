@@ -29,7 +29,8 @@ type notifier struct {
 	log          *zap.Logger
 	generated    *prometheus.CounterVec
 	dropped      prometheus.Counter
-	acct         *accounting.Log // nil: none
+	events       *eventLog // the accounting log and webhooks
+	tenants      tenantSet
 }
 
 func newNotifier(hostname string, maxReturned int, delayWarning, maxLifetime time.Duration, postmaster string,
@@ -113,8 +114,8 @@ func (n *notifier) notice(t *spool.Transition, body func() ([]byte, error)) (*sp
 	}
 	id := m.ID
 	committed := func() {
-		n.acct.Write(&accounting.Event{Event: accounting.Bounce, ID: id, MessageID: m.MessageID, Sender: m.From,
-			Recipient: to, DSNID: rep.ID, Action: action, Size: int64(len(data))})
+		n.events.Write(&accounting.Event{Event: accounting.Bounce, ID: id, MessageID: m.MessageID, Sender: m.From,
+			Recipient: to, DSNID: rep.ID, Action: action, Size: int64(len(data)), Tenant: n.tenants.of(m.AuthUser), Metadata: m.Metadata})
 		n.generated.WithLabelValues(action).Inc()
 		n.log.Info("notification made", zap.String("id", id), zap.String("dsn_id", rep.ID), zap.String("action", action),
 			zap.String("to", to), zap.Strings("rcpts", addrs))

@@ -37,6 +37,7 @@ import (
 	"github.com/mtaproject/mta/mta/mailbox"
 	"github.com/mtaproject/mta/mta/pop3d"
 	"github.com/mtaproject/mta/mta/smtpd"
+	"github.com/mtaproject/mta/mta/webhook"
 	"github.com/mtaproject/mta/scheduler"
 	"github.com/mtaproject/mta/spool"
 )
@@ -56,14 +57,16 @@ type Server struct {
 	apiLn    net.Listener
 	ready    atomic.Bool
 
-	acct       *accounting.Log    // the accounting log; nil: off
-	reload     *reloader          // applies a changed configuration file
-	queueStats *queueCollector    // the queue by state and age, for /metrics
-	activity   *activity          // totals and recent events, for the status page
-	users      *userDirectory     // the users file, re-read when it changes
-	mailboxes  *mailbox.Transport // local delivery
-	signing    *signing           // DKIM signing of accepted mail
-	suppress   *suppressions      // the suppression list; nil when off
+	events     *eventLog           // the accounting log and the webhooks
+	tenants    tenantSet           // API tenant names
+	hooks      *webhook.Dispatcher // nil without webhooks
+	reload     *reloader           // applies a changed configuration file
+	queueStats *queueCollector     // the queue by state and age, for /metrics
+	activity   *activity           // totals and recent events, for the status page
+	users      *userDirectory      // the users file, re-read when it changes
+	mailboxes  *mailbox.Transport  // local delivery
+	signing    *signing            // DKIM signing of accepted mail
+	suppress   *suppressions       // the suppression list; nil when off
 
 	adminToken string // bearer token the admin API requires; "" for none
 }
@@ -136,7 +139,7 @@ func New(cfg *config.Config, log *zap.Logger) (_ *Server, err error) {
 	}
 	a := cfg.Log.Accounting
 	var acctErrors atomic.Int64
-	s.acct, err = accounting.Open(accounting.Config{File: a.File, Stdout: a.Stdout, MaxSize: int64(a.MaxSize), MaxFiles: a.MaxFiles,
+	acct, err := accounting.Open(accounting.Config{File: a.File, Stdout: a.Stdout, MaxSize: int64(a.MaxSize), MaxFiles: a.MaxFiles,
 		OnError: func(err error) {
 			if acctErrors.Add(1)%1000 == 1 { // the first, then one in a thousand
 				log.Error("accounting log write failed", zap.Error(err), zap.Int64("failures", acctErrors.Load()))
@@ -144,6 +147,11 @@ func New(cfg *config.Config, log *zap.Logger) (_ *Server, err error) {
 		}})
 	if err != nil {
 		return nil, cfg.FieldErr("log.accounting.file", err)
+	}
+	s.events = &eventLog{acct: acct}
+	s.tenants = tenantSet{}
+	for _, tn := range cfg.API.Tenants {
+		s.tenants[tn.Name] = true
 	}
 	var notices *notifier // needs the spool's NewID: set once it is open, before delivery starts
 	s.spool, err = spool.Open(filepath.Join(cfg.DataDir, "spool"), spool.Options{
@@ -166,7 +174,7 @@ func New(cfg *config.Config, log *zap.Logger) (_ *Server, err error) {
 	}
 	notices = newNotifier(cfg.Hostname, int(cfg.DSN.MaxReturnedSize), cfg.DSN.DelayWarning.D(), cfg.Delivery.MaxLifetime.D(),
 		cfg.DSN.Postmaster, s.spool.NewID, log.Named("dsn"), s.registry)
-	notices.acct = s.acct
+	notices.events, notices.tenants = s.events, s.tenants
 	if !cfg.Spool.Sync {
 		log.Warn("spool.sync is off: acknowledged messages can be lost in a crash")
 	}
@@ -214,13 +222,21 @@ func New(cfg *config.Config, log *zap.Logger) (_ *Server, err error) {
 		log.Info("finished messages bounced and removed", zap.Int("messages", n))
 	}
 	s.signing = newSigning(s.registry, sec.dkim, log.Named("dkim"))
+	if len(sec.hooks) > 0 {
+		if s.hooks, err = webhook.New(webhook.Options{Store: eventStore{s.spool}, Hooks: sec.hooks, UserAgent: "mta/" + Version,
+			Logger: log.Named("webhook"), Registerer: s.registry}); err != nil {
+			return nil, err
+		}
+		s.events.hooks = s.hooks
+		s.events.byTenant = map[string][]string{}
+		for _, w := range cfg.Webhooks {
+			s.events.byTenant[w.Tenant] = append(s.events.byTenant[w.Tenant], w.Name)
+		}
+	}
 	var suppressed func(authUser, rcpt string) *mta.Reply
 	var refuse func(tenant, rcpt string) *mta.Reply
 	if cfg.Suppression.Enabled {
-		s.suppress = &suppressions{sp: s.spool, tenants: map[string]bool{}, codes: cfg.Suppression.BounceCodes, log: log.Named("suppression")}
-		for _, tn := range cfg.API.Tenants {
-			s.suppress.tenants[tn.Name] = true
-		}
+		s.suppress = &suppressions{sp: s.spool, tenants: s.tenants, codes: cfg.Suppression.BounceCodes, log: log.Named("suppression")}
 		suppressed = func(authUser, rcpt string) *mta.Reply { return s.suppress.refuse(s.suppress.tenant(authUser), rcpt) }
 		refuse = s.suppress.refuse
 	}
@@ -370,6 +386,7 @@ type secrets struct {
 	adminToken string
 	tenants    []inject.Tenant // the injection API's, with their tokens
 	dkim       *dkim.Signer    // nil without keys
+	hooks      []webhook.Hook  // with their secrets
 }
 
 // loadSecrets reads and checks the certificate, the users file and the
@@ -414,6 +431,17 @@ func loadSecrets(cfg *config.Config, generate bool) (*secrets, error) {
 		if sec.dkim, err = dkim.New(keys, cfg.DKIM.Headers); err != nil {
 			return nil, cfg.FieldErr("dkim.keys", err)
 		}
+	}
+	for i, w := range cfg.Webhooks {
+		field := fmt.Sprintf("webhooks[%d].secret_file", i)
+		secret, err := readFirstLine(w.SecretFile)
+		if err != nil {
+			return nil, cfg.FieldErr(field, err)
+		}
+		if len(secret) < 16 {
+			return nil, cfg.FieldErr(field, fmt.Errorf("%s: the secret is %d characters, want at least 16", w.SecretFile, len(secret)))
+		}
+		sec.hooks = append(sec.hooks, webhook.Hook{Name: w.Name, URL: w.URL, Secret: secret, MaxBuffer: int64(w.MaxBuffer)})
 	}
 	seen := map[string]string{}
 	for i, tn := range cfg.API.Tenants {
@@ -492,7 +520,7 @@ func (s *Server) routes() http.Handler {
 				return r.URL.Query().Get("tenant"), nil
 			}, "operator")))
 		}
-		mux.Handle("/api/", admin.Handler(adminStore{Spool: s.spool, sched: s.sched, log: s.log.Named("admin"), acct: s.acct, reload: s.Reload}, s.adminToken))
+		mux.Handle("/api/", admin.Handler(adminStore{Spool: s.spool, sched: s.sched, log: s.log.Named("admin"), events: s.events, tenants: s.tenants, reload: s.Reload}, s.adminToken))
 	}
 	if s.cfg.Debug.Pprof {
 		// Profiles show memory contents: the same guard as the admin API.
@@ -579,6 +607,14 @@ func (s *Server) Run(ctx context.Context) error {
 		close(schedDone)
 		s.log.Warn("delivery.enabled is false: messages are accepted and queued, not delivered")
 	}
+	hooksCtx, stopHooks := context.WithCancel(context.Background())
+	hooksDone := make(chan struct{})
+	if s.hooks != nil {
+		go func() { defer close(hooksDone); s.hooks.Run(hooksCtx) }()
+	} else {
+		close(hooksDone)
+	}
+	defer stopHooks()
 	watchCtx, stopWatch := context.WithCancel(context.Background())
 	var watchers sync.WaitGroup
 	watchers.Add(2)
@@ -644,13 +680,17 @@ func (s *Server) Run(ctx context.Context) error {
 		hcancel()
 	}
 	wg.Wait()
+	// The events of the last deliveries are on disk for the next run
+	// before the spool closes.
+	stopHooks()
+	<-hooksDone
 	stopWatch()
 	watchers.Wait() // the background readers are done before the spool closes
 	if err := s.spool.Close(); err != nil {
 		s.log.Error("closing the spool", zap.Error(err))
 		runErr = errors.Join(runErr, err)
 	}
-	s.acct.Close()
+	s.events.Close()
 	s.log.Info("mta stopped")
 	return runErr
 }
@@ -684,8 +724,12 @@ func readFirstLine(path string) (string, error) {
 // accountReception writes a reception to the accounting log.
 func (s *Server) accountReception(id string, env *mta.Envelope, size int, tlsVersion string) {
 	s.activity.reception()
-	s.acct.Write(&accounting.Event{Event: accounting.Reception, ID: id, MessageID: env.MessageID, Sender: env.From,
-		Recipients: len(env.Recipients), Size: int64(size), ClientIP: env.ClientIP, HELO: env.HELO, AuthUser: env.AuthUser, TLS: tlsVersion})
+	if !s.events.on() {
+		return
+	}
+	s.events.Write(&accounting.Event{Event: accounting.Reception, ID: id, MessageID: env.MessageID, Sender: env.From,
+		Recipients: len(env.Recipients), Size: int64(size), ClientIP: env.ClientIP, HELO: env.HELO, AuthUser: env.AuthUser, TLS: tlsVersion,
+		Tenant: s.tenants.of(env.AuthUser), Metadata: env.Metadata})
 }
 
 // outcomeEvents names the accounting event of each delivery outcome.
@@ -696,16 +740,19 @@ var outcomeEvents = map[string]string{"delivered": accounting.Delivery, "deferre
 func (s *Server) accountOutcome(e scheduler.OutcomeEvent) {
 	s.activity.outcome(e)
 	s.suppress.outcome(e)
-	if s.acct == nil {
+	if !s.events.on() {
 		return
 	}
 	ev := &accounting.Event{Event: outcomeEvents[e.Outcome], Recipient: e.Recipient, Destination: e.Destination,
 		MX: e.MX, IP: e.IP, TLS: e.TLS, Attempt: e.Attempt, QueuedFor: e.QueuedFor, Reply: e.Reason}
 	if m := e.Message; m != nil {
 		ev.ID, ev.MessageID, ev.Sender, ev.Size = m.ID, m.MessageID, m.From, m.Size
+		ev.Tenant, ev.Metadata = s.tenants.of(m.AuthUser), m.Metadata
+	} else {
+		ev.Tenant = defaultTenant
 	}
 	if r := e.Reply; r != nil {
 		ev.Code, ev.Enhanced, ev.Reply = r.Code, r.Enhanced.String(), r.Text
 	}
-	s.acct.Write(ev)
+	s.events.Write(ev)
 }

@@ -15,28 +15,19 @@ import (
 	"github.com/mtaproject/mta/spool"
 )
 
-// defaultTenant owns the suppression list of mail that no API tenant
-// submitted (SMTP from trusted networks and AUTH users).
-const defaultTenant = "default"
-
 // suppressions is the suppression-list policy: who a recipient's mail
 // belongs to, which refusals put it on the list, and the reply for one
 // that is on it. docs/suppression.md.
 type suppressions struct {
 	sp      *spool.Spool
-	tenants map[string]bool // API tenant names
-	codes   []string        // bounce_codes
+	tenants tenantSet
+	codes   []string // bounce_codes
 	log     *zap.Logger
 }
 
 // tenant is the list a message's submitter uses: an API tenant's own, or
 // the default one.
-func (s *suppressions) tenant(authUser string) string {
-	if s.tenants[authUser] {
-		return authUser
-	}
-	return defaultTenant
-}
+func (s *suppressions) tenant(authUser string) string { return s.tenants.of(authUser) }
 
 // refuse returns the refusal of a suppressed recipient, or nil. A spool
 // error lets the mail through (logged): the list must not stop mail.
