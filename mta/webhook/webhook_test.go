@@ -111,9 +111,16 @@ func TestBufferLimitAndRestart(t *testing.T) {
 	mu.Lock()
 	up = true
 	mu.Unlock()
-	_, stop = run(5)
+	d, stop = run(0)
+	posted := func() int { mu.Lock(); defer mu.Unlock(); return len(ids) }
 	deadline = time.Now().Add(5 * time.Second)
-	for store.count("h") > 0 && time.Now().Before(deadline) {
+	for posted() < kept && time.Now().Before(deadline) {
+		time.Sleep(10 * time.Millisecond)
+	}
+	for range 5 {
+		d.Enqueue("h", event)
+	}
+	for posted() < kept+5 && time.Now().Before(deadline) {
 		time.Sleep(10 * time.Millisecond)
 	}
 	stop()
