@@ -42,9 +42,12 @@ func (g *idGen) next(now time.Time) string {
 	}
 	ms, seq := g.ms, g.seq
 	g.mu.Unlock()
+	return encodeID(ms, seq)
+}
 
-	// The ID is the 80-bit number ms<<32 | seq in 16 base32 digits. It is
-	// held as hi (the top 32 bits) and lo (the low 48 bits).
+// encodeID writes the 80-bit number ms<<32 | seq in 16 base32 digits. It is
+// held as hi (the top 32 bits) and lo (the low 48 bits).
+func encodeID(ms uint64, seq uint32) string {
 	var out [IDLen]byte
 	hi := ms >> 16
 	lo := (ms&0xffff)<<32 | uint64(seq)

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/binary"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"hash/fnv"
@@ -200,6 +201,9 @@ func (s *Spool) Put(m *Message, header, body []byte) error {
 type Incoming struct {
 	Message      *Message
 	Header, Body []byte
+	// Sent, when set, is kept after the message leaves the queue, to
+	// match a later bounce (VERP).
+	Sent *SentRecord
 }
 
 // PutAll stores several new messages as Put does, in one batch and one
@@ -244,6 +248,10 @@ func (s *Spool) PutAll(msgs []Incoming) error {
 			for _, d := range m.Pending() {
 				_ = b.Set(key.due(due, m.ID, d), nil, nil)
 			}
+		}
+		if in.Sent != nil {
+			v, _ := json.Marshal(in.Sent)
+			_ = b.Set(sentKey(m.ID), v, nil)
 		}
 	}
 	recordPool.Put(rec)

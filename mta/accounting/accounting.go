@@ -31,6 +31,8 @@ const (
 	Release          = "release"
 	Remove           = "remove"
 	OperatorBounce   = "operator_bounce"
+	AsyncBounce      = "async_bounce" // a bounce that came back to a VERP return path after delivery
+	Complaint        = "complaint"    // a feedback report (ARF) about a message
 )
 
 // Event is one line of the accounting log. Empty fields are left out.

@@ -14,6 +14,7 @@ import (
 	"net/url"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -46,6 +47,7 @@ type Config struct {
 	DKIM            DKIM             `yaml:"dkim"`
 	Suppression     Suppression      `yaml:"suppression"`
 	Webhooks        []Webhook        `yaml:"webhooks"`
+	Bounces         Bounces          `yaml:"bounces"`
 	Debug           Debug            `yaml:"debug"`
 	MemoryBudget    ByteSize         `yaml:"memory_budget"` // message bodies held in memory at once, received and being delivered
 
@@ -213,6 +215,15 @@ type Webhook struct {
 	MaxBuffer  ByteSize `yaml:"max_buffer"`  // events kept on disk while the endpoint does not take them; default 64MiB
 }
 
+// Bounces holds the return-path processing settings (docs/return-path.md).
+type Bounces struct {
+	// Domain is where VERP return paths point:
+	// bounces+<queue-id>=<rcpt-domain>@DOMAIN; one of local_domains.
+	Domain    string   `yaml:"domain"`
+	Keep      Duration `yaml:"keep"`       // how long a message sent with one can be matched
+	RulesFile string   `yaml:"rules_file"` // extra rules for non-standard bounces: "STATUS REGEXP" per line
+}
+
 // DKIMKey is one signing domain's key.
 type DKIMKey struct {
 	Domain   string `yaml:"domain"`   // d=; mail from it and its subdomains is signed
@@ -305,6 +316,7 @@ func Default() *Config {
 		Log:          Log{Level: "info", Format: "json", Accounting: Accounting{MaxSize: 100 << 20, MaxFiles: 10}},
 		Admin:        Admin{Enabled: true},
 		API:          API{MaxRequestSize: 32 << 20, MaxRecipients: 10000},
+		Bounces:      Bounces{Keep: Duration(30 * 24 * 3600e9)},
 		Suppression:  Suppression{Enabled: true, BounceCodes: []string{"5.1.1", "5.1.2", "5.1.3", "5.1.6", "5.1.10", "5.2.1"}},
 		MemoryBudget: 1 << 30,
 	}
@@ -458,6 +470,7 @@ func (c *Config) checkFiles() error {
 	for i, w := range c.Webhooks {
 		readable(fmt.Sprintf("webhooks[%d].secret_file", i), w.SecretFile)
 	}
+	readable("bounces.rules_file", c.Bounces.RulesFile)
 	for dom, r := range c.Routes {
 		if r.Auth != nil {
 			readable("routes."+dom+".auth.password_file", r.Auth.PasswordFile)
@@ -561,6 +574,18 @@ func (c *Config) validate() error {
 	c.validateAPI(bad)
 	c.validateDKIM(bad)
 	c.validateWebhooks(bad)
+	if d := c.Bounces.Domain; d != "" {
+		nd, ok := mta.NormalizeDomain(d)
+		if !ok {
+			bad("bounces.domain", "not a domain: %q", d)
+		} else if !slices.Contains(c.LocalDomains, nd) {
+			bad("bounces.domain", "%s must be one of local_domains: bounces come back to it over SMTP", nd)
+		}
+		c.Bounces.Domain = nd
+	}
+	if c.Bounces.Keep <= 0 {
+		bad("bounces.keep", "must be greater than zero")
+	}
 	for i, code := range c.Suppression.BounceCodes {
 		if !validCodePattern(code) {
 			bad(fmt.Sprintf("suppression.bounce_codes[%d]", i), "want a permanent enhanced status code such as 5.1.1 or 5.1.*, got %q", code)

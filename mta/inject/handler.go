@@ -33,6 +33,7 @@ type Message struct {
 	ID           string
 	Env          *mta.Envelope
 	Header, Body []byte
+	VERP         bool // its return path is a VERP address: keep what matches a later bounce
 }
 
 // Store keeps accepted messages.
@@ -57,6 +58,9 @@ type Options struct {
 	// Refuse, when set, may refuse a recipient of a tenant (the
 	// suppression list) with the reply it gives; nil: none refused.
 	Refuse func(tenant, address string) *mta.Reply
+	// ReturnPath, when set, is the VERP return path of message id to
+	// rcpt; nil: requests may not ask for one.
+	ReturnPath func(id, rcpt string) string
 	// OnAccepted is told of every message stored (the accounting log).
 	OnAccepted func(id string, env *mta.Envelope, size int)
 	Logger     *zap.Logger
@@ -266,6 +270,12 @@ func (h *handler) prepare(t *Tenant, req *Request) (*plan, int, error) {
 			return nil, http.StatusBadRequest, fmt.Errorf("content: the From field: %v", err)
 		}
 	}
+	if req.VERP && h.opts.ReturnPath == nil {
+		return nil, http.StatusBadRequest, errors.New("verp: this server has no bounces.domain for VERP return paths")
+	}
+	if req.VERP && req.EnvelopeFrom != "" {
+		return nil, http.StatusBadRequest, errors.New("give envelope_from or verp, not both")
+	}
 	p.from = req.EnvelopeFrom
 	if p.from == "" {
 		p.from = headerFrom
@@ -393,8 +403,12 @@ func (h *handler) message(t *Tenant, p *plan, rcpt Recipient, client string, now
 	} else if id := headerMessageID(p.raw); id != "" {
 		messageID = id
 	}
+	from := p.from
+	if p.req.VERP {
+		from = h.opts.ReturnPath(id, rcpt.Email)
+	}
 	env := &mta.Envelope{
-		From:       p.from,
+		From:       from,
 		Recipients: []mta.Recipient{{Address: rcpt.Email}},
 		Body8Bit:   !isASCII(body),
 		ClientIP:   client,
@@ -407,7 +421,7 @@ func (h *handler) message(t *Tenant, p *plan, rcpt Recipient, client string, now
 	}
 	hdr := fmt.Appendf(nil, "Received: from %s (HTTP injection API, tenant %s)\r\n\tby %s (mta) with HTTP id %s\r\n\tfor <%s>; %s\r\n",
 		client, t.Name, h.opts.Hostname, id, rcpt.Email, now.Format(time.RFC1123Z))
-	return &Message{ID: id, Env: env, Header: hdr, Body: body}, nil
+	return &Message{ID: id, Env: env, Header: hdr, Body: body, VERP: p.req.VERP}, nil
 }
 
 // metadata merges the request's metadata and a recipient's (which wins).

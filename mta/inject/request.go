@@ -34,6 +34,10 @@ type Request struct {
 	// Metadata goes with every recipient's message into its events
 	// (webhooks, the accounting log); a recipient's own wins.
 	Metadata map[string]string `json:"metadata"`
+	// VERP gives each message the return path
+	// bounces+<queue-id>=<rcpt-domain>@<bounces.domain>, so that a bounce
+	// that comes back later is matched to its recipient.
+	VERP bool `json:"verp"`
 }
 
 // Builder is a message described by its parts. Subject, Text, HTML and

@@ -189,9 +189,11 @@ func ignoreGone(err error) error {
 // acceptor is the SMTP edge's Spooler: it stores a message and hands it to
 // the scheduler in memory.
 type acceptor struct {
-	sp    *spool.Spool
-	sched *scheduler.Scheduler
-	dkim  *signing
+	sp      *spool.Spool
+	sched   *scheduler.Scheduler
+	dkim    *signing
+	returns *returnPath // nil without bounces.domain
+	tenants tenantSet
 }
 
 func (a acceptor) NewID() string         { return a.sp.NewID() }
@@ -201,6 +203,9 @@ func (a acceptor) Accept(id string, env *mta.Envelope, header, body []byte) erro
 	header, body = a.dkim.sign(id, env, header, body)
 	if err := a.sp.Accept(id, env, header, body); err != nil {
 		return err
+	}
+	if a.returns.ours(env) {
+		a.returns.process(id, env, body) // stored first: the report is kept whatever it says
 	}
 	a.sched.Submit(id, domainsOf(env), env.Priority)
 	return nil
@@ -213,6 +218,10 @@ func (a acceptor) AcceptAll(msgs []inject.Message) error {
 	for i, m := range msgs {
 		header, body := a.dkim.sign(m.ID, m.Env, m.Header, m.Body)
 		in[i] = spool.Incoming{Message: spool.NewMessage(m.ID, m.Env), Header: header, Body: body}
+		if m.VERP {
+			in[i].Sent = &spool.SentRecord{Tenant: a.tenants.of(m.Env.AuthUser), Recipient: m.Env.Recipients[0].Address,
+				MessageID: m.Env.MessageID, Metadata: m.Env.Metadata, Sent: m.Env.Received}
+		}
 	}
 	if err := a.sp.PutAll(in); err != nil {
 		return err

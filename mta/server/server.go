@@ -30,6 +30,7 @@ import (
 	"github.com/mtaproject/mta/mta/accounting"
 	"github.com/mtaproject/mta/mta/admin"
 	"github.com/mtaproject/mta/mta/auth"
+	"github.com/mtaproject/mta/mta/bounceparse"
 	"github.com/mtaproject/mta/mta/certs"
 	"github.com/mtaproject/mta/mta/config"
 	"github.com/mtaproject/mta/mta/dkim"
@@ -67,6 +68,7 @@ type Server struct {
 	mailboxes  *mailbox.Transport  // local delivery
 	signing    *signing            // DKIM signing of accepted mail
 	suppress   *suppressions       // the suppression list; nil when off
+	returns    *returnPath         // return-path processing; nil without bounces.domain
 
 	adminToken string // bearer token the admin API requires; "" for none
 }
@@ -233,12 +235,34 @@ func New(cfg *config.Config, log *zap.Logger) (_ *Server, err error) {
 			s.events.byTenant[w.Tenant] = append(s.events.byTenant[w.Tenant], w.Name)
 		}
 	}
+	var returnPathFunc func(id, rcpt string) string
+	if cfg.Bounces.Domain != "" {
+		rules := bounceparse.DefaultRules
+		if cfg.Bounces.RulesFile != "" {
+			f, err := os.Open(cfg.Bounces.RulesFile)
+			if err != nil {
+				return nil, cfg.FieldErr("bounces.rules_file", err)
+			}
+			extra, err := bounceparse.ParseRules(f)
+			f.Close()
+			if err != nil {
+				return nil, cfg.FieldErr("bounces.rules_file", fmt.Errorf("%s: %w", cfg.Bounces.RulesFile, err))
+			}
+			rules = append(extra, rules...)
+		}
+		s.returns = newReturnPath(cfg.Bounces.Domain, cfg.Hostname, s.spool, rules, s.registry, log.Named("return-path"))
+		s.returns.events = s.events
+		returnPathFunc = s.returns.address
+	}
 	var suppressed func(authUser, rcpt string) *mta.Reply
 	var refuse func(tenant, rcpt string) *mta.Reply
 	if cfg.Suppression.Enabled {
 		s.suppress = &suppressions{sp: s.spool, tenants: s.tenants, codes: cfg.Suppression.BounceCodes, log: log.Named("suppression")}
 		suppressed = func(authUser, rcpt string) *mta.Reply { return s.suppress.refuse(s.suppress.tenant(authUser), rcpt) }
 		refuse = s.suppress.refuse
+	}
+	if s.returns != nil {
+		s.returns.suppress = s.suppress
 	}
 	tlsCfg, certHold := dynamicTLS(sec.tls)
 	s.reload = &reloader{path: cfg.Path(), cfg: cfg, cert: certHold, users: s.users, transport: transport, sched: s.sched, signing: s.signing, adminToken: sec.adminToken, log: log.Named("reload"),
@@ -279,7 +303,7 @@ func New(cfg *config.Config, log *zap.Logger) (_ *Server, err error) {
 			LocalDomains: cfg.LocalDomains,
 			Policy:       smtpPolicy(cfg),
 			TLS:          tlsCfg,
-			Spool:        acceptor{sp: s.spool, sched: s.sched, dkim: s.signing},
+			Spool:        s.acceptor(),
 			Auth:         users,
 			Mailboxes:    local,
 			OnAccepted:   s.accountReception,
@@ -341,9 +365,10 @@ func New(cfg *config.Config, log *zap.Logger) (_ *Server, err error) {
 			MaxRequestSize: int64(cfg.API.MaxRequestSize),
 			MaxRecipients:  cfg.API.MaxRecipients,
 			MaxMessageSize: int64(cfg.SMTP.MaxMessageSize),
-			Store:          acceptor{sp: s.spool, sched: s.sched, dkim: s.signing},
+			Store:          s.acceptor(),
 			Memory:         memory,
 			Refuse:         refuse,
+			ReturnPath:     returnPathFunc,
 			OnAccepted:     func(id string, env *mta.Envelope, size int) { s.accountReception(id, env, size, "") },
 			Logger:         log.Named("inject"),
 		}))
@@ -620,6 +645,13 @@ func (s *Server) Run(ctx context.Context) error {
 	watchers.Add(2)
 	go func() { defer watchers.Done(); s.users.watch(watchCtx, 2*time.Second) }()
 	go func() { defer watchers.Done(); s.queueStats.run(watchCtx, 30*time.Second) }()
+	if s.returns != nil {
+		watchers.Add(1)
+		go func() {
+			defer watchers.Done()
+			every(watchCtx, time.Hour, func() { s.returns.expire(s.cfg.Bounces.Keep.D()) })
+		}()
+	}
 	defer stopWatch()
 	s.ready.Store(true)
 	fields := []zap.Field{zap.String("data_dir", s.cfg.DataDir), zap.Int64("queued", s.spool.Count())}
@@ -755,4 +787,9 @@ func (s *Server) accountOutcome(e scheduler.OutcomeEvent) {
 		ev.Code, ev.Enhanced, ev.Reply = r.Code, r.Enhanced.String(), r.Text
 	}
 	s.events.Write(ev)
+}
+
+// acceptor is how the SMTP listeners and the injection API store mail.
+func (s *Server) acceptor() acceptor {
+	return acceptor{sp: s.spool, sched: s.sched, dkim: s.signing, returns: s.returns, tenants: s.tenants}
 }

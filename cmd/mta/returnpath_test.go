@@ -1,0 +1,182 @@
+package main
+
+import (
+	"encoding/json"
+	"fmt"
+	"net/http/httptest"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/emersion/go-smtp"
+
+	"github.com/mtaproject/mta/bench"
+	"github.com/mtaproject/mta/mta/auth"
+)
+
+// TestReturnPathProcessing: injected mail with VERP return paths goes out
+// with bounces+<queue-id>=<domain>@<bounce domain>; a DSN that comes back
+// later to one and an ARF complaint to a fixed address are matched to
+// their recipients, become async_bounce and complaint events with the
+// metadata given at injection, put the addresses on the tenant's
+// suppression list, and are kept in the bounce mailbox, read over POP3.
+func TestReturnPathProcessing(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts subprocesses")
+	}
+	sink, err := bench.StartSink(bench.SinkConfig{Addr: "127.0.0.1:0", Keep: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sink.Close()
+	recv := &hookReceiver{secret: "whsec-0123456789abcdef", events: map[string]map[string]any{}}
+	srv := httptest.NewServer(recv)
+	defer srv.Close()
+	dir := t.TempDir()
+	secretFile := filepath.Join(dir, "hook.secret")
+	os.WriteFile(secretFile, []byte(recv.secret+"\n"), 0o600)
+	hash, _ := auth.Hash("pw")
+	users := filepath.Join(dir, "users")
+	os.WriteFile(users, []byte("bounces:"+hash+"::@b.shop.example\n"), 0o600)
+	p, token := startInjecting(t, sink, "local_domains: [b.shop.example]\nauth: {users_file: "+users+"}\nbounces: {domain: b.shop.example}\n"+
+		"webhooks: [{name: hook, tenant: shop, url: \""+srv.URL+"\", secret_file: "+secretFile+"}]\n")
+
+	code, body := postJSON(t, "http://"+p.API+"/api/v1/messages", token, map[string]any{
+		"message": map[string]any{"from": "noreply@shop.example", "subject": "s", "text": "t"}, "verp": true,
+		"recipients": []map[string]any{
+			{"email": "ann@example.org", "metadata": map[string]string{"user": "ann"}},
+			{"email": "bob@example.net", "metadata": map[string]string{"user": "bob"}},
+		},
+	})
+	if code != 200 {
+		t.Fatalf("inject: %d %s", code, body)
+	}
+	var res struct{ Recipients []struct{ Email, ID string } }
+	json.Unmarshal(body, &res)
+	annID, bobID := res.Recipients[0].ID, res.Recipients[1].ID
+	deadline := time.Now().Add(10 * time.Second)
+	for len(sink.Messages()) < 2 {
+		if time.Now().After(deadline) {
+			t.Fatalf("sink got %d", len(sink.Messages()))
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	verp := map[string]string{}
+	for _, m := range sink.Messages() {
+		verp[m.To[0]] = m.From
+	}
+	if verp["ann@example.org"] != "bounces+"+annID+"=example.org@b.shop.example" || verp["bob@example.net"] != "bounces+"+bobID+"=example.net@b.shop.example" {
+		t.Fatalf("return paths %v (IDs %s %s)", verp, annID, bobID)
+	}
+
+	send := func(to, msg string) {
+		t.Helper()
+		c, err := smtp.Dial(p.SMTP)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		if err := c.SendMail("", []string{to}, strings.NewReader(strings.ReplaceAll(msg, "\n", "\r\n"))); err != nil {
+			t.Fatalf("sending to %s: %v", to, err)
+		}
+	}
+	send(verp["ann@example.org"], fmt.Sprintf(`From: MAILER-DAEMON@mx.example.org
+To: %s
+Subject: Delivery Status Notification (Failure)
+MIME-Version: 1.0
+Content-Type: multipart/report; report-type=delivery-status; boundary="B"
+
+--B
+Content-Type: text/plain
+
+The account ann@example.org does not exist.
+
+--B
+Content-Type: message/delivery-status
+
+Reporting-MTA: dns; mx.example.org
+
+Final-Recipient: rfc822; ann@example.org
+Action: failed
+Status: 5.1.1
+Diagnostic-Code: smtp; 550 5.1.1 The account does not exist
+
+--B--
+`, verp["ann@example.org"]))
+	send("fbl@b.shop.example", fmt.Sprintf(`From: fbl@provider.example
+To: fbl@b.shop.example
+Subject: complaint
+MIME-Version: 1.0
+Content-Type: multipart/report; report-type=feedback-report; boundary="F"
+
+--F
+Content-Type: text/plain
+
+A user marked this message as spam.
+
+--F
+Content-Type: message/feedback-report
+
+Feedback-Type: abuse
+Version: 1
+Original-Mail-From: <%s>
+Original-Rcpt-To: <bob@example.net>
+
+--F
+Content-Type: text/rfc822-headers
+
+From: noreply@shop.example
+Subject: s
+
+--F--
+`, verp["bob@example.net"]))
+	send("bounces+0000000000000000=example.org@b.shop.example", "From: x@example.org\nSubject: Undeliverable\n\nUser unknown: zed@example.org\n")
+
+	kinds := func() map[string]map[string]any {
+		evs, _, _ := recv.snapshot()
+		out := map[string]map[string]any{}
+		for _, e := range evs {
+			if k := e["event"].(string); k == "async_bounce" || k == "complaint" {
+				out[k] = e
+			}
+		}
+		return out
+	}
+	deadline = time.Now().Add(15 * time.Second)
+	for len(kinds()) < 2 && time.Now().Before(deadline) {
+		time.Sleep(50 * time.Millisecond)
+	}
+	got := kinds()
+	b, c := got["async_bounce"], got["complaint"]
+	if b == nil || b["id"] != annID || b["recipient"] != "ann@example.org" || b["enhanced"] != "5.1.1" || b["metadata"].(map[string]any)["user"] != "ann" {
+		t.Errorf("async bounce event: %v", b)
+	}
+	if c == nil || c["id"] != bobID || c["recipient"] != "bob@example.net" || c["reply"] != "abuse" || c["metadata"].(map[string]any)["user"] != "bob" {
+		t.Errorf("complaint event: %v", c)
+	}
+	out := mtaCmd(t, true, "suppress", "ls", "--tenant", "shop", "--admin=http://"+p.HTTP)
+	if !strings.Contains(out, "ann@example.org") || !strings.Contains(out, "bob@example.net") || !strings.Contains(out, "complaint") {
+		t.Errorf("suppression list:\n%s", out)
+	}
+	_, metrics := httpGet(t, "http://"+p.HTTP+"/metrics")
+	for _, want := range []string{`mta_return_path_reports_total{result="bounce"} 1`, `mta_return_path_reports_total{result="complaint"} 1`, `mta_return_path_reports_total{result="unmatched"} 1`} {
+		if !strings.Contains(metrics, want) {
+			t.Errorf("no %s in\n%s", want, grepLines(metrics, "mta_return_path"))
+		}
+	}
+	// The reports are kept in the bounce mailbox.
+	deadline = time.Now().Add(10 * time.Second)
+	var stat []string
+	for time.Now().Before(deadline) {
+		stat = pop3Session(t, p.POP3, "bounces", "pw", "STAT")
+		if strings.HasPrefix(stat[1], "+OK 3 ") {
+			break
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	if !strings.HasPrefix(stat[1], "+OK 3 ") {
+		t.Errorf("bounce mailbox: %v, want the 3 reports", stat)
+	}
+}
