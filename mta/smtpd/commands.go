@@ -116,7 +116,7 @@ func (s *session) hello(arg string, esmtp bool) {
 	if s.authAllowed() {
 		lines = append(lines, "AUTH PLAIN LOGIN")
 	}
-	lines = append(lines, "SMTPUTF8", "DSN")
+	lines = append(lines, "SMTPUTF8", "DSN", "MT-PRIORITY")
 	s.replyLines(250, lines)
 }
 
@@ -207,6 +207,18 @@ func (s *session) mail(arg string) {
 				return
 			}
 			env.EnvID = id
+		case "MT-PRIORITY":
+			// RFC 6710: -9 (lowest) to 9. Above 0, from our own users,
+			// the message takes the transactional lane; anyone else's
+			// priority is accepted and ignored (§5.1 lets us lower it).
+			n, err := strconv.Atoi(p.value)
+			if err != nil || n < -9 || n > 9 || len(p.value) > 2 {
+				s.refuse("bad_parameter", &replyBadParam)
+				return
+			}
+			if n > 0 && s.mayRelay() {
+				env.Priority = mta.PriorityTransactional
+			}
 		case "AUTH":
 			// RFC 4954 §5: the identity a trusted relay vouches for; we
 			// vouch for nobody's, so it is accepted and ignored.

@@ -1,6 +1,7 @@
 package smtpd
 
 import (
+	"github.com/mtaproject/mta/mta"
 	"net"
 	"strings"
 	"testing"
@@ -46,4 +47,27 @@ func TestSetPolicyAppliesToNewSessions(t *testing.T) {
 	c.Close()
 	before.cmdExpect("NOOP", "250")
 	after.cmdExpect("NOOP", "250")
+}
+
+// TestMTPriority: MT-PRIORITY above 0 (RFC 6710) from a trusted client
+// puts the message in the transactional lane; 0 and below leave it bulk;
+// a value outside -9..9 is a syntax error.
+func TestMTPriority(t *testing.T) {
+	ts := startServer(t, nil)
+	w := dial(t, ts.addr)
+	w.cmdExpect("EHLO client.test", "250")
+	for _, c := range []struct {
+		param string
+		want  mta.Priority
+	}{{"MT-PRIORITY=5", mta.PriorityTransactional}, {"MT-PRIORITY=0", mta.PriorityBulk}, {"MT-PRIORITY=-3", mta.PriorityBulk}} {
+		w.cmdExpect("MAIL FROM:<a@example.org> "+c.param, "250")
+		w.cmdExpect("RCPT TO:<r@remote.test>", "250")
+		w.cmdExpect("DATA", "354")
+		id := queuedID(t, w.cmdExpect("Subject: p\r\n\r\nx\r\n.", "250"))
+		if m, _ := storedMessage(t, ts.spool, id); m.Priority != c.want {
+			t.Errorf("%s: stored with lane %v, want %v", c.param, m.Priority, c.want)
+		}
+	}
+	w.cmdExpect("MAIL FROM:<a@example.org> MT-PRIORITY=10", "501")
+	w.cmdExpect("MAIL FROM:<a@example.org> MT-PRIORITY=high", "501")
 }

@@ -23,7 +23,7 @@ func TestEHLOAdvertisesExtensions(t *testing.T) {
 	ts := startServer(t, nil)
 	w := dial(t, ts.addr)
 	ehlo := w.cmdExpect("EHLO client.test", "250-")
-	for _, ext := range []string{"PIPELINING", "8BITMIME", "ENHANCEDSTATUSCODES", "SMTPUTF8", "DSN", "STARTTLS", "SIZE 65536", "AUTH PLAIN LOGIN"} {
+	for _, ext := range []string{"PIPELINING", "8BITMIME", "ENHANCEDSTATUSCODES", "SMTPUTF8", "DSN", "MT-PRIORITY", "STARTTLS", "SIZE 65536", "AUTH PLAIN LOGIN"} {
 		if !strings.Contains(ehlo, "250-"+ext+"\n") && !strings.HasSuffix(ehlo, "250 "+ext) {
 			t.Errorf("EHLO does not advertise %s:\n%s", ext, ehlo)
 		}
