@@ -25,6 +25,7 @@ const usage = `usage: mtabench SCENARIO [flags]
 
 scenarios:
   accept       SMTP acceptance into the spool, fsync on vs. off
+  inject       the same recipients by SMTP and by the HTTP injection API (--dkim rsa|ed25519 to sign)
   relay        end to end: inject over SMTP, deliver to a sink; one destination
   relay-1000   the same to 1,000 destinations
   distant      one destination that takes 50 ms per reply
@@ -48,6 +49,8 @@ func main() {
 	switch os.Args[1] {
 	case "accept":
 		err = accept(ctx, os.Args[2:])
+	case "inject":
+		err = injectScenario(ctx, os.Args[2:])
 	case "backlog":
 		err = backlog(ctx, os.Args[2:])
 	case "sink":
@@ -119,6 +122,22 @@ func (c *common) finish(rep interface{ WriteTable(io.Writer) }) error {
 		return err
 	}
 	return os.WriteFile(c.json, b, 0o644)
+}
+
+func injectScenario(ctx context.Context, args []string) error {
+	fs := flag.NewFlagSet("inject", flag.ExitOnError)
+	c := commonFlags(fs, 20000)
+	o := bench.InjectOptions{}
+	fs.IntVar(&o.Runs, "runs", 3, "runs per mode")
+	fs.IntVar(&o.PerRequest, "per-request", 100, "recipients per API request")
+	fs.StringVar(&o.DKIM, "dkim", "", "sign with a key of this type (rsa or ed25519) in both modes")
+	_ = fs.Parse(args)
+	o.MTA, o.WorkDir, o.Sessions, o.Recipients, o.Size, o.Progress = c.mta, c.dir, c.sessions, c.messages, c.size, c.progress()
+	rep, err := bench.RunInject(ctx, o)
+	if err != nil {
+		return err
+	}
+	return c.finish(rep)
 }
 
 func accept(ctx context.Context, args []string) error {

@@ -1,7 +1,13 @@
 package server
 
 import (
+	"crypto/hmac"
+	"crypto/rand"
+	"crypto/sha256"
+	"encoding/hex"
 	"errors"
+	"fmt"
+	"os"
 	"regexp"
 	"strings"
 	"time"
@@ -23,6 +29,7 @@ import (
 // domain), readable over POP3.
 type returnPath struct {
 	domain   string
+	secret   []byte // keys the token in each return path, so that nobody can forge a bounce for a message
 	hostname string
 	sp       *spool.Spool
 	events   *eventLog
@@ -32,8 +39,8 @@ type returnPath struct {
 	log      *zap.Logger
 }
 
-func newReturnPath(domain, hostname string, sp *spool.Spool, rules []bounceparse.Rule, reg prometheus.Registerer, log *zap.Logger) *returnPath {
-	r := &returnPath{domain: domain, hostname: hostname, sp: sp, rules: rules, log: log,
+func newReturnPath(domain, hostname string, secret []byte, sp *spool.Spool, rules []bounceparse.Rule, reg prometheus.Registerer, log *zap.Logger) *returnPath {
+	r := &returnPath{domain: domain, secret: secret, hostname: hostname, sp: sp, rules: rules, log: log,
 		reports: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "mta_return_path_reports_total",
 			Help: "Mail received at the bounce domain by outcome (bounce, complaint, delay, unmatched, unparsed)."}, []string{"result"})}
 	for _, res := range []string{"bounce", "complaint", "delay", "unmatched", "unparsed"} {
@@ -43,18 +50,28 @@ func newReturnPath(domain, hostname string, sp *spool.Spool, rules []bounceparse
 	return r
 }
 
-// address is the return path of message id to rcpt.
+// address is the return path of message id to rcpt:
+// bounces+<id>-<token>=<rcpt domain>@<bounce domain>.
 func (r *returnPath) address(id, rcpt string) string {
-	return "bounces+" + id + "=" + mta.Domain(rcpt) + "@" + r.domain
+	return "bounces+" + id + "-" + r.token(id) + "=" + mta.Domain(rcpt) + "@" + r.domain
 }
 
-var verpRE = regexp.MustCompile(`(?i)bounces\+([0-9A-Z]{16})=[^@\s<>]*@([^\s<>]+)`)
+// token is 8 hex digits of HMAC-SHA256(secret, id).
+func (r *returnPath) token(id string) string {
+	mac := hmac.New(sha256.New, r.secret)
+	mac.Write([]byte(id))
+	return hex.EncodeToString(mac.Sum(nil)[:4])
+}
 
-// idFrom finds the queue ID in a VERP address at our bounce domain.
+var verpRE = regexp.MustCompile(`(?i)bounces\+([0-9A-Z]{16})-([0-9a-f]{8})=[^@\s<>]*@([^\s<>]+)`)
+
+// idFrom finds the queue ID in a VERP address at our bounce domain whose
+// token is right; a wrong token is a forgery (or a typo), not ours.
 func (r *returnPath) idFrom(s string) string {
 	for _, m := range verpRE.FindAllStringSubmatch(s, -1) {
-		if strings.EqualFold(strings.TrimSuffix(m[2], "."), r.domain) {
-			return strings.ToUpper(m[1])
+		id := strings.ToUpper(m[1])
+		if strings.EqualFold(strings.TrimSuffix(m[3], "."), r.domain) && hmac.Equal([]byte(strings.ToLower(m[2])), []byte(r.token(id))) {
+			return id
 		}
 	}
 	return ""
@@ -92,10 +109,9 @@ func (r *returnPath) process(id string, env *mta.Envelope, body []byte) {
 		sentID = r.idFrom(rep.OriginalMailFrom)
 	}
 	if sentID == "" && rep.Original != nil { // or a report that quotes the original
+		// Only the return path, with its token: a Message-ID is easy to
+		// guess, and a forged report must not suppress anyone.
 		sentID = r.idFrom(rep.Original.Get("Return-Path"))
-		if mid := strings.Trim(rep.Original.Get("Message-Id"), "<> "); sentID == "" && strings.HasSuffix(mid, "@"+r.hostname) {
-			sentID = strings.TrimSuffix(mid, "@"+r.hostname)
-		}
 	}
 	sent, err := r.sp.Sent(sentID)
 	if sentID == "" || err != nil {
@@ -150,4 +166,34 @@ func (r *returnPath) expire(keep time.Duration) {
 	if err := r.sp.ExpireSent(time.Now().Add(-keep)); err != nil {
 		r.log.Warn("expiring sent-message records", zap.Error(err))
 	}
+}
+
+// verpSecret reads the key of the return-path tokens, making it (32
+// random bytes, mode 0600) on the first start: it must outlive restarts,
+// or the bounces of mail sent before one would no longer match.
+func verpSecret(path string) ([]byte, error) {
+	b, err := os.ReadFile(path)
+	if err == nil && len(b) >= 32 {
+		return b, nil
+	}
+	if err != nil && !errors.Is(err, os.ErrNotExist) {
+		return nil, err
+	}
+	b = make([]byte, 32)
+	if _, err := rand.Read(b); err != nil {
+		return nil, err
+	}
+	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("making %s: %w", path, err)
+	}
+	if _, err := f.Write(b); err != nil {
+		f.Close()
+		return nil, err
+	}
+	if err := f.Sync(); err != nil {
+		f.Close()
+		return nil, err
+	}
+	return b, f.Close()
 }

@@ -250,7 +250,11 @@ func New(cfg *config.Config, log *zap.Logger) (_ *Server, err error) {
 			}
 			rules = append(extra, rules...)
 		}
-		s.returns = newReturnPath(cfg.Bounces.Domain, cfg.Hostname, s.spool, rules, s.registry, log.Named("return-path"))
+		secret, err := verpSecret(filepath.Join(cfg.DataDir, "verp.secret"))
+		if err != nil {
+			return nil, cfg.FieldErr("bounces.domain", err)
+		}
+		s.returns = newReturnPath(cfg.Bounces.Domain, cfg.Hostname, secret, s.spool, rules, s.registry, log.Named("return-path"))
 		s.returns.events = s.events
 		returnPathFunc = s.returns.address
 	}
