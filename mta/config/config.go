@@ -236,6 +236,9 @@ type Tenant struct {
 	Name        string   `yaml:"name"`
 	TokenFile   string   `yaml:"token_file"`   // file whose first line is its bearer token
 	FromDomains []string `yaml:"from_domains"` // domains it may send from; empty: any
+	// SigningDomain is the DKIM key (one of dkim.keys) that signs its mail
+	// when the From domain has no key of its own.
+	SigningDomain string `yaml:"signing_domain"`
 }
 
 // Debug holds settings for diagnosing the server.
@@ -573,6 +576,18 @@ func (c *Config) validate() error {
 	c.validateDelivery(bad)
 	c.validateAPI(bad)
 	c.validateDKIM(bad)
+	for i, tn := range c.API.Tenants {
+		if tn.SigningDomain == "" {
+			continue
+		}
+		found := false
+		for _, k := range c.DKIM.Keys {
+			found = found || strings.EqualFold(strings.TrimSuffix(k.Domain, "."), tn.SigningDomain)
+		}
+		if !found {
+			bad(fmt.Sprintf("api.tenants[%d].signing_domain", i), "%q has no key in dkim.keys", tn.SigningDomain)
+		}
+	}
 	c.validateWebhooks(bad)
 	if d := c.Bounces.Domain; d != "" {
 		nd, ok := mta.NormalizeDomain(d)

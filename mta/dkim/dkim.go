@@ -145,7 +145,11 @@ func (s *Signer) Empty() bool { return s == nil || len(s.keys) == 0 }
 // that is header followed by body (the header section may go on into
 // body: header is what the server put in front), signed with the key for
 // its From address; "" when no key applies.
-func (s *Signer) Sign(header, body []byte) (string, error) {
+func (s *Signer) Sign(header, body []byte) (string, error) { return s.SignWith(header, body, "") }
+
+// SignWith is Sign, with the key of fallback (a tenant's signing domain)
+// when the From domain has none.
+func (s *Signer) SignWith(header, body []byte, fallback string) (string, error) {
 	if s.Empty() {
 		return "", nil
 	}
@@ -158,6 +162,11 @@ func (s *Signer) Sign(header, body []byte) (string, error) {
 		return "", nil // no single From address: nothing to align with
 	}
 	key := s.For(from.Address)
+	if key == nil && fallback != "" {
+		if k := s.keys[strings.ToLower(fallback)]; k != nil {
+			key = &k.Key
+		}
+	}
 	if key == nil {
 		return "", nil
 	}

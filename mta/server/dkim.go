@@ -15,6 +15,7 @@ import (
 // force (a reload replaces them).
 type signing struct {
 	signer  atomic.Pointer[dkim.Signer]
+	tenant  map[string]string // API tenant → its signing domain, for From domains without a key
 	results *prometheus.CounterVec
 	log     *zap.Logger
 }
@@ -46,12 +47,13 @@ func (s *signing) sign(id string, env *mta.Envelope, header, body []byte) ([]byt
 	if sg.Empty() {
 		return header, body
 	}
-	sig, err := sg.Sign(header, body)
+	fallback := s.tenant[env.AuthUser]
+	sig, err := sg.SignWith(header, body, fallback)
 	if err == nil && sig != "" && sevenbit.Needed(body) {
 		if conv, cerr := sevenbit.Convert(body); cerr == nil {
 			body = conv
 			env.Body8Bit = false
-			sig, err = sg.Sign(header, body)
+			sig, err = sg.SignWith(header, body, fallback)
 		}
 	}
 	switch {

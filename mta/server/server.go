@@ -224,6 +224,12 @@ func New(cfg *config.Config, log *zap.Logger) (_ *Server, err error) {
 		log.Info("finished messages bounced and removed", zap.Int("messages", n))
 	}
 	s.signing = newSigning(s.registry, sec.dkim, log.Named("dkim"))
+	s.signing.tenant = map[string]string{}
+	for _, tn := range cfg.API.Tenants {
+		if tn.SigningDomain != "" {
+			s.signing.tenant[tn.Name] = strings.ToLower(tn.SigningDomain)
+		}
+	}
 	if len(sec.hooks) > 0 {
 		if s.hooks, err = webhook.New(webhook.Options{Store: eventStore{s.spool}, Hooks: sec.hooks, UserAgent: "mta/" + Version,
 			Logger: log.Named("webhook"), Registerer: s.registry}); err != nil {
