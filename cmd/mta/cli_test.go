@@ -254,16 +254,8 @@ func TestQueueBounce(t *testing.T) {
 	if testing.Short() {
 		t.Skip("starts subprocesses")
 	}
-	busy, err := bench.StartSink(bench.SinkConfig{Addr: "127.0.0.1:0", Faults: bench.Faults{RcptTempFail: 1}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer busy.Close()
-	senders, err := bench.StartSink(bench.SinkConfig{Addr: "127.0.0.1:0", Keep: true})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer senders.Close()
+	busy := startSink(t, bench.SinkConfig{Faults: bench.Faults{RcptTempFail: 1}})
+	senders := startSink(t, bench.SinkConfig{Keep: true})
 	hostOf := func(s *bench.Sink) string { return `["[` + strings.Replace(s.Addr(), ":", "]:", 1) + `"]` }
 	p := startMTA(t, t.TempDir(), "dns: {servers: [\"127.0.0.1:1\"]}\n"+
 		"routes: {\"example.org\": {hosts: "+hostOf(senders)+", tls: none}, \"*\": {hosts: "+hostOf(busy)+", tls: none}}\n")
@@ -578,11 +570,7 @@ func TestDestSuspendAndResume(t *testing.T) {
 	if testing.Short() {
 		t.Skip("starts subprocesses")
 	}
-	sink, err := bench.StartSink(bench.SinkConfig{Addr: "127.0.0.1:0", Keep: true})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer sink.Close()
+	sink := startSink(t, bench.SinkConfig{Keep: true})
 	p := startMTA(t, t.TempDir(), "dns: {servers: [\"127.0.0.1:1\"]}\ndelivery: {min_backoff: 1s, max_backoff: 2s, max_lifetime: 2s}\n"+
 		"routes: {\"*\": {hosts: [\"["+strings.Replace(sink.Addr(), ":", "]:", 1)+"\"], tls: none}}\n")
 	admin := "--admin=http://" + p.HTTP

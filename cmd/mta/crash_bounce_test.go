@@ -35,11 +35,7 @@ func TestCrashDuringFailuresBouncesEachOnce(t *testing.T) {
 	defer dns.Close()
 	// The refusing receiver and the sender's server share one port on two
 	// loopback addresses.
-	refuser, err := bench.StartSink(bench.SinkConfig{Addr: "127.0.0.1:0", Faults: bench.Faults{RcptPermFail: 1}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer refuser.Close()
+	refuser := startSink(t, bench.SinkConfig{Faults: bench.Faults{RcptPermFail: 1}})
 	_, port, _ := net.SplitHostPort(refuser.Addr())
 	senders, err := bench.StartSink(bench.SinkConfig{Addr: "127.0.0.2:" + port})
 	if err != nil {

@@ -26,11 +26,7 @@ func TestDKIMSignedEndToEnd(t *testing.T) {
 	if testing.Short() {
 		t.Skip("starts subprocesses")
 	}
-	sink, err := bench.StartSink(bench.SinkConfig{Addr: "127.0.0.1:0", Keep: true})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer sink.Close()
+	sink := startSink(t, bench.SinkConfig{Keep: true})
 	keyDir := t.TempDir()
 	keyFile := filepath.Join(keyDir, "shop.pem")
 	out := mtaCmd(t, true, "dkim", "keygen", "shop.example", "s2026", "--out", keyFile)
@@ -60,13 +56,7 @@ func TestDKIMSignedEndToEnd(t *testing.T) {
 	}); code != 200 {
 		t.Fatalf("inject: %d %s", code, body)
 	}
-	deadline := time.Now().Add(10 * time.Second)
-	for len(sink.Messages()) < 3 {
-		if time.Now().After(deadline) {
-			t.Fatalf("the sink got %d of 3 messages", len(sink.Messages()))
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
+	waitMessages(t, sink, 3, 10*time.Second)
 	lookup := func(name string) ([]string, error) {
 		if name == "s2026._domainkey.shop.example" {
 			return []string{record.String()}, nil

@@ -62,11 +62,7 @@ func TestInjectThousandRecipients(t *testing.T) {
 	if testing.Short() {
 		t.Skip("starts subprocesses")
 	}
-	sink, err := bench.StartSink(bench.SinkConfig{Addr: "127.0.0.1:0", Keep: true})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer sink.Close()
+	sink := startSink(t, bench.SinkConfig{Keep: true})
 	p, token := startInjecting(t, sink, "")
 	const n = 1000
 	rcpts := make([]map[string]any, n)
@@ -101,13 +97,7 @@ func TestInjectThousandRecipients(t *testing.T) {
 		}
 		ids[r.ID] = r.Email
 	}
-	deadline := time.Now().Add(60 * time.Second)
-	for len(sink.Messages()) < n {
-		if time.Now().After(deadline) {
-			t.Fatalf("the sink got %d of %d messages", len(sink.Messages()), n)
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
+	waitMessages(t, sink, n, 60*time.Second)
 	time.Sleep(200 * time.Millisecond)
 	got := sink.Messages()
 	if len(got) != n {

@@ -18,11 +18,7 @@ func TestTransactionalLaneEndToEnd(t *testing.T) {
 	if testing.Short() {
 		t.Skip("starts subprocesses")
 	}
-	sink, err := bench.StartSink(bench.SinkConfig{Addr: "127.0.0.1:0", Faults: bench.Faults{Latency: 5 * time.Millisecond}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer sink.Close()
+	sink := startSink(t, bench.SinkConfig{Faults: bench.Faults{Latency: 5 * time.Millisecond}})
 	var bulk atomic.Int64
 	arrived := make(chan time.Time, 1)
 	sink.OnMessage(func(m bench.SinkMessage) {

@@ -72,3 +72,29 @@ func waitExit(t *testing.T, p *bench.Process, timeout time.Duration) {
 		t.Fatalf("mta did not exit within %v", timeout)
 	}
 }
+
+// startSink starts a receiver on loopback, closed when the test ends.
+func startSink(t *testing.T, cfg bench.SinkConfig) *bench.Sink {
+	t.Helper()
+	if cfg.Addr == "" {
+		cfg.Addr = "127.0.0.1:0"
+	}
+	s, err := bench.StartSink(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { s.Close() })
+	return s
+}
+
+// waitMessages waits until the sink has received n messages.
+func waitMessages(t *testing.T, s *bench.Sink, n int, timeout time.Duration) {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	for len(s.Messages()) < n {
+		if time.Now().After(deadline) {
+			t.Fatalf("the sink got %d messages, want %d", len(s.Messages()), n)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}

@@ -111,11 +111,7 @@ func TestReloadUnderLoad(t *testing.T) {
 	if testing.Short() {
 		t.Skip("starts subprocesses")
 	}
-	sink, err := bench.StartSink(bench.SinkConfig{Addr: "127.0.0.1:0"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer sink.Close()
+	sink := startSink(t, bench.SinkConfig{})
 	var mu sync.Mutex
 	got := map[string]int{}
 	sink.OnMessage(func(m bench.SinkMessage) {
@@ -183,16 +179,8 @@ func TestReloadChangesRoutes(t *testing.T) {
 	if testing.Short() {
 		t.Skip("starts subprocesses")
 	}
-	a, err := bench.StartSink(bench.SinkConfig{Addr: "127.0.0.1:0", Keep: true})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer a.Close()
-	b, err := bench.StartSink(bench.SinkConfig{Addr: "127.0.0.1:0", Keep: true})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer b.Close()
+	a := startSink(t, bench.SinkConfig{Keep: true})
+	b := startSink(t, bench.SinkConfig{Keep: true})
 	route := func(s *bench.Sink) string {
 		return "routes: {\"*\": {hosts: [\"[" + strings.Replace(s.Addr(), ":", "]:", 1) + "\"], tls: none}}\n"
 	}
@@ -247,11 +235,7 @@ func TestReloadAppliesLimitsAndDeliverySettings(t *testing.T) {
 	if testing.Short() {
 		t.Skip("starts subprocesses")
 	}
-	sink, err := bench.StartSink(bench.SinkConfig{Addr: "127.0.0.1:0", Keep: true})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer sink.Close()
+	sink := startSink(t, bench.SinkConfig{Keep: true})
 	data := t.TempDir()
 	p := startMTA(t, data, "dns: {servers: [\"127.0.0.1:1\"]}\nroutes: {\"*\": {hosts: [\"["+strings.Replace(sink.Addr(), ":", "]:", 1)+"\"], tls: none}}\n")
 	body := "Subject: limits\r\n\r\n" + strings.Repeat("0123456789abcdef\r\n", 200) // 3.6 kB

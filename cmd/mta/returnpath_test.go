@@ -27,11 +27,7 @@ func TestReturnPathProcessing(t *testing.T) {
 	if testing.Short() {
 		t.Skip("starts subprocesses")
 	}
-	sink, err := bench.StartSink(bench.SinkConfig{Addr: "127.0.0.1:0", Keep: true})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer sink.Close()
+	sink := startSink(t, bench.SinkConfig{Keep: true})
 	recv := &hookReceiver{secret: "whsec-0123456789abcdef", events: map[string]map[string]any{}}
 	srv := httptest.NewServer(recv)
 	defer srv.Close()
@@ -57,13 +53,7 @@ func TestReturnPathProcessing(t *testing.T) {
 	var res struct{ Recipients []struct{ Email, ID string } }
 	json.Unmarshal(body, &res)
 	annID, bobID := res.Recipients[0].ID, res.Recipients[1].ID
-	deadline := time.Now().Add(10 * time.Second)
-	for len(sink.Messages()) < 2 {
-		if time.Now().After(deadline) {
-			t.Fatalf("sink got %d", len(sink.Messages()))
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
+	waitMessages(t, sink, 2, 10*time.Second)
 	verp := map[string]string{}
 	for _, m := range sink.Messages() {
 		verp[m.To[0]] = m.From
@@ -147,7 +137,7 @@ Subject: s
 		}
 		return out
 	}
-	deadline = time.Now().Add(15 * time.Second)
+	deadline := time.Now().Add(15 * time.Second)
 	for len(kinds()) < 2 && time.Now().Before(deadline) {
 		time.Sleep(50 * time.Millisecond)
 	}

@@ -216,11 +216,7 @@ func TestStopWithinItsDeadline(t *testing.T) {
 	if testing.Short() {
 		t.Skip("starts subprocesses")
 	}
-	slow, err := bench.StartSink(bench.SinkConfig{Addr: "127.0.0.1:0", Faults: bench.Faults{Latency: 20 * time.Second}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer slow.Close()
+	slow := startSink(t, bench.SinkConfig{Faults: bench.Faults{Latency: 20 * time.Second}})
 	p := startMTA(t, t.TempDir(), "smtp: {shutdown_timeout: 2s}\ndns: {servers: [\"127.0.0.1:1\"]}\n"+
 		"routes: {\"*\": {hosts: [\"["+strings.Replace(slow.Addr(), ":", "]:", 1)+"\"], tls: none}}\n")
 	c, err := smtp.Dial(p.SMTP)
@@ -260,11 +256,7 @@ func TestOutcomesAreLogged(t *testing.T) {
 	if testing.Short() {
 		t.Skip("starts subprocesses")
 	}
-	sink, err := bench.StartSink(bench.SinkConfig{Addr: "127.0.0.1:0"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer sink.Close()
+	sink := startSink(t, bench.SinkConfig{})
 	p := startMTA(t, t.TempDir(), "dns: {servers: [\"127.0.0.1:1\"]}\n"+
 		"routes: {\"*\": {hosts: [\"["+strings.Replace(sink.Addr(), ":", "]:", 1)+"\"], tls: none}}\n")
 	c, err := smtp.Dial(p.SMTP)

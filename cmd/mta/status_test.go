@@ -34,16 +34,8 @@ func TestStatusPageInChromium(t *testing.T) {
 		t.Skip("starts subprocesses")
 	}
 	browser := chromium(t)
-	ok, err := bench.StartSink(bench.SinkConfig{Addr: "127.0.0.1:0", RcptReplies: map[string]string{"gone@x.test": "550 5.1.1 gone for good"}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ok.Close()
-	slow, err := bench.StartSink(bench.SinkConfig{Addr: "127.0.0.1:0", Faults: bench.Faults{RcptTempFail: 1}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer slow.Close()
+	ok := startSink(t, bench.SinkConfig{RcptReplies: map[string]string{"gone@x.test": "550 5.1.1 gone for good"}})
+	slow := startSink(t, bench.SinkConfig{Faults: bench.Faults{RcptTempFail: 1}})
 	host := func(s *bench.Sink) string { return `["[` + strings.Replace(s.Addr(), ":", "]:", 1) + `"]` }
 	tokenFile := filepath.Join(t.TempDir(), "token")
 	os.WriteFile(tokenFile, []byte("status-token\n"), 0o600)

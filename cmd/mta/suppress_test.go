@@ -22,11 +22,7 @@ func TestSuppressionList(t *testing.T) {
 	if testing.Short() {
 		t.Skip("starts subprocesses")
 	}
-	sink, err := bench.StartSink(bench.SinkConfig{Addr: "127.0.0.1:0", Keep: true})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer sink.Close()
+	sink := startSink(t, bench.SinkConfig{Keep: true})
 	p, token := startInjecting(t, sink, "")
 	admin := "--admin=http://" + p.HTTP
 	api := "http://" + p.API + "/api/v1/messages"

@@ -82,11 +82,7 @@ func TestWebhookEvents(t *testing.T) {
 	if testing.Short() {
 		t.Skip("starts subprocesses")
 	}
-	sink, err := bench.StartSink(bench.SinkConfig{Addr: "127.0.0.1:0", Keep: true, RcptReplies: map[string]string{"gone@example.org": "550 5.1.1 no such user"}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer sink.Close()
+	sink := startSink(t, bench.SinkConfig{Keep: true, RcptReplies: map[string]string{"gone@example.org": "550 5.1.1 no such user"}})
 	recv := &hookReceiver{secret: "whsec-0123456789abcdef", events: map[string]map[string]any{}}
 	recv.down.Store(true)
 	srv := httptest.NewServer(recv)
@@ -113,13 +109,7 @@ func TestWebhookEvents(t *testing.T) {
 	// Mail of another tenant (SMTP, the default one) must not reach the hook.
 	mtaSend(t, p.SMTP, "app@example.org", "other@example.org")
 
-	deadline := time.Now().Add(15 * time.Second)
-	for len(sink.Messages()) < n+1 {
-		if time.Now().After(deadline) {
-			t.Fatalf("sink got %d messages", len(sink.Messages()))
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
+	waitMessages(t, sink, n+1, 15*time.Second)
 	time.Sleep(1500 * time.Millisecond) // the hook is down: events wait on disk, retried with backoff
 	if evs, _, _ := recv.snapshot(); len(evs) != 0 {
 		t.Fatalf("%d events accepted while the hook was down", len(evs))
@@ -132,7 +122,7 @@ func TestWebhookEvents(t *testing.T) {
 	want := 2*(n+1) + 1
 	var evs map[string]map[string]any
 	var dups, bad int
-	deadline = time.Now().Add(60 * time.Second)
+	deadline := time.Now().Add(60 * time.Second)
 	for {
 		evs, dups, bad = recv.snapshot()
 		if len(evs) >= want || time.Now().After(deadline) {

@@ -139,17 +139,24 @@ func (s *suppressions) handler(tenantOf func(*http.Request) (string, error), sou
 		}
 		writeJSONBody(w, http.StatusOK, page)
 	})
-	mux.HandleFunc("POST /api/v1/suppressions", func(w http.ResponseWriter, r *http.Request) {
-		tenant, ok := list(w, r)
-		if !ok {
-			return
+	// entry is the tenant and address an edit names; "" is the default
+	// tenant there.
+	entry := func(w http.ResponseWriter, r *http.Request) (tenant, addr string, ok bool) {
+		if tenant, ok = list(w, r); !ok {
+			return "", "", false
 		}
-		a, ok := address(w, r)
-		if !ok {
-			return
+		if addr, ok = address(w, r); !ok {
+			return "", "", false
 		}
 		if tenant == "" {
 			tenant = defaultTenant
+		}
+		return tenant, addr, true
+	}
+	mux.HandleFunc("POST /api/v1/suppressions", func(w http.ResponseWriter, r *http.Request) {
+		tenant, a, ok := entry(w, r)
+		if !ok {
+			return
 		}
 		e := spool.Suppression{Tenant: tenant, Address: a, Source: source, Reason: r.URL.Query().Get("reason")}
 		if err := s.sp.Suppress(e); err != nil {
@@ -160,16 +167,9 @@ func (s *suppressions) handler(tenantOf func(*http.Request) (string, error), sou
 		writeJSONBody(w, http.StatusOK, e)
 	})
 	mux.HandleFunc("DELETE /api/v1/suppressions", func(w http.ResponseWriter, r *http.Request) {
-		tenant, ok := list(w, r)
+		tenant, a, ok := entry(w, r)
 		if !ok {
 			return
-		}
-		a, ok := address(w, r)
-		if !ok {
-			return
-		}
-		if tenant == "" {
-			tenant = defaultTenant
 		}
 		switch err := s.sp.Unsuppress(tenant, a); {
 		case errors.Is(err, mta.ErrNotFound):
