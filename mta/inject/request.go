@@ -81,6 +81,8 @@ func decode(b []byte) (*Request, error) {
 		switch {
 		case errors.As(err, &syn):
 			return nil, fmt.Errorf("not valid JSON at offset %d: %v", syn.Offset, err)
+		case errors.Is(err, io.EOF):
+			return nil, errors.New("the request body is empty: want a JSON object (docs/injection.md)")
 		case errors.Is(err, io.ErrUnexpectedEOF):
 			return nil, errors.New("not valid JSON: the body ends in the middle of a value")
 		case errors.As(err, &typ):

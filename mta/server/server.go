@@ -261,6 +261,10 @@ func New(cfg *config.Config, log *zap.Logger) (_ *Server, err error) {
 			return nil, cfg.FieldErr("bounces.domain", err)
 		}
 		s.returns = newReturnPath(cfg.Bounces.Domain, cfg.Hostname, secret, s.spool, rules, s.registry, log.Named("return-path"))
+		if _, ok := s.users.Mailbox("bounces+x-00000000=x@" + cfg.Bounces.Domain); !ok {
+			log.Warn("bounces.domain has no catch-all mailbox in the users file: bounces coming back to it are refused with 550 5.1.1 and never read",
+				zap.String("domain", cfg.Bounces.Domain), zap.String("fix", "add a line  bounces:HASH::@"+cfg.Bounces.Domain+"  to auth.users_file"))
+		}
 		s.returns.events = s.events
 		returnPathFunc = s.returns.address
 	}
