@@ -98,7 +98,9 @@ func (s *Spool) Suppressions(tenant, after string, limit int) ([]Suppression, er
 	}
 	if after != "" {
 		t, a, ok := strings.Cut(after, "/")
-		if !ok {
+		if !ok || tenant != "" && t != tenant {
+			// A cursor of another list would start the scan below this
+			// one's: refused, so that no tenant pages into another's.
 			return nil, errors.New("spool: bad suppression cursor")
 		}
 		k, err := suppressionKey(t, a)

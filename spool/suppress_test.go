@@ -39,6 +39,9 @@ func TestSuppressionList(t *testing.T) {
 	if err != nil || len(rest) != 1 || rest[0].Address != "cy@example.org" {
 		t.Fatalf("second page %+v, %v", rest, err)
 	}
+	if leak, err := sp.Suppressions("shop", "!/a", 10); err == nil || len(leak) != 0 {
+		t.Errorf("a cursor of another list gave %+v, %v", leak, err)
+	}
 	if all, _ := sp.Suppressions("", "", 10); len(all) != 4 {
 		t.Errorf("every tenant: %d entries", len(all))
 	}

@@ -8,10 +8,12 @@ package bounceparse
 import (
 	"bufio"
 	"bytes"
+	"encoding/base64"
 	"errors"
 	"io"
 	"mime"
 	"mime/multipart"
+	"mime/quotedprintable"
 	"net/mail"
 	"net/textproto"
 	"regexp"
@@ -128,6 +130,7 @@ func Parse(msg []byte, rules []Rule) (*Report, error) {
 		if parts++; parts > maxParts || depth > 5 {
 			return nil
 		}
+		body = decoded(h, body)
 		mt, params, err := mime.ParseMediaType(h.Get("Content-Type"))
 		if err != nil {
 			mt = "text/plain"
@@ -169,7 +172,12 @@ func Parse(msg []byte, rules []Rule) (*Report, error) {
 		return rep, nil
 	}
 	// Not machine-readable: a rule decides, and the recipient is the
-	// first address the text names.
+	// first address the text names. But a vacation or other auto-reply
+	// (RFC 3834: Auto-Submitted: auto-replied, with no report part) says
+	// nothing about the address, whatever its wording.
+	if as := strings.ToLower(strings.TrimSpace(m.Header.Get("Auto-Submitted"))); strings.HasPrefix(as, "auto-replied") {
+		return nil, ErrNotAReport
+	}
 	text := strings.Join(texts, "\n")
 	for _, r := range rules {
 		if r.Pattern.MatchString(text) {
@@ -186,6 +194,33 @@ func Parse(msg []byte, rules []Rule) (*Report, error) {
 		}
 	}
 	return nil, ErrNotAReport
+}
+
+// decoded undoes a part's Content-Transfer-Encoding (multipart.Reader
+// undoes quoted-printable itself, but not at the top level, and never
+// base64).
+func decoded(h textproto.MIMEHeader, body io.Reader) io.Reader {
+	switch strings.ToLower(strings.TrimSpace(h.Get("Content-Transfer-Encoding"))) {
+	case "base64":
+		return base64.NewDecoder(base64.StdEncoding, newlineStripper{body})
+	case "quoted-printable":
+		return quotedprintable.NewReader(body)
+	}
+	return body
+}
+
+// newlineStripper drops the line breaks of base64 text.
+type newlineStripper struct{ r io.Reader }
+
+func (s newlineStripper) Read(p []byte) (int, error) {
+	n, err := s.r.Read(p)
+	out := p[:0]
+	for _, c := range p[:n] {
+		if c != '\r' && c != '\n' && c != ' ' && c != '\t' {
+			out = append(out, c)
+		}
+	}
+	return len(out), err
 }
 
 var addressRE = regexp.MustCompile(`[A-Za-z0-9._%+=-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}`)

@@ -144,6 +144,15 @@ body
 	if _, err := ParseRules(strings.NewReader("5.1 bad\n")); err == nil {
 		t.Error("a bad rule line was taken")
 	}
+	vacation := crlf("From: ann@example.org\nAuto-Submitted: auto-replied\nSubject: Out of office\n\nThe project account ann@example.org does not exist any more; I am away.\n")
+	if _, err := Parse(vacation, nil); !errors.Is(err, ErrNotAReport) {
+		t.Errorf("an auto-reply read as a bounce: %v", err)
+	}
+	b64 := crlf("From: postmaster@old.example\nSubject: failure\nMIME-Version: 1.0\nContent-Type: text/plain\nContent-Transfer-Encoding: base64\n\n" +
+		"VXNlciB1bmtub3duOiBlZEBleGFtcGxlLm9yZwo=\n")
+	if rep, err := Parse(b64, nil); err != nil || rep.Recipients[0].Address != "ed@example.org" || rep.Recipients[0].Status != "5.1.1" {
+		t.Errorf("a base64 bounce: %+v, %v", rep, err)
+	}
 	if _, err := Parse(crlf("From: friend@example.org\nSubject: lunch?\n\nSee you at noon.\n"), nil); !errors.Is(err, ErrNotAReport) {
 		t.Errorf("ordinary mail: %v", err)
 	}

@@ -189,6 +189,7 @@ type API struct {
 	MaxRequestSize ByteSize `yaml:"max_request_size"` // bytes of one request body
 	MaxRecipients  int      `yaml:"max_recipients"`   // recipients of one request
 	Tenants        []Tenant `yaml:"tenants"`
+	TLS            bool     `yaml:"tls"` // serve HTTPS with the tls.* certificate; needed off loopback
 }
 
 // DKIM holds the signing keys (docs/dkim.md).
@@ -722,6 +723,9 @@ func (c *Config) validateAPI(bad func(field, format string, args ...any)) {
 	if a.MaxRecipients <= 0 {
 		bad("api.max_recipients", "must be greater than zero, got %d", a.MaxRecipients)
 	}
+	if c.Listen.API != "" && c.MemoryBudget < 2*a.MaxRequestSize {
+		bad("memory_budget", "must be at least twice api.max_request_size (%d bytes: a request and the messages made from it), got %d", 2*int64(a.MaxRequestSize), int64(c.MemoryBudget))
+	}
 	if c.Listen.API != "" && len(a.Tenants) == 0 {
 		bad("api.tenants", "listen.api is set: name at least one tenant (name and token_file) that may inject")
 	}
@@ -730,6 +734,8 @@ func (c *Config) validateAPI(bad func(field, format string, args ...any)) {
 		field := fmt.Sprintf("api.tenants[%d]", i)
 		if !validTenantName(tn.Name) {
 			bad(field+".name", "want 1 to 64 letters, digits, '-' or '_', got %q", tn.Name)
+		} else if tn.Name == "default" {
+			bad(field+".name", "default is the tenant of SMTP mail; choose another name")
 		} else if seen[tn.Name] {
 			bad(field+".name", "%q is named twice", tn.Name)
 		}

@@ -50,6 +50,9 @@ func (c *Config) validateListen(bad func(field, format string, args ...any)) {
 		if !loopback && l.field != "listen.http" {
 			public = true
 		}
+		if l.field == "listen.api" && !loopback && !c.API.TLS {
+			bad(l.field, "%q is not a loopback address, and the tenants' bearer tokens would cross the network in clear: set api.tls: true", l.addr)
+		}
 		if l.field == "listen.http" && !loopback && c.Admin.TokenFile == "" {
 			if c.Admin.Enabled {
 				bad(l.field, "%q is not a loopback address, and the queue admin API it serves (list, hold, delete mail) would be open to the network: set admin.token_file, or admin.enabled: false to serve only /metrics, /healthz and /readyz", l.addr)

@@ -145,11 +145,11 @@ func (s *Signer) Empty() bool { return s == nil || len(s.keys) == 0 }
 // that is header followed by body (the header section may go on into
 // body: header is what the server put in front), signed with the key for
 // its From address; "" when no key applies.
-func (s *Signer) Sign(header, body []byte) (string, error) { return s.SignWith(header, body, "") }
+func (s *Signer) Sign(header, body []byte) (string, error) { return s.SignWith(header, body, true, "") }
 
-// SignWith is Sign, with the key of fallback (a tenant's signing domain)
-// when the From domain has none.
-func (s *Signer) SignWith(header, body []byte, fallback string) (string, error) {
+// SignWith is Sign with a choice: byFrom allows the From domain's key,
+// and fallback (a tenant's signing domain) is used when that gives none.
+func (s *Signer) SignWith(header, body []byte, byFrom bool, fallback string) (string, error) {
 	if s.Empty() {
 		return "", nil
 	}
@@ -161,7 +161,10 @@ func (s *Signer) SignWith(header, body []byte, fallback string) (string, error) 
 	if err != nil {
 		return "", nil // no single From address: nothing to align with
 	}
-	key := s.For(from.Address)
+	var key *Key
+	if byFrom {
+		key = s.For(from.Address)
+	}
 	if key == nil && fallback != "" {
 		if k := s.keys[strings.ToLower(fallback)]; k != nil {
 			key = &k.Key

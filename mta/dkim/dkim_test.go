@@ -164,11 +164,14 @@ func TestKeyChoiceAndErrors(t *testing.T) {
 	if sig, err := sg.Sign(nil, []byte(strings.Replace(sample, "mail.shop.example", "example.org", 1))); sig != "" || err != nil {
 		t.Errorf("mail from a domain without a key: %q, %v", sig, err)
 	}
-	if sig, err := sg.SignWith(nil, []byte(strings.Replace(sample, "mail.shop.example", "example.org", 1)), "eu.shop.example"); !strings.Contains(sig, "d=eu.shop.example") || err != nil {
+	if sig, err := sg.SignWith(nil, []byte(strings.Replace(sample, "mail.shop.example", "example.org", 1)), true, "eu.shop.example"); !strings.Contains(sig, "d=eu.shop.example") || err != nil {
 		t.Errorf("a tenant's signing domain for a From without a key: %q, %v", sig, err)
 	}
-	if sig, _ := sg.SignWith(nil, []byte(sample), "eu.shop.example"); !strings.Contains(sig, "d=shop.example;") {
+	if sig, _ := sg.SignWith(nil, []byte(sample), true, "eu.shop.example"); !strings.Contains(sig, "d=shop.example;") {
 		t.Errorf("the From domain's own key goes first: %q", sig)
+	}
+	if sig, _ := sg.SignWith(nil, []byte(sample), false, ""); sig != "" {
+		t.Errorf("signed by the From domain where that is not allowed: %q", sig)
 	}
 	dir := t.TempDir()
 	os.WriteFile(filepath.Join(dir, "junk.pem"), []byte("not a key"), 0o600)

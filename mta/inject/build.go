@@ -16,6 +16,7 @@ import (
 	"slices"
 	"strings"
 	"text/template"
+	"text/template/parse"
 	"time"
 )
 
@@ -60,6 +61,9 @@ func compile(b *Builder) (*compiled, error) {
 	}
 	parse := func(field, src string) (*template.Template, error) {
 		t, err := template.New(field).Option("missingkey=error").Parse(src)
+		if err == nil {
+			err = bounded(t.Tree, len(t.Templates()))
+		}
 		if err != nil {
 			return nil, fmt.Errorf("%s: %v", field, err)
 		}
@@ -74,7 +78,10 @@ func compile(b *Builder) (*compiled, error) {
 		}
 	}
 	if b.HTML != "" {
-		if c.html, err = htmltemplate.New("message.html").Option("missingkey=error").Parse(b.HTML); err != nil {
+		if c.html, err = htmltemplate.New("message.html").Option("missingkey=error").Parse(b.HTML); err == nil {
+			err = bounded(c.html.Tree, len(c.html.Templates()))
+		}
+		if err != nil {
 			return nil, fmt.Errorf("message.html: %v", err)
 		}
 	}
@@ -108,6 +115,63 @@ func compile(b *Builder) (*compiled, error) {
 		}
 	}
 	return c, nil
+}
+
+// bounded refuses what would let one template run without end: other
+// templates ({{define}}, {{template}}, {{block}}: recursion), a range
+// inside a range (the product of two lists from the request), and a
+// range over a number. What is left costs time in proportion to the
+// request and the output, which is capped.
+func bounded(tree *parse.Tree, templates int) error {
+	if templates > 1 {
+		return errors.New("{{define}} and {{block}} are not allowed")
+	}
+	if tree == nil {
+		return nil
+	}
+	var walk func(n parse.Node, inRange bool) error
+	walk = func(n parse.Node, inRange bool) error {
+		switch n := n.(type) {
+		case *parse.ListNode:
+			if n == nil {
+				return nil
+			}
+			for _, c := range n.Nodes {
+				if err := walk(c, inRange); err != nil {
+					return err
+				}
+			}
+		case *parse.TemplateNode:
+			return errors.New("{{template}} is not allowed")
+		case *parse.RangeNode:
+			if inRange {
+				return errors.New("a {{range}} inside a {{range}} is not allowed")
+			}
+			for _, cmd := range n.Pipe.Cmds {
+				for _, arg := range cmd.Args {
+					if _, ok := arg.(*parse.NumberNode); ok {
+						return errors.New("{{range}} over a number is not allowed")
+					}
+				}
+			}
+			if err := walk(n.List, true); err != nil {
+				return err
+			}
+			return walk(n.ElseList, inRange)
+		case *parse.IfNode:
+			if err := walk(n.List, inRange); err != nil {
+				return err
+			}
+			return walk(n.ElseList, inRange)
+		case *parse.WithNode:
+			if err := walk(n.List, inRange); err != nil {
+				return err
+			}
+			return walk(n.ElseList, inRange)
+		}
+		return nil
+	}
+	return walk(tree.Root, false)
 }
 
 // validFieldName reports whether name is an RFC 5322 field name.

@@ -19,6 +19,11 @@ import (
 	"github.com/mtaproject/mta/mta"
 )
 
+// AuthPrefix marks a message's AuthUser as an API tenant's ("api:shop"):
+// a users-file name cannot hold a colon, so no SMTP user can pass for a
+// tenant.
+const AuthPrefix = "api:"
+
 // Tenant is one application allowed to inject.
 type Tenant struct {
 	Name  string
@@ -161,13 +166,13 @@ func (h *handler) inject(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, http.StatusUnsupportedMediaType, ErrorBody{"Content-Type must be application/json"})
 		return
 	}
-	// The request body and one batch of rendered messages are in memory
-	// at once.
+	// The request body is charged to the memory budget before it is read
+	// (what it says it is, or the most it may be), each rendered message
+	// as it is made (run).
 	need := h.opts.MaxRequestSize
 	if r.ContentLength >= 0 && r.ContentLength < need {
 		need = r.ContentLength
 	}
-	need += batchBytes
 	if h.opts.Memory != nil {
 		if !h.opts.Memory.TryAcquire(need) {
 			w.Header().Set("Retry-After", "5")
@@ -214,6 +219,8 @@ type plan struct {
 	req         *Request
 	from        string // envelope sender
 	raw         []byte // Content, with CRLF line endings; nil with a builder
+	rawID       string // its Message-ID; "": each copy gets one
+	rawDate     bool   // it has a Date field
 	built       *compiled
 	priority    mta.Priority
 	storageFull bool
@@ -240,6 +247,14 @@ func (h *handler) prepare(t *Tenant, req *Request) (*plan, int, error) {
 	if err := checkMetadata("metadata", req.Metadata); err != nil {
 		return nil, http.StatusBadRequest, err
 	}
+	if err := checkData("substitutions", req.Substitutions); err != nil {
+		return nil, http.StatusBadRequest, err
+	}
+	for i, r := range req.Recipients {
+		if err := checkData(fmt.Sprintf("recipients[%d].substitutions", i), r.Substitutions); err != nil {
+			return nil, http.StatusBadRequest, err
+		}
+	}
 	for i, r := range req.Recipients {
 		if err := checkMetadata(fmt.Sprintf("recipients[%d].metadata", i), metadata(req.Metadata, r.Metadata)); err != nil {
 			return nil, http.StatusBadRequest, err
@@ -264,11 +279,16 @@ func (h *handler) prepare(t *Tenant, req *Request) (*plan, int, error) {
 		if int64(len(p.raw)) > h.opts.MaxMessageSize {
 			return nil, http.StatusRequestEntityTooLarge, fmt.Errorf("content: %d bytes, over the message size limit of %d", len(p.raw), h.opts.MaxMessageSize)
 		}
+		if n := len(m.Header["From"]); n != 1 {
+			return nil, http.StatusBadRequest, fmt.Errorf("content: %d From fields, want exactly one (RFC 5322 §3.6)", n)
+		}
 		if f, err := mail.ParseAddress(m.Header.Get("From")); err == nil {
 			headerFrom = f.Address
 		} else {
 			return nil, http.StatusBadRequest, fmt.Errorf("content: the From field: %v", err)
 		}
+		p.rawID = strings.TrimSpace(m.Header.Get("Message-Id"))
+		p.rawDate = m.Header.Get("Date") != ""
 	}
 	if req.VERP && h.opts.ReturnPath == nil {
 		return nil, http.StatusBadRequest, errors.New("verp: this server has no bounces.domain for VERP return paths")
@@ -281,6 +301,9 @@ func (h *handler) prepare(t *Tenant, req *Request) (*plan, int, error) {
 		p.from = headerFrom
 	} else if a, err := mail.ParseAddress(p.from); err != nil || a.Address != p.from {
 		return nil, http.StatusBadRequest, fmt.Errorf("envelope_from: %q is not a bare address", p.from)
+	}
+	if !isASCII([]byte(p.from)) {
+		return nil, http.StatusBadRequest, fmt.Errorf("the sender %q is not ASCII: the injection API does not send SMTPUTF8 mail", p.from)
 	}
 	for _, a := range []struct{ field, addr string }{{"envelope_from", p.from}, {"from", headerFrom}} {
 		if !t.mayUse(a.addr) {
@@ -310,6 +333,8 @@ var (
 	replyTooBig      = mta.Reply{Code: 552, Enhanced: mta.Enhanced{5, 3, 4}, Text: "Message size exceeds fixed limit"}
 	replyStorageFull = mta.Reply{Code: 452, Enhanced: mta.Enhanced{4, 3, 1}, Text: "Insufficient system storage"}
 	replySpoolError  = mta.Reply{Code: 451, Enhanced: mta.Enhanced{4, 3, 0}, Text: "Local error in processing: not stored"}
+	replyNoMemory    = mta.Reply{Code: 451, Enhanced: mta.Enhanced{4, 3, 2}, Text: "Too much mail in progress; try again later"}
+	replyNonASCII    = mta.Reply{Code: 553, Enhanced: mta.Enhanced{5, 6, 7}, Text: "Non-ASCII addresses are not supported by the injection API"}
 )
 
 // run renders and stores a message per recipient.
@@ -323,6 +348,9 @@ func (h *handler) run(t *Tenant, p *plan, client string) *Result {
 			return
 		}
 		err := h.opts.Store.AcceptAll(batch)
+		if h.opts.Memory != nil {
+			h.opts.Memory.Release(int64(size))
+		}
 		for i, m := range batch {
 			rr := &res.Recipients[batchIdx[i]]
 			if err != nil {
@@ -352,6 +380,13 @@ func (h *handler) run(t *Tenant, p *plan, client string) *Result {
 			rr.Error = replyError(reply)
 			continue
 		}
+		if n := int64(len(m.Header) + len(m.Body)); h.opts.Memory != nil && !h.opts.Memory.TryAcquire(n) {
+			flush() // gives the batch's bytes back
+			if !h.opts.Memory.TryAcquire(n) {
+				rr.Error = replyError(&replyNoMemory)
+				continue
+			}
+		}
 		batch = append(batch, *m)
 		batchIdx = append(batchIdx, i)
 		if size += len(m.Header) + len(m.Body); size >= batchBytes || len(batch) >= batchMessages {
@@ -373,6 +408,9 @@ func (h *handler) run(t *Tenant, p *plan, client string) *Result {
 
 // message renders the message for one recipient, or says why not.
 func (h *handler) message(t *Tenant, p *plan, rcpt Recipient, client string, now time.Time) (*Message, *mta.Reply) {
+	if !isASCII([]byte(rcpt.Email)) {
+		return nil, &replyNonASCII
+	}
 	to, err := mail.ParseAddress(rcpt.Email)
 	if err != nil || to.Address != rcpt.Email || strings.ContainsAny(rcpt.Email, " \t\r\n<>") {
 		return nil, &replyBadAddress
@@ -400,8 +438,8 @@ func (h *handler) message(t *Tenant, p *plan, rcpt Recipient, client string, now
 		case err != nil:
 			return nil, &replySpoolError
 		}
-	} else if id := headerMessageID(p.raw); id != "" {
-		messageID = id
+	} else if p.rawID != "" {
+		messageID = p.rawID
 	}
 	from := p.from
 	if p.req.VERP {
@@ -412,7 +450,7 @@ func (h *handler) message(t *Tenant, p *plan, rcpt Recipient, client string, now
 		Recipients: []mta.Recipient{{Address: rcpt.Email}},
 		Body8Bit:   !isASCII(body),
 		ClientIP:   client,
-		AuthUser:   t.Name,
+		AuthUser:   AuthPrefix + t.Name,
 		MessageID:  messageID,
 		Received:   now,
 		Priority:   p.priority,
@@ -421,6 +459,16 @@ func (h *handler) message(t *Tenant, p *plan, rcpt Recipient, client string, now
 	}
 	hdr := fmt.Appendf(nil, "Received: from %s (HTTP injection API, tenant %s)\r\n\tby %s (mta) with HTTP id %s\r\n\tfor <%s>; %s\r\n",
 		client, t.Name, h.opts.Hostname, id, rcpt.Email, now.Format(time.RFC1123Z))
+	if p.raw != nil {
+		// What a submission server adds (RFC 6409 §8): providers refuse
+		// mail without them.
+		if !p.rawDate {
+			hdr = fmt.Appendf(hdr, "Date: %s\r\n", now.Format(time.RFC1123Z))
+		}
+		if p.rawID == "" {
+			hdr = fmt.Appendf(hdr, "Message-ID: %s\r\n", messageID)
+		}
+	}
 	return &Message{ID: id, Env: env, Header: hdr, Body: body, VERP: p.req.VERP}, nil
 }
 
@@ -433,6 +481,37 @@ func metadata(global, own map[string]string) map[string]string {
 	maps.Copy(out, global)
 	maps.Copy(out, own)
 	return out
+}
+
+// maxListItems bounds a list or object in the substitutions: with one
+// level of {{range}}, a recipient's rendering then costs at most this
+// many steps per range.
+const maxListItems = 1000
+
+// checkData refuses substitutions whose lists or objects are longer than
+// maxListItems, at any depth.
+func checkData(field string, v any) error {
+	switch v := v.(type) {
+	case map[string]any:
+		if len(v) > maxListItems {
+			return fmt.Errorf("%s: %d entries, over the limit of %d", field, len(v), maxListItems)
+		}
+		for k, x := range v {
+			if err := checkData(field+"."+k, x); err != nil {
+				return err
+			}
+		}
+	case []any:
+		if len(v) > maxListItems {
+			return fmt.Errorf("%s: a list of %d items, over the limit of %d", field, len(v), maxListItems)
+		}
+		for i, x := range v {
+			if err := checkData(fmt.Sprintf("%s[%d]", field, i), x); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
 }
 
 // maxMetadata bounds the metadata of one message, keys and values.
@@ -464,15 +543,6 @@ func crlf(s string) []byte {
 		s += "\n"
 	}
 	return []byte(strings.ReplaceAll(s, "\n", "\r\n"))
-}
-
-// headerMessageID returns the Message-ID field of a raw message, or "".
-func headerMessageID(msg []byte) string {
-	m, err := mail.ReadMessage(bytes.NewReader(msg))
-	if err != nil {
-		return ""
-	}
-	return strings.TrimSpace(m.Header.Get("Message-Id"))
 }
 
 func isASCII(b []byte) bool {

@@ -122,7 +122,7 @@ func TestBuiltMessagePerRecipient(t *testing.T) {
 		if res.Recipients[i].ID != m.ID || res.Recipients[i].Email != want.to {
 			t.Errorf("result %d: %+v for %s", i, res.Recipients[i], m.ID)
 		}
-		if m.Env.From != "orders@shop.example" || len(m.Env.Recipients) != 1 || m.Env.Recipients[0].Address != want.to || m.Env.AuthUser != "shop" {
+		if m.Env.From != "orders@shop.example" || len(m.Env.Recipients) != 1 || m.Env.Recipients[0].Address != want.to || m.Env.AuthUser != "api:shop" {
 			t.Errorf("envelope %+v", m.Env)
 		}
 		if !bytes.HasPrefix(m.Header, []byte("Received: from ")) {
@@ -282,6 +282,10 @@ func TestRequestsRefusedWhole(t *testing.T) {
 		{"bad template", token, map[string]any{"message": map[string]any{"from": "a@shop.example", "subject": "{{.x", "text": "t"}, "recipients": ok["recipients"]}, 400, "message.subject"},
 		{"reserved header", token, map[string]any{"message": map[string]any{"from": "a@shop.example", "subject": "s", "text": "t", "headers": map[string]string{"bcc": "x@y"}}, "recipients": ok["recipients"]}, 400, "message.headers.bcc"},
 		{"no body", token, map[string]any{"message": map[string]any{"from": "a@shop.example", "subject": "s"}, "recipients": ok["recipients"]}, 400, "text, html"},
+		{"range over a number", token, map[string]any{"message": map[string]any{"from": "a@shop.example", "subject": "s", "text": "{{range 100000000}}{{end}}"}, "recipients": ok["recipients"]}, 400, "over a number"},
+		{"nested range", token, map[string]any{"message": map[string]any{"from": "a@shop.example", "subject": "s", "html": "{{range .a}}{{range .a}}x{{end}}{{end}}"}, "recipients": ok["recipients"]}, 400, "inside a {{range}}"},
+		{"define", token, map[string]any{"message": map[string]any{"from": "a@shop.example", "subject": "{{define \"x\"}}{{template \"x\"}}{{end}}{{template \"x\"}}", "text": "t"}, "recipients": ok["recipients"]}, 400, "not allowed"},
+		{"long list", token, map[string]any{"message": ok["message"], "recipients": ok["recipients"], "substitutions": map[string]any{"items": make([]int, 1001)}}, 400, "substitutions.items: a list of 1001 items"},
 		{"bad priority", token, map[string]any{"message": ok["message"], "recipients": ok["recipients"], "priority": "urgent"}, 400, "priority"},
 		{"too large", token, strings.Repeat(" ", 1<<20+1), 413, "api.max_request_size"},
 	} {
@@ -311,6 +315,19 @@ func TestRawContentAndStorageFull(t *testing.T) {
 			t.Errorf("stored %q (%s)", m.Body, m.Env.MessageID)
 		}
 	}
+	store.msgs = nil
+	code, body = post(t, h, token, map[string]any{"content": "From: a@shop.example\nSubject: bare\n\nx\n", "recipients": []map[string]any{{"email": "x@example.org"}}})
+	if code != 200 || len(store.msgs) != 1 {
+		t.Fatalf("%d %s", code, body)
+	}
+	m := store.msgs[0]
+	full, _ := mail.ReadMessage(bytes.NewReader(append(append([]byte{}, m.Header...), m.Body...)))
+	if full.Header.Get("Date") == "" || full.Header.Get("Message-Id") != "<"+m.ID+"@mx.test>" || m.Env.MessageID != full.Header.Get("Message-Id") {
+		t.Errorf("raw content without Date and Message-ID: %q + %q", m.Header, m.Body)
+	}
+	if code, body := post(t, h, token, map[string]any{"content": "From: a@shop.example\nFrom: b@bank.example\n\nx\n", "recipients": []map[string]any{{"email": "x@example.org"}}}); code != 400 || !strings.Contains(body, "2 From fields") {
+		t.Errorf("two From fields: %d %s", code, body)
+	}
 	store.full = true
 	req := httptest.NewRequest(http.MethodPost, "/api/v1/messages", strings.NewReader(`{"content": "From: a@shop.example\n\nx", "recipients": [{"email": "z@example.org"}]}`))
 	req.Header.Set("Content-Type", "application/json")
@@ -327,3 +344,26 @@ func decodeBase64Lines(raw, dst []byte) (int, error) {
 }
 
 var base64StdDecode = base64.StdEncoding.Decode
+
+// TestMemoryBudget: the request and each rendered message are charged to
+// the shared budget and given back; a batch is stored early to make room,
+// and a message that cannot fit even then gets 451 4.3.2.
+func TestMemoryBudget(t *testing.T) {
+	store := &memStore{}
+	budget := mta.NewBudget(3000)
+	h := newTestHandler(store, func(o *Options) { o.Memory = budget })
+	req := map[string]any{"message": map[string]any{"from": "a@shop.example", "subject": "s", "text": strings.Repeat("x", 800)},
+		"recipients": []map[string]any{{"email": "a@example.org"}, {"email": "b@example.org"}, {"email": "c@example.org"}, {"email": "d@example.org"}}}
+	code, body := post(t, h, token, req)
+	if code != 200 || !strings.Contains(body, `"accepted":4`) || store.batches < 2 {
+		t.Fatalf("%d %s (%d batches): want all 4 stored, in more than one batch", code, body, store.batches)
+	}
+	if used := budget.Used(); used != 0 {
+		t.Errorf("%d bytes of the budget still held after the request", used)
+	}
+	req["message"].(map[string]any)["text"] = strings.Repeat("y", 2800)
+	code, body = post(t, h, token, req)
+	if code != 422 || !strings.Contains(body, `"enhanced":"4.3.2"`) || budget.Used() != 0 {
+		t.Errorf("messages larger than the budget: %d %s, %d held", code, body, budget.Used())
+	}
+}

@@ -35,8 +35,8 @@ type Request struct {
 	// (webhooks, the accounting log); a recipient's own wins.
 	Metadata map[string]string `json:"metadata"`
 	// VERP gives each message the return path
-	// bounces+<queue-id>=<rcpt-domain>@<bounces.domain>, so that a bounce
-	// that comes back later is matched to its recipient.
+	// bounces+<queue-id>-<token>=<rcpt-domain>@<bounces.domain>, so that
+	// a bounce that comes back later is matched to its recipient.
 	VERP bool `json:"verp"`
 }
 

@@ -16,6 +16,8 @@ import (
 type signing struct {
 	signer  atomic.Pointer[dkim.Signer]
 	tenant  map[string]string // API tenant → its signing domain, for From domains without a key
+	tenants tenantSet
+	limited map[string]bool // API tenants with from_domains
 	results *prometheus.CounterVec
 	log     *zap.Logger
 }
@@ -47,13 +49,20 @@ func (s *signing) sign(id string, env *mta.Envelope, header, body []byte) ([]byt
 	if sg.Empty() {
 		return header, body
 	}
-	fallback := s.tenant[env.AuthUser]
-	sig, err := sg.SignWith(header, body, fallback)
+	// Our SMTP users are signed for their From domain, as a relay signs
+	// what its trusted networks and AUTH users send (the users file's
+	// sender lists bound those). An API tenant only for the domains it is
+	// limited to (api.tenants from_domains, which the API enforces): one
+	// without a list must not get signatures for others' domains.
+	tenant := s.tenants.of(env.AuthUser)
+	byFrom := tenant == defaultTenant || s.limited[tenant]
+	fallback := s.tenant[tenant]
+	sig, err := sg.SignWith(header, body, byFrom, fallback)
 	if err == nil && sig != "" && sevenbit.Needed(body) {
 		if conv, cerr := sevenbit.Convert(body); cerr == nil {
 			body = conv
 			env.Body8Bit = false
-			sig, err = sg.SignWith(header, body, fallback)
+			sig, err = sg.SignWith(header, body, byFrom, fallback)
 		}
 	}
 	switch {

@@ -1,9 +1,11 @@
 package server
 
 import (
+	"strings"
 	"time"
 
 	"github.com/mtaproject/mta/mta/accounting"
+	"github.com/mtaproject/mta/mta/inject"
 	"github.com/mtaproject/mta/mta/webhook"
 	"github.com/mtaproject/mta/spool"
 )
@@ -15,11 +17,11 @@ const defaultTenant = "default"
 // tenantSet names the API tenants.
 type tenantSet map[string]bool
 
-// of is the tenant of mail submitted by authUser: an API tenant, or the
-// default one.
+// of is the tenant of mail submitted by authUser: an API tenant (its
+// messages carry "api:<name>"), or the default one.
 func (t tenantSet) of(authUser string) string {
-	if t[authUser] {
-		return authUser
+	if name, ok := strings.CutPrefix(authUser, inject.AuthPrefix); ok && t[name] {
+		return name
 	}
 	return defaultTenant
 }

@@ -129,6 +129,17 @@ func (r *returnPath) process(id string, env *mta.Envelope, body []byte) {
 		r.suppressAddress(sent, "complaint", "feedback report: "+rep.FeedbackType)
 		return
 	}
+	if !rep.Standard {
+		// A bounce read by a rule, not from a delivery-status part, counts
+		// only as a server's (from the null sender) and only about the
+		// recipient the message was sent to: anyone's mail that reaches a
+		// valid return path must not suppress a customer.
+		if env.From != "" || len(rep.Recipients) == 0 || !strings.EqualFold(rep.Recipients[0].Address, sent.Recipient) {
+			r.reports.WithLabelValues("unparsed").Inc()
+			r.log.Info("mail at the bounce domain read by a rule but not trusted as a bounce", zap.String("id", id), zap.String("sent_id", sentID))
+			return
+		}
+	}
 	for _, rc := range rep.Recipients {
 		if rc.Action != "failed" {
 			if rc.Action == "delayed" {
@@ -173,10 +184,12 @@ func (r *returnPath) expire(keep time.Duration) {
 // or the bounces of mail sent before one would no longer match.
 func verpSecret(path string) ([]byte, error) {
 	b, err := os.ReadFile(path)
-	if err == nil && len(b) >= 32 {
+	switch {
+	case err == nil && len(b) >= 32:
 		return b, nil
-	}
-	if err != nil && !errors.Is(err, os.ErrNotExist) {
+	case err == nil:
+		return nil, fmt.Errorf("%s holds %d bytes, want 32: remove it to make a new key (the bounces of mail sent before then will no longer match)", path, len(b))
+	case !errors.Is(err, os.ErrNotExist):
 		return nil, err
 	}
 	b = make([]byte, 32)

@@ -224,8 +224,9 @@ func New(cfg *config.Config, log *zap.Logger) (_ *Server, err error) {
 		log.Info("finished messages bounced and removed", zap.Int("messages", n))
 	}
 	s.signing = newSigning(s.registry, sec.dkim, log.Named("dkim"))
-	s.signing.tenant = map[string]string{}
+	s.signing.tenant, s.signing.tenants, s.signing.limited = map[string]string{}, s.tenants, map[string]bool{}
 	for _, tn := range cfg.API.Tenants {
+		s.signing.limited[tn.Name] = len(tn.FromDomains) > 0
 		if tn.SigningDomain != "" {
 			s.signing.tenant[tn.Name] = strings.ToLower(tn.SigningDomain)
 		}
@@ -359,6 +360,12 @@ func New(cfg *config.Config, log *zap.Logger) (_ *Server, err error) {
 			return nil, err
 		}
 		s.apiLn = netutil.LimitListener(s.apiLn, maxAPIConnections)
+		if cfg.API.TLS {
+			if tlsCfg == nil {
+				return nil, cfg.FieldErr("api.tls", errors.New("needs a certificate: set tls.cert_file and tls.key_file, or tls.self_signed"))
+			}
+			s.apiLn = tls.NewListener(s.apiLn, tlsCfg)
+		}
 		apiMux := http.NewServeMux()
 		if s.suppress != nil {
 			// A tenant sees and edits its own list only.
