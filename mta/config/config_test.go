@@ -90,6 +90,14 @@ func TestErrorsNameTheField(t *testing.T) {
 		{"smtp: [1]\n", "smtp: must be a mapping"},
 		{"local_domains: [\"a b\"]\n", "local_domains[0]: not a domain"},
 		{"smtp: {max_line_length: 80}\n", "smtp.max_line_length: must be at least 1000"},
+		{"listen: {api: \"0.0.0.0:8026\"}\napi: {tenants: [{name: s, token_file: /x}]}\n", "listen.api: \"0.0.0.0:8026\" is not a loopback address"},
+		{"listen: {api: \"127.0.0.1:8026\"}\n", "api.tenants: listen.api is set"},
+		{"api: {tenants: [{name: default, token_file: /x}]}\n", "api.tenants[0].name: default is the tenant of SMTP mail"},
+		{"memory_budget: 40MiB\nlisten: {api: \"127.0.0.1:8026\"}\napi: {tenants: [{name: s, token_file: /x}]}\n", "memory_budget: must be at least twice api.max_request_size"},
+		{"webhooks: [{name: h, tenant: nobody, url: \"ftp://x\", secret_file: /x}]\n", "webhooks[0].tenant"},
+		{"bounces: {domain: b.example}\n", "bounces.domain: b.example must be one of local_domains"},
+		{"suppression: {bounce_codes: [\"4.1.1\"]}\n", "suppression.bounce_codes[0]"},
+		{"dkim: {keys: [{domain: a.example, selector: \"s_1\", key_file: /x}]}\n", "dkim.keys[0].selector"},
 	} {
 		_, err := Parse([]byte(tc.yaml))
 		if err == nil || !strings.Contains(err.Error(), tc.want) {
