@@ -79,6 +79,9 @@ func (s *memStore) Lease(items []Due) ([]Due, error) {
 			continue
 		}
 		s.due[k] = it.At
+		if m := s.msgs[it.ID]; m != nil {
+			it.Received, it.Priority = m.Received, m.Priority
+		}
 		out = append(out, it)
 	}
 	return out, nil

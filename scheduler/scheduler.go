@@ -514,7 +514,9 @@ func (s *Scheduler) scan() {
 		// was skipped and must not start.
 		if d.Reply == "" && s.window[workKey{d.ID, d.Domain}] == nil {
 			delete(s.waitingFresh, workKey{d.ID, d.Domain}) // the scan brought it: the overflow copy is stale
-			s.add(d.ID, d.Domain)
+			if d.Priority != mta.PriorityTransactional || !s.addUrgent(d.ID, d.Domain) {
+				s.add(d.ID, d.Domain)
+			}
 		}
 	}
 }

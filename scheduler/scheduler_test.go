@@ -470,3 +470,26 @@ func TestTransactionalAheadOfBulk(t *testing.T) {
 		t.Errorf("only %d bulk messages were still queued: the test did not hold a backlog", behind)
 	}
 }
+
+// TestTransactionalRetryKeepsLane: work the scan finds (a retry, or after
+// a restart) keeps its lane: a transactional message due behind 3,000 bulk
+// ones for the same destination is delivered before most of them.
+func TestTransactionalRetryKeepsLane(t *testing.T) {
+	store, tr := newMemStore(), newFakeTransport()
+	tr.delay["lane.test"] = time.Millisecond
+	now := time.Now()
+	const backlog = 3000
+	for i := 0; i < backlog; i++ {
+		store.add(fmt.Sprintf("b%05d", i), now, now, "r@lane.test")
+	}
+	store.add("z-urgent", now, now, "reset@lane.test") // sorts last among equal due times
+	store.mu.Lock()
+	store.msgs["z-urgent"].Priority = mta.PriorityTransactional
+	store.mu.Unlock()
+	start(t, func(o *Options) { o.MaxPerDestination = 2; o.InitialPerDestination = 2 }, store, tr)
+	done := func() bool { store.mu.Lock(); defer store.mu.Unlock(); _, ok := store.done["z-urgent reset@lane.test"]; return ok }
+	waitFor(t, "the transactional retry", done)
+	if d, _ := store.counts(); d > backlog/3 { // in arrival order it would be the last
+		t.Errorf("the transactional retry came after %d of %d bulk messages", d-1, backlog)
+	}
+}

@@ -16,6 +16,9 @@ type Due struct {
 	// Received is when the message was accepted; Lease fills it in for the
 	// items it returns, so that postponed work can be expired.
 	Received time.Time
+	// Priority is the message's lane; Lease fills it in too, so that work
+	// found by the scan (a retry, after a restart) keeps its lane.
+	Priority mta.Priority
 	// Was, with Lease, is the due time the scan read: the item is leased
 	// only if nothing moved it since (a worker's deferral wins).
 	Was time.Time

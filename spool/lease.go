@@ -19,6 +19,9 @@ type LeaseItem struct {
 	// Received is set by Lease on the items it returns: when the message
 	// was accepted.
 	Received time.Time
+	// Priority is set by Lease too: the message's lane, so that work the
+	// scan finds (retries, after a restart) keeps it.
+	Priority mta.Priority
 	// Was, if set, is the due time the item was read at: the item is
 	// leased only if its recipients are still due then. A worker that
 	// deferred them meanwhile (between the scan and this batch) wins, and
@@ -84,7 +87,7 @@ func (s *Spool) Lease(items []LeaseItem) ([]LeaseItem, error) {
 		if !it.Was.IsZero() && movedSince(m, it.Domain, it.Was) {
 			continue
 		}
-		it.Received = m.Received
+		it.Received, it.Priority = m.Received, m.Priority
 		leased = append(leased, it)
 		t := &Transition{}
 		for i := range m.Recipients {

@@ -137,7 +137,7 @@ func (q queueStore) Lease(items []scheduler.Due) ([]scheduler.Due, error) {
 	leased, err := q.sp.Lease(li)
 	out := make([]scheduler.Due, len(leased))
 	for i, it := range leased {
-		out[i] = scheduler.Due{ID: it.ID, Domain: it.Domain, At: it.At, Reply: it.Reply, Received: it.Received}
+		out[i] = scheduler.Due{ID: it.ID, Domain: it.Domain, At: it.At, Reply: it.Reply, Received: it.Received, Priority: it.Priority}
 	}
 	return out, err
 }
