@@ -487,7 +487,12 @@ func TestTransactionalRetryKeepsLane(t *testing.T) {
 	store.msgs["z-urgent"].Priority = mta.PriorityTransactional
 	store.mu.Unlock()
 	start(t, func(o *Options) { o.MaxPerDestination = 2; o.InitialPerDestination = 2 }, store, tr)
-	done := func() bool { store.mu.Lock(); defer store.mu.Unlock(); _, ok := store.done["z-urgent reset@lane.test"]; return ok }
+	done := func() bool {
+		store.mu.Lock()
+		defer store.mu.Unlock()
+		_, ok := store.done["z-urgent reset@lane.test"]
+		return ok
+	}
 	waitFor(t, "the transactional retry", done)
 	if d, _ := store.counts(); d > backlog/3 { // in arrival order it would be the last
 		t.Errorf("the transactional retry came after %d of %d bulk messages", d-1, backlog)
