@@ -727,7 +727,7 @@ func (s *Scheduler) limit(d *dest) int {
 // serve starts connection workers for d while it has queued work and
 // slots; a destination that is out of global slots waits its turn.
 func (s *Scheduler) serve(d *dest) {
-	for len(d.queue) > 0 && d.active < s.limit(d) {
+	for len(d.queue) > 0 && d.active < s.limit(d) && (d.active == 0 || len(d.queue) > d.active*queuedPerConnection) {
 		if s.active >= s.limits().MaxConnections {
 			if !d.inWaiting {
 				d.inWaiting = true
@@ -745,6 +745,14 @@ func (s *Scheduler) serve(d *dest) {
 		go s.worker(d.key, d.route, w)
 	}
 }
+
+// queuedPerConnection is the work that must be waiting for each
+// connection a destination has before another is started: a connection
+// is added when the ones open cannot keep up, not merely because the
+// limit allows it. So a run to one destination uses few connections, each
+// for many messages, and one that reaches its message limit near the end
+// of a run is not replaced by several that carry a handful each.
+const queuedPerConnection = 64
 
 // pop takes the next live work of d's queue. Work for a suspended domain
 // is postponed instead: a suspended domain gets no attempts.

@@ -498,3 +498,32 @@ func TestTransactionalRetryKeepsLane(t *testing.T) {
 		t.Errorf("the transactional retry came after %d of %d bulk messages", d-1, backlog)
 	}
 }
+
+// TestBulkRunKeepsConnectionsFull: 5,000 messages to one destination (20
+// connections allowed, 250 messages each: the ratio of 20,000 at 1,000)
+// go over at least 90 % of the limit per connection on average: a
+// connection is added only when the open ones have more work waiting than
+// they can take, so the tail of the run is not spread over new
+// connections carrying a handful each.
+func TestBulkRunKeepsConnectionsFull(t *testing.T) {
+	store, tr := newMemStore(), newFakeTransport()
+	tr.delay["bulk.test"] = 100 * time.Microsecond
+	h := start(t, func(o *Options) { o.MaxMessagesPerConnection = 250 }, store, tr)
+	now := time.Now()
+	const n = 5000
+	for i := 0; i < n; i++ {
+		id := fmt.Sprintf("m%05d", i)
+		store.add(id, now, now.Add(2*time.Second), "r@bulk.test") // the scan finds any Submit dropped
+		h.s.Submit(id, []string{"bulk.test"}, mta.PriorityBulk)
+		if i%1000 == 999 {
+			time.Sleep(20 * time.Millisecond)
+		}
+	}
+	waitFor(t, "every delivery", func() bool { d, _ := store.counts(); return d == n })
+	connects, _, peak := tr.stats("bulk.test")
+	per := float64(n) / float64(connects)
+	t.Logf("%d messages over %d connections (%d at once): %.0f per connection", n, connects, peak, per)
+	if per < 225 {
+		t.Errorf("%.0f messages per connection, want at least 225 (90 %% of the limit)", per)
+	}
+}
