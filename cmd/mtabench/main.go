@@ -177,6 +177,7 @@ func relay(ctx context.Context, scenario string, args []string) error {
 	fs.BoolVar(&o.SinkChunking, "sink-chunking", false, "the sink offers CHUNKING (BDAT), as the big providers do")
 	fs.StringVar(&o.ReplyStyle, "reply-style", "", "texts of the sink's injected failures: gmail, outlook or yahoo")
 	fs.StringVar(&o.MTAConfig, "mta-config", "", "YAML appended to the mta configuration (e.g. \"log: {accounting: {file: /tmp/a.log}}\")")
+	fs.StringVar(&o.Client, "client", "", "load generator: our own (default) or smtp-source (Postfix's, which does not pipeline; one domain)")
 	_ = fs.Parse(args)
 	o.MTA, o.WorkDir, o.Sessions, o.Messages, o.Size, o.Progress = c.mta, c.dir, c.sessions, c.messages, c.size, c.progress()
 	o.Shape = c.load()
