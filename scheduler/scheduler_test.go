@@ -265,12 +265,14 @@ func TestConcurrencyWindowGrowsFromTheInitialOne(t *testing.T) {
 	tr.connectDelay = 10 * time.Millisecond
 	h := start(t, func(o *Options) { o.InitialPerDestination = 1; o.MaxPerDestination = 4 }, store, tr)
 	now := time.Now()
-	for i := 0; i < 200; i++ {
-		id := fmt.Sprintf("g%03d", i)
+	// Enough work that each connection has more than queuedPerConnection
+	// waiting while the window grows.
+	for i := 0; i < 1000; i++ {
+		id := fmt.Sprintf("g%04d", i)
 		store.add(id, now, now.Add(time.Hour), "r@grow.test")
 		h.s.Submit(id, []string{"grow.test"}, mta.PriorityBulk)
 	}
-	waitFor(t, "200 deliveries", func() bool { d, _ := store.counts(); return d == 200 })
+	waitFor(t, "1000 deliveries", func() bool { d, _ := store.counts(); return d == 1000 })
 	connects, _, maxActive := tr.stats("grow.test")
 	t.Logf("%d connections, at most %d at once", connects, maxActive)
 	if maxActive != 4 {

@@ -122,7 +122,7 @@ func TestQueueCommandsAgainstRunningServer(t *testing.T) {
 	if err := p.Stop(30 * time.Second); err != nil {
 		t.Fatal(err)
 	}
-	if !strings.Contains(p.Log(), `"msg":"mta stopped"`) {
+	if !logHas(p, `"msg":"mta stopped"`) {
 		t.Fatalf("no stop log line:\n%s", p.Log())
 	}
 }
@@ -309,7 +309,7 @@ func TestQueueBounce(t *testing.T) {
 	if v, err := p.Metric(`mta_dsn_generated_total{action="failed"}`); err != nil || v != 1 {
 		t.Errorf("mta_dsn_generated_total{action=failed} = %v, %v", v, err)
 	}
-	if !strings.Contains(p.Log(), `"msg":"notification made","id":"`+id+`"`) || !strings.Contains(p.Log(), `"action":"bounce"`) {
+	if !logHas(p, `"msg":"notification made","id":"`+id+`"`, `"action":"bounce"`) {
 		t.Errorf("the notice or the operator action was not logged:\n%s", p.Log())
 	}
 	mtaCmd(t, false, "queue", "bounce", "06H3XXXXXXXXXXXX", adminFlag) // unknown ID: an error
@@ -398,7 +398,7 @@ func TestUserCommandsAndLiveReload(t *testing.T) {
 	if v, err := p.Metric(`mta_pop3_logins_total{listener="pop3",result="failure"}`); err != nil || v < 1 {
 		t.Errorf("failed POP3 logins counted: %v, %v", v, err)
 	}
-	if !strings.Contains(p.Log(), `"msg":"pop3 login","listener":"pop3","user":"carol","client_ip":"127.0.0.1","result":"failure"`) {
+	if !logHas(p, `"msg":"pop3 login","listener":"pop3","user":"carol","client_ip":"127.0.0.1","result":"failure"`) {
 		t.Errorf("the failed login was not logged")
 	}
 	if out := userCmd(true, "", "ls", "--file", users); !strings.Contains(out, "carol") || !strings.Contains(out, "carol@local.test,info@local.test") || strings.Contains(out, "$2a$") {

@@ -145,7 +145,7 @@ func TestInjectThousandRecipients(t *testing.T) {
 			t.Fatalf("%s: html %q", to, hb)
 		}
 	}
-	if !strings.Contains(p.Log(), `"msg":"messages injected","tenant":"shop"`) {
+	if !logHas(p, `"msg":"messages injected","tenant":"shop"`) {
 		t.Errorf("no injection line in the log")
 	}
 }

@@ -98,3 +98,19 @@ func waitMessages(t *testing.T, s *bench.Sink, n int, timeout time.Duration) {
 		time.Sleep(20 * time.Millisecond)
 	}
 }
+
+// logHas waits (the log is written out every 100 ms) until the server's
+// log holds every one of subs, and reports whether it came to.
+func logHas(p *bench.Process, subs ...string) bool {
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		all := true
+		for _, s := range subs {
+			all = all && strings.Contains(p.Log(), s)
+		}
+		if all || time.Now().After(deadline) {
+			return all
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}

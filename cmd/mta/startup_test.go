@@ -295,7 +295,11 @@ func TestOutcomesAreLogged(t *testing.T) {
 			t.Errorf("outcome line lacks %s: %s", want, line)
 		}
 	}
-	if !regexp.MustCompile(`"msg":"refused",("listener":"smtp",)?"reason":"bad_sequence","client_ip":"127.0.0.1","helo":"client.test","code":503,"enhanced":"5.5.1"`).MatchString(p.Log()) {
+	refused := regexp.MustCompile(`"msg":"refused",("listener":"smtp",)?"reason":"bad_sequence","client_ip":"127.0.0.1","helo":"client.test","code":503,"enhanced":"5.5.1"`)
+	for deadline := time.Now().Add(5 * time.Second); !refused.MatchString(p.Log()) && time.Now().Before(deadline); {
+		time.Sleep(20 * time.Millisecond) // the log is written out every 100 ms
+	}
+	if !refused.MatchString(p.Log()) {
 		t.Errorf("RCPT before MAIL: no refusal logged:\n%s", p.Log())
 	}
 	for _, want := range []string{`"id":"`, `"client_ip":"127.0.0.1"`, `"helo":"localhost"`, `"from":"app@example.org"`, `"rcpts":1`, `"tls":"none"`, `"message_id":"<log-1@example.org>"`} {
@@ -316,7 +320,7 @@ func TestOutcomesAreLogged(t *testing.T) {
 	}
 	mtaCmd(t, true, "queue", "flush", "--admin=http://"+p.HTTP)
 	time.Sleep(200 * time.Millisecond)
-	if !strings.Contains(p.Log(), `"msg":"operator action","action":"flush"`) {
+	if !logHas(p, `"msg":"operator action","action":"flush"`) {
 		t.Errorf("flush not logged")
 	}
 }
