@@ -149,14 +149,7 @@ func medianRun(runs []AcceptRun, mode string) AcceptRun {
 	}
 	sort.Slice(rs, func(i, j int) bool { return rs[i].Rate < rs[j].Rate })
 	m := rs[len(rs)/2]
-	// Each figure is its own median, not the median run's.
-	med := func(f func(AcceptRun) float64) float64 {
-		xs := make([]float64, len(rs))
-		for i, r := range rs {
-			xs[i] = f(r)
-		}
-		return MedianFloat(xs)
-	}
+	med := func(f func(AcceptRun) float64) float64 { return MedianBy(rs, f) }
 	m.P50 = time.Duration(med(func(r AcceptRun) float64 { return float64(r.P50) }))
 	m.P99 = time.Duration(med(func(r AcceptRun) float64 { return float64(r.P99) }))
 	m.FsyncsPerMsg = med(func(r AcceptRun) float64 { return r.FsyncsPerMsg })

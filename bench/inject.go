@@ -73,13 +73,7 @@ func RunInject(ctx context.Context, o InjectOptions) (InjectReport, error) {
 			}
 		}
 		m := rs[len(rs)/2]
-		pick := func(f func(InjectRun) float64) float64 {
-			xs := make([]float64, len(rs))
-			for i, r := range rs {
-				xs[i] = f(r)
-			}
-			return MedianFloat(xs)
-		}
+		pick := func(f func(InjectRun) float64) float64 { return MedianBy(rs, f) }
 		m.Rate = pick(func(r InjectRun) float64 { return r.Rate })
 		m.CPUPer1000 = pick(func(r InjectRun) float64 { return r.CPUPer1000 })
 		m.PeakRSS = int64(pick(func(r InjectRun) float64 { return float64(r.PeakRSS) }))

@@ -373,13 +373,7 @@ func medianRelay(runs []RelayRun, target string) RelayRun {
 	}
 	sort.Slice(rs, func(i, j int) bool { return rs[i].DeliverRate < rs[j].DeliverRate })
 	m := rs[len(rs)/2]
-	med := func(f func(RelayRun) float64) float64 {
-		xs := make([]float64, len(rs))
-		for i, r := range rs {
-			xs[i] = f(r)
-		}
-		return MedianFloat(xs)
-	}
+	med := func(f func(RelayRun) float64) float64 { return MedianBy(rs, f) }
 	m.AcceptRate = med(func(r RelayRun) float64 { return r.AcceptRate })
 	m.CPUPer1000 = med(func(r RelayRun) float64 { return r.CPUPer1000 })
 	m.ConnsPer1000 = med(func(r RelayRun) float64 { return r.ConnsPer1000 })

@@ -94,6 +94,16 @@ func percentileSorted(s []time.Duration, p float64) time.Duration {
 	return s[rank-1]
 }
 
+// MedianBy is the median of f over runs: each figure of a scenario's
+// summary is its own median, not the median run's.
+func MedianBy[T any](runs []T, f func(T) float64) float64 {
+	xs := make([]float64, len(runs))
+	for i, r := range runs {
+		xs[i] = f(r)
+	}
+	return MedianFloat(xs)
+}
+
 // MedianFloat returns the median of xs: the middle value of a sorted copy, or
 // the mean of the two middle values when len(xs) is even. It returns 0 for an
 // empty slice. Intended for summarising repeated runs (e.g. rates).

@@ -34,6 +34,9 @@ var (
 	ReplySpoolError = Reply{Code: 451, Enhanced: Enhanced{4, 3, 0}, Text: "Temporary local problem, please try again later"}
 	// ReplyDiskFull is the reply when the spool is below its free-space reserve.
 	ReplyDiskFull = Reply{Code: 452, Enhanced: Enhanced{4, 3, 1}, Text: "Insufficient system storage, please try again later"}
+	// ReplyNoMemory defers a message while the memory budget for messages
+	// in flight is used up.
+	ReplyNoMemory = Reply{Code: 451, Enhanced: Enhanced{4, 3, 2}, Text: "Too much mail in progress; try again later"}
 	// ReplyShuttingDown is sent to new work while the server stops.
 	ReplyShuttingDown = Reply{Code: 421, Enhanced: Enhanced{4, 3, 2}, Text: "Service shutting down, please try again later"}
 	// ReplyTooManyConnections refuses a connection past the total limit.

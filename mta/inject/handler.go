@@ -223,6 +223,7 @@ type plan struct {
 	rawDate     bool   // it has a Date field
 	built       *compiled
 	priority    mta.Priority
+	meta        []map[string]string // each recipient's metadata, the request's merged in
 	storageFull bool
 }
 
@@ -250,13 +251,13 @@ func (h *handler) prepare(t *Tenant, req *Request) (*plan, int, error) {
 	if err := checkData("substitutions", req.Substitutions); err != nil {
 		return nil, http.StatusBadRequest, err
 	}
+	p.meta = make([]map[string]string, len(req.Recipients))
 	for i, r := range req.Recipients {
 		if err := checkData(fmt.Sprintf("recipients[%d].substitutions", i), r.Substitutions); err != nil {
 			return nil, http.StatusBadRequest, err
 		}
-	}
-	for i, r := range req.Recipients {
-		if err := checkMetadata(fmt.Sprintf("recipients[%d].metadata", i), metadata(req.Metadata, r.Metadata)); err != nil {
+		p.meta[i] = metadata(req.Metadata, r.Metadata)
+		if err := checkMetadata(fmt.Sprintf("recipients[%d].metadata", i), p.meta[i]); err != nil {
 			return nil, http.StatusBadRequest, err
 		}
 	}
@@ -329,12 +330,8 @@ func (t *Tenant) mayUse(address string) bool {
 
 // Replies for recipients refused one by one.
 var (
-	replyBadAddress  = mta.Reply{Code: 550, Enhanced: mta.Enhanced{5, 1, 3}, Text: "Bad recipient address syntax"}
-	replyTooBig      = mta.Reply{Code: 552, Enhanced: mta.Enhanced{5, 3, 4}, Text: "Message size exceeds fixed limit"}
-	replyStorageFull = mta.Reply{Code: 452, Enhanced: mta.Enhanced{4, 3, 1}, Text: "Insufficient system storage"}
-	replySpoolError  = mta.Reply{Code: 451, Enhanced: mta.Enhanced{4, 3, 0}, Text: "Local error in processing: not stored"}
-	replyNoMemory    = mta.Reply{Code: 451, Enhanced: mta.Enhanced{4, 3, 2}, Text: "Too much mail in progress; try again later"}
-	replyNonASCII    = mta.Reply{Code: 553, Enhanced: mta.Enhanced{5, 6, 7}, Text: "Non-ASCII addresses are not supported by the injection API"}
+	replyBadAddress = mta.Reply{Code: 550, Enhanced: mta.Enhanced{5, 1, 3}, Text: "Bad recipient address syntax"}
+	replyNonASCII   = mta.Reply{Code: 553, Enhanced: mta.Enhanced{5, 6, 7}, Text: "Non-ASCII addresses are not supported by the injection API"}
 )
 
 // run renders and stores a message per recipient.
@@ -354,9 +351,9 @@ func (h *handler) run(t *Tenant, p *plan, client string) *Result {
 		for i, m := range batch {
 			rr := &res.Recipients[batchIdx[i]]
 			if err != nil {
-				reply := &replySpoolError
+				reply := &mta.ReplySpoolError
 				if errors.Is(err, mta.ErrStorageFull) {
-					reply, p.storageFull = &replyStorageFull, true
+					reply, p.storageFull = &mta.ReplyDiskFull, true
 				}
 				rr.Error = replyError(reply)
 				continue
@@ -375,7 +372,7 @@ func (h *handler) run(t *Tenant, p *plan, client string) *Result {
 	for i, rcpt := range p.req.Recipients {
 		rr := &res.Recipients[i]
 		rr.Email = rcpt.Email
-		m, reply := h.message(t, p, rcpt, client, now)
+		m, reply := h.message(t, p, i, client, now)
 		if reply != nil {
 			rr.Error = replyError(reply)
 			continue
@@ -383,7 +380,7 @@ func (h *handler) run(t *Tenant, p *plan, client string) *Result {
 		if n := int64(len(m.Header) + len(m.Body)); h.opts.Memory != nil && !h.opts.Memory.TryAcquire(n) {
 			flush() // gives the batch's bytes back
 			if !h.opts.Memory.TryAcquire(n) {
-				rr.Error = replyError(&replyNoMemory)
+				rr.Error = replyError(&mta.ReplyNoMemory)
 				continue
 			}
 		}
@@ -407,7 +404,8 @@ func (h *handler) run(t *Tenant, p *plan, client string) *Result {
 }
 
 // message renders the message for one recipient, or says why not.
-func (h *handler) message(t *Tenant, p *plan, rcpt Recipient, client string, now time.Time) (*Message, *mta.Reply) {
+func (h *handler) message(t *Tenant, p *plan, i int, client string, now time.Time) (*Message, *mta.Reply) {
+	rcpt := p.req.Recipients[i]
 	if !isASCII([]byte(rcpt.Email)) {
 		return nil, &replyNonASCII
 	}
@@ -432,11 +430,11 @@ func (h *handler) message(t *Tenant, p *plan, rcpt Recipient, client string, now
 		var re *renderError
 		switch {
 		case errors.Is(err, errTooBig):
-			return nil, &replyTooBig
+			return nil, &mta.ReplyMessageTooBig
 		case errors.As(err, &re):
 			return nil, &mta.Reply{Code: 554, Enhanced: mta.Enhanced{5, 6, 0}, Text: "Template: " + re.Error()}
 		case err != nil:
-			return nil, &replySpoolError
+			return nil, &mta.ReplySpoolError
 		}
 	} else if p.rawID != "" {
 		messageID = p.rawID
@@ -455,7 +453,7 @@ func (h *handler) message(t *Tenant, p *plan, rcpt Recipient, client string, now
 		Received:   now,
 		Priority:   p.priority,
 		Submitted:  true,
-		Metadata:   metadata(p.req.Metadata, rcpt.Metadata),
+		Metadata:   p.meta[i],
 	}
 	hdr := fmt.Appendf(nil, "Received: from %s (HTTP injection API, tenant %s)\r\n\tby %s (mta) with HTTP id %s\r\n\tfor <%s>; %s\r\n",
 		client, t.Name, h.opts.Hostname, id, rcpt.Email, now.Format(time.RFC1123Z))

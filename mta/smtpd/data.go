@@ -281,7 +281,7 @@ func (s *session) bdatChunk(arg string) {
 	if s.bdatNoMemory {
 		if isLast {
 			s.resetTransaction()
-			s.refuse("memory_budget", &replyNoMemory)
+			s.refuse("memory_budget", &mta.ReplyNoMemory)
 			return
 		}
 		s.chunkReceived(n)
@@ -362,7 +362,7 @@ func (s *session) finishMessage(body []byte, f bodyFindings) {
 		s.refuse("message_too_big", &mta.ReplyMessageTooBig)
 		return
 	case f.noMemory:
-		s.refuse("memory_budget", &replyNoMemory)
+		s.refuse("memory_budget", &mta.ReplyNoMemory)
 		return
 	case f.nul:
 		s.refuse("nul_byte", &mta.ReplyNULByte)
@@ -376,7 +376,7 @@ func (s *session) finishMessage(body []byte, f bodyFindings) {
 	}
 	if f.bare {
 		if !s.reserve(2*len(body) + len(body)/16) { // the normalised copy
-			s.refuse("memory_budget", &replyNoMemory)
+			s.refuse("memory_budget", &mta.ReplyNoMemory)
 			return
 		}
 		norm := getBuffer()
@@ -387,7 +387,7 @@ func (s *session) finishMessage(body []byte, f bodyFindings) {
 	// The spool's batch copies the message while it is stored: that copy
 	// counts against the memory budget too.
 	if !s.reserve(int(s.held) + len(body) + 512) {
-		s.refuse("memory_budget", &replyNoMemory)
+		s.refuse("memory_budget", &mta.ReplyNoMemory)
 		return
 	}
 	if rep := s.overQuota(int64(len(body)) + 512); rep != nil {

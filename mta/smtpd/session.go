@@ -341,7 +341,6 @@ var (
 	replyUnknownParam   = mta.Reply{Code: 555, Enhanced: mta.Enhanced{5, 5, 4}, Text: "Unsupported parameter"}
 	replyBadParam       = mta.Reply{Code: 501, Enhanced: mta.Enhanced{5, 5, 4}, Text: "Bad parameter syntax"}
 	replyOK             = mta.Reply{Code: 250, Enhanced: mta.Enhanced{2, 0, 0}, Text: "Ok"}
-	replyNoMemory       = mta.Reply{Code: 451, Enhanced: mta.Enhanced{4, 3, 2}, Text: "Too much mail in progress; try again later"}
 )
 
 // maxRefusalsLogged is how many refusals of one session get a log line.
