@@ -25,7 +25,11 @@ type AcceptOptions struct {
 	ExtraYAML string // appended to the mta configuration of every run (not the spool or smtp sections)
 	// MinSyncInterval is the mta's spool.min_sync_interval.
 	MinSyncInterval time.Duration
-	Progress        io.Writer // live progress; nil for none
+	// Profile, if set, is where a 5-second CPU profile of the mta in the
+	// first run of each mode is written, with the mode before the
+	// extension ("cpu.pprof" gives "cpu-fsync.pprof" and "cpu-no-fsync.pprof").
+	Profile  string
+	Progress io.Writer // live progress; nil for none
 }
 
 // AcceptRun is the outcome of one run.
@@ -88,12 +92,21 @@ func acceptOnce(ctx context.Context, o AcceptOptions, sync bool, i int) (AcceptR
 	// Info logging stays on: it is part of the production path.
 	// Acceptance only: delivery is off, and the resolver points at a
 	// closed loopback port anyway.
-	p, err := StartMTA(o.MTA, dir, fmt.Sprintf("spool:\n  sync: %v\n  min_sync_interval: %v\nsmtp:\n  max_connections_per_ip: %d\ndelivery: {enabled: false}\ndns: {servers: [\"127.0.0.1:1\"]}\n%s",
-		sync, o.MinSyncInterval, o.Sessions+10, o.ExtraYAML))
+	cfg := fmt.Sprintf("spool:\n  sync: %v\n  min_sync_interval: %v\nsmtp:\n  max_connections_per_ip: %d\ndelivery: {enabled: false}\ndns: {servers: [\"127.0.0.1:1\"]}\n%s",
+		sync, o.MinSyncInterval, o.Sessions+10, o.ExtraYAML)
+	profile := o.Profile != "" && i == 0
+	if profile {
+		cfg += "debug: {pprof: true}\n"
+	}
+	p, err := StartMTA(o.MTA, dir, cfg)
 	if err != nil {
 		return AcceptRun{}, err
 	}
 	defer p.Kill()
+	if profile {
+		ext := filepath.Ext(o.Profile)
+		go saveProfile(p.HTTP, "profile?seconds=5", strings.TrimSuffix(o.Profile, ext)+"-"+mode+ext)
+	}
 	before, err := p.Usage()
 	if err != nil {
 		return AcceptRun{}, err

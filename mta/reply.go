@@ -2,7 +2,7 @@ package mta
 
 import (
 	"errors"
-	"fmt"
+	"strconv"
 )
 
 // Enhanced is an RFC 3463 enhanced status code, class.subject.detail.
@@ -13,7 +13,15 @@ func (e Enhanced) String() string {
 	if e == (Enhanced{}) {
 		return ""
 	}
-	return fmt.Sprintf("%d.%d.%d", e[0], e[1], e[2])
+	return string(e.append(make([]byte, 0, 12)))
+}
+
+func (e Enhanced) append(b []byte) []byte {
+	b = strconv.AppendInt(b, int64(e[0]), 10)
+	b = append(b, '.')
+	b = strconv.AppendInt(b, int64(e[1]), 10)
+	b = append(b, '.')
+	return strconv.AppendInt(b, int64(e[2]), 10)
 }
 
 // Reply is one SMTP reply: a three-digit code (RFC 5321 §4.2), an optional
@@ -31,10 +39,14 @@ type Reply struct {
 
 // Error renders the reply as it would appear on the wire.
 func (r *Reply) Error() string {
-	if r.Enhanced == (Enhanced{}) {
-		return fmt.Sprintf("%d %s", r.Code, r.Text)
+	// Built by hand: this runs for every recipient's outcome.
+	b := make([]byte, 0, 4+12+len(r.Text))
+	b = strconv.AppendInt(b, int64(r.Code), 10)
+	b = append(b, ' ')
+	if r.Enhanced != (Enhanced{}) {
+		b = append(r.Enhanced.append(b), ' ')
 	}
-	return fmt.Sprintf("%d %s %s", r.Code, r.Enhanced, r.Text)
+	return string(append(b, r.Text...))
 }
 
 // Permanent reports whether the reply is a 5xx permanent failure.

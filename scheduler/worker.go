@@ -183,9 +183,10 @@ func (s *Scheduler) deliver(conn Conn, route Route, w *work, reused bool) error 
 			deferred = local("no reply")
 			continue
 		}
-		o := Outcome{Reply: rep.Error(), RemoteMTA: host, Diagnostic: rep.Error(), RemoteDSN: offersDSN}
+		text := rep.Error()
+		o := Outcome{Reply: text, RemoteMTA: host, Diagnostic: text, RemoteDSN: offersDSN}
 		if rep.Local {
-			o = local(rep.Error()) // our client's decision, not the server's words
+			o = local(text) // our client's decision, not the server's words
 		}
 		switch {
 		case rep.Code/100 == 2:

@@ -78,6 +78,8 @@ type Spool struct {
 	closed      bool
 
 	finished []string // messages recovery found with nothing left queued: see SettleFinished
+
+	suppressed *suppressionFilter // which addresses may be on a suppression list
 }
 
 // DueEntry names one destination of one message whose attempt is due.
@@ -136,6 +138,11 @@ func Open(dir string, opts Options) (*Spool, error) {
 	if err := s.recover(); err != nil {
 		db.Close()
 		return nil, err
+	}
+	s.suppressed = newSuppressionFilter()
+	if err := s.suppressed.build(db); err != nil {
+		db.Close()
+		return nil, fmt.Errorf("spool: reading the suppression list: %w", err)
 	}
 	s.metrics = newSpoolMetrics(s, opts.Registerer)
 	return s, nil

@@ -8,6 +8,9 @@ import (
 	"time"
 
 	"github.com/cockroachdb/pebble/v2"
+	"go.uber.org/zap"
+
+	"github.com/mtaproject/mta/mta"
 )
 
 // The suppression list lives in the spool's database, one entry per tenant
@@ -52,7 +55,26 @@ func (s *Spool) Suppress(e Suppression) error {
 	b := s.db.NewBatch()
 	defer b.Close()
 	_ = b.Set(key, v, nil)
-	return s.commitWith(b, "suppress", pebble.Sync)
+	if err := s.commitWith(b, "suppress", pebble.Sync); err != nil {
+		return err
+	}
+	if s.suppressed.add(key) {
+		go s.rebuildSuppressionFilter()
+	}
+	return nil
+}
+
+// rebuildSuppressionFilter builds the full filter again, larger, unless the
+// spool closes first.
+func (s *Spool) rebuildSuppressionFilter() {
+	s.closeMu.RLock()
+	defer s.closeMu.RUnlock()
+	if s.closed {
+		return
+	}
+	if err := s.suppressed.build(s.db); err != nil {
+		s.log.Warn("spool: rebuilding the suppression filter (lookups stay correct, only slower)", zap.Error(err))
+	}
 }
 
 // Unsuppress removes an entry; mta.ErrNotFound if there was none.
@@ -75,6 +97,9 @@ func (s *Spool) Suppressed(tenant, address string) (*Suppression, error) {
 	key, err := suppressionKey(tenant, address)
 	if err != nil {
 		return nil, err
+	}
+	if !s.suppressed.mayContain(key) {
+		return nil, fmt.Errorf("%w: %s", mta.ErrNotFound, address)
 	}
 	var e Suppression
 	err = s.read(key, address, func(v []byte) error { return json.Unmarshal(v, &e) })

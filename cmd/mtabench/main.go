@@ -147,6 +147,7 @@ func accept(ctx context.Context, args []string) error {
 	fs.IntVar(&o.Runs, "runs", 3, "runs per mode")
 	fs.StringVar(&o.ExtraYAML, "mta-config", "", "YAML appended to the mta configuration (e.g. \"log:\\n  level: warn\\n\")")
 	fs.DurationVar(&o.MinSyncInterval, "min-sync-interval", 0, "the mta's spool.min_sync_interval")
+	fs.StringVar(&o.Profile, "profile", "", "write a CPU profile of the mta (first run of each mode) to this file, the mode inserted before its extension")
 	_ = fs.Parse(args)
 	o.MTA, o.WorkDir, o.Sessions, o.Messages, o.Size, o.Progress = c.mta, c.dir, c.sessions, c.messages, c.size, c.progress()
 	o.Shape = c.load()
