@@ -113,7 +113,20 @@ func (s *session) readData(dst *bytes.Buffer) (bodyFindings, error) {
 		}
 		dst.Write(b)
 	}
+	clean := true // no bare CR and no NUL seen: the fast path may run
 	for {
+		if atLineStart && clean {
+			if buf, _ := s.r.Peek(s.r.Buffered()); len(buf) > 0 {
+				n, long, ok := cleanLines(buf, maxLine)
+				if !ok {
+					clean = false // the per-line path below takes it from here
+				} else if n > 0 {
+					f.longLine = f.longLine || long
+					keep(buf[:n])
+					_, _ = s.r.Discard(n)
+				}
+			}
+		}
 		if s.r.Buffered() < len(dotCRLF) { // the reads below may wait
 			if s.r.Buffered() == 0 {
 				if err := s.flush(); err != nil {
@@ -175,6 +188,36 @@ func (s *session) readData(dst *bytes.Buffer) (bodyFindings, error) {
 }
 
 var crlf = []byte("\r\n")
+
+// cleanLines returns the length of the longest run of whole lines at the
+// start of buf that need none of readData's per-line work: each ends in
+// CRLF, none starts with a dot, and none holds a bare LF; long reports a
+// line over maxLine in it. With !ok the run also holds a bare CR or a NUL
+// and n is 0: readData then reads the rest of the message line by line,
+// so that the work stays linear however late in a block that byte is.
+//
+// It makes one IndexByte per line and two passes over the run, instead of
+// the per-line path's peeks, index searches and writes: on 100 KB
+// messages that path was a quarter of the relay's CPU.
+func cleanLines(buf []byte, maxLine int) (n int, long, ok bool) {
+	lines := 0
+	for n < len(buf) && buf[n] != '.' {
+		i := bytes.IndexByte(buf[n:], '\n')
+		if i <= 0 || buf[n+i-1] != '\r' {
+			break // a partial line, or a bare LF: for the per-line path
+		}
+		if i-1 > maxLine {
+			long = true
+		}
+		lines++
+		n += i + 1
+	}
+	run := buf[:n]
+	if bytes.Count(run, crlf[:1]) != lines || bytes.IndexByte(run, 0) >= 0 {
+		return 0, false, false
+	}
+	return n, long, true
+}
 
 // check notes a bare CR or LF, or a NUL, in a piece of a line that holds
 // no CRLF.

@@ -375,14 +375,18 @@ func refBare(b []byte) bool {
 	return false
 }
 
-// refLongLine reports whether a CRLF-delimited line of msg is longer than
-// max bytes, not counting its CRLF.
+// refLongLine reports whether a line of msg is longer than max bytes, not
+// counting its ending: CRLF, or a bare CR or LF, as readData counts them.
 func refLongLine(msg []byte, max int) bool {
 	n := 0
 	for i := 0; i < len(msg); i++ {
 		if msg[i] == '\r' && i+1 < len(msg) && msg[i+1] == '\n' {
 			n = 0
 			i++
+			continue
+		}
+		if msg[i] == '\r' || msg[i] == '\n' {
+			n = 0 // a bare line ending ends a line too: it becomes CRLF when normalised
 			continue
 		}
 		if n++; n > max {
