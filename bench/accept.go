@@ -25,6 +25,14 @@ type AcceptOptions struct {
 	ExtraYAML string // appended to the mta configuration of every run (not the spool or smtp sections)
 	// MinSyncInterval is the mta's spool.min_sync_interval.
 	MinSyncInterval time.Duration
+	// MemTableSize is the mta's spool.memtable_size ("32MiB"); "" for its default.
+	MemTableSize string
+	// Warmup messages are accepted before each measured run, so that the
+	// run sees the spool in its steady state: Pebble then writes its WAL
+	// into recycled files instead of a fresh, preallocated one, whose
+	// first writes make every fsync also commit a file-system journal
+	// transaction (BENCHMARKS.md).
+	Warmup int
 	// Profile, if set, is where a 5-second CPU profile of the mta in the
 	// first run of each mode is written, with the mode before the
 	// extension ("cpu.pprof" gives "cpu-fsync.pprof" and "cpu-no-fsync.pprof").
@@ -94,6 +102,9 @@ func acceptOnce(ctx context.Context, o AcceptOptions, sync bool, i int) (AcceptR
 	// closed loopback port anyway.
 	cfg := fmt.Sprintf("spool:\n  sync: %v\n  min_sync_interval: %v\nsmtp:\n  max_connections_per_ip: %d\ndelivery: {enabled: false}\ndns: {servers: [\"127.0.0.1:1\"]}\n%s",
 		sync, o.MinSyncInterval, o.Sessions+10, o.ExtraYAML)
+	if o.MemTableSize != "" {
+		cfg = strings.Replace(cfg, "spool:\n", "spool:\n  memtable_size: "+o.MemTableSize+"\n", 1)
+	}
 	profile := o.Profile != "" && i == 0
 	if profile {
 		cfg += "debug: {pprof: true}\n"
@@ -103,6 +114,13 @@ func acceptOnce(ctx context.Context, o AcceptOptions, sync bool, i int) (AcceptR
 		return AcceptRun{}, err
 	}
 	defer p.Kill()
+	if o.Warmup > 0 {
+		wl := LoadConfig{Addr: p.SMTP, Sessions: o.Sessions, Messages: o.Warmup, Size: o.Size, Seed: int64(1000 + i)}
+		o.Shape.apply(&wl)
+		if _, err := RunLoad(ctx, wl); err != nil {
+			return AcceptRun{}, fmt.Errorf("%s warm-up %d: %w", mode, i, err)
+		}
+	}
 	if profile {
 		ext := filepath.Ext(o.Profile)
 		go saveProfile(p.HTTP, "profile?seconds=5", strings.TrimSuffix(o.Profile, ext)+"-"+mode+ext)

@@ -25,6 +25,9 @@ type BacklogOptions struct {
 	Shape    LoadShape
 	Progress io.Writer
 	Profile  string // if set, a heap profile of the mta with the backlog queued is written here
+	// ExtraYAML is appended to the mta configuration (not the dns, delivery
+	// or smtp sections).
+	ExtraYAML string
 }
 
 // BacklogReport is the scenario's result.
@@ -64,8 +67,8 @@ func RunBacklog(ctx context.Context, o BacklogOptions) (BacklogReport, error) {
 	}
 	defer dns.Close()
 	_, port, _ := net.SplitHostPort(sink.Addr())
-	cfg := fmt.Sprintf("dns: {servers: [%q], ipv6: false}\ndelivery: {port: %s, tls: none, min_backoff: 2s, max_backoff: 10s}\nsmtp: {max_connections_per_ip: %d}\ndebug: {pprof: true}\n",
-		dns.Addr(), port, o.Sessions+10)
+	cfg := fmt.Sprintf("dns: {servers: [%q], ipv6: false}\ndelivery: {port: %s, tls: none, min_backoff: 2s, max_backoff: 10s}\nsmtp: {max_connections_per_ip: %d}\ndebug: {pprof: true}\n%s",
+		dns.Addr(), port, o.Sessions+10, o.ExtraYAML)
 	p, err := StartMTA(o.MTA, dir, cfg)
 	if err != nil {
 		return rep, err

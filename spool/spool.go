@@ -34,6 +34,9 @@ type Options struct {
 	// one, so that more concurrent commits share it (group commit). Zero
 	// syncs as soon as the previous sync is done.
 	MinSyncInterval time.Duration
+	// MemTableSize is the size of Pebble's memtable; zero means
+	// DefaultMemTableSize. A small volume gets less (see memTableSize).
+	MemTableSize uint64
 	// Logger receives Pebble's and the spool's own messages; nil discards them.
 	Logger *zap.Logger
 	// Registerer gets the spool's metrics; nil registers nothing.
@@ -120,7 +123,7 @@ func Open(dir string, opts Options) (*Spool, error) {
 		// was accepted be deleted before it is ever flushed to a table:
 		// most mail then costs one WAL write and no compaction. On a small
 		// volume it is smaller (see memTableSize).
-		MemTableSize:                memTableSize(dir),
+		MemTableSize:                memTableSize(dir, opts.MemTableSize),
 		MemTableStopWritesThreshold: 4,
 	}
 	if opts.MinSyncInterval > 0 {

@@ -147,6 +147,8 @@ func accept(ctx context.Context, args []string) error {
 	fs.IntVar(&o.Runs, "runs", 3, "runs per mode")
 	fs.StringVar(&o.ExtraYAML, "mta-config", "", "YAML appended to the mta configuration (e.g. \"log:\\n  level: warn\\n\")")
 	fs.DurationVar(&o.MinSyncInterval, "min-sync-interval", 0, "the mta's spool.min_sync_interval")
+	fs.IntVar(&o.Warmup, "warmup", 0, "messages accepted before each measured run (steady state: the WAL in recycled files)")
+	fs.StringVar(&o.MemTableSize, "memtable-size", "", "the mta's spool.memtable_size (e.g. 32MiB); default: the mta's default")
 	fs.StringVar(&o.Profile, "profile", "", "write a CPU profile of the mta (first run of each mode) to this file, the mode inserted before its extension")
 	_ = fs.Parse(args)
 	o.MTA, o.WorkDir, o.Sessions, o.Messages, o.Size, o.Progress = c.mta, c.dir, c.sessions, c.messages, c.size, c.progress()
@@ -210,6 +212,7 @@ func backlog(ctx context.Context, args []string) error {
 	o := bench.BacklogOptions{}
 	fs.IntVar(&o.Domains, "domains", 1, "recipient domains")
 	fs.StringVar(&o.Profile, "profile", "", "write a heap profile of the mta with the backlog queued to this file")
+	fs.StringVar(&o.ExtraYAML, "mta-config", "", "YAML appended to the mta configuration (e.g. \"spool: {memtable_size: 32MiB}\")")
 	_ = fs.Parse(args)
 	o.MTA, o.WorkDir, o.Sessions, o.Messages, o.Size, o.Progress = c.mta, c.dir, c.sessions, c.messages, c.size, c.progress()
 	o.Shape = c.load()

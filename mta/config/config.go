@@ -124,6 +124,7 @@ type Spool struct {
 	Sync            bool     `yaml:"sync"`              // fsync before 250; off only for benchmarks
 	MinFreeSpace    ByteSize `yaml:"min_free_space"`    // below this free space on data_dir, new mail gets 452 4.3.1
 	MinSyncInterval Duration `yaml:"min_sync_interval"` // group commit: delay a WAL sync so that more messages share it
+	MemTableSize    ByteSize `yaml:"memtable_size"`     // Pebble memtable: mail delivered before it fills never reaches a table file
 }
 
 // Delivery holds the outbound side: scheduler and SMTP client.
@@ -570,6 +571,9 @@ func (c *Config) validate() error {
 	}
 	if c.Spool.MinSyncInterval < 0 || c.Spool.MinSyncInterval.D() > time.Second/10 {
 		bad("spool.min_sync_interval", "must be between 0 and 100ms, got %v", c.Spool.MinSyncInterval.D())
+	}
+	if c.Spool.MemTableSize != 0 && (c.Spool.MemTableSize < 4<<20 || c.Spool.MemTableSize > 1<<30) {
+		bad("spool.memtable_size", "must be between 4MiB and 1GiB, got %d bytes", int64(c.Spool.MemTableSize))
 	}
 	if c.Spool.MinFreeSpace < 0 {
 		bad("spool.min_free_space", "must not be negative")

@@ -163,6 +163,7 @@ func New(cfg *config.Config, log *zap.Logger) (_ *Server, err error) {
 		Sync:            cfg.Spool.Sync,
 		MinFreeSpace:    int64(cfg.Spool.MinFreeSpace),
 		MinSyncInterval: cfg.Spool.MinSyncInterval.D(),
+		MemTableSize:    uint64(cfg.Spool.MemTableSize),
 		// A new message becomes due on disk one lease after acceptance;
 		// the scheduler gets it in memory at once. After a crash, mail
 		// that was in flight is retried after at most this long.
