@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"syscall"
 	"time"
 )
 
@@ -171,9 +172,21 @@ func allowConfigDir(dir string) error {
 	return exec.Command("postconf", "-e", "alternate_config_directories = "+val).Run()
 }
 
-// Stop stops the instance.
+// Stop stops the instance and waits (up to 15 s) for its master process
+// to exit, so that its last processes do not take CPU from the next run.
 func (p *Postfix) Stop() error {
-	return exec.Command("postfix", "-c", p.etc, "stop").Run()
+	pid := 0
+	if b, err := os.ReadFile(filepath.Join(p.Dir, "spool", "pid", "master.pid")); err == nil {
+		pid, _ = strconv.Atoi(strings.TrimSpace(string(b)))
+	}
+	err := exec.Command("postfix", "-c", p.etc, "stop").Run()
+	for deadline := time.Now().Add(15 * time.Second); pid > 0 && time.Now().Before(deadline); {
+		if syscall.Kill(pid, 0) != nil {
+			break
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	return err
 }
 
 // Queued returns the number of messages in the instance's queue.
