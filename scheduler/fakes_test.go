@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"sort"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -99,8 +100,18 @@ func (s *memStore) Message(id string) (*Message, error) {
 	return &c, nil
 }
 
-func (s *memStore) Body(id string) ([]byte, error) {
-	return []byte("Subject: " + id + "\r\n\r\nx\r\n"), nil
+func (s *memStore) AppendBody(dst []byte, id string) ([]byte, error) {
+	return append(dst, fakeBody(id)...), nil
+}
+
+// fakeBody is message id's body in a memStore: its subject names it, and
+// its length (up to 1.5 MiB, past the largest pooled buffer) depends on it.
+func fakeBody(id string) string {
+	h := 0
+	for _, c := range id {
+		h = h*31 + int(c)
+	}
+	return "Subject: " + id + "\r\n\r\n" + strings.Repeat("x", h&0xffff*24) + "\r\n"
 }
 
 func (s *memStore) Defer(id, domain string, until time.Time, o Outcome) error {
@@ -175,17 +186,18 @@ func (r fakeRoute) Key() string   { return r.key }
 func (r fakeRoute) Class() string { return "mx" }
 
 type fakeTransport struct {
-	mu         sync.Mutex
-	dests      map[string]string // domain → destination key; missing: the domain itself
-	routeErr   map[string]error
-	connectErr map[string]error // destination → error
-	replies    func(rcpt string) *mta.Reply
-	delay      map[string]time.Duration // destination → per-message delay
-	connects   map[string]int
-	sent       map[string]int // destination → messages
-	active     map[string]int
-	maxActive  map[string]int
-	sendErr    func(dest string, n int) error
+	mu          sync.Mutex
+	dests       map[string]string // domain → destination key; missing: the domain itself
+	routeErr    map[string]error
+	connectErr  map[string]error // destination → error
+	replies     func(rcpt string) *mta.Reply
+	delay       map[string]time.Duration // destination → per-message delay
+	connects    map[string]int
+	sent        map[string]int // destination → messages
+	active      map[string]int
+	maxActive   map[string]int
+	sendErr     func(dest string, n int) error
+	wrongBodies int // Sends whose body was not their message's
 
 	connectDelay  time.Duration
 	connecting    int // Connect calls in progress
@@ -250,6 +262,11 @@ func (c *fakeConn) Send(ctx context.Context, env *Envelope, body []byte) ([]*mta
 	c.f.mu.Unlock()
 	if d > 0 {
 		time.Sleep(d)
+	}
+	if string(body) != fakeBody(env.ID) {
+		c.f.mu.Lock()
+		c.f.wrongBodies++
+		c.f.mu.Unlock()
 	}
 	c.f.mu.Lock()
 	defer c.f.mu.Unlock()

@@ -531,3 +531,25 @@ func TestBulkRunKeepsConnectionsFull(t *testing.T) {
 		t.Errorf("%.0f messages per connection, want at least 225 (90 %% of the limit)", per)
 	}
 }
+
+// TestEveryAttemptGetsItsOwnBody: bodies are read into reused buffers;
+// with many connections at once and bodies on both sides of the largest
+// buffer kept, each Send still gets exactly its own message's bytes.
+func TestEveryAttemptGetsItsOwnBody(t *testing.T) {
+	store, tr := newMemStore(), newFakeTransport()
+	h := start(t, func(o *Options) { o.MaxPerDestination = 4; o.InitialPerDestination = 4 }, store, tr)
+	now := time.Now()
+	const total = 400
+	for i := 0; i < total; i++ {
+		id := fmt.Sprintf("b%03d", i)
+		domain := fmt.Sprintf("d%d.test", i%4)
+		store.add(id, now, now.Add(time.Hour), "r@"+domain)
+		h.s.Submit(id, []string{domain}, mta.PriorityBulk)
+	}
+	waitFor(t, "every delivery", func() bool { d, _ := store.counts(); return d == total })
+	tr.mu.Lock()
+	defer tr.mu.Unlock()
+	if tr.wrongBodies != 0 {
+		t.Fatalf("%d of %d attempts sent another message's body", tr.wrongBodies, total)
+	}
+}

@@ -73,8 +73,9 @@ type Store interface {
 	Lease(items []Due) ([]Due, error)
 	// Message returns the envelope and recipient states of message id.
 	Message(id string) (*Message, error)
-	// Body returns the message bytes.
-	Body(id string) ([]byte, error)
+	// AppendBody appends the message bytes to dst (a buffer the scheduler
+	// reuses once the attempt is over) and returns the extended slice.
+	AppendBody(dst []byte, id string) ([]byte, error)
 	// Defer records a temporary failure of domain's queued recipients and
 	// makes them due at until.
 	Defer(id, domain string, until time.Time, o Outcome) error

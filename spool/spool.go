@@ -336,6 +336,17 @@ func (s *Spool) Body(id string) (b []byte, err error) {
 	return b, err
 }
 
+// AppendBody appends the stored bytes of message id to dst, so that a
+// caller that delivers many messages can reuse one buffer.
+func (s *Spool) AppendBody(dst []byte, id string) (b []byte, err error) {
+	var k keyBuf
+	err = s.read(k.body(id), id, func(v []byte) error {
+		b = append(dst, v...)
+		return nil
+	})
+	return b, err
+}
+
 // read looks key up and hands its value to fn, which must not keep it.
 func (s *Spool) read(key []byte, id string, fn func([]byte) error) error {
 	v, closer, err := s.db.Get(key)

@@ -156,7 +156,9 @@ func (q queueStore) Message(id string) (*scheduler.Message, error) {
 	return out, nil
 }
 
-func (q queueStore) Body(id string) ([]byte, error) { return q.sp.Body(id) }
+func (q queueStore) AppendBody(dst []byte, id string) ([]byte, error) {
+	return q.sp.AppendBody(dst, id)
+}
 
 func (q queueStore) Defer(id, domain string, until time.Time, o scheduler.Outcome) error {
 	return ignoreGone(q.sp.Defer(id, domain, until, spool.Outcome(o)))
