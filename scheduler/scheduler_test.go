@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -537,6 +538,13 @@ func TestBulkRunKeepsConnectionsFull(t *testing.T) {
 // buffer kept, each Send still gets exactly its own message's bytes.
 func TestEveryAttemptGetsItsOwnBody(t *testing.T) {
 	store, tr := newMemStore(), newFakeTransport()
+	store.body = bigBody
+	var wrong atomic.Int64
+	tr.onSend = func(env *Envelope, body []byte) {
+		if string(body) != bigBody(env.ID) {
+			wrong.Add(1)
+		}
+	}
 	h := start(t, func(o *Options) { o.MaxPerDestination = 4; o.InitialPerDestination = 4 }, store, tr)
 	now := time.Now()
 	const total = 400
@@ -547,9 +555,17 @@ func TestEveryAttemptGetsItsOwnBody(t *testing.T) {
 		h.s.Submit(id, []string{domain}, mta.PriorityBulk)
 	}
 	waitFor(t, "every delivery", func() bool { d, _ := store.counts(); return d == total })
-	tr.mu.Lock()
-	defer tr.mu.Unlock()
-	if tr.wrongBodies != 0 {
-		t.Fatalf("%d of %d attempts sent another message's body", tr.wrongBodies, total)
+	if n := wrong.Load(); n != 0 {
+		t.Fatalf("%d of %d attempts sent another message's body", n, total)
 	}
+}
+
+// bigBody is a body whose subject names message id, and whose length (up
+// to 1.5 MiB, past the largest pooled buffer) depends on it.
+func bigBody(id string) string {
+	h := 0
+	for _, c := range id {
+		h = h*31 + int(c)
+	}
+	return "Subject: " + id + "\r\n\r\n" + strings.Repeat("x", h&0xffff*24) + "\r\n"
 }
