@@ -159,7 +159,10 @@ func (s *Scheduler) deliver(conn Conn, route Route, w *work, reused bool) error 
 	defer func() {
 		// The connection is done with the body once Send returned: the
 		// buffer goes back for the next message, unless it is large.
-		if cap(body) <= maxPooledBody {
+		switch {
+		case body == nil: // not read: the buffer is as it was
+			bodyBuffers.Put(buf)
+		case cap(body) <= maxPooledBody:
 			*buf = body[:0]
 			bodyBuffers.Put(buf)
 		}

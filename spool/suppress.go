@@ -55,13 +55,13 @@ func (s *Spool) Suppress(e Suppression) error {
 	b := s.db.NewBatch()
 	defer b.Close()
 	_ = b.Set(key, v, nil)
-	if err := s.commitWith(b, "suppress", pebble.Sync); err != nil {
-		return err
-	}
+	err = s.commitWith(b, "suppress", pebble.Sync)
+	// Added even when the commit failed: a failure can still have written
+	// the entry, and a key too many in the filter only costs a lookup.
 	if s.suppressed.add(key) {
 		go s.rebuildSuppressionFilter()
 	}
-	return nil
+	return err
 }
 
 // rebuildSuppressionFilter builds the full filter again, larger, unless the

@@ -127,11 +127,10 @@ func (s *session) readData(dst *bytes.Buffer) (bodyFindings, error) {
 				}
 			}
 		}
-		if s.r.Buffered() < len(dotCRLF) { // the reads below may wait
-			if s.r.Buffered() == 0 {
-				if err := s.flush(); err != nil {
-					return f, err
-				}
+		if s.r.Buffered() < len(dotCRLF) { // the reads below may wait:
+			// the client may be waiting for the 354 first
+			if err := s.flush(); err != nil {
+				return f, err
 			}
 			s.setReadDeadline(s.pol.DataTimeout)
 		}

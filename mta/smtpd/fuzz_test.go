@@ -462,3 +462,29 @@ func (c *fakeConn) SetReadDeadline(t time.Time) error {
 	return nil
 }
 func (c *fakeConn) SetWriteDeadline(time.Time) error { return nil }
+
+// TestDataReplyBeforeWaitingRead: with a few bytes of the message already
+// buffered (a client that sent them with DATA, as a trusted or
+// authenticated one may), the 354 still goes out before a read that waits
+// for the rest; otherwise client and server wait for each other until the
+// data timeout.
+func TestDataReplyBeforeWaitingRead(t *testing.T) {
+	srv := dataReaderServers[0]
+	c := &fakeConn{data: []byte("ab")}
+	s := &session{srv: srv, pol: srv.policy.Load(), raw: c, nc: c, r: bufio.NewReaderSize(c, readBufferSize)}
+	if _, err := s.r.Peek(2); err != nil { // "ab" arrived with the DATA command
+		t.Fatal(err)
+	}
+	c.data = []byte("ab\r\n.\r\n")
+	c.sess, s.out = s, []byte(reply354)
+	var dst bytes.Buffer
+	if _, err := s.readData(&dst); err != nil {
+		t.Fatal(err)
+	}
+	if c.readBeforeFlush {
+		t.Fatal("read from the client before the 354 was sent")
+	}
+	if dst.String() != "ab\r\n" || c.written.String() != reply354 {
+		t.Fatalf("read %q, wrote %q", dst.String(), c.written.String())
+	}
+}
