@@ -100,11 +100,12 @@ func acceptOnce(ctx context.Context, o AcceptOptions, sync bool, i int) (AcceptR
 	// Info logging stays on: it is part of the production path.
 	// Acceptance only: delivery is off, and the resolver points at a
 	// closed loopback port anyway.
-	cfg := fmt.Sprintf("spool:\n  sync: %v\n  min_sync_interval: %v\nsmtp:\n  max_connections_per_ip: %d\ndelivery: {enabled: false}\ndns: {servers: [\"127.0.0.1:1\"]}\n%s",
-		sync, o.MinSyncInterval, o.Sessions+10, o.ExtraYAML)
+	spool := fmt.Sprintf("spool:\n  sync: %v\n  min_sync_interval: %v\n", sync, o.MinSyncInterval)
 	if o.MemTableSize != "" {
-		cfg = strings.Replace(cfg, "spool:\n", "spool:\n  memtable_size: "+o.MemTableSize+"\n", 1)
+		spool += "  memtable_size: " + o.MemTableSize + "\n"
 	}
+	cfg := fmt.Sprintf("%ssmtp:\n  max_connections_per_ip: %d\ndelivery: {enabled: false}\ndns: {servers: [\"127.0.0.1:1\"]}\n%s",
+		spool, o.Sessions+10, o.ExtraYAML)
 	profile := o.Profile != "" && i == 0
 	if profile {
 		cfg += "debug: {pprof: true}\n"
