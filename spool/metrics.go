@@ -30,7 +30,7 @@ func newSpoolMetrics(s *Spool, reg prometheus.Registerer) *spoolMetrics {
 			Help: "Spool operations that failed, by operation (put_full: refused for lack of free space).",
 		}, []string{"op"}),
 	}
-	for _, op := range []string{"put", "put_full", "deliver", "fail", "defer", "lease", "hold", "release", "remove", "bounce"} {
+	for _, op := range []string{"put", "put_full", "put_body", "deliver", "fail", "defer", "lease", "hold", "release", "remove", "bounce"} {
 		m.errors.WithLabelValues(op)
 	}
 	m.collectors = []prometheus.Collector{
@@ -47,6 +47,18 @@ func newSpoolMetrics(s *Spool, reg prometheus.Registerer) *spoolMetrics {
 			Name: "mta_spool_wal_fsyncs_total",
 			Help: "fsync calls made on the spool's write-ahead log.",
 		}, func() float64 { return float64(s.WALSyncs()) }),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Name: "mta_spool_body_files",
+			Help: "Body files: the bytes of large messages (spool.body_file_threshold), kept beside Pebble.",
+		}, func() float64 { n, _ := s.bodies.stats(); return float64(n) }),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Name: "mta_spool_body_file_bytes",
+			Help: "Bytes in body files, including those of delivered messages not yet removed with their file.",
+		}, func() float64 { _, n := s.bodies.stats(); return float64(n) }),
+		prometheus.NewCounterFunc(prometheus.CounterOpts{
+			Name: "mta_spool_body_file_fsyncs_total",
+			Help: "fsync calls made on body files.",
+		}, func() float64 { return float64(s.bodies.syncCount.Load()) }),
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 			Name: "mta_spool_oldest_message_age_seconds",
 			Help: "Age of the oldest message in the spool (0 when empty): how long the deferred queue has been waiting.",

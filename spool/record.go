@@ -68,9 +68,11 @@ type Message struct {
 	Priority   mta.Priority      // its delivery lane (a flag: any version)
 	Metadata   map[string]string // given at injection, carried into its events (version 4)
 	Received   time.Time         // acceptance time
-	Size       int64             // bytes stored under b/<id>
+	Size       int64             // bytes stored under b/<id>, or in a body file
 	Notice     NoticeKind        // whether this is a notification (DSN) we made
 	Recipients []RecipientState  // in the order accepted
+
+	body bodyLocation // where the bytes are, when not under b/<id> (version 5)
 }
 
 // NoticeKind says whether a message is a notification the server made.
@@ -129,8 +131,9 @@ func (m *Message) Done() bool {
 // recordVersion is the first byte of every encoded Message. Older
 // versions are still read: version 1 (before notices) lacks the notice
 // kind and, per recipient, RemoteMTA, Diagnostic and the recipient flags;
-// version 2 lacks the Message-ID; version 3 the metadata.
-const recordVersion = 4
+// version 2 lacks the Message-ID; version 3 the metadata; version 4 the
+// body file a large message's bytes may be in (flagBodyFile).
+const recordVersion = 5
 
 const (
 	flagSMTPUTF8 = 1 << iota
@@ -139,6 +142,7 @@ const (
 	flagSenderNotice
 	flagPostmasterNotice
 	flagTransactional // Priority is transactional
+	flagBodyFile      // the bytes are in a body file, not under b/<id> (version 5)
 )
 
 // Recipient flags (version 2).
@@ -167,6 +171,9 @@ func (m *Message) encode(dst []byte) []byte {
 	case PostmasterNotice:
 		flags |= flagPostmasterNotice
 	}
+	if m.body.File != 0 {
+		flags |= flagBodyFile
+	}
 	dst = append(dst, recordVersion)
 	dst = binary.AppendUvarint(dst, flags)
 	for _, s := range []string{m.From, m.EnvID, string(m.Ret), m.ClientIP, m.HELO, m.AuthUser} {
@@ -175,6 +182,11 @@ func (m *Message) encode(dst []byte) []byte {
 	dst = appendString(dst, m.MessageID)
 	dst = appendTime(dst, m.Received)
 	dst = binary.AppendVarint(dst, m.Size)
+	if m.body.File != 0 {
+		dst = binary.AppendUvarint(dst, m.body.File)
+		dst = binary.AppendVarint(dst, m.body.Offset)
+		dst = binary.AppendUvarint(dst, uint64(m.body.CRC))
+	}
 	dst = binary.AppendUvarint(dst, uint64(len(m.Recipients)))
 	for i := range m.Recipients {
 		r := &m.Recipients[i]
@@ -238,6 +250,14 @@ func decodeMessage(id string, b []byte) (*Message, error) {
 	}
 	m.Received = d.time()
 	m.Size = d.varint()
+	if version >= 5 && flags&flagBodyFile != 0 {
+		m.body.File = d.uvarint()
+		m.body.Offset = d.varint()
+		m.body.CRC = uint32(d.uvarint())
+		if m.body.File == 0 {
+			d.err = true
+		}
+	}
 	n := d.uvarint()
 	if n > uint64(len(b)) { // each recipient takes several bytes
 		return nil, fmt.Errorf("%w %s", errCorrupt, id)

@@ -16,8 +16,12 @@ import (
 //   - every message with queued recipients that is not held has its due
 //     entries (a missing one is re-added, due at its recorded time);
 //   - every due entry points at a message (a dangling one is deleted);
-//   - every message has its bytes (a record without them is logged; it is
-//     kept so that an operator can see and remove it).
+//   - every message has its bytes, under b/<id> or in the body file its
+//     record names (a record without them is logged; it is kept so that an
+//     operator can see and remove it);
+//   - body files that no record points to are removed (by the reaper, once
+//     Open returns): they hold bodies whose records never committed, or
+//     whose messages were done just before the crash.
 func (s *Spool) recover() error {
 	var n int64
 	repaired, missingBody := 0, 0
@@ -52,7 +56,13 @@ func (s *Spool) recover() error {
 			s.log.Error("spool: unreadable message record kept for inspection", zap.String("id", id), zap.Error(err))
 			continue
 		}
-		if !s.exists(k.body(id)) {
+		var hasBody bool
+		if m.body.File != 0 {
+			hasBody = s.bodies.count(m.body, m.Size)
+		} else {
+			hasBody = s.exists(k.body(id))
+		}
+		if !hasBody {
 			missingBody++
 			s.log.Error("spool: message record without its bytes", zap.String("id", id))
 		}
@@ -93,7 +103,7 @@ func (s *Spool) recover() error {
 	s.count.Store(n)
 	s.log.Info("spool recovered", zap.String("dir", s.dir), zap.Int64("messages", n),
 		zap.Int("due_entries_repaired", repaired), zap.Int("dangling_due_entries_removed", dangling),
-		zap.Int("records_without_bytes", missingBody))
+		zap.Int("records_without_bytes", missingBody), zap.Int("body_files", len(s.bodies.files)))
 	return nil
 }
 

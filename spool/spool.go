@@ -1,7 +1,6 @@
 package spool
 
 import (
-	"bytes"
 	"context"
 	"encoding/binary"
 	"encoding/json"
@@ -37,6 +36,11 @@ type Options struct {
 	// MemTableSize is the size of Pebble's memtable; zero means
 	// DefaultMemTableSize. A small volume gets less (see memTableSize).
 	MemTableSize uint64
+	// BodyFileThreshold is the message size from which the bytes are kept
+	// in a body file beside Pebble instead of in it (see bodyfiles.go);
+	// zero keeps every message in Pebble. Bodies already in files are read
+	// whatever it is.
+	BodyFileThreshold int64
 	// Logger receives Pebble's and the spool's own messages; nil discards them.
 	Logger *zap.Logger
 	// Registerer gets the spool's metrics; nil registers nothing.
@@ -83,6 +87,10 @@ type Spool struct {
 	finished []string // messages recovery found with nothing left queued: see SettleFinished
 
 	suppressed *suppressionFilter // which addresses may be on a suppression list
+
+	bodies     *bodyFiles    // the bytes of large messages
+	reaperStop chan struct{} // closed by Close
+	reaperDone chan struct{} // closed when reapBodyFiles returns
 }
 
 // DueEntry names one destination of one message whose attempt is due.
@@ -138,16 +146,25 @@ func Open(dir string, opts Options) (*Spool, error) {
 		return nil, fmt.Errorf("spool: open %s: %w", dir, err)
 	}
 	s.db = db
+	if s.bodies, err = openBodyFiles(dir, opts.Sync); err != nil {
+		db.Close()
+		return nil, err
+	}
 	if err := s.recover(); err != nil {
+		s.bodies.closeAll()
 		db.Close()
 		return nil, err
 	}
 	s.suppressed = newSuppressionFilter()
 	if err := s.suppressed.build(db); err != nil {
+		s.bodies.closeAll()
 		db.Close()
 		return nil, fmt.Errorf("spool: reading the suppression list: %w", err)
 	}
 	s.metrics = newSpoolMetrics(s, opts.Registerer)
+	s.reaperStop, s.reaperDone = make(chan struct{}), make(chan struct{})
+	go s.reapBodyFiles()
+	s.bodies.poke() // files that recovery found unused
 	return s, nil
 }
 
@@ -176,12 +193,18 @@ func openPebble(dir string, opts *pebble.Options) (db *pebble.DB, err error) {
 func (s *Spool) Close() error {
 	s.stopReclaim() // a compaction to reclaim space must not hold the close up
 	s.closeMu.Lock()
+	again := s.closed
 	s.closed = true
 	s.closeMu.Unlock()
+	if again {
+		return errors.New("spool: closed twice")
+	}
+	close(s.reaperStop)
+	<-s.reaperDone
 	if s.metrics != nil {
 		s.metrics.unregister()
 	}
-	return s.db.Close()
+	return errors.Join(s.db.Close(), s.bodies.closeAll())
 }
 
 // NewID returns a fresh queue ID for a message about to be Put.
@@ -235,6 +258,9 @@ func (s *Spool) PutAll(msgs []Incoming) error {
 		s.reclaim()
 		return mta.ErrStorageFull
 	}
+	if err := s.writeBodyFiles(msgs); err != nil {
+		return err
+	}
 	now := s.opts.Now()
 	due := now.Add(s.opts.FreshLease)
 	b := s.db.NewBatch()
@@ -250,10 +276,12 @@ func (s *Spool) PutAll(msgs []Incoming) error {
 		m.queueAll(due)
 		*rec = m.encode((*rec)[:0])
 		_ = b.Set(key.message(m.ID), *rec, nil)
-		op := b.SetDeferred(len(key.body(m.ID)), int(m.Size))
-		copy(op.Key, key.body(m.ID))
-		copy(op.Value[copy(op.Value, in.Header):], in.Body)
-		op.Finish()
+		if m.body.File == 0 {
+			op := b.SetDeferred(len(key.body(m.ID)), int(m.Size))
+			copy(op.Key, key.body(m.ID))
+			copy(op.Value[copy(op.Value, in.Header):], in.Body)
+			op.Finish()
+		}
 		if !m.Held {
 			for _, d := range m.Pending() {
 				_ = b.Set(key.due(due, m.ID, d), nil, nil)
@@ -267,6 +295,7 @@ func (s *Spool) PutAll(msgs []Incoming) error {
 	recordPool.Put(rec)
 	start := time.Now()
 	if err := s.commit(b, "put"); err != nil {
+		s.releaseBodies(msgs)
 		return err
 	}
 	s.metrics.commit.Observe(time.Since(start).Seconds())
@@ -327,24 +356,39 @@ func (s *Spool) Get(id string) (m *Message, err error) {
 }
 
 // Body returns a copy of the stored bytes of message id.
-func (s *Spool) Body(id string) (b []byte, err error) {
-	var k keyBuf
-	err = s.read(k.body(id), id, func(v []byte) error {
-		b = bytes.Clone(v)
-		return nil
-	})
-	return b, err
+func (s *Spool) Body(id string) ([]byte, error) {
+	return s.AppendBody(nil, id)
 }
 
 // AppendBody appends the stored bytes of message id to dst, so that a
 // caller that delivers many messages can reuse one buffer.
-func (s *Spool) AppendBody(dst []byte, id string) (b []byte, err error) {
+func (s *Spool) AppendBody(dst []byte, id string) ([]byte, error) {
 	var k keyBuf
-	err = s.read(k.body(id), id, func(v []byte) error {
-		b = append(dst, v...)
-		return nil
-	})
-	return b, err
+	// A message's bytes move from a body file into Pebble when it is
+	// deferred; a second look finds them where they went.
+	for try := 0; ; try++ {
+		out := dst
+		err := s.read(k.body(id), id, func(v []byte) error {
+			out = append(dst, v...)
+			return nil
+		})
+		if !errors.Is(err, mta.ErrNotFound) {
+			return out, err
+		}
+		m, err := s.Get(id)
+		if err != nil {
+			return dst, err
+		}
+		if m.body.File != 0 {
+			out, err = s.bodies.read(dst, m.body, m.Size)
+			if !errors.Is(err, errBodyFileGone) {
+				return out, err
+			}
+		}
+		if try > 0 {
+			return dst, fmt.Errorf("%w: the bytes of %s", mta.ErrNotFound, id)
+		}
+	}
 }
 
 // read looks key up and hands its value to fn, which must not keep it.
@@ -449,6 +493,8 @@ func (s *Spool) update(op, id string, fn func(m *Message, b *pebble.Batch) (*Tra
 	if err != nil {
 		return err
 	}
+	// Where the bytes stop being needed once b is committed.
+	var released bodyLocation
 	var notice *Notice
 	var noticeDomains []string
 	now := s.opts.Now()
@@ -464,10 +510,19 @@ func (s *Spool) update(op, id string, fn func(m *Message, b *pebble.Batch) (*Tra
 	}
 	var k keyBuf
 	done := m.Done()
-	if done {
+	switch {
+	case done && m.body.File != 0:
+		_ = b.Delete(k.message(id), nil)
+		released = m.body
+	case done:
 		_ = b.Delete(k.message(id), nil)
 		_ = b.Delete(k.body(id), nil)
-	} else {
+	default:
+		if op == "defer" || op == "hold" { // it will wait: not in a body file
+			if released, err = s.moveBodyIntoPebble(m, b); err != nil {
+				s.log.Warn("spool: keeping a message's bytes in their body file", zap.String("id", id), zap.Error(err))
+			}
+		}
 		_ = b.Set(k.message(id), m.encode(nil), nil)
 	}
 	// Outcomes ride on the next sync, except one that carries a notice:
@@ -482,6 +537,7 @@ func (s *Spool) update(op, id string, fn func(m *Message, b *pebble.Batch) (*Tra
 	if err := s.commitWith(b, op, wo); err != nil {
 		return err
 	}
+	s.bodies.release(released)
 	if lazy {
 		s.syncSoon()
 	}

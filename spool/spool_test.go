@@ -337,6 +337,7 @@ func TestRecordRoundTripAndCorruption(t *testing.T) {
 	m := &Message{ID: "0123456789ABCDEF", From: "", EnvID: "e", Ret: mta.ReturnFull, SMTPUTF8: true, Held: true,
 		ClientIP: "::1", HELO: "h", AuthUser: "u", Received: time.Unix(5, 6), Size: 99,
 		Priority: mta.PriorityTransactional, Metadata: map[string]string{"order": "A-1", "campaign": "reset"},
+		body: bodyLocation{File: 3, Offset: 1 << 40, CRC: 0xdeadbeef},
 		Recipients: []RecipientState{{Recipient: mta.Recipient{Address: "x@Y.test", Notify: mta.NotifyNever},
 			Status: Failed, Attempts: 3, NextAttempt: time.Unix(7, 8), LastReply: "550 no"}}}
 	b := m.encode(nil)

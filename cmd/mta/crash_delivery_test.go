@@ -55,9 +55,12 @@ func TestCrashDuringDeliveryDeliversEverything(t *testing.T) {
 	acked := map[string]bool{}
 	killed := false
 	res, _ := bench.RunLoad(context.Background(), bench.LoadConfig{
-		Addr: p.SMTP, Sessions: 20, Messages: total, Size: 1024, Pipelining: true, Seed: 5,
-		Domains: []string{"a.crash.test", "b.crash.test", "c.crash.test"},
-		Timeout: 3 * time.Second,
+		Addr: p.SMTP, Sessions: 20, Messages: total, Pipelining: true, Seed: 5,
+		// Some large enough for body files: their removal must not run
+		// ahead of the records that are done with them.
+		SizeDist: []bench.SizeWeight{{Size: 1024, Weight: 3}, {Size: 40_000, Weight: 1}},
+		Domains:  []string{"a.crash.test", "b.crash.test", "c.crash.test"},
+		Timeout:  3 * time.Second,
 		OnAccepted: func(id string, _ []byte) {
 			acked[id] = true
 			mu.Lock()

@@ -17,7 +17,8 @@ import (
 // TestCrashLosesNoAcknowledgedMessage starts `mta serve`, sends from many
 // concurrent sessions, kills the process with SIGKILL in the middle,
 // restarts it on the same directory, and checks that every message that
-// got a 250 is in the queue, byte for byte.
+// got a 250 is in the queue, byte for byte. Half the messages are large
+// enough for body files (spool.body_file_threshold), half stay in Pebble.
 func TestCrashLosesNoAcknowledgedMessage(t *testing.T) {
 	if testing.Short() {
 		t.Skip("starts subprocesses")
@@ -38,7 +39,7 @@ func TestCrashLosesNoAcknowledgedMessage(t *testing.T) {
 			Addr:                 p.SMTP,
 			Sessions:             50,
 			Messages:             1_000_000, // far more than will be sent before the kill
-			Size:                 2048,
+			SizeDist:             []bench.SizeWeight{{Size: 2048, Weight: 1}, {Size: 60_000, Weight: 1}},
 			RecipientsPerMessage: 2,
 			Domains:              []string{"one.test", "two.test", "three.test"},
 			Pipelining:           true,
@@ -93,7 +94,7 @@ func TestCrashLosesNoAcknowledgedMessage(t *testing.T) {
 	if got := sp.Count(); got < int64(len(ackedCopy)) {
 		t.Fatalf("spool holds %d messages, %d were acknowledged", got, len(ackedCopy))
 	}
-	missing, differ := 0, 0
+	missing, differ, large := 0, 0, 0
 	for id, want := range ackedCopy {
 		if id == "" {
 			t.Fatal("a 250 reply without a queue ID")
@@ -117,6 +118,9 @@ func TestCrashLosesNoAcknowledgedMessage(t *testing.T) {
 		if err != nil || len(m.Recipients) != 2 {
 			t.Errorf("message %s record: %+v, %v", id, m, err)
 		}
+		if len(body) > 16<<10 {
+			large++
+		}
 		// With two recipients our Received: header has two lines (no "for").
 		if hdr := body[:len(body)-len(want)]; bytes.Count(hdr, []byte("\r\n")) != 2 {
 			t.Errorf("message %s: stored bytes are not our Received: header + the message: %q", id, hdr)
@@ -124,6 +128,9 @@ func TestCrashLosesNoAcknowledgedMessage(t *testing.T) {
 	}
 	if missing+differ > 0 {
 		t.Fatalf("%d acknowledged messages missing, %d differ, of %d", missing, differ, len(ackedCopy))
+	}
+	if large == 0 || large == len(ackedCopy) {
+		t.Fatalf("%d of %d messages large: both kinds of storage must be tried", large, len(ackedCopy))
 	}
 	fmt.Printf("crash test: %d acknowledged messages all present byte for byte after SIGKILL and restart (spool holds %d)\n", len(ackedCopy), sp.Count())
 }

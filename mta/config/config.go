@@ -125,6 +125,10 @@ type Spool struct {
 	MinFreeSpace    ByteSize `yaml:"min_free_space"`    // below this free space on data_dir, new mail gets 452 4.3.1
 	MinSyncInterval Duration `yaml:"min_sync_interval"` // group commit: delay a WAL sync so that more messages share it
 	MemTableSize    ByteSize `yaml:"memtable_size"`     // Pebble memtable: mail delivered before it fills never reaches a table file
+	// BodyFileThreshold is the message size from which the bytes are kept
+	// in body files beside Pebble, written once and removed whole, instead
+	// of being carried through Pebble's flushes and compactions; 0: never.
+	BodyFileThreshold ByteSize `yaml:"body_file_threshold"`
 }
 
 // Delivery holds the outbound side: scheduler and SMTP client.
@@ -317,7 +321,7 @@ func Default() *Config {
 		DSN:          DSN{MaxReturnedSize: 100 << 10, DelayWarning: Duration(4 * 3600e9)},
 		Mailboxes:    Mailboxes{Quota: 1 << 30},
 		DNS:          DNS{Timeout: Duration(5e9), IPv6: true},
-		Spool:        Spool{Sync: true, MinFreeSpace: 100 << 20},
+		Spool:        Spool{Sync: true, MinFreeSpace: 100 << 20, BodyFileThreshold: 16 << 10},
 		Log:          Log{Level: "info", Format: "json", Accounting: Accounting{MaxSize: 100 << 20, MaxFiles: 10}},
 		Admin:        Admin{Enabled: true},
 		API:          API{MaxRequestSize: 32 << 20, MaxRecipients: 10000},
@@ -574,6 +578,9 @@ func (c *Config) validate() error {
 	}
 	if c.Spool.MemTableSize != 0 && (c.Spool.MemTableSize < 4<<20 || c.Spool.MemTableSize > 1<<30) {
 		bad("spool.memtable_size", "must be between 4MiB and 1GiB, got %d bytes", int64(c.Spool.MemTableSize))
+	}
+	if c.Spool.BodyFileThreshold != 0 && c.Spool.BodyFileThreshold < 1<<10 {
+		bad("spool.body_file_threshold", "must be 0 (off) or at least 1KiB, got %d bytes", int64(c.Spool.BodyFileThreshold))
 	}
 	if c.Spool.MinFreeSpace < 0 {
 		bad("spool.min_free_space", "must not be negative")

@@ -91,6 +91,7 @@ func TestErrorsNameTheField(t *testing.T) {
 		{"local_domains: [\"a b\"]\n", "local_domains[0]: not a domain"},
 		{"smtp: {max_line_length: 80}\n", "smtp.max_line_length: must be at least 1000"},
 		{"spool: {memtable_size: 1MiB}\n", "spool.memtable_size: must be between 4MiB and 1GiB"},
+		{"spool: {body_file_threshold: 100}\n", "spool.body_file_threshold: must be 0 (off) or at least 1KiB"},
 		{"listen: {api: \"0.0.0.0:8026\"}\napi: {tenants: [{name: s, token_file: /x}]}\n", "listen.api: \"0.0.0.0:8026\" is not a loopback address"},
 		{"listen: {api: \"127.0.0.1:8026\"}\n", "api.tenants: listen.api is set"},
 		{"api: {tenants: [{name: default, token_file: /x}]}\n", "api.tenants[0].name: default is the tenant of SMTP mail"},

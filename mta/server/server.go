@@ -160,10 +160,11 @@ func New(cfg *config.Config, log *zap.Logger) (_ *Server, err error) {
 	}
 	var notices *notifier // needs the spool's NewID: set once it is open, before delivery starts
 	s.spool, err = spool.Open(filepath.Join(cfg.DataDir, "spool"), spool.Options{
-		Sync:            cfg.Spool.Sync,
-		MinFreeSpace:    int64(cfg.Spool.MinFreeSpace),
-		MinSyncInterval: cfg.Spool.MinSyncInterval.D(),
-		MemTableSize:    uint64(cfg.Spool.MemTableSize),
+		Sync:              cfg.Spool.Sync,
+		MinFreeSpace:      int64(cfg.Spool.MinFreeSpace),
+		MinSyncInterval:   cfg.Spool.MinSyncInterval.D(),
+		MemTableSize:      uint64(cfg.Spool.MemTableSize),
+		BodyFileThreshold: int64(cfg.Spool.BodyFileThreshold),
 		// A new message becomes due on disk one lease after acceptance;
 		// the scheduler gets it in memory at once. After a crash, mail
 		// that was in flight is retried after at most this long.

@@ -1,0 +1,234 @@
+package spool
+
+import (
+	"bytes"
+	"errors"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/mtaproject/mta/mta"
+)
+
+// bigBody is n bytes of message text that differ from one message to the
+// next.
+func bigBody(seed, n int) []byte {
+	line := []byte(strings.Repeat(string(rune('a'+seed%26)), 70) + "\r\n")
+	return bytes.Repeat(line, n/len(line)+1)[:n]
+}
+
+func bodyFileNames(t *testing.T, dir string) []string {
+	t.Helper()
+	entries, err := os.ReadDir(filepath.Join(dir, bodyFilesDir))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out []string
+	for _, e := range entries {
+		out = append(out, e.Name())
+	}
+	return out
+}
+
+// waitFor polls cond until it holds, for up to two seconds.
+func waitFor(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	for deadline := time.Now().Add(2 * time.Second); !cond(); {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+func TestLargeMessagesLiveInBodyFiles(t *testing.T) {
+	dir := t.TempDir()
+	s := openTest(t, dir, Options{Sync: true, BodyFileThreshold: 4096})
+	header := []byte("Received: by test\r\n")
+	big, small := newMessage(s, "a@one.test"), newMessage(s, "b@one.test")
+	bigBytes, smallBytes := bigBody(1, 50_000), []byte("Subject: small\r\n\r\nhi\r\n")
+	if err := s.PutAll([]Incoming{{Message: big, Header: header, Body: bigBytes}, {Message: small, Header: header, Body: smallBytes}}); err != nil {
+		t.Fatal(err)
+	}
+	var k keyBuf
+	if s.exists(k.body(big.ID)) {
+		t.Fatal("the large message's bytes are in Pebble")
+	}
+	if !s.exists(k.body(small.ID)) {
+		t.Fatal("the small message's bytes are not in Pebble")
+	}
+	if names := bodyFileNames(t, dir); len(names) != 1 {
+		t.Fatalf("body files %v", names)
+	}
+	check := func(s *Spool) {
+		t.Helper()
+		for id, want := range map[string][]byte{big.ID: append(append([]byte(nil), header...), bigBytes...), small.ID: append(append([]byte(nil), header...), smallBytes...)} {
+			got, err := s.AppendBody([]byte("prefix"), id)
+			if err != nil || !bytes.Equal(got, append([]byte("prefix"), want...)) {
+				t.Fatalf("%s: %d bytes, %v; want %d", id, len(got), err, len(want)+6)
+			}
+		}
+	}
+	check(s)
+
+	// After a restart the records still find their bytes.
+	s.Close()
+	s = openTest(t, dir, Options{Sync: true, BodyFileThreshold: 4096})
+	check(s)
+
+	// A delivered large message gives its file back: it goes once sealed.
+	if err := s.MarkDelivered(big.ID, []Result{{Address: "a@one.test"}}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.Body(big.ID); !errors.Is(err, mta.ErrNotFound) {
+		t.Fatalf("delivered message's body: %v", err)
+	}
+	waitFor(t, "the unused body file to go", func() bool { return len(bodyFileNames(t, dir)) == 0 })
+}
+
+func TestBodyFilesGoOnceTheirMessagesAreDone(t *testing.T) {
+	dir := t.TempDir()
+	s := openTest(t, dir, Options{Sync: true, BodyFileThreshold: 1000})
+	s.bodies.limit = 25_000 // a new file every three messages
+	var ids []string
+	for i := range 12 {
+		m := newMessage(s, "a@one.test")
+		if err := s.Put(m, nil, bigBody(i, 10_000)); err != nil {
+			t.Fatal(err)
+		}
+		ids = append(ids, m.ID)
+	}
+	if n := len(bodyFileNames(t, dir)); n != 4 {
+		t.Fatalf("%d body files, want 4", n)
+	}
+	// Delivering the first three frees the first file, and only it.
+	for _, id := range ids[:3] {
+		if err := s.MarkDelivered(id, []Result{{Address: "a@one.test"}}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	waitFor(t, "the first file to go", func() bool { return len(bodyFileNames(t, dir)) == 3 })
+	// One deferred message moves into Pebble and no longer holds its file.
+	if err := s.Defer(ids[3], "one.test", time.Now().Add(time.Hour), Outcome{Reply: "451 later"}); err != nil {
+		t.Fatal(err)
+	}
+	for _, id := range ids[4:6] {
+		if err := s.MarkDelivered(id, []Result{{Address: "a@one.test"}}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	waitFor(t, "the second file to go", func() bool { return len(bodyFileNames(t, dir)) == 2 })
+	got, err := s.Body(ids[3])
+	if err != nil || !bytes.Equal(got, bigBody(3, 10_000)) {
+		t.Fatalf("deferred message: %d bytes, %v", len(got), err)
+	}
+	if m, _ := s.Get(ids[3]); m.body.File != 0 {
+		t.Fatalf("deferred message still points to body file %d", m.body.File)
+	}
+	// The others still read back after all that, and after a restart.
+	s.Close()
+	s = openTest(t, dir, Options{Sync: true, BodyFileThreshold: 1000})
+	for i, id := range ids {
+		if i < 6 && i != 3 {
+			continue // delivered
+		}
+		if got, err := s.Body(id); err != nil || !bytes.Equal(got, bigBody(i, 10_000)) {
+			t.Fatalf("message %d: %d bytes, %v", i, len(got), err)
+		}
+	}
+}
+
+func TestRecoveryRemovesBodyFilesNoRecordNeeds(t *testing.T) {
+	dir := t.TempDir()
+	s := openTest(t, dir, Options{Sync: true, BodyFileThreshold: 1000})
+	kept := newMessage(s, "a@one.test")
+	if err := s.Put(kept, nil, bigBody(0, 5000)); err != nil {
+		t.Fatal(err)
+	}
+	// A body written for a message whose record never committed (a crash
+	// between the two), in a file of its own.
+	s.bodies.mu.Lock()
+	s.bodies.seal(s.bodies.active)
+	s.bodies.mu.Unlock()
+	if _, err := s.bodies.append(nil, bigBody(1, 5000)); err != nil {
+		t.Fatal(err)
+	}
+	s.Close()
+	if n := len(bodyFileNames(t, dir)); n != 2 {
+		t.Fatalf("%d body files before the restart, want 2", n)
+	}
+	s = openTest(t, dir, Options{Sync: true, BodyFileThreshold: 1000})
+	waitFor(t, "the orphan file to go", func() bool { return len(bodyFileNames(t, dir)) == 1 })
+	if got, err := s.Body(kept.ID); err != nil || !bytes.Equal(got, bigBody(0, 5000)) {
+		t.Fatalf("kept message: %d bytes, %v", len(got), err)
+	}
+}
+
+func TestBodyFileDamageIsReportedNotDelivered(t *testing.T) {
+	dir := t.TempDir()
+	s := openTest(t, dir, Options{Sync: true, BodyFileThreshold: 1000})
+	m := newMessage(s, "a@one.test")
+	if err := s.Put(m, nil, bigBody(0, 5000)); err != nil {
+		t.Fatal(err)
+	}
+	name := filepath.Join(dir, bodyFilesDir, bodyFileNames(t, dir)[0])
+	f, err := os.OpenFile(name, os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.WriteAt([]byte("X"), 1234); err != nil {
+		t.Fatal(err)
+	}
+	f.Close()
+	if _, err := s.Body(m.ID); err == nil || !strings.Contains(err.Error(), "checksum") {
+		t.Fatalf("damaged body read: %v", err)
+	}
+	// A file cut short is found at the next start.
+	s.Close()
+	if err := os.Truncate(name, 100); err != nil {
+		t.Fatal(err)
+	}
+	s = openTest(t, dir, Options{Sync: true, BodyFileThreshold: 1000})
+	if _, err := s.Body(m.ID); err == nil {
+		t.Fatal("a body beyond the end of its file was read")
+	}
+}
+
+func TestConcurrentLargePutsShareBodyFileSyncs(t *testing.T) {
+	dir := t.TempDir()
+	s := openTest(t, dir, Options{Sync: true, BodyFileThreshold: 1000})
+	var wg sync.WaitGroup
+	const writers, each = 16, 20
+	errs := make(chan error, writers*each)
+	for w := range writers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := range each {
+				m := newMessage(s, "a@one.test")
+				body := bigBody(w*each+i, 20_000)
+				if err := s.Put(m, nil, body); err != nil {
+					errs <- err
+					return
+				}
+				if got, err := s.Body(m.ID); err != nil || !bytes.Equal(got, body) {
+					errs <- err
+					return
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Fatal(err)
+	}
+	syncs := s.bodies.syncCount.Load()
+	t.Logf("%d body file syncs for %d messages", syncs, writers*each)
+	if syncs == 0 || syncs >= writers*each {
+		t.Fatalf("%d body file syncs for %d messages: not shared", syncs, writers*each)
+	}
+}
