@@ -12,6 +12,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"syscall"
+	"time"
 
 	"github.com/cockroachdb/pebble/v2"
 	"go.uber.org/zap"
@@ -40,6 +41,16 @@ import (
 // files and directory syncs.
 const bodyFileSize = 32 << 20
 
+// sparseFileAge and sparseFileCheck: a sealed file older than
+// sparseFileAge whose live bodies fill less than half of it is emptied, its
+// bodies moved into Pebble, checked every sparseFileCheck. Mail that waits
+// (a destination backed off, a long queue to one domain) then does not keep
+// a file of mostly delivered bodies on disk. Tests shorten them.
+var (
+	sparseFileAge   = 10 * time.Minute
+	sparseFileCheck = time.Minute
+)
+
 // bodyFilesDir is the directory of body files inside the spool's.
 const bodyFilesDir = "bodies"
 
@@ -63,12 +74,14 @@ var errBodyFileGone = errors.New("spool: body file removed")
 
 // bodyFile is one file of bodies.
 type bodyFile struct {
-	num    uint64
-	f      *os.File
-	size   int64 // bytes written, and the offset of the next body
-	live   int   // bodies that records point to, or will once committed
-	sealed bool  // takes no more bodies; removable once live is 0
-	dirty  bool  // written since its last sync
+	num       uint64
+	f         *os.File
+	created   time.Time
+	size      int64 // bytes written, and the offset of the next body
+	live      int   // bodies that records point to, or will once committed
+	liveBytes int64 // their bytes
+	sealed    bool  // takes no more bodies; removable once live is 0
+	dirty     bool  // written since its last sync
 }
 
 // bodyFiles is the set of body files. Appends are serialised; reads of
@@ -77,6 +90,10 @@ type bodyFiles struct {
 	dir     string
 	durable bool  // fsync files and the directory (Options.Sync)
 	limit   int64 // bodyFileSize, or less in tests
+	// A sealed file older than sparseAge whose live bodies fill less than
+	// half of it is emptied: those bodies move into Pebble, every
+	// sparseCheck.
+	sparseAge, sparseCheck time.Duration
 
 	// readMu is held for reading by reads and syncs, which use a file
 	// outside mu, and for writing while files are closed.
@@ -97,7 +114,7 @@ type bodyFiles struct {
 // live counts are zero until recovery counts them (count).
 func openBodyFiles(dir string, durable bool) (*bodyFiles, error) {
 	bf := &bodyFiles{dir: filepath.Join(dir, bodyFilesDir), durable: durable, limit: bodyFileSize,
-		files: map[uint64]*bodyFile{}, next: 1, wake: make(chan struct{}, 1)}
+		sparseAge: sparseFileAge, sparseCheck: sparseFileCheck, files: map[uint64]*bodyFile{}, next: 1, wake: make(chan struct{}, 1)}
 	bf.syncs.cond = sync.NewCond(&bf.syncs.mu)
 	if err := os.MkdirAll(bf.dir, 0o750); err != nil {
 		return nil, fmt.Errorf("spool: %w", err)
@@ -122,7 +139,7 @@ func openBodyFiles(dir string, durable bool) (*bodyFiles, error) {
 			bf.closeAll()
 			return nil, fmt.Errorf("spool: %w", err)
 		}
-		bf.files[num] = &bodyFile{num: num, f: f, size: st.Size(), sealed: true}
+		bf.files[num] = &bodyFile{num: num, f: f, created: st.ModTime(), size: st.Size(), sealed: true}
 		bf.next = max(bf.next, num+1)
 	}
 	return bf, nil
@@ -147,6 +164,7 @@ func (bf *bodyFiles) count(loc bodyLocation, size int64) bool {
 		return false
 	}
 	f.live++
+	f.liveBytes += size
 	return true
 }
 
@@ -176,6 +194,7 @@ func (bf *bodyFiles) append(header, body []byte) (bodyLocation, error) {
 	}
 	a.size = off + int64(len(header)+len(body))
 	a.live++
+	a.liveBytes += int64(len(header) + len(body))
 	if bf.durable && !a.dirty {
 		a.dirty = true
 		bf.dirty = append(bf.dirty, a)
@@ -200,7 +219,7 @@ func (bf *bodyFiles) create() (*bodyFile, error) {
 		}
 	}
 	bf.next++
-	a := &bodyFile{num: num, f: f}
+	a := &bodyFile{num: num, f: f, created: time.Now()}
 	bf.files[num] = a
 	bf.active = a
 	return a, nil
@@ -274,9 +293,9 @@ func (bf *bodyFiles) read(dst []byte, loc bodyLocation, size int64) ([]byte, err
 	return out, nil
 }
 
-// release notes that no record points to loc any more: its commit (a
-// removal, or a move into Pebble) has returned.
-func (bf *bodyFiles) release(loc bodyLocation) {
+// release notes that no record points to loc, a body of size bytes, any
+// more: its commit (a removal, or a move into Pebble) has returned.
+func (bf *bodyFiles) release(loc bodyLocation, size int64) {
 	if loc.File == 0 {
 		return
 	}
@@ -287,6 +306,7 @@ func (bf *bodyFiles) release(loc bodyLocation) {
 		return
 	}
 	f.live--
+	f.liveBytes -= size
 	if f.live <= 0 && f.sealed {
 		bf.poke()
 	}
@@ -328,6 +348,20 @@ func (bf *bodyFiles) remove(nums []uint64) error {
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// sparse returns the sealed files older than sparseAge with live bodies
+// that fill less than half of them.
+func (bf *bodyFiles) sparse(now time.Time) map[uint64]bool {
+	bf.mu.Lock()
+	defer bf.mu.Unlock()
+	out := map[uint64]bool{}
+	for num, f := range bf.files {
+		if f.sealed && f.live > 0 && now.Sub(f.created) >= bf.sparseAge && 2*f.liveBytes < f.size {
+			out[num] = true
+		}
+	}
+	return out
 }
 
 // stats returns how many body files there are and their bytes.
@@ -472,7 +506,7 @@ func (s *Spool) writeBodyFiles(msgs []Incoming) error {
 // records were not committed.
 func (s *Spool) releaseBodies(msgs []Incoming) {
 	for _, in := range msgs {
-		s.bodies.release(in.Message.body)
+		s.bodies.release(in.Message.body, int64(len(in.Header)+len(in.Body)))
 		in.Message.body = bodyLocation{}
 	}
 }
@@ -510,16 +544,22 @@ func (s *Spool) moveBodyIntoPebble(m *Message, b *pebble.Batch) (bodyLocation, e
 	return loc, nil
 }
 
-// reapBodyFiles removes the body files no record points to any more.
-// Before it removes any it makes a synced commit, so that the commits that
-// released them (removals and moves, some of them not synced) are on disk
-// first: a crash can then never bring back a record whose file is gone.
+// reapBodyFiles removes the body files no record points to any more, and
+// empties old sparse ones. Before it removes any it makes a synced commit,
+// so that the commits that released them (removals and moves, some of them
+// not synced) are on disk first: a crash can then never bring back a
+// record whose file is gone.
 func (s *Spool) reapBodyFiles() {
 	defer close(s.reaperDone)
+	tick := time.NewTicker(s.bodies.sparseCheck)
+	defer tick.Stop()
 	for {
 		select {
 		case <-s.reaperStop:
 			return
+		case <-tick.C:
+			s.emptySparseBodyFiles()
+			continue
 		case <-s.bodies.wake:
 		}
 		nums := s.bodies.removable()
@@ -539,4 +579,55 @@ func (s *Spool) reapBodyFiles() {
 			s.log.Warn("spool: removing body files", zap.Error(err))
 		}
 	}
+}
+
+// maxMovesPerCheck bounds the bodies one check moves out of sparse files;
+// the next check goes on.
+const maxMovesPerCheck = 10_000
+
+// emptySparseBodyFiles moves the live bodies of old sparse files into
+// Pebble. The files have no index of their messages, so it reads the
+// records; it runs only while such files exist.
+func (s *Spool) emptySparseBodyFiles() {
+	files := s.bodies.sparse(time.Now())
+	if len(files) == 0 {
+		return
+	}
+	var ids []string
+	s.closeMu.RLock()
+	if s.closed {
+		s.closeMu.RUnlock()
+		return
+	}
+	it, err := s.db.NewIter(&pebble.IterOptions{LowerBound: []byte(prefixMessage), UpperBound: []byte(prefixEnd(prefixMessage))})
+	if err == nil {
+		for ok := it.First(); ok && len(ids) < maxMovesPerCheck; ok = it.Next() {
+			id := string(it.Key()[len(prefixMessage):])
+			if m, err := decodeMessage(id, it.Value()); err == nil && files[m.body.File] {
+				ids = append(ids, id)
+			}
+		}
+		err = errors.Join(it.Error(), it.Close())
+	}
+	s.closeMu.RUnlock()
+	if err != nil {
+		s.log.Warn("spool: looking for the messages of sparse body files", zap.Error(err))
+		return
+	}
+	moved := 0
+	for _, id := range ids {
+		select {
+		case <-s.reaperStop:
+			return
+		default:
+		}
+		err := s.update("move", id, func(*Message, *pebble.Batch) (*Transition, error) { return nil, nil })
+		if err == nil {
+			moved++
+		} else if !errors.Is(err, mta.ErrNotFound) {
+			s.log.Warn("spool: moving a body out of a sparse body file", zap.String("id", id), zap.Error(err))
+			return
+		}
+	}
+	s.log.Info("spool: emptied sparse body files", zap.Int("files", len(files)), zap.Int("bodies_moved", moved))
 }

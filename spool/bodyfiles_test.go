@@ -232,3 +232,60 @@ func TestConcurrentLargePutsShareBodyFileSyncs(t *testing.T) {
 		t.Fatalf("%d body file syncs for %d messages: not shared", syncs, writers*each)
 	}
 }
+
+func TestOldSparseBodyFilesAreEmptied(t *testing.T) {
+	dir := t.TempDir()
+	s, err := Open(dir, Options{Sync: true, BodyFileThreshold: 1000})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() { s.Close() }()
+	s.bodies.limit = 25_000 // three messages a file
+	var ids []string
+	for i := range 7 {
+		m := newMessage(s, "a@one.test")
+		if err := s.Put(m, nil, bigBody(i, 10_000)); err != nil {
+			t.Fatal(err)
+		}
+		ids = append(ids, m.ID)
+	}
+	// File 1 keeps one message of three (sparse), file 2 two of three
+	// (not sparse), file 3 is the active one.
+	for _, id := range []string{ids[0], ids[1], ids[3]} {
+		if err := s.MarkDelivered(id, []Result{{Address: "a@one.test"}}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if got := s.bodies.sparse(time.Now().Add(time.Hour)); len(got) != 1 || !got[1] {
+		t.Fatalf("sparse files an hour on: %v, want file 1 only", got)
+	}
+	if got := s.bodies.sparse(time.Now()); len(got) != 0 {
+		t.Fatalf("sparse files now: %v, want none (too young)", got)
+	}
+	// Restart with a short age and check interval: file 1 is emptied.
+	s.Close()
+	age, check := sparseFileAge, sparseFileCheck
+	sparseFileAge, sparseFileCheck = 0, 10*time.Millisecond
+	defer func() { sparseFileAge, sparseFileCheck = age, check }()
+	if s, err = Open(dir, Options{Sync: true, BodyFileThreshold: 1000}); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "the sparse file to go", func() bool {
+		_, err := os.Stat(filepath.Join(dir, bodyFilesDir, bodyFileName(1)))
+		return os.IsNotExist(err)
+	})
+	if m, _ := s.Get(ids[2]); m == nil || m.body.File != 0 {
+		t.Fatalf("message of the sparse file: %+v", m)
+	}
+	for i, id := range ids {
+		if i == 0 || i == 1 || i == 3 {
+			continue
+		}
+		if got, err := s.Body(id); err != nil || !bytes.Equal(got, bigBody(i, 10_000)) {
+			t.Fatalf("message %d: %d bytes, %v", i, len(got), err)
+		}
+	}
+	if names := bodyFileNames(t, dir); len(names) != 2 {
+		t.Fatalf("body files %v, want the two that are not sparse", names)
+	}
+}

@@ -30,7 +30,7 @@ func newSpoolMetrics(s *Spool, reg prometheus.Registerer) *spoolMetrics {
 			Help: "Spool operations that failed, by operation (put_full: refused for lack of free space).",
 		}, []string{"op"}),
 	}
-	for _, op := range []string{"put", "put_full", "put_body", "deliver", "fail", "defer", "lease", "hold", "release", "remove", "bounce"} {
+	for _, op := range []string{"put", "put_full", "put_body", "move", "deliver", "fail", "defer", "lease", "hold", "release", "remove", "bounce"} {
 		m.errors.WithLabelValues(op)
 	}
 	m.collectors = []prometheus.Collector{

@@ -320,6 +320,12 @@ func (s *Spool) commit(b *pebble.Batch, op string) (err error) {
 // not wait for the disk after every message.
 var outcomeOps = map[string]bool{"deliver": true, "fail": true, "defer": true}
 
+// movesBody names the transitions after which a message waits, so that its
+// bytes move from their body file into Pebble ("move" does nothing else).
+// A move need not be synced either: a lost one leaves the bytes in their
+// file, which is kept until a synced commit follows the move.
+var movesBody = map[string]bool{"defer": true, "hold": true, "move": true}
+
 func (s *Spool) commitWith(b *pebble.Batch, op string, wo *pebble.WriteOptions) (err error) {
 	defer func() {
 		if r := recover(); r != nil {
@@ -518,7 +524,7 @@ func (s *Spool) update(op, id string, fn func(m *Message, b *pebble.Batch) (*Tra
 		_ = b.Delete(k.message(id), nil)
 		_ = b.Delete(k.body(id), nil)
 	default:
-		if op == "defer" || op == "hold" { // it will wait: not in a body file
+		if movesBody[op] { // it will wait: not in a body file
 			if released, err = s.moveBodyIntoPebble(m, b); err != nil {
 				s.log.Warn("spool: keeping a message's bytes in their body file", zap.String("id", id), zap.Error(err))
 			}
@@ -529,7 +535,7 @@ func (s *Spool) update(op, id string, fn func(m *Message, b *pebble.Batch) (*Tra
 	// the notice is handed to delivery right after the commit, and if the
 	// commit were then lost in a crash, the attempt would be made again
 	// and fail again, and the sender would get a second, different bounce.
-	lazy := outcomeOps[op] && notice == nil
+	lazy := (outcomeOps[op] || op == "move") && notice == nil
 	wo := s.write
 	if lazy {
 		wo = pebble.NoSync
@@ -537,7 +543,7 @@ func (s *Spool) update(op, id string, fn func(m *Message, b *pebble.Batch) (*Tra
 	if err := s.commitWith(b, op, wo); err != nil {
 		return err
 	}
-	s.bodies.release(released)
+	s.bodies.release(released, m.Size)
 	if lazy {
 		s.syncSoon()
 	}
