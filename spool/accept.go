@@ -66,6 +66,7 @@ func (s *Spool) reclaim() {
 	if now-last < int64(reclaimInterval) || !s.lastReclaim.CompareAndSwap(last, now) {
 		return
 	}
+	s.bodies.sealIfUnused()
 	if !s.reclaiming.CompareAndSwap(false, true) {
 		return
 	}

@@ -37,8 +37,10 @@ import (
 // releasing it, so no crash can bring back a record whose file is gone.
 
 // bodyFileSize is the size at which the active body file is sealed and a
-// new one begun. Smaller files free space sooner; larger ones mean fewer
-// files and directory syncs.
+// new one begun: smaller files free space sooner, larger ones mean fewer
+// files and directory syncs. On a small volume it is at most a 64th of it.
+// The active file is also sealed once all its bodies are done and it holds
+// an eighth of this, so that a drained queue gives its space back.
 const bodyFileSize = 32 << 20
 
 // sparseFileAge and sparseFileCheck: a sealed file older than
@@ -113,7 +115,7 @@ type bodyFiles struct {
 // if needed. Every file found is sealed: new bodies go to a new file. Their
 // live counts are zero until recovery counts them (count).
 func openBodyFiles(dir string, durable bool) (*bodyFiles, error) {
-	bf := &bodyFiles{dir: filepath.Join(dir, bodyFilesDir), durable: durable, limit: bodyFileSize,
+	bf := &bodyFiles{dir: filepath.Join(dir, bodyFilesDir), durable: durable, limit: int64(volumeShare(dir, bodyFileSize, 1<<20)),
 		sparseAge: sparseFileAge, sparseCheck: sparseFileCheck, files: map[uint64]*bodyFile{}, next: 1, wake: make(chan struct{}, 1)}
 	bf.syncs.cond = sync.NewCond(&bf.syncs.mu)
 	if err := os.MkdirAll(bf.dir, 0o750); err != nil {
@@ -307,8 +309,21 @@ func (bf *bodyFiles) release(loc bodyLocation, size int64) {
 	}
 	f.live--
 	f.liveBytes -= size
-	if f.live <= 0 && f.sealed {
+	if f.live <= 0 && f == bf.active && f.size >= bf.limit/8 {
+		bf.seal(f)
+	} else if f.live <= 0 && f.sealed {
 		bf.poke()
+	}
+}
+
+// sealIfUnused seals the active file if none of its bodies is needed any
+// more, whatever its size, so that its space comes back: the spool calls
+// it when it is short of space.
+func (bf *bodyFiles) sealIfUnused() {
+	bf.mu.Lock()
+	defer bf.mu.Unlock()
+	if a := bf.active; a != nil && a.live <= 0 {
+		bf.seal(a)
 	}
 }
 

@@ -289,3 +289,41 @@ func TestOldSparseBodyFilesAreEmptied(t *testing.T) {
 		t.Fatalf("body files %v, want the two that are not sparse", names)
 	}
 }
+
+// TestDrainedQueueGivesBodyFileSpaceBack: the active file goes once all its
+// bodies are done, so that a drained queue does not keep it.
+func TestDrainedQueueGivesBodyFileSpaceBack(t *testing.T) {
+	dir := t.TempDir()
+	s := openTest(t, dir, Options{Sync: true, BodyFileThreshold: 1000})
+	s.bodies.limit = 80_000 // sealed when unused from 10,000 bytes on
+	put := func(i int) string {
+		m := newMessage(s, "a@one.test")
+		if err := s.Put(m, nil, bigBody(i, 6_000)); err != nil {
+			t.Fatal(err)
+		}
+		return m.ID
+	}
+	deliver := func(id string) {
+		if err := s.MarkDelivered(id, []Result{{Address: "a@one.test"}}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// One small file's worth stays until the spool is short of space.
+	deliver(put(0))
+	time.Sleep(50 * time.Millisecond)
+	if n := len(bodyFileNames(t, dir)); n != 1 {
+		t.Fatalf("%d body files after one message, want the active one", n)
+	}
+	s.bodies.sealIfUnused()
+	waitFor(t, "the unused active file to go when space is short", func() bool { return len(bodyFileNames(t, dir)) == 0 })
+	// Two messages fill an eighth of the limit: once both are done, the
+	// file goes by itself.
+	a, b := put(1), put(2)
+	deliver(a)
+	deliver(b)
+	waitFor(t, "the drained active file to go", func() bool { return len(bodyFileNames(t, dir)) == 0 })
+	id := put(3)
+	if got, err := s.Body(id); err != nil || !bytes.Equal(got, bigBody(3, 6_000)) {
+		t.Fatalf("after the drain: %d bytes, %v", len(got), err)
+	}
+}

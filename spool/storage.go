@@ -94,10 +94,15 @@ const DefaultMemTableSize = 32 << 20
 // more than a 64th of the spool's file system, as each WAL file
 // preallocates 110 % of it; at least 4 MiB.
 func memTableSize(dir string, want uint64) uint64 {
-	const least = 4 << 20
 	if want == 0 {
 		want = DefaultMemTableSize
 	}
+	return volumeShare(dir, want, 4<<20)
+}
+
+// volumeShare returns want, but no more than a 64th of the file system of
+// dir, and at least least.
+func volumeShare(dir string, want, least uint64) uint64 {
 	var st syscall.Statfs_t
 	if err := syscall.Statfs(dir, &st); err != nil {
 		return want
