@@ -4,7 +4,8 @@
 // # Keyspace
 //
 //	m/<id>                        → Message record (envelope, per-recipient state), see record.go
-//	b/<id>                        → the message bytes as received, with our Received: header
+//	b/<id>                        → the message bytes as received, with our Received: header,
+//	                                unless the record puts them in a body file (bodyfiles.go)
 //	q/<due:8 bytes BE>/<id>/<dom> → empty; the due index, one entry per pending destination domain
 //
 // A queue ID is 16 characters of Crockford base32 over a 48-bit millisecond
@@ -14,6 +15,8 @@
 //
 // Every transition (accept, defer, deliver, fail, hold, release, remove) is
 // one Pebble batch, so a crash leaves either the old state or the new one.
+// The bytes of a large message go to a body file, synced before the batch
+// that points to them is committed.
 // Put commits with pebble.Sync when Options.Sync is set: it returns only once
 // the batch is in the write-ahead log on disk. Concurrent Puts share WAL
 // fsyncs, because Pebble's commit pipeline syncs everything queued behind

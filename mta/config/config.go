@@ -321,7 +321,7 @@ func Default() *Config {
 		DSN:          DSN{MaxReturnedSize: 100 << 10, DelayWarning: Duration(4 * 3600e9)},
 		Mailboxes:    Mailboxes{Quota: 1 << 30},
 		DNS:          DNS{Timeout: Duration(5e9), IPv6: true},
-		Spool:        Spool{Sync: true, MinFreeSpace: 100 << 20, BodyFileThreshold: 16 << 10},
+		Spool:        Spool{Sync: true, MinFreeSpace: 100 << 20, BodyFileThreshold: 32 << 10},
 		Log:          Log{Level: "info", Format: "json", Accounting: Accounting{MaxSize: 100 << 20, MaxFiles: 10}},
 		Admin:        Admin{Enabled: true},
 		API:          API{MaxRequestSize: 32 << 20, MaxRecipients: 10000},
