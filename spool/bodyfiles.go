@@ -84,6 +84,12 @@ type bodyFile struct {
 	liveBytes int64 // their bytes
 	sealed    bool  // takes no more bodies; removable once live is 0
 	dirty     bool  // written since its last sync
+	// pinned keeps the file whatever its live count: recovery found a
+	// record it could not read, which may point here.
+	pinned bool
+	// unmovable: moving one of its bodies into Pebble failed (a damaged
+	// body), so the sparse pass leaves the file alone.
+	unmovable bool
 }
 
 // bodyFiles is the set of body files. Appends are serialised; reads of
@@ -105,6 +111,9 @@ type bodyFiles struct {
 	active *bodyFile
 	next   uint64      // number of the next file
 	dirty  []*bodyFile // files written since the last sync
+	// uncounted are the locations of records that recovery could not
+	// count (their file missing or short): releasing one changes no count.
+	uncounted map[bodyLocation]bool
 
 	syncs     groupSync
 	syncCount atomic.Int64  // fdatasync calls on body files
@@ -116,10 +125,18 @@ type bodyFiles struct {
 // live counts are zero until recovery counts them (count).
 func openBodyFiles(dir string, durable bool) (*bodyFiles, error) {
 	bf := &bodyFiles{dir: filepath.Join(dir, bodyFilesDir), durable: durable, limit: int64(volumeShare(dir, bodyFileSize, 1<<20)),
-		sparseAge: sparseFileAge, sparseCheck: sparseFileCheck, files: map[uint64]*bodyFile{}, next: 1, wake: make(chan struct{}, 1)}
+		sparseAge: sparseFileAge, sparseCheck: sparseFileCheck, files: map[uint64]*bodyFile{}, next: 1, wake: make(chan struct{}, 1),
+		uncounted: map[bodyLocation]bool{}}
 	bf.syncs.cond = sync.NewCond(&bf.syncs.mu)
-	if err := os.MkdirAll(bf.dir, 0o750); err != nil {
-		return nil, fmt.Errorf("spool: %w", err)
+	if _, err := os.Stat(bf.dir); errors.Is(err, os.ErrNotExist) {
+		if err := os.Mkdir(bf.dir, 0o750); err != nil {
+			return nil, fmt.Errorf("spool: %w", err)
+		}
+		if durable { // the files' names will be synced in it, and it in the spool's
+			if err := syncDir(dir); err != nil {
+				return nil, fmt.Errorf("spool: %w", err)
+			}
+		}
 	}
 	entries, err := os.ReadDir(bf.dir)
 	if err != nil {
@@ -130,7 +147,7 @@ func openBodyFiles(dir string, durable bool) (*bodyFiles, error) {
 		if !ok {
 			continue
 		}
-		f, err := os.OpenFile(filepath.Join(bf.dir, e.Name()), os.O_RDWR, 0)
+		f, err := os.Open(filepath.Join(bf.dir, e.Name())) // sealed: only read
 		if err != nil {
 			bf.closeAll()
 			return nil, fmt.Errorf("spool: %w", err)
@@ -159,15 +176,31 @@ func parseBodyFileName(name string) (uint64, bool) {
 }
 
 // count notes, during recovery, that a record points to loc, a body of size
-// bytes. It reports false if the file is missing or too short to hold it.
+// bytes. It reports false if the file is missing or too short to hold it;
+// the location is then remembered as uncounted. Either way no new file
+// takes the number the record names.
 func (bf *bodyFiles) count(loc bodyLocation, size int64) bool {
+	bf.next = max(bf.next, loc.File+1)
 	f := bf.files[loc.File]
-	if f == nil || loc.Offset < 0 || loc.Offset+size > f.size {
+	if f == nil || !fits(loc, size, f.size) {
+		bf.uncounted[loc] = true
 		return false
 	}
 	f.live++
 	f.liveBytes += size
 	return true
+}
+
+// fits reports whether size bytes at loc lie within a file of fileSize.
+func fits(loc bodyLocation, size, fileSize int64) bool {
+	return loc.Offset >= 0 && size >= 0 && loc.Offset <= fileSize && size <= fileSize-loc.Offset
+}
+
+// pinAll keeps every file there is now for as long as the spool is open.
+func (bf *bodyFiles) pinAll() {
+	for _, f := range bf.files {
+		f.pinned = true
+	}
 }
 
 // append writes header followed by body to the active file and returns
@@ -264,7 +297,9 @@ func (bf *bodyFiles) syncAll() error {
 		for _, f := range dirty {
 			bf.syncCount.Add(1)
 			if err := unix.Fdatasync(int(f.f.Fd())); err != nil {
-				return bodyFileError("syncing", err)
+				// Even ENOSPC: what was not written may be lost from the
+				// page cache, so the spool must stop (see breakOn).
+				return fmt.Errorf("spool: syncing a body file: %w", err)
 			}
 		}
 		if removable { // it waited for this sync only
@@ -280,9 +315,16 @@ func (bf *bodyFiles) read(dst []byte, loc bodyLocation, size int64) ([]byte, err
 	defer bf.readMu.RUnlock()
 	bf.mu.Lock()
 	f := bf.files[loc.File]
+	var fileSize int64
+	if f != nil {
+		fileSize = f.size
+	}
 	bf.mu.Unlock()
 	if f == nil {
 		return dst, errBodyFileGone
+	}
+	if !fits(loc, size, fileSize) {
+		return dst, fmt.Errorf("spool: body file %s: %d bytes at %d are beyond its end (%d bytes)", bodyFileName(loc.File), size, loc.Offset, fileSize)
 	}
 	start := len(dst)
 	out := slices.Grow(dst, int(size))[:start+int(size)]
@@ -303,6 +345,10 @@ func (bf *bodyFiles) release(loc bodyLocation, size int64) {
 	}
 	bf.mu.Lock()
 	defer bf.mu.Unlock()
+	if bf.uncounted[loc] {
+		delete(bf.uncounted, loc)
+		return
+	}
 	f := bf.files[loc.File]
 	if f == nil {
 		return
@@ -327,19 +373,20 @@ func (bf *bodyFiles) sealIfUnused() {
 	}
 }
 
-// removable returns the sealed files that no record points to and that
-// have nothing waiting for a sync.
+// removable returns the sealed files that no record points to.
 func (bf *bodyFiles) removable() []uint64 {
 	bf.mu.Lock()
 	defer bf.mu.Unlock()
 	var out []uint64
 	for num, f := range bf.files {
-		if f.sealed && f.live <= 0 && !f.dirty {
+		if f.removable() {
 			out = append(out, num)
 		}
 	}
 	return out
 }
+
+func (f *bodyFile) removable() bool { return f.sealed && f.live <= 0 && !f.pinned }
 
 // remove closes and deletes the given files, if they are still removable.
 // The caller has made every commit that released them durable.
@@ -348,8 +395,10 @@ func (bf *bodyFiles) remove(nums []uint64) error {
 	bf.mu.Lock()
 	var gone []*bodyFile
 	for _, num := range nums {
-		if f := bf.files[num]; f != nil && f.sealed && f.live <= 0 && !f.dirty {
+		if f := bf.files[num]; f != nil && f.removable() {
+			// Its bytes are nobody's: a sync they wait for is not needed.
 			delete(bf.files, num)
+			bf.dirty = slices.DeleteFunc(bf.dirty, func(d *bodyFile) bool { return d == f })
 			gone = append(gone, f)
 		}
 	}
@@ -365,6 +414,15 @@ func (bf *bodyFiles) remove(nums []uint64) error {
 	return errors.Join(errs...)
 }
 
+// markUnmovable keeps the sparse pass away from file num.
+func (bf *bodyFiles) markUnmovable(num uint64) {
+	bf.mu.Lock()
+	defer bf.mu.Unlock()
+	if f := bf.files[num]; f != nil {
+		f.unmovable = true
+	}
+}
+
 // sparse returns the sealed files older than sparseAge with live bodies
 // that fill less than half of them.
 func (bf *bodyFiles) sparse(now time.Time) map[uint64]bool {
@@ -372,7 +430,7 @@ func (bf *bodyFiles) sparse(now time.Time) map[uint64]bool {
 	defer bf.mu.Unlock()
 	out := map[uint64]bool{}
 	for num, f := range bf.files {
-		if f.sealed && f.live > 0 && now.Sub(f.created) >= bf.sparseAge && 2*f.liveBytes < f.size {
+		if f.sealed && f.live > 0 && !f.unmovable && !f.pinned && now.Sub(f.created) >= bf.sparseAge && 2*f.liveBytes < f.size {
 			out[num] = true
 		}
 	}
@@ -526,9 +584,10 @@ func (s *Spool) releaseBodies(msgs []Incoming) {
 	}
 }
 
-// breakOn makes the spool refuse every later write after a failed sync of
-// a body file: what the kernel could not write may be gone from its cache
-// too, so nothing written since can be trusted to be on disk.
+// breakOn makes the spool refuse every later write after a body file
+// could not be written (a full file system aside) or synced (whatever the
+// reason): what the kernel could not write may be gone from its cache too,
+// so nothing written since can be trusted to be on disk.
 func (s *Spool) breakOn(err error) {
 	if errors.Is(err, mta.ErrStorageFull) {
 		return
@@ -574,21 +633,20 @@ func (s *Spool) reapBodyFiles() {
 			return
 		case <-tick.C:
 			s.emptySparseBodyFiles()
-			continue
 		case <-s.bodies.wake:
 		}
 		nums := s.bodies.removable()
 		if len(nums) == 0 {
 			continue
 		}
-		if s.opts.Sync {
-			b := s.db.NewBatch()
-			_ = b.LogData(nil, nil)
-			err := s.commitWith(b, "sync", pebble.Sync)
-			b.Close()
-			if err != nil {
-				continue
-			}
+		// Also without Options.Sync: a record that a lost commit brings
+		// back must not find its file gone, whatever else it loses.
+		b := s.db.NewBatch()
+		_ = b.LogData(nil, nil)
+		err := s.commitWith(b, "sync", pebble.Sync)
+		b.Close()
+		if err != nil {
+			continue // the next tick tries again
 		}
 		if err := s.bodies.remove(nums); err != nil {
 			s.log.Warn("spool: removing body files", zap.Error(err))
@@ -617,6 +675,9 @@ func (s *Spool) emptySparseBodyFiles() {
 	it, err := s.db.NewIter(&pebble.IterOptions{LowerBound: []byte(prefixMessage), UpperBound: []byte(prefixEnd(prefixMessage))})
 	if err == nil {
 		for ok := it.First(); ok && len(ids) < maxMovesPerCheck; ok = it.Next() {
+			if s.stopping() {
+				break
+			}
 			id := string(it.Key()[len(prefixMessage):])
 			if m, err := decodeMessage(id, it.Value()); err == nil && files[m.body.File] {
 				ids = append(ids, id)
@@ -629,20 +690,25 @@ func (s *Spool) emptySparseBodyFiles() {
 		s.log.Warn("spool: looking for the messages of sparse body files", zap.Error(err))
 		return
 	}
-	moved := 0
 	for _, id := range ids {
-		select {
-		case <-s.reaperStop:
+		if s.stopping() {
 			return
-		default:
 		}
 		err := s.update("move", id, func(*Message, *pebble.Batch) (*Transition, error) { return nil, nil })
-		if err == nil {
-			moved++
-		} else if !errors.Is(err, mta.ErrNotFound) {
+		if err != nil && !errors.Is(err, mta.ErrNotFound) {
 			s.log.Warn("spool: moving a body out of a sparse body file", zap.String("id", id), zap.Error(err))
 			return
 		}
 	}
-	s.log.Info("spool: emptied sparse body files", zap.Int("files", len(files)), zap.Int("bodies_moved", moved))
+	s.log.Info("spool: emptied sparse body files", zap.Int("files", len(files)), zap.Int("messages", len(ids)))
+}
+
+// stopping reports whether Close has begun.
+func (s *Spool) stopping() bool {
+	select {
+	case <-s.reaperStop:
+		return true
+	default:
+		return false
+	}
 }

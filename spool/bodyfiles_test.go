@@ -3,12 +3,16 @@ package spool
 import (
 	"bytes"
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
+
+	"github.com/cockroachdb/pebble/v2"
 
 	"github.com/mtaproject/mta/mta"
 )
@@ -227,7 +231,7 @@ func TestConcurrentLargePutsShareBodyFileSyncs(t *testing.T) {
 					return
 				}
 				if got, err := s.Body(m.ID); err != nil || !bytes.Equal(got, body) {
-					errs <- err
+					errs <- fmt.Errorf("message %s read back as %d bytes: %v", m.ID, len(got), err)
 					return
 				}
 			}
@@ -337,5 +341,346 @@ func TestDrainedQueueGivesBodyFileSpaceBack(t *testing.T) {
 	id := put(3)
 	if got, err := s.Body(id); err != nil || !bytes.Equal(got, bigBody(3, 6_000)) {
 		t.Fatalf("after the drain: %d bytes, %v", len(got), err)
+	}
+}
+
+// A record whose body is not counted at recovery (its file is too short)
+// still releases the file when its message is removed: the live count of
+// the file drops below the number of records that need it, and the file
+// goes while another acknowledged message still lives in it.
+func TestUncountedRecordReleasesNothing(t *testing.T) {
+	dir := t.TempDir()
+	opts := Options{Sync: true, BodyFileThreshold: 1000}
+	s := openTest(t, dir, opts)
+	a, b := newMessage(s, "a@one.test"), newMessage(s, "b@one.test")
+	if err := s.Put(a, nil, bigBody(0, 5000)); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Put(b, nil, bigBody(1, 5000)); err != nil {
+		t.Fatal(err)
+	}
+	s.Close()
+	// File 1 loses its tail (sync: false and a power cut, or damage): b's
+	// bytes are cut short, a's are whole.
+	if err := os.Truncate(filepath.Join(dir, bodyFilesDir, bodyFileName(1)), 7000); err != nil {
+		t.Fatal(err)
+	}
+	s = openTest(t, dir, opts)
+	if f := s.bodies.files[1]; f.live != 1 {
+		t.Fatalf("live %d after recovery, want 1 (a only)", f.live)
+	}
+	// The operator removes the record without bytes.
+	if err := s.Remove(b.ID); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(200 * time.Millisecond)
+	if got, err := s.Body(a.ID); err != nil || !bytes.Equal(got, bigBody(0, 5000)) {
+		t.Fatalf("acknowledged message a lost its bytes: %d bytes, %v (files %v)", len(got), err, bodyFileNames(t, dir))
+	}
+}
+
+// The newest body file is missing at start-up (sync: false and a power
+// cut: its directory entry was never synced). Its number must not be given
+// to the next new file, or the stale record's removal would release a body
+// of the new one.
+
+// The newest body file is missing at start-up (sync: false and a power
+// cut: its directory entry was never synced). Its number must not be given
+// to the next new file, or the stale record's removal would release a body
+// of the new one.
+func TestMissingFileNumberIsNotReused(t *testing.T) {
+	dir := t.TempDir()
+	opts := Options{Sync: true, BodyFileThreshold: 1000}
+	s := openTest(t, dir, opts)
+	old := newMessage(s, "a@one.test")
+	if err := s.Put(old, nil, bigBody(0, 5000)); err != nil {
+		t.Fatal(err)
+	}
+	s.Close()
+	if err := os.Remove(filepath.Join(dir, bodyFilesDir, bodyFileName(1))); err != nil {
+		t.Fatal(err)
+	}
+	s = openTest(t, dir, opts)
+	fresh := newMessage(s, "b@one.test")
+	if err := s.Put(fresh, nil, bigBody(1, 5000)); err != nil {
+		t.Fatal(err)
+	}
+	if m, _ := s.Get(fresh.ID); m.body.File == 1 {
+		t.Fatal("the new message went to file 1 again, the number the stale record names")
+	}
+	if err := s.Remove(old.ID); err != nil {
+		t.Fatal(err)
+	}
+	s.bodies.sealIfUnused() // the spool short of space, as reclaim does
+	time.Sleep(200 * time.Millisecond)
+	if got, err := s.Body(fresh.ID); err != nil || !bytes.Equal(got, bigBody(1, 5000)) {
+		t.Fatalf("acknowledged message lost its bytes: %d bytes, %v", len(got), err)
+	}
+}
+
+// After one fdatasync of a body file fails with ENOSPC (simulated: the
+// sticky error groupSync keeps), the spool reports itself healthy but
+// refuses every large message for ever, and keeps writing (and never
+// removing) their bodies.
+
+// A record this binary cannot decode (a newer version after a roll-back,
+// or damage) is kept for inspection, and so are the body files, any of
+// which it may point to.
+func TestUnreadableRecordKeepsTheBodyFiles(t *testing.T) {
+	dir := t.TempDir()
+	opts := Options{Sync: true, BodyFileThreshold: 1000}
+	s := openTest(t, dir, opts)
+	m := newMessage(s, "a@one.test")
+	if err := s.Put(m, nil, bigBody(0, 5000)); err != nil {
+		t.Fatal(err)
+	}
+	var k keyBuf
+	v, closer, err := s.db.Get(k.message(m.ID))
+	if err != nil {
+		t.Fatal(err)
+	}
+	good := append([]byte(nil), v...)
+	closer.Close()
+	bad := append([]byte{recordVersion + 1}, good[1:]...)
+	if err := s.db.Set(k.message(m.ID), bad, pebble.Sync); err != nil {
+		t.Fatal(err)
+	}
+	s.Close()
+	s = openTest(t, dir, opts)
+	time.Sleep(200 * time.Millisecond)
+	if names := bodyFileNames(t, dir); len(names) == 0 {
+		t.Fatalf("the body file of a record kept for inspection was removed")
+	}
+}
+
+// Every proper prefix of a version-5 record with a body file is rejected.
+
+// Every proper prefix of a version-5 record with a body file is rejected.
+func TestTruncatedVersion5RecordRejected(t *testing.T) {
+	m := &Message{ID: "x", From: "a@b", Size: 123, Metadata: map[string]string{"k": "v"},
+		body: bodyLocation{File: 7, Offset: 1 << 40, CRC: 0xdeadbeef}}
+	m.Recipients = []RecipientState{{Recipient: mta.Recipient{Address: "r@d"}}}
+	enc := m.encode(nil)
+	got, err := decodeMessage("x", enc)
+	if err != nil || got.body != m.body {
+		t.Fatalf("round trip: %+v %v", got, err)
+	}
+	for n := range len(enc) {
+		if _, err := decodeMessage("x", enc[:n]); err == nil {
+			t.Fatalf("prefix of %d/%d bytes accepted", n, len(enc))
+		}
+	}
+}
+
+// With Sync false too, the reaper removes a body file only after a WAL sync
+// that follows the unsynced commit that moved its last body into Pebble.
+
+// With Sync false too, the reaper removes a body file only after a WAL sync
+// that follows the unsynced commit that moved its last body into Pebble.
+func TestRemovalWaitsForAWALSyncEvenWithoutSync(t *testing.T) {
+	dir := t.TempDir()
+	s := openTest(t, dir, Options{Sync: false, BodyFileThreshold: 1000})
+	s.bodies.limit = 8000
+	m := newMessage(s, "a@one.test")
+	if err := s.Put(m, nil, bigBody(0, 5000)); err != nil {
+		t.Fatal(err)
+	}
+	before := s.WALSyncs()
+	if err := s.Defer(m.ID, "one.test", time.Now().Add(time.Hour), Outcome{Reply: "451 later"}); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "the file to go", func() bool { return len(bodyFileNames(t, dir)) == 0 })
+	if after := s.WALSyncs(); after == before {
+		t.Fatalf("body file removed with no WAL sync since the move that released it (%d syncs)", after)
+	}
+}
+
+// Below the free-space reserve a deferral leaves the bytes in their body
+// file: the WAL must not grow there.
+
+// Below the free-space reserve a deferral leaves the bytes in their body
+// file: the WAL must not grow there.
+func TestNoMoveIntoPebbleBelowTheReserve(t *testing.T) {
+	dir := t.TempDir()
+	s := openTest(t, dir, Options{Sync: true, BodyFileThreshold: 1000})
+	m := newMessage(s, "a@one.test")
+	if err := s.Put(m, nil, bigBody(0, 500_000)); err != nil {
+		t.Fatal(err)
+	}
+	s.opts.MinFreeSpace = 1 << 62 // the disk is "full"
+	if err := s.Room(0); !errors.Is(err, mta.ErrStorageFull) {
+		t.Fatal(err)
+	}
+	if err := s.Defer(m.ID, "one.test", time.Now().Add(time.Hour), Outcome{Reply: "451 later"}); err != nil {
+		t.Fatal(err)
+	}
+	var k keyBuf
+	if s.exists(k.body(m.ID)) {
+		t.Fatalf("500 KB written to the WAL below the free-space reserve")
+	}
+	if got, err := s.Body(m.ID); err != nil || !bytes.Equal(got, bigBody(0, 500_000)) {
+		t.Fatalf("the deferred message: %d bytes, %v", len(got), err)
+	}
+}
+
+// Readers race with moves, deliveries, rotation and the reaper: they get
+// the bytes or ErrNotFound, never other bytes.
+
+// Readers race with moves, deliveries, rotation and the reaper: they get
+// the bytes or ErrNotFound, never other bytes.
+func TestReadersRaceMovesAndRemoval(t *testing.T) {
+	dir := t.TempDir()
+	s := openTest(t, dir, Options{Sync: true, BodyFileThreshold: 1000})
+	s.bodies.limit = 30_000
+	type msg struct {
+		id   string
+		body []byte
+	}
+	ch := make(chan msg, 64)
+	done := make(chan struct{})
+	errs := make(chan error, 100)
+	go func() {
+		defer close(ch)
+		for i := range 300 {
+			m := newMessage(s, "a@one.test")
+			b := bigBody(i, 6000+i)
+			if err := s.Put(m, nil, b); err != nil {
+				errs <- err
+				return
+			}
+			ch <- msg{m.ID, b}
+		}
+	}()
+	for w := range 4 {
+		go func() {
+			defer func() { done <- struct{}{} }()
+			for m := range ch {
+				stop := make(chan struct{})
+				go func() {
+					for {
+						select {
+						case <-stop:
+							return
+						default:
+						}
+						got, err := s.AppendBody(nil, m.id)
+						if err != nil && !errors.Is(err, mta.ErrNotFound) {
+							errs <- err
+							return
+						}
+						if err == nil && !bytes.Equal(got, m.body) {
+							errs <- errors.New("wrong bytes for " + m.id)
+							return
+						}
+					}
+				}()
+				if w%2 == 0 {
+					_ = s.Defer(m.id, "one.test", time.Now().Add(time.Hour), Outcome{Reply: "451"})
+				}
+				_ = s.MarkDelivered(m.id, []Result{{Address: "a@one.test"}})
+				close(stop)
+			}
+		}()
+	}
+	for range 4 {
+		<-done
+	}
+	close(errs)
+	for err := range errs {
+		t.Fatal(err)
+	}
+	s.bodies.sealIfUnused()
+	waitFor(t, "all files to go", func() bool { return len(bodyFileNames(t, dir)) == 0 })
+	if n, _ := s.bodies.stats(); n != 0 {
+		t.Fatalf("%d files left", n)
+	}
+}
+
+// TestVersion4RecordsReadAndWritten: a record without a body file is
+// written as version 4, which the binaries before body files read.
+func TestVersion4RecordsReadAndWritten(t *testing.T) {
+	m := &Message{ID: "x", From: "a@b", Size: 123, Metadata: map[string]string{"k": "v"}}
+	m.Recipients = []RecipientState{{Recipient: mta.Recipient{Address: "r@d"}}}
+	enc := m.encode(nil)
+	if enc[0] != 4 {
+		t.Fatalf("record without a body file written as version %d", enc[0])
+	}
+	got, err := decodeMessage("x", enc)
+	if err != nil || got.Size != 123 || got.body.File != 0 || got.Metadata["k"] != "v" {
+		t.Fatalf("%+v %v", got, err)
+	}
+	// a v4 record can not carry a body location even if bit 6 were set
+	m.body = bodyLocation{File: 1}
+	enc = m.encode(nil)
+	enc[0] = 4
+	if _, err := decodeMessage("x", enc); err == nil {
+		t.Fatal("v4 with location fields accepted")
+	}
+}
+
+func TestMessageLargerThanABodyFile(t *testing.T) {
+	dir := t.TempDir()
+	s := openTest(t, dir, Options{Sync: true, BodyFileThreshold: 1000})
+	s.bodies.limit = 100_000
+	var ids []string
+	for i, n := range []int{1000, 99_999, 300_000, 1000, 5000} {
+		m := newMessage(s, "a@one.test")
+		if err := s.Put(m, []byte("H: x\r\n"), bigBody(i, n)); err != nil {
+			t.Fatal(err)
+		}
+		ids = append(ids, m.ID)
+	}
+	for i, n := range []int{1000, 99_999, 300_000, 1000, 5000} {
+		got, err := s.Body(ids[i])
+		if err != nil || !bytes.Equal(got, append([]byte("H: x\r\n"), bigBody(i, n)...)) {
+			t.Fatalf("%d: %v", i, err)
+		}
+	}
+}
+
+func TestCorruptSizeIsAnErrorNotAPanic(t *testing.T) {
+	dir := t.TempDir()
+	s := openTest(t, dir, Options{Sync: true, BodyFileThreshold: 1000})
+	m := newMessage(s, "a@one.test")
+	if err := s.Put(m, nil, bigBody(0, 5000)); err != nil {
+		t.Fatal(err)
+	}
+	got, _ := s.Get(m.ID)
+	got.Size = -5 // a damaged record
+	var k keyBuf
+	if err := s.db.Set(k.message(m.ID), got.encode(nil), pebble.Sync); err != nil {
+		t.Fatal(err)
+	}
+	defer func() {
+		if r := recover(); r != nil {
+			t.Fatalf("AppendBody panicked: %v", r)
+		}
+	}()
+	if _, err := s.Body(m.ID); err == nil {
+		t.Fatal("a body of -5 bytes was read")
+	}
+}
+
+// TestFailedBodySyncBreaksTheSpool: a failed fdatasync of a body file, even
+// with ENOSPC, stops the spool: what the kernel could not write may be gone
+// from its cache too. Nothing is acknowledged, and the spool says why.
+func TestFailedBodySyncBreaksTheSpool(t *testing.T) {
+	dir := t.TempDir()
+	s := openTest(t, dir, Options{Sync: true, BodyFileThreshold: 1000})
+	s.bodies.syncs.mu.Lock()
+	s.bodies.syncs.err = fmt.Errorf("spool: syncing a body file: %w", syscall.ENOSPC)
+	s.bodies.syncs.mu.Unlock()
+	m := newMessage(s, "a@one.test")
+	if err := s.Put(m, nil, bigBody(0, 5000)); err == nil {
+		t.Fatal("a message was stored though its bytes could not be synced")
+	}
+	if _, err := s.Get(m.ID); !errors.Is(err, mta.ErrNotFound) {
+		t.Fatalf("its record: %v", err)
+	}
+	if err := s.Healthy(); err == nil || !strings.Contains(err.Error(), "body file") {
+		t.Fatalf("spool health after a failed body sync: %v", err)
+	}
+	if err := s.Put(newMessage(s, "a@one.test"), nil, []byte("small\r\n")); err == nil {
+		t.Fatal("a broken spool took a message")
 	}
 }

@@ -171,10 +171,14 @@ func (m *Message) encode(dst []byte) []byte {
 	case PostmasterNotice:
 		flags |= flagPostmasterNotice
 	}
+	// A record without a body file is the same in version 4, which the
+	// binaries before body files read: it is written so.
+	version := byte(4)
 	if m.body.File != 0 {
 		flags |= flagBodyFile
+		version = recordVersion
 	}
-	dst = append(dst, recordVersion)
+	dst = append(dst, version)
 	dst = binary.AppendUvarint(dst, flags)
 	for _, s := range []string{m.From, m.EnvID, string(m.Ret), m.ClientIP, m.HELO, m.AuthUser} {
 		dst = appendString(dst, s)

@@ -54,6 +54,8 @@ func (s *Spool) recover() error {
 		m, err := decodeMessage(id, v)
 		if err != nil {
 			s.log.Error("spool: unreadable message record kept for inspection", zap.String("id", id), zap.Error(err))
+			// It may point into any body file: keep them all this run.
+			s.bodies.pinAll()
 			continue
 		}
 		var hasBody bool

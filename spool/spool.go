@@ -493,6 +493,9 @@ func (s *Spool) update(op, id string, fn func(m *Message, b *pebble.Batch) (*Tra
 	if err != nil {
 		return err
 	}
+	if op == "move" && (m.Done() || m.body.File == 0) {
+		return nil // nothing to move; a finished message is SettleFinished's
+	}
 	b := s.db.NewBatch()
 	defer b.Close()
 	t, err := fn(m, b)
@@ -524,9 +527,13 @@ func (s *Spool) update(op, id string, fn func(m *Message, b *pebble.Batch) (*Tra
 		_ = b.Delete(k.message(id), nil)
 		_ = b.Delete(k.body(id), nil)
 	default:
-		if movesBody[op] { // it will wait: not in a body file
+		// It will wait: not in a body file. But not below the free-space
+		// reserve, where the WAL must not grow: the bytes stay where they are.
+		if movesBody[op] && m.body.File != 0 && !s.free.below(s.opts.MinFreeSpace+m.Size, now) {
+			file := m.body.File
 			if released, err = s.moveBodyIntoPebble(m, b); err != nil {
 				s.log.Warn("spool: keeping a message's bytes in their body file", zap.String("id", id), zap.Error(err))
+				s.bodies.markUnmovable(file)
 			}
 		}
 		_ = b.Set(k.message(id), m.encode(nil), nil)
