@@ -288,10 +288,8 @@ func (bf *bodyFiles) syncAll() error {
 		bf.mu.Lock()
 		dirty := bf.dirty
 		bf.dirty = nil
-		removable := false
 		for _, f := range dirty {
 			f.dirty = false
-			removable = removable || f.sealed && f.live <= 0
 		}
 		bf.mu.Unlock()
 		for _, f := range dirty {
@@ -301,9 +299,6 @@ func (bf *bodyFiles) syncAll() error {
 				// page cache, so the spool must stop (see breakOn).
 				return fmt.Errorf("spool: syncing a body file: %w", err)
 			}
-		}
-		if removable { // it waited for this sync only
-			bf.poke()
 		}
 		return nil
 	})
