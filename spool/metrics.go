@@ -167,12 +167,14 @@ func (s *Spool) Oldest() time.Time {
 // checked (see Options.MinFreeSpace).
 func (s *Spool) FreeBytes() int64 { return s.free.get(s.opts.Now()) }
 
-// DiskBytes returns what the spool's database uses on disk.
+// DiskBytes returns what the spool uses on disk: its database and its body
+// files.
 func (s *Spool) DiskBytes() int64 {
 	s.closeMu.RLock()
 	defer s.closeMu.RUnlock()
 	if s.closed {
 		return 0
 	}
-	return int64(s.db.Metrics().DiskSpaceUsage())
+	_, bodies := s.bodies.stats()
+	return int64(s.db.Metrics().DiskSpaceUsage()) + bodies
 }
