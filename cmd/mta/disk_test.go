@@ -128,3 +128,66 @@ func freePort(t *testing.T) string {
 	_, port, _ := net.SplitHostPort(l.Addr().String())
 	return port
 }
+
+// TestBodyFilesFillTheDisk: with almost no reserve, large messages fill a
+// small volume until a body file cannot be written. That is a temporary
+// 452, not a broken spool; once the queue drains, the body files are
+// removed and mail is accepted again.
+func TestBodyFilesFillTheDisk(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts subprocesses")
+	}
+	vol := smallVolume(t, "48m")
+	sinkAddr := "127.0.0.1:" + freePort(t)
+	p := startMTA(t, filepath.Join(vol, "data"), "spool: {min_free_space: 1MiB}\ndelivery: {min_backoff: 1s, max_backoff: 1s}\ndns: {servers: [\"127.0.0.1:1\"]}\n"+
+		"routes: {\"*\": {hosts: [\"["+strings.Replace(sinkAddr, ":", "]:", 1)+"\"], tls: none}}\n")
+	c, err := smtp.Dial(p.SMTP)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	accepted := 0
+	var refusal error
+	for accepted < 1000 {
+		if refusal = c.SendMail("app@example.org", []string{"u@remote.test"}, strings.NewReader(randomMessage(t, 200))); refusal != nil {
+			break
+		}
+		accepted++
+	}
+	if refusal == nil || !strings.Contains(refusal.Error(), "452") {
+		t.Fatalf("after %d messages of 200 KB on a 48 MiB volume: %v, want 452", accepted, refusal)
+	}
+	if accepted < 50 { // 10 MB: the body files took most of the volume
+		t.Fatalf("only %d messages of 200 KB accepted on a 48 MiB volume", accepted)
+	}
+	if code, _ := httpGet(t, "http://"+p.HTTP+"/readyz"); code != 200 {
+		t.Fatalf("/readyz %d after a full disk: the spool broke", code)
+	}
+	sink, err := bench.StartSink(bench.SinkConfig{Addr: sinkAddr})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sink.Close()
+	deadline := time.Now().Add(60 * time.Second)
+	for {
+		c2, err := smtp.Dial(p.SMTP)
+		if err == nil {
+			err = c2.SendMail("app@example.org", []string{"u@remote.test"}, strings.NewReader(randomMessage(t, 200)))
+			c2.Close()
+		}
+		if err == nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("still refusing a minute after the receiver came back: %v (delivered %d)", err, sink.Stats().Messages)
+		}
+		time.Sleep(500 * time.Millisecond)
+	}
+	for deadline := time.Now().Add(60 * time.Second); sink.Stats().Messages < int64(accepted+1); {
+		if time.Now().After(deadline) {
+			t.Fatalf("the sink got %d messages, want %d", sink.Stats().Messages, accepted+1)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	t.Logf("%d accepted before %v; all delivered after it", accepted, refusal)
+}
