@@ -5,17 +5,14 @@ import (
 	"errors"
 	"fmt"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"sync"
-	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
 
 	"github.com/cockroachdb/pebble/v2"
-	"github.com/prometheus/client_golang/prometheus/testutil"
 
 	"github.com/mtaproject/mta/mta"
 )
@@ -686,53 +683,4 @@ func TestFailedBodySyncBreaksTheSpool(t *testing.T) {
 	if err := s.Put(newMessage(s, "a@one.test"), nil, []byte("small\r\n")); err == nil {
 		t.Fatal("a broken spool took a message")
 	}
-}
-
-// TestBodyFileOnAFullFileSystem: when a body file cannot be written for
-// lack of space (no reserve left to refuse first), Put says
-// mta.ErrStorageFull (a 452 at the edge) and the spool stays healthy;
-// once space comes back, large mail is stored again. It mounts a small
-// tmpfs, so it needs root.
-func TestBodyFileOnAFullFileSystem(t *testing.T) {
-	dir := filepath.Join(t.TempDir(), "vol")
-	os.MkdirAll(dir, 0o755)
-	if out, err := exec.Command("mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", dir).CombinedOutput(); err != nil {
-		t.Skipf("cannot mount a small tmpfs (needs root): %v %s", err, out)
-	}
-	t.Cleanup(func() { exec.Command("umount", "-l", dir).Run() })
-	// The free space is read at most every freeSpaceTTL of this clock: it
-	// stands still while the disk fills, so that the write of a body file,
-	// not the reserve check, finds the disk full.
-	var clock atomic.Int64
-	clock.Store(time.Now().UnixNano())
-	now := func() time.Time { return time.Unix(0, clock.Load()) }
-	s := openTest(t, filepath.Join(dir, "spool"), Options{Sync: true, BodyFileThreshold: 1000, Now: now})
-	var ids []string
-	var err error
-	for range 200 {
-		m := newMessage(s, "a@one.test")
-		if err = s.Put(m, nil, bigBody(len(ids), 200_000)); err != nil {
-			break
-		}
-		ids = append(ids, m.ID)
-	}
-	if !errors.Is(err, mta.ErrStorageFull) {
-		t.Fatalf("after %d messages of 200 KB on 16 MiB: %v, want ErrStorageFull", len(ids), err)
-	}
-	if n := testutil.ToFloat64(s.metrics.errors.WithLabelValues("put_body")); n != 1 {
-		t.Fatalf("%v body-file writes failed, want the one that found the disk full", n)
-	}
-	if herr := s.Healthy(); herr != nil {
-		t.Fatalf("a full file system broke the spool: %v", herr)
-	}
-	for _, id := range ids {
-		if err := s.MarkDelivered(id, []Result{{Address: "a@one.test"}}); err != nil {
-			t.Fatal(err)
-		}
-	}
-	s.reclaim()
-	waitFor(t, "large mail to be stored again", func() bool {
-		clock.Add(int64(time.Second))
-		return s.Put(newMessage(s, "a@one.test"), nil, bigBody(0, 200_000)) == nil
-	})
 }

@@ -221,6 +221,10 @@ func (m *Message) encode(dst []byte) []byte {
 
 var errCorrupt = errors.New("spool: corrupt message record")
 
+// minRecipientBytes is the least an encoded recipient takes: nine fields
+// of at least one byte each in version 1.
+const minRecipientBytes = 9
+
 // decodeMessage parses a record made by encode. The domain of each
 // recipient is derived from its address, not stored.
 func decodeMessage(id string, b []byte) (*Message, error) {
@@ -263,7 +267,7 @@ func decodeMessage(id string, b []byte) (*Message, error) {
 		}
 	}
 	n := d.uvarint()
-	if n > uint64(len(b)) { // each recipient takes several bytes
+	if n > uint64(len(d.b))/minRecipientBytes { // not before allocating them
 		return nil, fmt.Errorf("%w %s", errCorrupt, id)
 	}
 	m.Recipients = make([]RecipientState, n)
