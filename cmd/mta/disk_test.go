@@ -50,23 +50,8 @@ func TestSmallVolume(t *testing.T) {
 	if testing.Short() {
 		t.Skip("starts subprocesses")
 	}
-	vol := smallVolume(t, "150m")
-	sinkAddr := "127.0.0.1:" + freePort(t)
-	p := startMTA(t, filepath.Join(vol, "data"), "delivery: {min_backoff: 1s, max_backoff: 1s}\ndns: {servers: [\"127.0.0.1:1\"]}\n"+
-		"routes: {\"*\": {hosts: [\"["+strings.Replace(sinkAddr, ":", "]:", 1)+"\"], tls: none}}\n")
-	c, err := smtp.Dial(p.SMTP)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	accepted := 0
-	var refusal error
-	for accepted < 2000 {
-		if refusal = c.SendMail("app@example.org", []string{"u@remote.test"}, strings.NewReader(randomMessage(t, 50))); refusal != nil {
-			break
-		}
-		accepted++
-	}
+	p, sinkAddr := startOnVolume(t, "150m", "")
+	accepted, refusal := sendUntilRefused(t, p, 50, 2000)
 	if accepted < 400 { // 20 MB: far beyond the 4 MB of old, well within the 50 MB above the reserve
 		t.Fatalf("only %d messages of 50 KB accepted on a 150 MiB volume: %v", accepted, refusal)
 	}
@@ -78,15 +63,52 @@ func TestSmallVolume(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer sink.Close()
+	sendOnceAccepted(t, p, sink, 50)
+}
+
+// startOnVolume starts the mta on a small volume of size (see smallVolume),
+// relaying everything to a loopback port where nothing listens yet, and
+// returns that port's address.
+func startOnVolume(t *testing.T, size, extraCfg string) (*bench.Process, string) {
+	t.Helper()
+	vol := smallVolume(t, size)
+	sinkAddr := "127.0.0.1:" + freePort(t)
+	p := startMTA(t, filepath.Join(vol, "data"), extraCfg+"delivery: {min_backoff: 1s, max_backoff: 1s}\ndns: {servers: [\"127.0.0.1:1\"]}\n"+
+		"routes: {\"*\": {hosts: [\"["+strings.Replace(sinkAddr, ":", "]:", 1)+"\"], tls: none}}\n")
+	return p, sinkAddr
+}
+
+// sendUntilRefused sends messages of kb KB over one session until one is
+// refused or limit were accepted.
+func sendUntilRefused(t *testing.T, p *bench.Process, kb, limit int) (accepted int, refusal error) {
+	t.Helper()
+	c, err := smtp.Dial(p.SMTP)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	for accepted < limit {
+		if refusal = c.SendMail("app@example.org", []string{"u@remote.test"}, strings.NewReader(randomMessage(t, kb))); refusal != nil {
+			return accepted, refusal
+		}
+		accepted++
+	}
+	return accepted, nil
+}
+
+// sendOnceAccepted retries one message of kb KB, each time on a new
+// session, until it is accepted: the queue drains into sink meanwhile.
+func sendOnceAccepted(t *testing.T, p *bench.Process, sink *bench.Sink, kb int) {
+	t.Helper()
 	deadline := time.Now().Add(60 * time.Second)
 	for {
-		c2, err := smtp.Dial(p.SMTP)
+		c, err := smtp.Dial(p.SMTP)
 		if err == nil {
-			err = c2.SendMail("app@example.org", []string{"u@remote.test"}, strings.NewReader(randomMessage(t, 50)))
-			c2.Close()
+			err = c.SendMail("app@example.org", []string{"u@remote.test"}, strings.NewReader(randomMessage(t, kb)))
+			c.Close()
 		}
 		if err == nil {
-			break
+			return
 		}
 		if time.Now().After(deadline) {
 			t.Fatalf("still refusing a minute after the receiver came back: %v (delivered %d)", err, sink.Stats().Messages)
@@ -137,23 +159,8 @@ func TestBodyFilesFillTheDisk(t *testing.T) {
 	if testing.Short() {
 		t.Skip("starts subprocesses")
 	}
-	vol := smallVolume(t, "48m")
-	sinkAddr := "127.0.0.1:" + freePort(t)
-	p := startMTA(t, filepath.Join(vol, "data"), "spool: {min_free_space: 1MiB}\ndelivery: {min_backoff: 1s, max_backoff: 1s}\ndns: {servers: [\"127.0.0.1:1\"]}\n"+
-		"routes: {\"*\": {hosts: [\"["+strings.Replace(sinkAddr, ":", "]:", 1)+"\"], tls: none}}\n")
-	c, err := smtp.Dial(p.SMTP)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	accepted := 0
-	var refusal error
-	for accepted < 1000 {
-		if refusal = c.SendMail("app@example.org", []string{"u@remote.test"}, strings.NewReader(randomMessage(t, 200))); refusal != nil {
-			break
-		}
-		accepted++
-	}
+	p, sinkAddr := startOnVolume(t, "48m", "spool: {min_free_space: 1MiB}\n")
+	accepted, refusal := sendUntilRefused(t, p, 200, 1000)
 	if refusal == nil || !strings.Contains(refusal.Error(), "452") {
 		t.Fatalf("after %d messages of 200 KB on a 48 MiB volume: %v, want 452", accepted, refusal)
 	}
@@ -168,21 +175,7 @@ func TestBodyFilesFillTheDisk(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer sink.Close()
-	deadline := time.Now().Add(60 * time.Second)
-	for {
-		c2, err := smtp.Dial(p.SMTP)
-		if err == nil {
-			err = c2.SendMail("app@example.org", []string{"u@remote.test"}, strings.NewReader(randomMessage(t, 200)))
-			c2.Close()
-		}
-		if err == nil {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("still refusing a minute after the receiver came back: %v (delivered %d)", err, sink.Stats().Messages)
-		}
-		time.Sleep(500 * time.Millisecond)
-	}
+	sendOnceAccepted(t, p, sink, 200)
 	for deadline := time.Now().Add(60 * time.Second); sink.Stats().Messages < int64(accepted+1); {
 		if time.Now().After(deadline) {
 			t.Fatalf("the sink got %d messages, want %d", sink.Stats().Messages, accepted+1)
