@@ -47,12 +47,22 @@ func (s *Spool) Room(size int64) error {
 	if err := s.Healthy(); err != nil {
 		return err
 	}
-	if s.free.below(s.opts.MinFreeSpace+size, s.opts.Now()) {
+	if s.short(size) {
 		s.reclaim()
 		return mta.ErrStorageFull
 	}
 	return nil
 }
+
+// short reports whether writing size more bytes would take the file system
+// below the spool's free-space reserve.
+func (s *Spool) short(size int64) bool {
+	return s.free.below(s.reserve+size, s.opts.Now())
+}
+
+// Reserve returns the free space the spool leaves on its file system:
+// Options.MinFreeSpace, or more where Pebble needs more (pebbleHeadroom).
+func (s *Spool) Reserve() int64 { return s.reserve }
 
 // reclaim asks Pebble, at most every reclaimInterval and one at a time,
 // to give back the space of delivered mail while the spool is short of
@@ -77,8 +87,17 @@ func (s *Spool) reclaim() {
 		if s.closed || s.reclaimCtx.Err() != nil {
 			return
 		}
-		if err := s.db.Flush(); err != nil {
+		// A flush that cannot write its table on a full file system is
+		// retried by Pebble and may never finish: wait for it only until
+		// the spool closes.
+		flushed, err := s.db.AsyncFlush()
+		if err != nil {
 			s.log.Warn("spool: flush to reclaim space", zap.Error(err))
+			return
+		}
+		select {
+		case <-flushed:
+		case <-s.reclaimCtx.Done():
 			return
 		}
 		ctx, cancel := context.WithTimeout(s.reclaimCtx, time.Minute)

@@ -497,9 +497,6 @@ func TestRemovalWaitsForAWALSyncEvenWithoutSync(t *testing.T) {
 
 // Below the free-space reserve a deferral leaves the bytes in their body
 // file: the WAL must not grow there.
-
-// Below the free-space reserve a deferral leaves the bytes in their body
-// file: the WAL must not grow there.
 func TestNoMoveIntoPebbleBelowTheReserve(t *testing.T) {
 	dir := t.TempDir()
 	s := openTest(t, dir, Options{Sync: true, BodyFileThreshold: 1000})
@@ -507,7 +504,7 @@ func TestNoMoveIntoPebbleBelowTheReserve(t *testing.T) {
 	if err := s.Put(m, nil, bigBody(0, 500_000)); err != nil {
 		t.Fatal(err)
 	}
-	s.opts.MinFreeSpace = 1 << 62 // the disk is "full"
+	s.reserve = 1 << 62 // the disk is "full"
 	if err := s.Room(0); !errors.Is(err, mta.ErrStorageFull) {
 		t.Fatal(err)
 	}

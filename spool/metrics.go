@@ -43,6 +43,10 @@ func newSpoolMetrics(s *Spool, reg prometheus.Registerer) *spoolMetrics {
 			Name: "mta_spool_free_bytes",
 			Help: "Free space of the spool's file system, as last checked.",
 		}, func() float64 { return float64(s.free.get(s.opts.Now())) }),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Name: "mta_spool_free_reserve_bytes",
+			Help: "Free space the spool leaves: below it plus a message, new mail gets 452 (spool.min_free_space, or more on a volume whose Pebble needs more).",
+		}, func() float64 { return float64(s.reserve) }),
 		prometheus.NewCounterFunc(prometheus.CounterOpts{
 			Name: "mta_spool_wal_fsyncs_total",
 			Help: "fsync calls made on the spool's write-ahead log.",
@@ -164,7 +168,7 @@ func (s *Spool) Oldest() time.Time {
 }
 
 // FreeBytes returns the free space of the spool's file system as last
-// checked (see Options.MinFreeSpace).
+// checked (see Reserve).
 func (s *Spool) FreeBytes() int64 { return s.free.get(s.opts.Now()) }
 
 // DiskBytes returns what the spool uses on disk: its database and its body

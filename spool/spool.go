@@ -27,7 +27,8 @@ type Options struct {
 	// off loses acknowledged mail on a crash; it exists to measure the cost.
 	Sync bool
 	// MinFreeSpace is the free-space reserve in bytes: while the spool's
-	// file system has less, Put returns mta.ErrStorageFull.
+	// file system has less, Put returns mta.ErrStorageFull. The spool
+	// keeps at least three memtables' worth (see pebbleHeadroom).
 	MinFreeSpace int64
 	// MinSyncInterval delays a WAL sync until this long after the previous
 	// one, so that more concurrent commits share it (group commit). Zero
@@ -73,6 +74,7 @@ type Spool struct {
 	count   atomic.Int64    // messages in the spool
 	broken  atomic.Pointer[error]
 	free    freeSpace
+	reserve int64 // the free space Put leaves: Options.MinFreeSpace, or pebbleHeadroom if more
 	metrics *spoolMetrics
 
 	syncPending atomic.Bool  // a sync for unsynced outcomes is scheduled
@@ -119,19 +121,16 @@ func Open(dir string, opts Options) (*Spool, error) {
 	if err := os.MkdirAll(dir, 0o750); err != nil {
 		return nil, fmt.Errorf("spool: %w", err)
 	}
-	s.free = freeSpace{dir: dir, obsolete: func() int64 {
-		if s.db == nil {
-			return 0
-		}
-		return int64(s.db.Metrics().WAL.ObsoletePhysicalSize)
-	}}
+	s.free = freeSpace{dir: dir}
+	memTable := memTableSize(dir, opts.MemTableSize)
+	s.reserve = max(opts.MinFreeSpace, pebbleHeadroom(memTable))
 	popts := &pebble.Options{
 		Logger: pebbleLogger{s},
 		// A large memtable lets a message that is delivered soon after it
 		// was accepted be deleted before it is ever flushed to a table:
 		// most mail then costs one WAL write and no compaction. On a small
 		// volume it is smaller (see memTableSize).
-		MemTableSize:                memTableSize(dir, opts.MemTableSize),
+		MemTableSize:                memTable,
 		MemTableStopWritesThreshold: 4,
 	}
 	if opts.MinSyncInterval > 0 {
@@ -253,7 +252,7 @@ func (s *Spool) PutAll(msgs []Incoming) error {
 		}
 		size += int64(len(in.Header) + len(in.Body))
 	}
-	if s.free.below(s.opts.MinFreeSpace+size, s.opts.Now()) {
+	if s.short(size) {
 		s.metrics.errors.WithLabelValues("put_full").Inc()
 		s.reclaim()
 		return mta.ErrStorageFull
@@ -529,7 +528,7 @@ func (s *Spool) update(op, id string, fn func(m *Message, b *pebble.Batch) (*Tra
 	default:
 		// It will wait: not in a body file. But not below the free-space
 		// reserve, where the WAL must not grow: the bytes stay where they are.
-		if movesBody[op] && m.body.File != 0 && !s.free.below(s.opts.MinFreeSpace+m.Size, now) {
+		if movesBody[op] && m.body.File != 0 && !s.short(m.Size) {
 			file := m.body.File
 			if released, err = s.moveBodyIntoPebble(m, b); err != nil {
 				s.log.Warn("spool: keeping a message's bytes in their body file", zap.String("id", id), zap.Error(err))

@@ -433,3 +433,17 @@ func TestLeaseDoesNotOverwriteADeferral(t *testing.T) {
 		t.Fatalf("lease of an unmoved item: %v", leased)
 	}
 }
+
+// TestReserveKeepsPebbleHeadroom: a reserve configured smaller than what
+// Pebble needs after the last accepted message (the next WAL file, a
+// flush) is raised to three memtables; a larger one is kept.
+func TestReserveKeepsPebbleHeadroom(t *testing.T) {
+	s := openTest(t, t.TempDir(), Options{MinFreeSpace: 1 << 20, MemTableSize: 4 << 20})
+	if got := s.Reserve(); got != 12<<20 {
+		t.Errorf("reserve with min_free_space 1 MiB and a 4 MiB memtable: %d, want %d", got, 12<<20)
+	}
+	s = openTest(t, t.TempDir(), Options{MinFreeSpace: 1 << 30, MemTableSize: 4 << 20})
+	if got := s.Reserve(); got != 1<<30 {
+		t.Errorf("reserve with min_free_space 1 GiB: %d", got)
+	}
+}

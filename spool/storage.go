@@ -2,8 +2,6 @@ package spool
 
 import (
 	"fmt"
-	"os"
-	"strings"
 	"sync"
 	"syscall"
 	"time"
@@ -12,23 +10,23 @@ import (
 	"go.uber.org/zap"
 )
 
-// freeSpace caches the space the spool can still use: what its file
-// system has free, plus what Pebble has already allocated but not filled.
-// Pebble preallocates each WAL file (110 % of the memtable size) and keeps
-// obsolete ones for reuse; that space is the spool's own, and counting it
-// as used made a small volume refuse mail after a few megabytes. statfs
-// and the directory are read at most every freeSpaceTTL, not per message.
+// freeSpace caches the free space of the spool's file system, as statfs
+// reports it to an unprivileged writer. It is read at most every
+// freeSpaceTTL, not per message.
+//
+// Space Pebble has preallocated for its WAL is not counted as free: only
+// the WAL can fill it, and what the reserve must keep is room for what
+// Pebble writes outside it (see pebbleHeadroom).
 type freeSpace struct {
-	dir      string
-	obsolete func() int64 // bytes of obsolete (recyclable) WAL files; nil: none
-	mu       sync.Mutex
-	checked  time.Time
-	bytes    int64
+	dir     string
+	mu      sync.Mutex
+	checked time.Time
+	bytes   int64
 }
 
 const freeSpaceTTL = 250 * time.Millisecond
 
-// below reports whether fewer than need bytes are usable.
+// below reports whether fewer than need bytes are free.
 // If statfs fails, it reports false: the write itself will then say.
 func (f *freeSpace) below(need int64, now time.Time) bool {
 	if need <= 0 {
@@ -47,40 +45,18 @@ func (f *freeSpace) get(now time.Time) int64 {
 	if err := syscall.Statfs(f.dir, &st); err != nil {
 		f.bytes = 1 << 62
 	} else {
-		f.bytes = int64(st.Bavail)*int64(st.Bsize) + preallocated(f.dir)
-		if f.obsolete != nil {
-			f.bytes += f.obsolete()
-		}
+		f.bytes = int64(st.Bavail) * int64(st.Bsize)
 	}
 	f.checked = now
 	return f.bytes
 }
 
-// preallocated returns the bytes allocated to the WAL files in dir beyond
-// their contents: space Pebble reserved and will fill before asking the
-// file system for more.
-func preallocated(dir string) int64 {
-	entries, err := os.ReadDir(dir)
-	if err != nil {
-		return 0
-	}
-	var n int64
-	for _, e := range entries {
-		if !strings.HasSuffix(e.Name(), ".log") {
-			continue
-		}
-		info, err := e.Info()
-		if err != nil {
-			continue
-		}
-		if st, ok := info.Sys().(*syscall.Stat_t); ok {
-			if extra := st.Blocks*512 - info.Size(); extra > 0 {
-				n += extra
-			}
-		}
-	}
-	return n
-}
+// pebbleHeadroom is the least free space the spool keeps, whatever
+// Options.MinFreeSpace says: a failed WAL write is fatal to Pebble, so
+// after the last message it accepts there must still be room for the next
+// WAL file (Pebble preallocates 110 % of the memtable), for the table a
+// flush of the memtable writes, and for the start of a compaction.
+func pebbleHeadroom(memTable uint64) int64 { return 3 * int64(memTable) }
 
 // DefaultMemTableSize is the memtable size when Options.MemTableSize is
 // zero. Pebble keeps a used memtable for reuse beside the active one, so
