@@ -212,7 +212,7 @@ func relayOnce(ctx context.Context, o RelayOptions, name string, run int) (Relay
 		}
 		defer dns.Close()
 		_, port, _ := net.SplitHostPort(sink.Addr())
-		cfg := fmt.Sprintf("dns: {servers: [%q], ipv6: false}\ndelivery: {port: %s, tls: none, min_backoff: 1s, max_backoff: 5s}\nsmtp: {max_connections_per_ip: %d}\n%s",
+		cfg := fmt.Sprintf("dns: {servers: [%q], ipv6: false}\ndelivery: {port: %s, tls: none, min_backoff: 1s, max_backoff: 5s}\nsmtp: {max_connections_per_ip: %d}\n%s\n",
 			dns.Addr(), port, o.Sessions+10, o.MTAConfig)
 		if o.Profile != "" && run == 0 {
 			cfg += "debug: {pprof: true}\n"
