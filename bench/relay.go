@@ -71,7 +71,8 @@ type RelayRun struct {
 	E2EP99       time.Duration `json:"e2e_p99_ns"`
 	ConnsPer1000 float64       `json:"sink_connections_per_1000"`
 	MsgsPerConn  float64       `json:"messages_per_connection"`
-	CPUPer1000   float64       `json:"cpu_seconds_per_1000"` // the target's processes
+	CPUPer1000   float64       `json:"cpu_seconds_per_1000"`   // the target's processes
+	FsyncsPerMsg float64       `json:"wal_fsyncs_per_message"` // the mta's WAL fsyncs per delivered message; 0 for others
 	PeakRSS      int64         `json:"peak_rss_bytes"`
 	Elapsed      time.Duration `json:"elapsed_ns"`
 	Series       []Point       `json:"series"` // delivered count over time
@@ -246,6 +247,7 @@ func relayOnce(ctx context.Context, o RelayOptions, name string, run int) (Relay
 		return res, fmt.Errorf("unknown target %q", name)
 	}
 	u0, _ := tgt.usage()
+	fsyncs0 := walFsyncs(tgt)
 
 	start := time.Now()
 	stopSampling := make(chan struct{})
@@ -340,12 +342,24 @@ func relayOnce(ctx context.Context, o RelayOptions, name string, run int) (Relay
 		res.ConnsPer1000 = float64(st.Connections) * 1000 / float64(res.Delivered)
 		res.MsgsPerConn = float64(res.Delivered) / float64(max(st.Connections, 1))
 		res.CPUPer1000 = (u1.CPU - u0.CPU).Seconds() * 1000 / float64(res.Delivered)
+		res.FsyncsPerMsg = (walFsyncs(tgt) - fsyncs0) / float64(res.Delivered)
 	}
 	res.PeakRSS = u1.PeakRSS
 	failed := int(st.PermFails) // recipients refused for good (one recipient per message here)
 	res.Accounted = res.Delivered+failed+res.Queued >= res.Accepted
 	tgt.stop()
 	return res, nil
+}
+
+// walFsyncs returns the mta's WAL fsyncs so far (group commit shares one
+// among the messages accepted while it runs), or 0 for other targets.
+func walFsyncs(t target) float64 {
+	mt, ok := t.(mtaTarget)
+	if !ok {
+		return 0
+	}
+	n, _ := mt.p.Metric("mta_spool_wal_fsyncs_total")
+	return n
 }
 
 // messageID returns the Message-ID header value of a message.
@@ -376,6 +390,7 @@ func medianRelay(runs []RelayRun, target string) RelayRun {
 	med := func(f func(RelayRun) float64) float64 { return MedianBy(rs, f) }
 	m.AcceptRate = med(func(r RelayRun) float64 { return r.AcceptRate })
 	m.CPUPer1000 = med(func(r RelayRun) float64 { return r.CPUPer1000 })
+	m.FsyncsPerMsg = med(func(r RelayRun) float64 { return r.FsyncsPerMsg })
 	m.ConnsPer1000 = med(func(r RelayRun) float64 { return r.ConnsPer1000 })
 	m.MsgsPerConn = med(func(r RelayRun) float64 { return r.MsgsPerConn })
 	m.PeakRSS = int64(med(func(r RelayRun) float64 { return float64(r.PeakRSS) }))

@@ -17,12 +17,12 @@ func (r RelayReport) WriteTable(w io.Writer) {
 		r.Scenario, o.Messages, o.Size, max(o.Domains, 1), o.Sessions, o.Faults, o.Runs)
 	fmt.Fprintf(w, "machine: %s\n\n", r.Machine)
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', tabwriter.AlignRight)
-	fmt.Fprintln(tw, "target\taccepted/s\tdelivered/s\taccept p50 ms\tp99 ms\te2e p50 ms\tp99 ms\tconns/1000\tmsgs/conn\tCPU s/1000\tpeak RSS MiB\taccounted\t")
+	fmt.Fprintln(tw, "target\taccepted/s\tdelivered/s\taccept p50 ms\tp99 ms\te2e p50 ms\tp99 ms\tconns/1000\tmsgs/conn\tCPU s/1000\tfsyncs/msg\tpeak RSS MiB\taccounted\t")
 	for _, name := range o.Targets {
 		m := r.Median[name]
-		fmt.Fprintf(tw, "%s\t%.0f\t%.0f\t%.2f\t%.2f\t%.1f\t%.1f\t%.1f\t%.0f\t%.3f\t%.0f\t%v\t\n", name,
+		fmt.Fprintf(tw, "%s\t%.0f\t%.0f\t%.2f\t%.2f\t%.1f\t%.1f\t%.1f\t%.0f\t%.3f\t%.2f\t%.0f\t%v\t\n", name,
 			m.AcceptRate, m.DeliverRate, millis(m.AcceptP50), millis(m.AcceptP99), millis(m.E2EP50), millis(m.E2EP99),
-			m.ConnsPer1000, m.MsgsPerConn, m.CPUPer1000, float64(m.PeakRSS)/(1<<20), m.Accounted)
+			m.ConnsPer1000, m.MsgsPerConn, m.CPUPer1000, m.FsyncsPerMsg, float64(m.PeakRSS)/(1<<20), m.Accounted)
 	}
 	tw.Flush()
 	keys := make([]string, 0, len(r.Ratios))
