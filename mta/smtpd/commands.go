@@ -93,7 +93,11 @@ func (s *session) dispatch(line []byte) {
 func (s *session) hello(arg string, esmtp bool) {
 	name, _, _ := strings.Cut(arg, " ")
 	if name == "" {
-		s.refuse("bad_syntax", &mta.Reply{Code: 501, Enhanced: mta.Enhanced{5, 5, 4}, Text: "Syntax: EHLO hostname"})
+		r := &replyHELOSyntax
+		if esmtp {
+			r = &replyEHLOSyntax
+		}
+		s.refuse("bad_syntax", r)
 		return
 	}
 	s.resetTransaction()

@@ -252,6 +252,8 @@ func TestSequenceErrorsAndUnknownParameters(t *testing.T) {
 	ts := startServer(t, nil)
 	w := dial(t, ts.addr)
 	w.cmdExpect("MAIL FROM:<a@example.org>", "503 5.5.1 ") // before EHLO
+	w.cmdExpect("HELO", "501 5.5.4 Syntax: HELO hostname") // the command the client used
+	w.cmdExpect("EHLO", "501 5.5.4 Syntax: EHLO hostname")
 	w.cmdExpect("EHLO client.test", "250")
 	w.cmdExpect("RCPT TO:<b@local.test>", "503 5.5.1 ") // before MAIL
 	w.cmdExpect("DATA", "503 5.5.1 ")                   // before MAIL

@@ -331,6 +331,8 @@ var (
 	replyCommandTooLong = mta.Reply{Code: 500, Enhanced: mta.Enhanced{5, 5, 2}, Text: "Error: command line too long, closing connection"}
 	replyTooManyErrors  = mta.Reply{Code: 421, Enhanced: mta.Enhanced{4, 7, 0}, Text: "Error: too many errors, closing connection"}
 	replyBadSyntax      = mta.Reply{Code: 500, Enhanced: mta.Enhanced{5, 5, 2}, Text: "Error: bad syntax"}
+	replyHELOSyntax     = mta.Reply{Code: 501, Enhanced: mta.Enhanced{5, 5, 4}, Text: "Syntax: HELO hostname"}
+	replyEHLOSyntax     = mta.Reply{Code: 501, Enhanced: mta.Enhanced{5, 5, 4}, Text: "Syntax: EHLO hostname"}
 	replyUnknown        = mta.Reply{Code: 500, Enhanced: mta.Enhanced{5, 5, 2}, Text: "Error: command not recognized"}
 	replyNotImplemented = mta.Reply{Code: 502, Enhanced: mta.Enhanced{5, 5, 1}, Text: "Error: command not implemented"}
 	replyNotSMTP        = mta.Reply{Code: 521, Enhanced: mta.Enhanced{5, 7, 0}, Text: "Error: this is an SMTP server, closing connection"}
