@@ -60,6 +60,12 @@ func (s *Spool) short(size int64) bool {
 	return s.free.below(s.reserve+size, s.opts.Now())
 }
 
+// admit is short for a write about to happen: if size bytes fit above the
+// reserve it counts them against the free space and reports true.
+func (s *Spool) admit(size int64) bool {
+	return s.free.admit(s.reserve, size, s.opts.Now())
+}
+
 // Reserve returns the free space the spool leaves on its file system:
 // Options.MinFreeSpace, or more where Pebble needs more (pebbleHeadroom).
 func (s *Spool) Reserve() int64 { return s.reserve }

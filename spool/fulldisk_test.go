@@ -5,6 +5,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"syscall"
 	"testing"
 	"time"
 
@@ -59,5 +60,38 @@ func TestCloseOnAFileSystemFilledByOthers(t *testing.T) {
 	case <-closed:
 	case <-time.After(20 * time.Second):
 		t.Fatal("Close still waiting 20 s after the spool ran out of space")
+	}
+}
+
+// TestPutsInOneWindowShareTheReserve: free space is read at most every
+// 250 ms, so the messages admitted within one window must be subtracted
+// from it; otherwise large messages together overrun the reserve that each
+// checked alone, and the small WAL writes after them break the spool.
+func TestPutsInOneWindowShareTheReserve(t *testing.T) {
+	vol := tmpfs(t, "160m")
+	s, err := Open(filepath.Join(vol, "spool"), Options{Sync: true,
+		BodyFileThreshold: 32 << 10, MemTableSize: 4 << 20, MinFreeSpace: 40 << 20})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	body := bigBody(1, 3<<20)
+	accepted := 0
+	for s.Put(newMessage(s, "a@one.test"), nil, body) == nil {
+		accepted++
+	}
+	var st syscall.Statfs_t
+	if err := syscall.Statfs(vol, &st); err != nil {
+		t.Fatal(err)
+	}
+	// Pebble's own files (a new WAL file, a flushed table) may take some
+	// of the reserve: that is what it is for. The messages must not.
+	if free := int64(st.Bavail) * int64(st.Bsize); free < s.Reserve()/2 {
+		t.Errorf("after %d messages of 3 MB: %d MiB free, far under the %d MiB reserve", accepted, free>>20, s.Reserve()>>20)
+	}
+	for i := range 3000 {
+		if err := s.Put(newMessage(s, "a@one.test"), nil, bigBody(i, 2000)); err != nil && !errors.Is(err, mta.ErrStorageFull) {
+			t.Fatalf("small message %d after the large ones: %v", i, err)
+		}
 	}
 }

@@ -73,8 +73,13 @@ func ValidID(s string) bool {
 	return true
 }
 
-// IDTime returns the acceptance time encoded in a valid queue ID.
+// IDTime returns the acceptance time encoded in a valid queue ID, and the
+// zero Time for anything else (a key written by another tool must not
+// crash a metrics scrape).
 func IDTime(id string) time.Time {
+	if !ValidID(id) {
+		return time.Time{}
+	}
 	var hi, lo uint64
 	for i := 0; i < IDLen; i++ {
 		d := uint64(indexCrockford(id[i]))

@@ -88,7 +88,7 @@ func (s *Spool) DeliverLocal(id string, copies []LocalCopy) error {
 		for _, c := range copies {
 			need += int64(len(c.Header) + len(body))
 		}
-		if s.short(need) {
+		if !s.admit(need) {
 			s.reclaim()
 			return nil, mta.ErrStorageFull
 		}

@@ -252,7 +252,7 @@ func (s *Spool) PutAll(msgs []Incoming) error {
 		}
 		size += int64(len(in.Header) + len(in.Body))
 	}
-	if s.short(size) {
+	if !s.admit(size) {
 		s.metrics.errors.WithLabelValues("put_full").Inc()
 		s.reclaim()
 		return mta.ErrStorageFull
@@ -528,7 +528,7 @@ func (s *Spool) update(op, id string, fn func(m *Message, b *pebble.Batch) (*Tra
 	default:
 		// It will wait: not in a body file. But not below the free-space
 		// reserve, where the WAL must not grow: the bytes stay where they are.
-		if movesBody[op] && m.body.File != 0 && !s.short(m.Size) {
+		if movesBody[op] && m.body.File != 0 && s.admit(m.Size) {
 			file := m.body.File
 			if released, err = s.moveBodyIntoPebble(m, b); err != nil {
 				s.log.Warn("spool: keeping a message's bytes in their body file", zap.String("id", id), zap.Error(err))

@@ -447,3 +447,19 @@ func TestReserveKeepsPebbleHeadroom(t *testing.T) {
 		t.Errorf("reserve with min_free_space 1 GiB: %d", got)
 	}
 }
+
+// TestOldestIgnoresAForeignKey: a message key that is not a queue ID
+// (written by another tool) must not crash the metrics scrape that asks
+// for the oldest message.
+func TestOldestIgnoresAForeignKey(t *testing.T) {
+	s := openTest(t, t.TempDir(), Options{})
+	if err := s.db.Set([]byte(prefixMessage+"0"), []byte("x"), nil); err != nil {
+		t.Fatal(err)
+	}
+	if got := s.Oldest(); !got.IsZero() {
+		t.Errorf("Oldest with a foreign key: %v", got)
+	}
+	if got := IDTime("0"); !got.IsZero() {
+		t.Errorf("IDTime(%q) = %v", "0", got)
+	}
+}

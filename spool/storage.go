@@ -17,11 +17,18 @@ import (
 // Space Pebble has preallocated for its WAL is not counted as free: only
 // the WAL can fill it, and what the reserve must keep is room for what
 // Pebble writes outside it (see pebbleHeadroom).
+//
+// Bytes admitted since the last statfs are subtracted from it (admit), so
+// that the writes of one window cannot together overrun the reserve that
+// each checked alone. A statfs may or may not see the bytes admitted just
+// before it; they are subtracted through the next window too, which errs
+// on the side of a 452.
 type freeSpace struct {
-	dir     string
-	mu      sync.Mutex
-	checked time.Time
-	bytes   int64
+	dir      string
+	mu       sync.Mutex
+	checked  time.Time
+	bytes    int64    // statfs, as last checked
+	admitted [2]int64 // bytes admitted since that check, and in the window before it
 }
 
 const freeSpaceTTL = 250 * time.Millisecond
@@ -32,14 +39,47 @@ func (f *freeSpace) below(need int64, now time.Time) bool {
 	if need <= 0 {
 		return false
 	}
-	return f.get(now) < need
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.usable(now) < need
 }
 
+// admit reports whether size bytes can be written leaving reserve free,
+// and if so counts them as written until statfs has had time to see them.
+func (f *freeSpace) admit(reserve, size int64, now time.Time) bool {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if reserve+size > 0 && f.usable(now) < reserve+size {
+		return false
+	}
+	f.admitted[0] += size
+	return true
+}
+
+// get returns the free space statfs reported last.
 func (f *freeSpace) get(now time.Time) int64 {
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	if now.Sub(f.checked) < freeSpaceTTL && !f.checked.IsZero() {
-		return f.bytes
+	f.refresh(now)
+	return f.bytes
+}
+
+// usable is the free space less what was admitted since; f.mu is held.
+func (f *freeSpace) usable(now time.Time) int64 {
+	f.refresh(now)
+	return f.bytes - f.admitted[0] - f.admitted[1]
+}
+
+// refresh calls statfs if the last figure is older than freeSpaceTTL;
+// f.mu is held.
+func (f *freeSpace) refresh(now time.Time) {
+	age := now.Sub(f.checked)
+	if age < freeSpaceTTL && !f.checked.IsZero() {
+		return
+	}
+	f.admitted[1], f.admitted[0] = f.admitted[0], 0
+	if age >= 2*freeSpaceTTL {
+		f.admitted[1] = 0 // written long enough ago for statfs to show
 	}
 	var st syscall.Statfs_t
 	if err := syscall.Statfs(f.dir, &st); err != nil {
@@ -48,7 +88,6 @@ func (f *freeSpace) get(now time.Time) int64 {
 		f.bytes = int64(st.Bavail) * int64(st.Bsize)
 	}
 	f.checked = now
-	return f.bytes
 }
 
 // pebbleHeadroom is the least free space the spool keeps, whatever
