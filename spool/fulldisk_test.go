@@ -3,32 +3,20 @@ package spool
 import (
 	"errors"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"syscall"
 	"testing"
 	"time"
 
+	"github.com/mtaproject/mta/internal/testvol"
 	"github.com/mtaproject/mta/mta"
 )
-
-// tmpfs mounts a tmpfs of size for the test, or skips.
-func tmpfs(t *testing.T, size string) string {
-	t.Helper()
-	dir := filepath.Join(t.TempDir(), "vol")
-	os.MkdirAll(dir, 0o755)
-	if out, err := exec.Command("mount", "-t", "tmpfs", "-o", "size="+size, "tmpfs", dir).CombinedOutput(); err != nil {
-		t.Skipf("cannot mount a small tmpfs (needs root): %v %s", err, out)
-	}
-	t.Cleanup(func() { exec.Command("umount", "-l", dir).Run() })
-	return dir
-}
 
 // TestCloseOnAFileSystemFilledByOthers: another process fills the file
 // system; the spool refuses mail with ErrStorageFull and asks Pebble for a
 // flush that can never write its table. Close must still return.
 func TestCloseOnAFileSystemFilledByOthers(t *testing.T) {
-	vol := tmpfs(t, "32m")
+	vol := testvol.Tmpfs(t, "32m")
 	s, err := Open(filepath.Join(vol, "spool"), Options{Sync: true, MemTableSize: 4 << 20})
 	if err != nil {
 		t.Fatal(err)
@@ -68,7 +56,7 @@ func TestCloseOnAFileSystemFilledByOthers(t *testing.T) {
 // from it; otherwise large messages together overrun the reserve that each
 // checked alone, and the small WAL writes after them break the spool.
 func TestPutsInOneWindowShareTheReserve(t *testing.T) {
-	vol := tmpfs(t, "160m")
+	vol := testvol.Tmpfs(t, "160m")
 	s, err := Open(filepath.Join(vol, "spool"), Options{Sync: true,
 		BodyFileThreshold: 32 << 10, MemTableSize: 4 << 20, MinFreeSpace: 40 << 20})
 	if err != nil {

@@ -5,7 +5,6 @@ import (
 	"encoding/base64"
 	"net"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -14,19 +13,8 @@ import (
 	"github.com/emersion/go-smtp"
 
 	"github.com/mtaproject/mta/bench"
+	"github.com/mtaproject/mta/internal/testvol"
 )
-
-// smallVolume mounts a tmpfs of size MiB for the test, or skips.
-func smallVolume(t *testing.T, size string) string {
-	t.Helper()
-	dir := filepath.Join(t.TempDir(), "vol")
-	os.MkdirAll(dir, 0o755)
-	if out, err := exec.Command("mount", "-t", "tmpfs", "-o", "size="+size, "tmpfs", dir).CombinedOutput(); err != nil {
-		t.Skipf("cannot mount a small tmpfs (needs root): %v %s", err, out)
-	}
-	t.Cleanup(func() { exec.Command("umount", "-l", dir).Run() })
-	return dir
-}
 
 func randomMessage(t *testing.T, kb int) string {
 	b := make([]byte, kb*750)
@@ -66,12 +54,12 @@ func TestSmallVolume(t *testing.T) {
 	sendOnceAccepted(t, p, sink, 50)
 }
 
-// startOnVolume starts the mta on a small volume of size (see smallVolume),
+// startOnVolume starts the mta on a small volume of size (see testvol.Tmpfs),
 // relaying everything to a loopback port where nothing listens yet, and
 // returns that port's address.
 func startOnVolume(t *testing.T, size, extraCfg string) (*bench.Process, string) {
 	t.Helper()
-	vol := smallVolume(t, size)
+	vol := testvol.Tmpfs(t, size)
 	sinkAddr := "127.0.0.1:" + freePort(t)
 	p := startMTA(t, filepath.Join(vol, "data"), extraCfg+"delivery: {min_backoff: 1s, max_backoff: 1s}\ndns: {servers: [\"127.0.0.1:1\"]}\n"+
 		"routes: {\"*\": {hosts: [\"["+strings.Replace(sinkAddr, ":", "]:", 1)+"\"], tls: none}}\n")
@@ -123,7 +111,7 @@ func TestStartOnAFullDisk(t *testing.T) {
 	if testing.Short() {
 		t.Skip("starts subprocesses")
 	}
-	vol := smallVolume(t, "8m")
+	vol := testvol.Tmpfs(t, "8m")
 	f, _ := os.Create(filepath.Join(vol, "filler"))
 	f.Write(make([]byte, 8<<20))
 	f.Close()
