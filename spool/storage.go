@@ -74,11 +74,11 @@ func (f *freeSpace) usable(now time.Time) int64 {
 // f.mu is held.
 func (f *freeSpace) refresh(now time.Time) {
 	age := now.Sub(f.checked)
-	if age < freeSpaceTTL && !f.checked.IsZero() {
+	if age >= 0 && age < freeSpaceTTL && !f.checked.IsZero() {
 		return
 	}
 	f.admitted[1], f.admitted[0] = f.admitted[0], 0
-	if age >= 2*freeSpaceTTL {
+	if age < 0 || age >= 2*freeSpaceTTL { // a clock set back counts as long ago
 		f.admitted[1] = 0 // written long enough ago for statfs to show
 	}
 	var st syscall.Statfs_t
