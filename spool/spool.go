@@ -124,6 +124,10 @@ func Open(dir string, opts Options) (*Spool, error) {
 	s.free = freeSpace{dir: dir}
 	memTable := memTableSize(dir, opts.MemTableSize)
 	s.reserve = max(opts.MinFreeSpace, pebbleHeadroom(memTable))
+	if s.reserve > opts.MinFreeSpace {
+		s.log.Info("free-space reserve raised to what Pebble needs (three memtables)",
+			zap.Int64("configured_bytes", opts.MinFreeSpace), zap.Int64("reserve_bytes", s.reserve))
+	}
 	popts := &pebble.Options{
 		Logger: pebbleLogger{s},
 		// A large memtable lets a message that is delivered soon after it
