@@ -56,19 +56,15 @@ func (s *Spool) Room(size int64) error {
 
 // short reports whether writing size more bytes would take the file system
 // below the spool's free-space reserve.
-func (s *Spool) short(size int64) bool {
-	return s.free.below(s.reserve+size, s.opts.Now())
-}
+func (s *Spool) short(size int64) bool { return s.free.short(size, s.opts.Now()) }
 
-// admit is short for a write about to happen: if size bytes fit above the
-// reserve it counts them against the free space and reports true.
-func (s *Spool) admit(size int64) bool {
-	return s.free.admit(s.reserve, size, s.opts.Now())
-}
+// admit is short for a write about to happen, which it counts against the
+// free space when it fits (see freeSpace.admit).
+func (s *Spool) admit(size int64) bool { return s.free.admit(size, s.opts.Now()) }
 
 // Reserve returns the free space the spool leaves on its file system:
 // Options.MinFreeSpace, or more where Pebble needs more (pebbleHeadroom).
-func (s *Spool) Reserve() int64 { return s.reserve }
+func (s *Spool) Reserve() int64 { return s.free.reserve }
 
 // reclaim asks Pebble, at most every reclaimInterval and one at a time,
 // to give back the space of delivered mail while the spool is short of

@@ -504,7 +504,7 @@ func TestNoMoveIntoPebbleBelowTheReserve(t *testing.T) {
 	if err := s.Put(m, nil, bigBody(0, 500_000)); err != nil {
 		t.Fatal(err)
 	}
-	s.reserve = 1 << 62 // the disk is "full"
+	s.free.reserve = 1 << 62 // the disk is "full"
 	if err := s.Room(0); !errors.Is(err, mta.ErrStorageFull) {
 		t.Fatal(err)
 	}

@@ -25,8 +25,9 @@
 // Pebble treats a failed WAL write as fatal. The spool therefore refuses new
 // messages with mta.ErrStorageFull while the free space of its directory is
 // below its reserve (Options.MinFreeSpace, but at least three memtables, the
-// room Pebble's next WAL file and flush need; see Reserve), and turns Pebble's fatal error into a broken
-// spool that refuses all writes (callers answer 451) instead of exiting.
+// room Pebble's next WAL file and flush need; see Reserve), and turns
+// Pebble's fatal error into a broken spool that refuses all writes (callers
+// answer 451) instead of exiting.
 //
 // # Memory
 //

@@ -90,17 +90,17 @@ func TestPutsInOneWindowShareTheReserve(t *testing.T) {
 func TestAdmittedBytesCountUntilStatfsSeesThem(t *testing.T) {
 	f := &freeSpace{dir: t.TempDir()}
 	now := time.Unix(1_000_000, 0)
-	reserve := f.get(now) - 100<<20 // 100 MiB above the reserve; 20 MiB of drift is tolerated
-	if !f.admit(reserve, 40<<20, now) || !f.admit(reserve, 40<<20, now) {
+	f.reserve = f.get(now) - 100<<20 // 100 MiB above the reserve; 20 MiB of drift is tolerated
+	if !f.admit(40<<20, now) || !f.admit(40<<20, now) {
 		t.Fatal("80 of 100 MiB refused")
 	}
-	if f.admit(reserve, 40<<20, now) {
+	if f.admit(40<<20, now) {
 		t.Fatal("120 of 100 MiB admitted in one window")
 	}
-	if f.admit(reserve, 40<<20, now.Add(freeSpaceTTL)) {
+	if f.admit(40<<20, now.Add(freeSpaceTTL)) {
 		t.Fatal("the previous window's bytes forgotten at the next statfs")
 	}
-	if !f.admit(reserve, 40<<20, now.Add(3*freeSpaceTTL)) {
+	if !f.admit(40<<20, now.Add(3*freeSpaceTTL)) {
 		t.Fatal("bytes admitted two windows ago still counted")
 	}
 }

@@ -46,7 +46,7 @@ func newSpoolMetrics(s *Spool, reg prometheus.Registerer) *spoolMetrics {
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 			Name: "mta_spool_free_reserve_bytes",
 			Help: "Free space the spool leaves: below it plus a message, new mail gets 452 (spool.min_free_space, or more on a volume whose Pebble needs more).",
-		}, func() float64 { return float64(s.reserve) }),
+		}, func() float64 { return float64(s.Reserve()) }),
 		prometheus.NewCounterFunc(prometheus.CounterOpts{
 			Name: "mta_spool_wal_fsyncs_total",
 			Help: "fsync calls made on the spool's write-ahead log.",

@@ -171,7 +171,7 @@ func TestDeliverLocalKeepsTheReserve(t *testing.T) {
 	if err := s.Put(m, nil, []byte("Subject: x\r\n\r\nx\r\n")); err != nil {
 		t.Fatal(err)
 	}
-	s.reserve = 1 << 62 // no disk has that
+	s.free.reserve = 1 << 62 // no disk has that
 	err := s.DeliverLocal(m.ID, []LocalCopy{{Mailbox: "alice", Recipients: []string{"a@local.test"}}})
 	if !errors.Is(err, mta.ErrStorageFull) {
 		t.Fatalf("DeliverLocal short of space: %v", err)

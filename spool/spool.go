@@ -74,7 +74,6 @@ type Spool struct {
 	count   atomic.Int64    // messages in the spool
 	broken  atomic.Pointer[error]
 	free    freeSpace
-	reserve int64 // the free space Put leaves: Options.MinFreeSpace, or pebbleHeadroom if more
 	metrics *spoolMetrics
 
 	syncPending atomic.Bool  // a sync for unsynced outcomes is scheduled
@@ -121,12 +120,11 @@ func Open(dir string, opts Options) (*Spool, error) {
 	if err := os.MkdirAll(dir, 0o750); err != nil {
 		return nil, fmt.Errorf("spool: %w", err)
 	}
-	s.free = freeSpace{dir: dir}
 	memTable := memTableSize(dir, opts.MemTableSize)
-	s.reserve = max(opts.MinFreeSpace, pebbleHeadroom(memTable))
-	if s.reserve > opts.MinFreeSpace {
+	s.free = freeSpace{dir: dir, reserve: max(opts.MinFreeSpace, pebbleHeadroom(memTable))}
+	if s.free.reserve > opts.MinFreeSpace {
 		s.log.Info("free-space reserve raised to what Pebble needs (three memtables)",
-			zap.Int64("configured_bytes", opts.MinFreeSpace), zap.Int64("reserve_bytes", s.reserve))
+			zap.Int64("configured_bytes", opts.MinFreeSpace), zap.Int64("reserve_bytes", s.free.reserve))
 	}
 	popts := &pebble.Options{
 		Logger: pebbleLogger{s},

@@ -25,6 +25,7 @@ import (
 // on the side of a 452.
 type freeSpace struct {
 	dir      string
+	reserve  int64 // what writes must leave free
 	mu       sync.Mutex
 	checked  time.Time
 	bytes    int64    // statfs, as last checked
@@ -33,27 +34,31 @@ type freeSpace struct {
 
 const freeSpaceTTL = 250 * time.Millisecond
 
-// below reports whether fewer than need bytes are free.
+// short reports whether size more bytes would leave less than the reserve.
 // If statfs fails, it reports false: the write itself will then say.
-func (f *freeSpace) below(need int64, now time.Time) bool {
-	if need <= 0 {
-		return false
-	}
+func (f *freeSpace) short(size int64, now time.Time) bool {
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	return f.usable(now) < need
+	return f.shortLocked(size, now)
 }
 
-// admit reports whether size bytes can be written leaving reserve free,
-// and if so counts them as written until statfs has had time to see them.
-func (f *freeSpace) admit(reserve, size int64, now time.Time) bool {
+// admit is short for a write about to happen: if size bytes fit above the
+// reserve, it counts them as written until statfs has had time to see
+// them, and reports true.
+func (f *freeSpace) admit(size int64, now time.Time) bool {
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	if reserve+size > 0 && f.usable(now) < reserve+size {
+	if f.shortLocked(size, now) {
 		return false
 	}
 	f.admitted[0] += size
 	return true
+}
+
+// shortLocked is short with f.mu held.
+func (f *freeSpace) shortLocked(size int64, now time.Time) bool {
+	need := f.reserve + size
+	return need > 0 && f.usable(now) < need
 }
 
 // get returns the free space statfs reported last.
