@@ -2,6 +2,7 @@ package spool
 
 import (
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"syscall"
@@ -102,5 +103,41 @@ func TestAdmittedBytesCountUntilStatfsSeesThem(t *testing.T) {
 	}
 	if !f.admit(40<<20, now.Add(3*freeSpaceTTL)) {
 		t.Fatal("bytes admitted two windows ago still counted")
+	}
+}
+
+// TestPebbleKeepsItsHeadroomUnderATinyReserve: with a 1 MiB reserve
+// configured, large messages fill a small volume through body files, then
+// small ones fill the WAL until Pebble starts a new one. Without the
+// three-memtable floor the new WAL file finds no room and a WAL write
+// breaks the spool; with it, the small messages get ErrStorageFull at
+// worst.
+func TestPebbleKeepsItsHeadroomUnderATinyReserve(t *testing.T) {
+	vol := testvol.Tmpfs(t, "48m")
+	s, err := Open(filepath.Join(vol, "spool"), Options{Sync: true,
+		BodyFileThreshold: 32 << 10, MemTableSize: 4 << 20, MinFreeSpace: 1 << 20})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	for s.Put(newMessage(s, "a@one.test"), nil, bigBody(1, 200_000)) == nil {
+	}
+	done := make(chan error, 1)
+	go func() {
+		for i := range 20000 { // 40 MB of WAL: at least one new WAL file
+			if err := s.Put(newMessage(s, "a@one.test"), nil, bigBody(i, 2000)); err != nil && !errors.Is(err, mta.ErrStorageFull) {
+				done <- fmt.Errorf("small message %d: %w", i, err)
+				return
+			}
+		}
+		done <- nil
+	}()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(60 * time.Second):
+		t.Fatal("small messages still being stored after 60 s: Pebble's writes stalled")
 	}
 }
