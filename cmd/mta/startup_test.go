@@ -324,3 +324,34 @@ func TestOutcomesAreLogged(t *testing.T) {
 		t.Errorf("flush not logged")
 	}
 }
+
+// TestBufferedLogIsWrittenAtStop: with a log.flush_interval longer than
+// the test, info lines wait in memory, and a stop still writes every one
+// of them, up to "mta stopped".
+func TestBufferedLogIsWrittenAtStop(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts subprocesses")
+	}
+	p := startMTA(t, t.TempDir(), "log: {flush_interval: 1m}\n")
+	c, err := smtp.Dial(p.SMTP)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := range 3 {
+		if err := c.SendMail("app@example.org", []string{fmt.Sprintf("u%d@remote.test", i)}, strings.NewReader("Subject: buffered\r\n\r\nx\r\n")); err != nil {
+			t.Fatal(err)
+		}
+	}
+	c.Close()
+	time.Sleep(200 * time.Millisecond)
+	if strings.Contains(p.Log(), `"msg":"message accepted"`) {
+		t.Error("an info line was written before log.flush_interval (1m) passed")
+	}
+	if err := p.Stop(30 * time.Second); err != nil {
+		t.Fatal(err)
+	}
+	log := p.Log()
+	if n := strings.Count(log, `"msg":"message accepted"`); n != 3 || !strings.Contains(log, `"msg":"mta stopped"`) {
+		t.Fatalf("after the stop the log has %d accepted lines (want 3) and no \"mta stopped\" line:\n%s", n, log)
+	}
+}

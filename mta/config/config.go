@@ -254,9 +254,13 @@ type Debug struct {
 
 // Log holds logging settings.
 type Log struct {
-	Level      string     `yaml:"level"`  // debug | info | warn | error
-	Format     string     `yaml:"format"` // json | console
-	Accounting Accounting `yaml:"accounting"`
+	Level  string `yaml:"level"`  // debug | info | warn | error
+	Format string `yaml:"format"` // json | console
+	// FlushInterval is how long a log line may wait in memory before it
+	// is written, so that lines share write calls; warnings and errors
+	// are written at once. 0 writes every line as it is logged.
+	FlushInterval Duration   `yaml:"flush_interval"`
+	Accounting    Accounting `yaml:"accounting"`
 }
 
 // Accounting is the accounting log: one JSON line per message event
@@ -322,7 +326,7 @@ func Default() *Config {
 		Mailboxes:    Mailboxes{Quota: 1 << 30},
 		DNS:          DNS{Timeout: Duration(5e9), IPv6: true},
 		Spool:        Spool{Sync: true, MinFreeSpace: 100 << 20, BodyFileThreshold: 32 << 10},
-		Log:          Log{Level: "info", Format: "json", Accounting: Accounting{MaxSize: 100 << 20, MaxFiles: 10}},
+		Log:          Log{Level: "info", Format: "json", FlushInterval: Duration(100 * time.Millisecond), Accounting: Accounting{MaxSize: 100 << 20, MaxFiles: 10}},
 		Admin:        Admin{Enabled: true},
 		API:          API{MaxRequestSize: 32 << 20, MaxRecipients: 10000},
 		Bounces:      Bounces{Keep: Duration(30 * 24 * 3600e9)},
@@ -640,6 +644,9 @@ func (c *Config) validate() error {
 	}
 	if c.Log.Accounting.MaxFiles < 0 {
 		bad("log.accounting.max_files", "must not be negative")
+	}
+	if c.Log.FlushInterval < 0 || c.Log.FlushInterval > Duration(time.Minute) {
+		bad("log.flush_interval", "must be between 0 (write every line at once) and 1m")
 	}
 	if c.Log.Format != "json" && c.Log.Format != "console" {
 		bad("log.format", "must be json or console, got %q", c.Log.Format)

@@ -179,6 +179,7 @@ func (r *reloader) apply() error {
 	}
 	r.log.Info("configuration reloaded", zap.String("file", r.path), zap.Strings("applied", applied),
 		zap.Strings("changed_needing_restart", restart))
+	_ = r.log.Sync() // an operator who sent SIGHUP reads the outcome now
 	if len(restart) > 0 {
 		r.log.Warn("these settings changed in the file but take effect only after a restart", zap.Strings("settings", restart))
 	}

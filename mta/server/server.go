@@ -22,7 +22,6 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 	"go.uber.org/zap"
-	"go.uber.org/zap/zapcore"
 	"golang.org/x/net/netutil"
 
 	"github.com/mtaproject/mta/metrics"
@@ -96,34 +95,6 @@ const maxHTTPConnections = 64
 // maxAPIConnections caps the injection API's connections: each request may
 // hold api.max_request_size in memory.
 const maxAPIConnections = 64
-
-// NewLogger builds the zap logger the configuration asks for.
-func NewLogger(c config.Log) (*zap.Logger, error) {
-	l, _, err := NewLoggerLevel(c)
-	return l, err
-}
-
-// NewLoggerLevel is NewLogger, and also returns the logger's level, which
-// Server.SetLogLevel lets a reload change.
-func NewLoggerLevel(c config.Log) (*zap.Logger, zap.AtomicLevel, error) {
-	level, err := zapcore.ParseLevel(c.Level)
-	if err != nil {
-		return nil, zap.AtomicLevel{}, fmt.Errorf("log.level: %w", err)
-	}
-	zc := zap.NewProductionConfig()
-	if c.Format == "console" {
-		zc = zap.NewDevelopmentConfig()
-	}
-	zc.Level = zap.NewAtomicLevelAt(level)
-	zc.Sampling = nil // every accepted message is logged
-	// No "caller" field: operators read these lines, and finding the
-	// caller costs a stack walk per line, two lines per message.
-	zc.DisableCaller = true
-	zc.EncoderConfig.TimeKey = "ts"
-	zc.EncoderConfig.EncodeTime = zapcore.ISO8601TimeEncoder
-	l, err := zc.Build()
-	return l, zc.Level, err
-}
 
 // SetLogLevel gives the server its logger's level, so that a reload can
 // change it.
@@ -687,6 +658,7 @@ func (s *Server) Run(ctx context.Context) error {
 		}
 	}
 	s.log.Info("mta started", fields...)
+	_ = s.log.Sync() // whoever waits for the start sees it now, buffered or not
 
 	var runErr error
 	select {
@@ -696,6 +668,7 @@ func (s *Server) Run(ctx context.Context) error {
 	}
 	s.ready.Store(false)
 	s.log.Info("stopping: no new connections, finishing transactions in flight")
+	_ = s.log.Sync()
 	// One deadline for the whole stop: the SMTP drain, the delivery grace
 	// and the goodbyes to cached connections run together.
 	deadline := time.Now().Add(s.cfg.SMTP.ShutdownTimeout.D())
