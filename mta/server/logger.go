@@ -51,13 +51,10 @@ func newLogger(c config.Log, out zapcore.WriteSyncer) (*zap.Logger, zap.AtomicLe
 	if c.Format == "console" {
 		enc = zapcore.NewConsoleEncoder(zc.EncoderConfig)
 	}
-	ws := out
+	var core zapcore.Core = zapcore.NewCore(enc, out, zc.Level)
 	if c.FlushInterval > 0 {
-		ws = &zapcore.BufferedWriteSyncer{WS: out, Size: logBufferSize, FlushInterval: time.Duration(c.FlushInterval)}
-	}
-	var core zapcore.Core = zapcore.NewCore(enc, ws, zc.Level)
-	if ws != out {
-		core = urgentCore{core}
+		buffered := &zapcore.BufferedWriteSyncer{WS: out, Size: logBufferSize, FlushInterval: time.Duration(c.FlushInterval)}
+		core = urgentCore{zapcore.NewCore(enc, buffered, zc.Level)}
 	}
 	// Every accepted message is logged: no sampling. No "caller" field:
 	// operators read these lines, and finding the caller costs a stack
