@@ -103,6 +103,12 @@ type SinkStats struct {
 	PermFails          int64 // injected 5xx replies
 	Drops              int64 // injected connection drops in DATA
 	MaxMessagesPerConn int64 // most messages accepted on one connection
+	Resets             int64 // RSET commands
+	// CommandsAfterData counts the ends of message data (DATA's ".") that
+	// already had the client's next commands behind them in the same read:
+	// a client that begins its next transaction without waiting for the
+	// reply to "." (RFC 2920 §3.1).
+	CommandsAfterData int64
 }
 
 // SinkMessage is one accepted message.
@@ -145,6 +151,7 @@ type Sink struct {
 
 	connections, refused, messages, recipients, bytes atomic.Int64
 	tempFails, permFails, drops, maxPerConn           atomic.Int64
+	resets, commandsAfterData                         atomic.Int64
 }
 
 const (
@@ -297,6 +304,8 @@ func (s *Sink) Stats() SinkStats {
 		PermFails:          s.permFails.Load(),
 		Drops:              s.drops.Load(),
 		MaxMessagesPerConn: s.maxPerConn.Load(),
+		Resets:             s.resets.Load(),
+		CommandsAfterData:  s.commandsAfterData.Load(),
 	}
 }
 

@@ -168,6 +168,7 @@ func (c *sinkConn) command(line []byte) sinkAction {
 		}
 		return c.bdat(arg)
 	case "RSET":
+		c.s.resets.Add(1)
 		c.reset()
 		return c.say("250 2.0.0 Ok\r\n")
 	case "NOOP":
@@ -293,6 +294,9 @@ func (c *sinkConn) data() sinkAction {
 			c.s.drops.Add(1)
 		}
 		return sinkDrop
+	}
+	if c.br.Buffered() > 0 {
+		c.s.commandsAfterData.Add(1)
 	}
 	return c.finish(size)
 }

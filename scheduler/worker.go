@@ -1,6 +1,7 @@
 package scheduler
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"runtime/debug"
@@ -54,10 +55,32 @@ func (s *Scheduler) worker(key string, route Route, first *work) {
 	s.m.activeConns.WithLabelValues(route.Class()).Inc()
 	defer s.m.activeConns.WithLabelValues(route.Class()).Dec()
 
+	reply := make(chan *work, 1) // for nextWork
 	w, served := first, 0
+	var begun *attempt // the next message, begun behind the last one's data
 	for w != nil {
 		carried := messages > 0 // this connection carried a message before this one
-		err := s.deliverSafely(conn, route, w, carried)
+		a := begun
+		begun = nil
+		// follow hands the next work over while w's data goes out, so
+		// that its transaction begins in the same write (see pipeliner).
+		var taken *work
+		follow := func() *attempt {
+			if !conn.Usable() || messages+1 >= s.limits().MaxMessagesPerConnection {
+				return nil
+			}
+			if taken = s.nextWork(key, served+1, reply); taken == nil {
+				return nil
+			}
+			next, err := s.prepare(taken, false)
+			if next == nil && err == nil { // nothing to send: handled
+				s.events <- event{kind: evDone, work: taken}
+				taken = nil
+			}
+			begun = next // nil when the memory budget is spent: sent after w
+			return next
+		}
+		err := s.deliverSafely(conn, route, w, a, carried, follow)
 		messages++
 		served++
 		switch {
@@ -68,6 +91,7 @@ func (s *Scheduler) worker(key string, route Route, first *work) {
 			s.m.messagesPerConn.Observe(float64(messages - 1)) // the stale attempt carried nothing
 			s.m.connClosed.WithLabelValues("stale").Inc()
 			s.events <- event{kind: evRequeue, key: key, work: w}
+			s.giveBack(key, taken, begun)
 			return
 		case err != nil:
 			s.events <- event{kind: evDone, work: w}
@@ -78,6 +102,8 @@ func (s *Scheduler) worker(key string, route Route, first *work) {
 			if errors.As(err, &r) && r.Code == 421 {
 				s.events <- event{kind: evConnFail, key: key, err: err}
 			}
+			// Its data never went out: the next message was not sent.
+			s.giveBack(key, taken, begun)
 			return
 		}
 		s.events <- event{kind: evDone, work: w}
@@ -86,12 +112,16 @@ func (s *Scheduler) worker(key string, route Route, first *work) {
 			// alive (this matters when it was the probe).
 			s.events <- event{kind: evConnOK, key: key, at: start}
 		}
+		if taken != nil && conn.Usable() {
+			w = taken // begun, or to be read now
+			continue
+		}
+		s.giveBack(key, taken, begun)
+		begun = nil
 		if !conn.Usable() || messages >= s.limits().MaxMessagesPerConnection {
 			break
 		}
-		reply := make(chan *work, 1)
-		s.next <- nextReq{key: key, served: served, reply: reply}
-		w = <-reply
+		w = s.nextWork(key, served, reply)
 	}
 	if s.ctx.Err() != nil {
 		// Stopping: say QUIT without holding the stop up (a slow peer
@@ -105,6 +135,25 @@ func (s *Scheduler) worker(key string, route Route, first *work) {
 	s.cache.Put(key, conn, messages)
 }
 
+// nextWork asks the state goroutine for the next work of destination key
+// for a connection that served messages, on the worker's reply channel.
+// nil means the connection is to end.
+func (s *Scheduler) nextWork(key string, served int, reply chan *work) *work {
+	s.next <- nextReq{key: key, served: served, reply: reply}
+	return <-reply
+}
+
+// giveBack returns work taken for a connection that cannot send it, and
+// what was read for it, without counting an attempt.
+func (s *Scheduler) giveBack(key string, taken *work, begun *attempt) {
+	if begun != nil {
+		begun.release(s)
+	}
+	if taken != nil {
+		s.events <- event{kind: evRequeue, key: key, work: taken}
+	}
+}
+
 // retryOnNewConn reports whether work whose send failed with err is tried
 // again at once on a new connection instead of being deferred: once, when
 // a reused connection turned out to be dead before the transaction began.
@@ -114,7 +163,7 @@ func retryOnNewConn(reused bool, w *work, err error) bool {
 
 // deliverSafely is deliver with a panic quarantined to the one message:
 // it is deferred, counted and logged, and the connection is dropped.
-func (s *Scheduler) deliverSafely(conn Conn, route Route, w *work, reused bool) (err error) {
+func (s *Scheduler) deliverSafely(conn Conn, route Route, w *work, a *attempt, reused bool, follow func() *attempt) (err error) {
 	defer func() {
 		if r := recover(); r != nil {
 			s.m.panics.Inc()
@@ -124,56 +173,115 @@ func (s *Scheduler) deliverSafely(conn Conn, route Route, w *work, reused bool) 
 			err = fmt.Errorf("panic: %v", r)
 		}
 	}()
-	return s.deliver(conn, route, w, reused)
+	return s.deliver(conn, route, w, a, reused, follow)
 }
 
-// deliver sends one message to the recipients of one domain and records
-// the outcome of each recipient in the store. It returns the connection's
-// error, if the connection failed.
-func (s *Scheduler) deliver(conn Conn, route Route, w *work, reused bool) error {
+// pipeliner is a Conn that can begin the next transaction in the same
+// write as the current message's data (outbound's, when the server offers
+// PIPELINING): SendThen is Send, and just before the body goes out it asks
+// next for the envelope and body to send after it on this connection (nil
+// for none). The Conn's next Send must then be of that envelope. When
+// SendThen fails, what next returned was not sent.
+type pipeliner interface {
+	SendThen(ctx context.Context, env *Envelope, body []byte, next func() (*Envelope, []byte)) ([]*mta.Reply, error)
+}
+
+// attempt is one message read for sending: the envelope of one domain's
+// recipients, the body, and the memory they hold until release.
+type attempt struct {
+	w        *work
+	m        *Message
+	env      *Envelope
+	attempts int // the most any of env's recipients has had
+	buf      *[]byte
+	body     []byte
+}
+
+// errMemoryBusy: prepare was not to wait, and the memory budget is spent.
+var errMemoryBusy = errors.New("scheduler: memory budget spent")
+
+// prepare reads w's message and body for an attempt. It returns nil and
+// no error when there is nothing to send, and has then done what that
+// needs: the message was removed or its recipients of the domain are done;
+// it outlived the queue lifetime (expired); it could not be read
+// (deferred); the scheduler is stopping (the lease makes it due again).
+// With wait false it returns errMemoryBusy instead of waiting for memory.
+func (s *Scheduler) prepare(w *work, wait bool) (*attempt, error) {
 	m, err := s.opts.Store.Message(w.key.id)
 	if errors.Is(err, mta.ErrNotFound) {
-		return nil // removed meanwhile
+		return nil, nil // removed meanwhile
 	}
 	if err != nil {
 		s.log.Error("scheduler: reading a message", zap.String("id", w.key.id), zap.Error(err))
 		s.deferWork(w, nil, local("451 4.3.0 local error reading the queue"))
-		return nil
+		return nil, nil
 	}
 	env := &Envelope{ID: m.ID, From: m.From, EnvID: m.EnvID, Ret: m.Ret, SMTPUTF8: m.SMTPUTF8, Body8Bit: m.Body8Bit}
 	var attempts int
 	env.Recipients, attempts = pending(m, w.key.domain)
 	if len(env.Recipients) == 0 {
-		return nil
+		return nil, nil
 	}
 	if s.opts.Now().Sub(m.Received) >= s.lifetime(w.key.domain) {
 		s.expire(m, addresses(env.Recipients), local("no attempt made"))
-		return nil
+		return nil, nil
 	}
-	if err := s.opts.Memory.Acquire(s.sendCtx, m.Size); err != nil {
-		return nil // stopping: the lease makes the work due again
-	}
-	defer s.opts.Memory.Release(m.Size)
-	buf := bodyBuffers.Get().(*[]byte)
-	body, err := s.opts.Store.AppendBody((*buf)[:0], m.ID)
-	defer func() {
-		// The connection is done with the body once Send returned: the
-		// buffer goes back for the next message, unless it is large.
-		switch {
-		case body == nil: // not read: the buffer is as it was
-			bodyBuffers.Put(buf)
-		case cap(body) <= maxPooledBody:
-			*buf = body[:0]
-			bodyBuffers.Put(buf)
+	if !wait {
+		if !s.opts.Memory.TryAcquire(m.Size) {
+			return nil, errMemoryBusy
 		}
-	}()
-	if err != nil {
+	} else if err := s.opts.Memory.Acquire(s.sendCtx, m.Size); err != nil {
+		return nil, nil
+	}
+	a := &attempt{w: w, m: m, env: env, attempts: attempts, buf: bodyBuffers.Get().(*[]byte)}
+	if a.body, err = s.opts.Store.AppendBody((*a.buf)[:0], m.ID); err != nil {
+		a.release(s)
 		s.log.Error("scheduler: reading a message body", zap.String("id", m.ID), zap.Error(err))
 		s.deferWork(w, m, local("451 4.3.0 local error reading the queue"))
-		return nil
+		return nil, nil
 	}
+	return a, nil
+}
+
+// release gives back the memory a holds, and its body buffer for the next
+// message, unless the buffer is large.
+func (a *attempt) release(s *Scheduler) {
+	s.opts.Memory.Release(a.m.Size)
+	switch {
+	case a.body == nil: // not read: the buffer is as it was
+		bodyBuffers.Put(a.buf)
+	case cap(a.body) <= maxPooledBody:
+		*a.buf = a.body[:0]
+		bodyBuffers.Put(a.buf)
+	}
+}
+
+// deliver sends one message to the recipients of one domain and records
+// the outcome of each recipient in the store: a, or w read now when a is
+// nil. follow, when not nil, is asked during the send for the attempt to
+// begin behind this one's data (see pipeliner). It returns the
+// connection's error, if the connection failed.
+func (s *Scheduler) deliver(conn Conn, route Route, w *work, a *attempt, reused bool, follow func() *attempt) error {
+	if a == nil {
+		if a, _ = s.prepare(w, true); a == nil {
+			return nil
+		}
+	}
+	defer a.release(s)
+	m, env, attempts := a.m, a.env, a.attempts
 	start := time.Now()
-	replies, err := conn.Send(s.sendCtx, env, body)
+	var replies []*mta.Reply
+	var err error
+	if p, ok := conn.(pipeliner); ok && follow != nil {
+		replies, err = p.SendThen(s.sendCtx, env, a.body, func() (*Envelope, []byte) {
+			if next := follow(); next != nil {
+				return next.env, next.body
+			}
+			return nil, nil
+		})
+	} else {
+		replies, err = conn.Send(s.sendCtx, env, a.body)
+	}
 	s.m.attemptLatency.Observe(time.Since(start).Seconds())
 	if err != nil {
 		if retryOnNewConn(reused, w, err) {

@@ -130,7 +130,14 @@ hosts:
 }
 
 // conn adapts an smtpclient.Conn to scheduler.Conn.
-type conn struct{ c *smtpclient.Conn }
+type conn struct {
+	c *smtpclient.Conn
+	// begun is the message SendThen's next handed to the client for
+	// envelope begunEnv: the scheduler's next Send of that envelope must
+	// pass the same *smtpclient.Message.
+	begunEnv *scheduler.Envelope
+	begun    *smtpclient.Message
+}
 
 func (c *conn) Usable() bool     { return c.c.Usable() }
 func (c *conn) Endpoint() string { return c.c.RemoteAddr() }
@@ -154,10 +161,31 @@ func (c *conn) Describe() (host, tls string) {
 // MAIL after RSET was answered, a connection lost during or after the
 // data) may have delivered the message and counts as an attempt.
 func (c *conn) Send(ctx context.Context, env *scheduler.Envelope, body []byte) ([]*mta.Reply, error) {
-	res, err := c.c.Send(ctx, &smtpclient.Message{
-		From: env.From, Recipients: env.Recipients, EnvID: env.EnvID, Ret: env.Ret,
-		SMTPUTF8: env.SMTPUTF8, Body8Bit: env.Body8Bit, Data: body,
-	})
+	return c.SendThen(ctx, env, body, nil)
+}
+
+// SendThen is Send, and lets the next message's transaction begin in the
+// same write as this one's data (smtpclient.Conn.SendThen): next returns
+// the envelope and body the scheduler sends next on this connection, or a
+// nil envelope.
+func (c *conn) SendThen(ctx context.Context, env *scheduler.Envelope, body []byte, next func() (*scheduler.Envelope, []byte)) ([]*mta.Reply, error) {
+	m := c.begun
+	if m == nil || c.begunEnv != env {
+		m = message(env, body)
+	}
+	c.begunEnv, c.begun = nil, nil
+	var follow func() *smtpclient.Message
+	if next != nil {
+		follow = func() *smtpclient.Message {
+			env, body := next()
+			if env == nil {
+				return nil
+			}
+			c.begunEnv, c.begun = env, message(env, body)
+			return c.begun
+		}
+	}
+	res, err := c.c.SendThen(ctx, m, follow)
 	if err != nil {
 		if stale(err) {
 			return nil, fmt.Errorf("%w: %w", scheduler.ErrStale, err)
@@ -165,6 +193,14 @@ func (c *conn) Send(ctx context.Context, env *scheduler.Envelope, body []byte) (
 		return nil, err
 	}
 	return res.Recipients, nil
+}
+
+// message is the smtpclient form of a scheduler envelope and its body.
+func message(env *scheduler.Envelope, body []byte) *smtpclient.Message {
+	return &smtpclient.Message{
+		From: env.From, Recipients: env.Recipients, EnvID: env.EnvID, Ret: env.Ret,
+		SMTPUTF8: env.SMTPUTF8, Body8Bit: env.Body8Bit, Data: body,
+	}
 }
 
 // stale reports whether a Send error means the cached connection was dead

@@ -3,7 +3,9 @@ package server
 import (
 	"context"
 	"fmt"
+	"io"
 	"net"
+	"net/http"
 	"strconv"
 	"strings"
 	"sync"
@@ -479,4 +481,85 @@ func TestEqualPreferenceMXShareTheLoad(t *testing.T) {
 	if len(a.Messages()) == 0 || len(b.Messages()) == 0 {
 		t.Fatalf("50 messages over 25 or more connections: %d to one MX host, %d to the other", len(a.Messages()), len(b.Messages()))
 	}
+}
+
+// TestNextTransactionRidesWithTheData: over a reused connection, the next
+// message's MAIL, RCPT and DATA go out with the previous message's data
+// instead of after its reply, without RSET. When the receiver fails a
+// message (4xx at the end of data) or drops the connection in the middle
+// of it, the message it had begun behind is not counted as attempted: it
+// goes out on the next connection, and every message arrives exactly once,
+// byte for byte.
+func TestNextTransactionRidesWithTheData(t *testing.T) {
+	const n = 300
+	w := newWorld(t, ", max_connections_per_destination: 1", "")
+	w.dns.SetA("ride.test", "127.0.0.1")
+	s := w.sink("127.0.0.1", bench.SinkConfig{Seed: 7, Faults: bench.Faults{DataTempFail: 0.03, DropInData: 0.02}})
+	// Queue everything first, so that the connection always has a next
+	// message to begin.
+	w.srv.sched.Suspend("ride.test", time.Hour)
+	var mu sync.Mutex
+	sent := map[string][]byte{}
+	res, err := bench.RunLoad(context.Background(), bench.LoadConfig{
+		Addr: w.srv.Addr("smtp"), Sessions: 4, Messages: n, Size: 1200, Domains: []string{"ride.test"}, Pipelining: true, Seed: 3,
+		OnAccepted: func(id string, b []byte) { mu.Lock(); sent[id] = append([]byte(nil), b...); mu.Unlock() },
+	})
+	if err != nil || res.Accepted != n {
+		t.Fatalf("load: %d accepted, %v", res.Accepted, err)
+	}
+	if err := (adminStore{Spool: w.srv.Spool(), sched: w.srv.sched}).Resume("ride.test"); err != nil {
+		t.Fatal(err)
+	}
+	w.waitFor("all delivered", 60*time.Second, func() bool { return s.Stats().Messages >= n && w.srv.Spool().Count() == 0 })
+	st := s.Stats()
+	t.Logf("sink: %+v", st)
+	seen := map[string]bool{}
+	for _, m := range s.Messages() {
+		i := strings.Index(string(m.Data), " id ")
+		id := string(m.Data[i+4 : i+4+spool.IDLen])
+		if want, ok := sent[id]; !ok || seen[id] || !strings.HasSuffix(string(m.Data), string(want)) {
+			t.Fatalf("message %s arrived twice, or as %q", id, m.Data)
+		}
+		seen[id] = true
+	}
+	if len(seen) != n {
+		t.Fatalf("%d distinct messages arrived, want %d", len(seen), n)
+	}
+	if st.CommandsAfterData < n*3/4 || st.Resets > n/4 {
+		t.Errorf("%d of %d messages' data had the next transaction behind it, %d RSET: the next transaction waits for the reply to the data",
+			st.CommandsAfterData, st.Messages, st.Resets)
+	}
+	if st.TempFails == 0 || st.Drops == 0 {
+		t.Fatalf("no faults injected (%+v): the test shows nothing", st)
+	}
+	// One deferral per injected failure: the begun message behind a
+	// failed one was given back, not attempted.
+	if got, want := metric(t, w.srv.Addr("http"), `mta_delivery_recipients_total{class="mx",outcome="deferred"}`), st.TempFails+st.Drops; got != float64(want) {
+		t.Errorf("%v recipients deferred, want %d (one per injected failure)", got, want)
+	}
+}
+
+// metric reads the value of one series (name and labels as exposed) from
+// the Prometheus endpoint at addr; 0 when it is absent.
+func metric(t *testing.T, addr, series string) float64 {
+	t.Helper()
+	resp, err := http.Get("http://" + addr + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(resp.Body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, line := range strings.Split(string(body), "\n") {
+		if v, ok := strings.CutPrefix(line, series+" "); ok {
+			f, err := strconv.ParseFloat(strings.TrimSpace(v), 64)
+			if err != nil {
+				t.Fatalf("%s: %v", line, err)
+			}
+			return f
+		}
+	}
+	return 0
 }

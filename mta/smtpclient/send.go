@@ -70,15 +70,30 @@ type Result struct {
 // as it was. Invalid messages (no recipients, line breaks in addresses) are refused
 // with a plain error before anything is sent; the Conn is unaffected.
 func (c *Conn) Send(ctx context.Context, m *Message) (*Result, error) {
+	return c.SendThen(ctx, m, nil)
+}
+
+// SendThen runs m's transaction as Send does and, when the server offers
+// PIPELINING (and the message goes with DATA, not BDAT), lets the next
+// transaction start without a round trip of its own. Just before m's data
+// goes out it calls next, which returns the message to send after m on this
+// Conn, or nil. That message's MAIL, RCPT and DATA then go in the same write
+// as m's final "." (RFC 2920 §3.1: message content may open a group of
+// pipelined commands, and DATA closes it). It is then begun: the Conn's next
+// call must be Send or SendThen for that same *Message, which only reads the
+// replies and carries on; Close drops the connection instead of saying QUIT.
+// A message the server would refuse from its EHLO reply alone (size,
+// SMTPUTF8, 8BITMIME) is not begun; the next Send refuses it as usual.
+//
+// When SendThen returns an error, the Conn is unusable and a message it
+// began was not sent: its data never went out, so the server cannot have
+// taken it.
+func (c *Conn) SendThen(ctx context.Context, m *Message, next func() *Message) (*Result, error) {
+	if c.begun != nil {
+		return c.sendBegun(ctx, m, next)
+	}
 	if err := checkMessage(m); err != nil {
 		return nil, err
-	}
-	if m.SMTPUTF8 && !needsUTF8(m) {
-		// The client asked for SMTPUTF8, but nothing in the envelope or
-		// the header is UTF-8: any server can take it (RFC 6531 §3.2).
-		cp := *m
-		cp.SMTPUTF8 = false
-		m = &cp
 	}
 	if !c.Usable() {
 		return nil, &Error{Stage: "mail", Host: c.host, Addr: c.addr, Err: ErrUnusable}
@@ -86,21 +101,62 @@ func (c *Conn) Send(ctx context.Context, m *Message) (*Result, error) {
 	if ctx.Err() != nil {
 		return nil, &Error{Stage: "mail", Host: c.host, Addr: c.addr, Err: context.Cause(ctx)}
 	}
+	m, res := c.ready(m)
+	if res != nil {
+		return res, nil
+	}
+	return c.run(ctx, m, next)
+}
+
+// sendBegun carries on the transaction of m, which the previous SendThen
+// began. Any other message is a caller's mistake that leaves the server
+// inside a transaction: the connection is dropped.
+func (c *Conn) sendBegun(ctx context.Context, m *Message, next func() *Message) (*Result, error) {
+	if m != c.begun.asked || !c.Usable() || ctx.Err() != nil {
+		err := ErrUnusable
+		switch {
+		case m != c.begun.asked:
+			err = errors.New("smtpclient: Send of a message other than the one begun")
+		case ctx.Err() != nil:
+			err = context.Cause(ctx)
+		}
+		c.broken = true
+		c.abort()
+		return nil, &Error{Stage: "mail", Host: c.host, Addr: c.addr, Err: err}
+	}
+	return c.run(ctx, c.begun.sent, next)
+}
+
+// ready returns m as it is sent to this server, or the Result that
+// refuses it without sending it. m must have passed checkMessage.
+func (c *Conn) ready(m *Message) (*Message, *Result) {
+	if m.SMTPUTF8 && !needsUTF8(m) {
+		// The client asked for SMTPUTF8, but nothing in the envelope or
+		// the header is UTF-8: any server can take it (RFC 6531 §3.2).
+		cp := *m
+		cp.SMTPUTF8 = false
+		m = &cp
+	}
 	// SMTPUTF8 first: a message that needs it cannot be helped by
 	// converting its body; then the conversion, whose result the size
 	// limit applies to.
 	if res := c.refuse(m, true); res != nil {
-		return res, nil
+		return nil, res
 	}
 	m, res := c.downgrade(m)
 	if res != nil {
-		return res, nil
+		return nil, res
 	}
 	if res := c.refuse(m, false); res != nil {
-		return res, nil
+		return nil, res
 	}
+	return m, nil
+}
+
+// run runs the transaction of m, ready to send, under ctx.
+func (c *Conn) run(ctx context.Context, m *Message, next func() *Message) (*Result, error) {
 	stop := context.AfterFunc(ctx, c.abort)
-	res, err := c.send(m)
+	res, err := c.send(m, next)
 	if !stop() {
 		c.broken = true
 		if err != nil {
@@ -175,45 +231,22 @@ func refusal(m *Message, r *mta.Reply) *Result {
 	return res
 }
 
-// send runs the transaction.
-func (c *Conn) send(m *Message) (*Result, error) {
+// begunMessage is a transaction whose commands went out behind the
+// previous message's data: asked is the message SendThen's next returned,
+// sent the same as it goes to this server (see ready).
+type begunMessage struct{ asked, sent *Message }
+
+// send runs the transaction; next is SendThen's.
+func (c *Conn) send(m *Message, next func() *Message) (*Result, error) {
 	if c.chunking {
 		return c.sendChunked(m)
 	}
 	res := &Result{Recipients: make([]*mta.Reply, len(m.Recipients))}
-	rset := c.messages > 0 // a transaction was started before
-	if rset && !c.pipelining {
-		if err := c.writeCommands("rset", append(c.scratch[:0], "RSET\r\n"...)); err != nil {
-			return nil, err
-		}
-		if err := c.readRSET(); err != nil {
-			return nil, err
-		}
-	}
-	c.messages++
-
-	b := c.scratch[:0]
-	if rset && c.pipelining {
-		b = append(b, "RSET\r\n"...)
-	}
-	b = c.appendMail(b, m)
-	if c.pipelining {
-		for i := range m.Recipients {
-			b = c.appendRcpt(b, &m.Recipients[i])
-		}
-		b = append(b, "DATA\r\n"...)
-	}
-	stage := "mail"
-	if rset && c.pipelining {
-		stage = "rset"
-	}
-	if err := c.writeCommands(stage, b); err != nil {
+	if c.begun != nil {
+		// Its commands are out: read their replies.
+		c.begun = nil
+	} else if err := c.begin(m); err != nil {
 		return nil, err
-	}
-	if rset && c.pipelining {
-		if err := c.readRSET(); err != nil {
-			return nil, err
-		}
 	}
 
 	mailOK, accepted, err := c.readEnvelope(m, res, c.pipelining)
@@ -261,9 +294,14 @@ func (c *Conn) send(m *Message) (*Result, error) {
 		return nil, c.outOfStep("data", data)
 	}
 
-	// The message, then "."
+	// The message, then ".", and the next message's commands if there is
+	// one, in one write.
 	c.tw.timeout = c.t.DataBlock
-	err = writeDotStuffed(c.bw, m.Data)
+	writeDotStuffed(c.bw, m.Data)
+	if next != nil && c.pipelining {
+		c.beginNext(next)
+	}
+	err = c.bw.Flush()
 	c.tw.timeout = c.t.Command
 	if err != nil {
 		return nil, c.ioFail("data", err)
@@ -277,6 +315,71 @@ func (c *Conn) send(m *Message) (*Result, error) {
 	}
 	fill(res, done)
 	return res, nil
+}
+
+// begin writes the commands of m's transaction: with PIPELINING, RSET
+// (when a transaction came before), MAIL, every RCPT and DATA in one
+// write, and it reads the reply to RSET; without, RSET and its reply, then
+// MAIL alone.
+func (c *Conn) begin(m *Message) error {
+	rset := c.messages > 0 // a transaction was started before
+	if rset && !c.pipelining {
+		if err := c.writeCommands("rset", append(c.scratch[:0], "RSET\r\n"...)); err != nil {
+			return err
+		}
+		if err := c.readRSET(); err != nil {
+			return err
+		}
+	}
+	c.messages++
+
+	b := c.scratch[:0]
+	if rset && c.pipelining {
+		b = append(b, "RSET\r\n"...)
+	}
+	b = c.appendMail(b, m)
+	if c.pipelining {
+		b = c.appendRcptsData(b, m)
+	}
+	stage := "mail"
+	if rset && c.pipelining {
+		stage = "rset"
+	}
+	if err := c.writeCommands(stage, b); err != nil {
+		return err
+	}
+	if rset && c.pipelining {
+		return c.readRSET()
+	}
+	return nil
+}
+
+// beginNext asks next for the message to follow and, unless there is
+// none or this server would refuse it anyway, buffers its MAIL, RCPT and
+// DATA behind the data being written. No RSET is needed: the reply to "."
+// ends the transaction before it, whatever that reply is (RFC 5321 §4.1.1.4).
+func (c *Conn) beginNext(next func() *Message) {
+	asked := next()
+	if asked == nil || checkMessage(asked) != nil {
+		return
+	}
+	sent, res := c.ready(asked)
+	if res != nil {
+		return
+	}
+	b := c.appendRcptsData(c.appendMail(c.scratch[:0], sent), sent)
+	c.scratch = b[:0]
+	c.bw.Write(b)
+	c.begun = &begunMessage{asked: asked, sent: sent}
+	c.messages++
+}
+
+// appendRcptsData appends an RCPT command for each recipient of m, then DATA.
+func (c *Conn) appendRcptsData(b []byte, m *Message) []byte {
+	for i := range m.Recipients {
+		b = c.appendRcpt(b, &m.Recipients[i])
+	}
+	return append(b, "DATA\r\n"...)
 }
 
 // sendChunked runs the transaction with BDAT (RFC 3030): RSET, MAIL, every
@@ -491,9 +594,10 @@ func (c *Conn) appendRcpt(b []byte, r *mta.Recipient) []byte {
 var crlfDot = []byte("\n.")
 
 // writeDotStuffed writes data dot-stuffed (RFC 5321 §4.5.2), ending with
-// CRLF, followed by ".\r\n", and flushes. It copies runs between the lines
-// that start with "." as they are, without looking at each byte.
-func writeDotStuffed(w *bufio.Writer, data []byte) error {
+// CRLF, followed by ".\r\n"; the caller flushes w and sees its errors. It
+// copies runs between the lines that start with "." as they are, without
+// looking at each byte.
+func writeDotStuffed(w *bufio.Writer, data []byte) {
 	if len(data) > 0 && data[0] == '.' {
 		w.WriteByte('.')
 	}
@@ -516,7 +620,6 @@ func writeDotStuffed(w *bufio.Writer, data []byte) error {
 		w.WriteString("\r\n")
 	}
 	w.WriteString(".\r\n")
-	return w.Flush()
 }
 
 // needsUTF8 reports whether the envelope or the header section of m has

@@ -92,7 +92,8 @@ func TestDotStuffing(t *testing.T) {
 	} {
 		var buf bytes.Buffer
 		w := bufio.NewWriter(&buf)
-		if err := writeDotStuffed(w, []byte(tc.in)); err != nil {
+		writeDotStuffed(w, []byte(tc.in))
+		if err := w.Flush(); err != nil {
 			t.Fatal(err)
 		}
 		if buf.String() != tc.out {

@@ -167,8 +167,9 @@ type Conn struct {
 	broken   bool
 	closed   bool
 
-	lines   []string // the lines of the last reply, for EHLO
-	scratch []byte   // command buffer reused by Send
+	lines   []string      // the lines of the last reply, for EHLO
+	scratch []byte        // command buffer reused by Send
+	begun   *begunMessage // a transaction begun behind the last message's data
 }
 
 // Dial connects to addr ("ip:port"), reads the greeting, says EHLO (HELO
@@ -501,6 +502,11 @@ func (c *Conn) Close() error {
 		return nil
 	}
 	c.closed = true
+	if c.begun != nil {
+		// The server waits inside a transaction (perhaps for data after
+		// 354): QUIT would be read as part of the message.
+		c.broken = true
+	}
 	if !c.broken {
 		c.tw.timeout = quitTimeout
 		c.bw.WriteString("QUIT\r\n")
