@@ -533,6 +533,41 @@ func TestBulkRunKeepsConnectionsFull(t *testing.T) {
 	}
 }
 
+// TestBurstsKeepConnectionsFull: a bulk run that arrives in bursts, so
+// that the queue empties between them and the connections are parked and
+// taken again many times, still averages at least 90 % of the message
+// limit per connection. The connections a big burst opened are not left
+// half used while the few taken for each small burst reach the limit and
+// are replaced.
+func TestBurstsKeepConnectionsFull(t *testing.T) {
+	store, tr := newMemStore(), newFakeTransport()
+	tr.delay["bulk.test"] = 50 * time.Microsecond
+	h := start(t, func(o *Options) { o.MaxMessagesPerConnection = 500 }, store, tr)
+	now := time.Now()
+	const n = 5000
+	submitted := 0
+	for burst := 0; submitted < n; burst++ {
+		size := 40 // mostly small bursts, that one or two connections take
+		if burst%10 == 0 {
+			size = 600 // and now and then one that needs several
+		}
+		for i := 0; i < size && submitted < n; i++ {
+			id := fmt.Sprintf("m%05d", submitted)
+			store.add(id, now, now.Add(2*time.Second), "r@bulk.test")
+			h.s.Submit(id, []string{"bulk.test"}, mta.PriorityBulk)
+			submitted++
+		}
+		waitFor(t, "the burst's deliveries", func() bool { d, _ := store.counts(); return d == submitted })
+		time.Sleep(time.Millisecond) // the workers park their connections
+	}
+	connects, _, peak := tr.stats("bulk.test")
+	per := float64(n) / float64(connects)
+	t.Logf("%d messages over %d connections (%d at once): %.0f per connection", n, connects, peak, per)
+	if per < 450 {
+		t.Errorf("%.0f messages per connection, want at least 450 (90 %% of the limit)", per)
+	}
+}
+
 // TestEveryAttemptGetsItsOwnBody: bodies are read into reused buffers;
 // with many connections at once and bodies on both sides of the largest
 // buffer kept, each Send still gets exactly its own message's bytes.

@@ -6,6 +6,7 @@
 package conncache
 
 import (
+	"slices"
 	"sync"
 	"time"
 )
@@ -63,28 +64,45 @@ func New[C Conn](opts Options) *Cache[C] {
 	return c
 }
 
-// Get takes the most recently parked connection of dest, with the number
-// of messages it has carried.
+// Get takes the parked connection of dest that has carried the fewest
+// messages (of those, the most recently parked), with that number.
+//
+// Taking the least used one makes the connections of a destination wear
+// evenly: when a bulk run arrives in bursts, the connections a big burst
+// opened are used again by the small ones, instead of a few connections
+// reaching the message limit and being replaced while the others sit half
+// used. The price: while traffic continues, every parked connection stays
+// in the rotation as long as each is taken within the idle timeout, so a
+// destination keeps the connections its last busy spell needed (at most
+// MaxIdle) until traffic pauses for the idle timeout.
 func (c *Cache[C]) Get(dest string) (conn C, messages int, ok bool) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	list := c.idle[dest]
-	for len(list) > 0 {
-		e := list[len(list)-1]
-		list = list[:len(list)-1]
-		if c.opts.Now().Sub(e.since) >= c.opts.IdleTimeout || !e.conn.Usable() {
+	now := c.opts.Now()
+	list := c.idle[dest][:0]
+	best := -1
+	for _, e := range c.idle[dest] {
+		switch {
+		case now.Sub(e.since) >= c.opts.IdleTimeout || !e.conn.Usable():
 			go c.close(e.conn, "idle_timeout", e.messages)
 			continue
-		}
-		if c.opts.MaxMessages > 0 && e.messages >= c.opts.MaxMessages { // lowered since it was parked
+		case c.opts.MaxMessages > 0 && e.messages >= c.opts.MaxMessages: // lowered since it was parked
 			go c.close(e.conn, "message_limit", e.messages)
 			continue
 		}
-		c.set(dest, list)
-		return e.conn, e.messages, true
+		list = append(list, e)
+		if best < 0 || e.messages <= list[best].messages {
+			best = len(list) - 1
+		}
 	}
+	if best < 0 {
+		c.set(dest, list)
+		return conn, 0, false
+	}
+	e := list[best]
+	list = slices.Delete(list, best, best+1)
 	c.set(dest, list)
-	return conn, 0, false
+	return e.conn, e.messages, true
 }
 
 // Put parks a connection that has carried messages messages, or closes it

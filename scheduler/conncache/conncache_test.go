@@ -1,6 +1,7 @@
 package conncache
 
 import (
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -28,10 +29,10 @@ func TestReuseLimitsAndExpiry(t *testing.T) {
 	defer c.Close()
 
 	a, b, d := &fakeConn{name: "a", usable: true}, &fakeConn{name: "b", usable: true}, &fakeConn{name: "d", usable: true}
-	c.Put("dest1", a, 1)
-	c.Put("dest1", b, 2)
-	if got, n, ok := c.Get("dest1"); !ok || got != b || n != 2 {
-		t.Fatalf("Get = %v %d %v, want the newest (b, 2)", got, n, ok)
+	c.Put("dest1", a, 2)
+	c.Put("dest1", b, 1)
+	if got, n, ok := c.Get("dest1"); !ok || got != b || n != 1 {
+		t.Fatalf("Get = %v %d %v, want the least used (b, 1)", got, n, ok)
 	}
 	if _, _, ok := c.Get("dest2"); ok {
 		t.Fatal("a connection of another destination was returned")
@@ -68,6 +69,33 @@ func TestReuseLimitsAndExpiry(t *testing.T) {
 	defer rmu.Unlock()
 	if reasons["message_limit"] != 1 || reasons["too_many_idle"] != 1 || reasons["unusable"] != 1 || reasons["idle_timeout"] != 2 {
 		t.Fatalf("close reasons %v", reasons)
+	}
+}
+
+// TestLeastUsedFirst: Get hands out the connection that has carried the
+// fewest messages, the most recently parked of those when several have, so
+// that a destination's connections wear evenly.
+func TestLeastUsedFirst(t *testing.T) {
+	c := New[*fakeConn](Options{IdleTimeout: time.Hour, MaxMessages: 100})
+	defer c.Close()
+	conns := map[string]*fakeConn{}
+	for _, p := range []struct {
+		name     string
+		messages int
+	}{{"a", 7}, {"b", 3}, {"c", 9}, {"d", 3}, {"e", 5}} {
+		conns[p.name] = &fakeConn{name: p.name, usable: true}
+		c.Put("x", conns[p.name], p.messages)
+	}
+	var order []string
+	for {
+		conn, _, ok := c.Get("x")
+		if !ok {
+			break
+		}
+		order = append(order, conn.name)
+	}
+	if got := strings.Join(order, ""); got != "dbeac" {
+		t.Fatalf("Get order %q, want \"dbeac\" (fewest messages first, newest of equals)", got)
 	}
 }
 
