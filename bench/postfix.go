@@ -2,7 +2,10 @@ package bench
 
 import (
 	"bufio"
+	"bytes"
+	"errors"
 	"fmt"
+	"io/fs"
 	"net"
 	"os"
 	"os/exec"
@@ -159,7 +162,15 @@ func masterCF(listen string) (string, error) {
 
 // allowConfigDir lists dir in the default instance's
 // alternate_config_directories, which Postfix requires for `postfix -c`.
+// Debian's package installed with "No configuration" has no main.cf at
+// all: then an empty one is created, which means Postfix's defaults.
 func allowConfigDir(dir string) error {
+	const defaultMain = "/etc/postfix/main.cf"
+	if _, err := os.Stat(defaultMain); errors.Is(err, fs.ErrNotExist) {
+		if err := os.WriteFile(defaultMain, nil, 0o644); err != nil {
+			return fmt.Errorf("creating the default instance's %s (absent): %w", defaultMain, err)
+		}
+	}
 	out, _ := exec.Command("postconf", "-h", "alternate_config_directories").Output()
 	cur := strings.TrimSpace(string(out))
 	if strings.Contains(cur, dir) {
@@ -169,7 +180,10 @@ func allowConfigDir(dir string) error {
 	if cur != "" {
 		val = cur + ", " + dir
 	}
-	return exec.Command("postconf", "-e", "alternate_config_directories = "+val).Run()
+	if out, err := exec.Command("postconf", "-e", "alternate_config_directories = "+val).CombinedOutput(); err != nil {
+		return fmt.Errorf("listing %s in %s's alternate_config_directories: %v: %s", dir, defaultMain, err, bytes.TrimSpace(out))
+	}
+	return nil
 }
 
 // Stop stops the instance and waits (up to 15 s) for its master process
