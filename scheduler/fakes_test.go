@@ -23,6 +23,13 @@ type memStore struct {
 	failures map[string]string      // address → reply
 	done     map[string]string      // address → reply
 	body     func(id string) string // message id's body; nil: a small one naming it
+	// onLease, when set, is called by Lease before it changes anything,
+	// without mu: a test can hold a write up with it.
+	onLease func(items []Due)
+	onDue   func() // called by Due first, without mu
+	// postponed counts the Lease calls, returned, that postponed work
+	// (their items carry a reason).
+	postponed atomic.Int64
 }
 
 func newMemStore() *memStore {
@@ -44,6 +51,9 @@ func (s *memStore) add(id string, received, due time.Time, rcpts ...string) {
 
 func (s *memStore) Due(now time.Time, limit int, skip func(string) bool) ([]Due, error) {
 	s.dueCalls.Add(1)
+	if s.onDue != nil {
+		s.onDue()
+	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	var out []Due
@@ -71,6 +81,12 @@ func (s *memStore) Due(now time.Time, limit int, skip func(string) bool) ([]Due,
 }
 
 func (s *memStore) Lease(items []Due) ([]Due, error) {
+	if s.onLease != nil {
+		s.onLease(items)
+	}
+	if len(items) > 0 && items[0].Reply != "" {
+		defer s.postponed.Add(1)
+	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	var out []Due
@@ -86,6 +102,18 @@ func (s *memStore) Lease(items []Due) ([]Due, error) {
 		out = append(out, it)
 	}
 	return out, nil
+}
+
+// flush makes every entry due later due now, as the spool's Flush (an
+// operator's queue flush) does; entries already due are left to the scan.
+func (s *memStore) flush(now time.Time) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for k, t := range s.due {
+		if t.After(now) {
+			s.due[k] = now
+		}
+	}
 }
 
 func (s *memStore) Message(id string) (*Message, error) {

@@ -129,9 +129,13 @@ type Scheduler struct {
 	kick        chan struct{}
 	unback      chan chan struct{} // end every destination's backoff (flush); closed when done
 	status      chan chan []DestinationStatus
-	retune      chan struct{} // the limits changed: serve what they now allow
-	drops       chan struct{} // signals that dropIDs has IDs
-	dropMu      sync.Mutex
+	// settle asks the loop to close the channel once the postponements
+	// made so far are written to the store (see awaitPostponed).
+	settle   chan chan struct{}
+	settling []chan struct{} // the loop's: waiting for the postponements
+	retune   chan struct{}   // the limits changed: serve what they now allow
+	drops    chan struct{}   // signals that dropIDs has IDs
+	dropMu   sync.Mutex
 
 	// suspended holds the domains an operator suspended (Suspend), each
 	// until a time (zero: until Resume). Read by workers, hence the lock.
@@ -250,6 +254,7 @@ func New(opts Options) *Scheduler {
 		kick:         make(chan struct{}, 1),
 		unback:       make(chan chan struct{}),
 		status:       make(chan chan []DestinationStatus),
+		settle:       make(chan chan struct{}),
 		retune:       make(chan struct{}, 1),
 		drops:        make(chan struct{}, 1),
 		window:       map[workKey]*work{},
@@ -400,6 +405,8 @@ func (s *Scheduler) Run(ctx context.Context) {
 			close(done)
 		case reply := <-s.status:
 			reply <- s.destinations()
+		case done := <-s.settle:
+			s.settling = append(s.settling, done)
 		case <-tick.C:
 			s.scan()
 			s.sweep()
@@ -411,6 +418,12 @@ func (s *Scheduler) Run(ctx context.Context) {
 			s.scan()
 		}
 		s.flushPostponed()
+		if len(s.settling) > 0 && len(s.postponing) == 0 && !s.postponeBusy {
+			for _, done := range s.settling {
+				close(done)
+			}
+			s.settling = nil
+		}
 		s.windowSize.Store(int64(len(s.window)))
 		s.freshWaiting.Store(int64(len(s.waitingFresh)))
 	}
@@ -1136,7 +1149,10 @@ func (s *Scheduler) lifetime(domain string) time.Duration {
 }
 
 // Resume ends a suspension; it reports whether domain was suspended.
-// Its mail is tried again within suspendRecheck.
+// Its mail is tried again within suspendRecheck; a flush of the store
+// after Resume returns makes it due at once (Resume waits until the
+// postponements made while the domain was suspended are written, so that
+// none lands after the flush and puts mail back into the future).
 func (s *Scheduler) Resume(domain string) bool {
 	s.suspendMu.Lock()
 	_, ok := s.suspended[domain]
@@ -1146,9 +1162,37 @@ func (s *Scheduler) Resume(domain string) bool {
 	delete(s.suspended, domain)
 	delete(s.since, domain)
 	s.suspendMu.Unlock()
+	if ok {
+		s.awaitPostponed()
+	}
 	s.Kick()
 	return ok
 }
+
+// awaitPostponed waits until the postponements the loop has made so far
+// are written to the store: at most postponeWait, and not at all when the
+// scheduler is not running.
+func (s *Scheduler) awaitPostponed() {
+	if !s.running.Load() {
+		return
+	}
+	timeout := time.NewTimer(postponeWait)
+	defer timeout.Stop()
+	done := make(chan struct{})
+	select {
+	case s.settle <- done:
+	case <-timeout.C:
+		return
+	}
+	select {
+	case <-done:
+	case <-timeout.C:
+	}
+}
+
+// postponeWait bounds awaitPostponed: past it, a resumed domain's mail
+// whose postponement is still being written waits for suspendRecheck.
+const postponeWait = 5 * time.Second
 
 // Suspended returns the suspended domains and until when (zero: until
 // resumed).

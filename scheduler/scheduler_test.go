@@ -568,6 +568,62 @@ func TestBurstsKeepConnectionsFull(t *testing.T) {
 	}
 }
 
+// TestResumeThenFlushSendsAtOnce: an operator resumes a suspended domain
+// and flushes the queue (what `mta dest resume` does). The mail postponed
+// while the domain was suspended goes at once, even when writing those
+// postponements was still under way at the resume: the resume waits for
+// the write, so that the flush after it finds them. Before, the write
+// could land after the flush and put the mail back a minute (the
+// suspension's recheck) into the future.
+func TestResumeThenFlushSendsAtOnce(t *testing.T) {
+	store, tr := newMemStore(), newFakeTransport()
+	started := make(chan struct{})
+	var once sync.Once
+	store.onLease = func(items []Due) {
+		if len(items) > 0 && items[0].Reply != "" { // a postponement
+			once.Do(func() { close(started) })
+			time.Sleep(100 * time.Millisecond) // a slow disk
+		}
+	}
+	// The race, made certain: a scan after the flush waits until the
+	// write under way has landed. (No periodic scan: only kicks scan.)
+	var flushed atomic.Bool
+	store.onDue = func() {
+		for flushed.Load() && store.postponed.Load() == 0 {
+			time.Sleep(time.Millisecond)
+		}
+	}
+	h := start(t, func(o *Options) { o.ScanInterval = time.Hour }, store, tr)
+	h.s.Suspend("held.test", time.Hour)
+	now := time.Now()
+	const n = 20
+	for i := 0; i < n; i++ {
+		id := fmt.Sprintf("h%02d", i)
+		store.add(id, now, now.Add(time.Minute), "r@held.test") // leased at acceptance, as fresh mail is
+		h.s.Submit(id, []string{"held.test"}, mta.PriorityBulk)
+	}
+	select {
+	case <-started:
+	case <-time.After(5 * time.Second):
+		t.Fatal("the suspended domain's mail was not postponed")
+	}
+	h.s.Resume("held.test")
+	store.flush(time.Now())
+	flushed.Store(true)
+	h.s.Kick()
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		d, _ := store.counts()
+		if d == n {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%d of %d delivered 5 s after the resume and flush: the rest wait for the suspension's recheck", d, n)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
 // TestEveryAttemptGetsItsOwnBody: bodies are read into reused buffers;
 // with many connections at once and bodies on both sides of the largest
 // buffer kept, each Send still gets exactly its own message's bytes.
