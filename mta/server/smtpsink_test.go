@@ -1,0 +1,140 @@
+package server
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/mtaproject/mta/bench"
+	"github.com/mtaproject/mta/spool"
+)
+
+// TestPostfixSmtpSinkReceivesEveryMessage: Postfix's smtp-sink, an
+// independent SMTP server that offers PIPELINING, as the next hop. A queue
+// of messages goes over one connection, each transaction begun in the same
+// write as the previous message's data; smtp-sink writes every message it
+// receives to a file, and each must be there once, byte for byte (smtp-sink
+// stores lines with bare LF), dot-stuffed lines included.
+func TestPostfixSmtpSinkReceivesEveryMessage(t *testing.T) {
+	sinkBin, err := exec.LookPath("smtp-sink")
+	if err != nil {
+		if _, err2 := os.Stat("/usr/sbin/smtp-sink"); err2 != nil {
+			t.Skip("smtp-sink not found: apt-get install postfix (make test does)")
+		}
+		sinkBin = "/usr/sbin/smtp-sink"
+	}
+	const n = 200
+	w := newWorld(t, ", max_connections_per_destination: 1", "")
+	w.dns.SetA("postfix.test", "127.0.0.1")
+	// smtp-sink drops root privileges to -u; the dump directory must be
+	// writable by that user, so it is not under the test's private temp.
+	dump, err := os.MkdirTemp("", "smtp-sink-dump-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dump) })
+	if err := os.Chmod(dump, 0o777); err != nil {
+		t.Fatal(err)
+	}
+	args := []string{"-d", filepath.Join(dump, "%M."), net.JoinHostPort("127.0.0.1", strconv.Itoa(w.port)), "64"}
+	if os.Geteuid() == 0 {
+		args = append([]string{"-u", "nobody"}, args...)
+	}
+	cmd := exec.Command(sinkBin, args...)
+	sinkLog := filepath.Join(t.TempDir(), "smtp-sink.log")
+	logFile, err := os.Create(sinkLog)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer logFile.Close()
+	cmd.Stdout, cmd.Stderr = logFile, logFile
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = cmd.Process.Kill(); _ = cmd.Wait() })
+	w.waitFor("smtp-sink to listen", 10*time.Second, func() bool {
+		c, err := net.Dial("tcp", net.JoinHostPort("127.0.0.1", strconv.Itoa(w.port)))
+		if err == nil {
+			c.Close()
+		}
+		return err == nil
+	})
+
+	// Queue everything first, so that the connection always has a next
+	// message to begin behind the data.
+	w.srv.sched.Suspend("postfix.test", time.Hour)
+	var mu sync.Mutex
+	sent := map[string][]byte{}
+	res, err := bench.RunLoad(context.Background(), bench.LoadConfig{
+		Addr: w.srv.Addr("smtp"), Sessions: 4, Messages: n, Size: 1500, Domains: []string{"postfix.test"}, Pipelining: true, Seed: 11,
+		OnAccepted: func(id string, b []byte) { mu.Lock(); sent[id] = append([]byte(nil), b...); mu.Unlock() },
+	})
+	if err != nil || res.Accepted != n {
+		t.Fatalf("load: %d accepted, %v", res.Accepted, err)
+	}
+	if err := (adminStore{Spool: w.srv.Spool(), sched: w.srv.sched}).Resume("postfix.test"); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(30 * time.Second)
+	for w.srv.Spool().Count() != 0 {
+		if time.Now().After(deadline) {
+			files, _ := filepath.Glob(filepath.Join(dump, "*"))
+			t.Fatalf("after 30s, %d messages still queued, smtp-sink holds %d files; outcomes %s; destinations %+v",
+				w.srv.Spool().Count(), len(files), outcomes(t, w.srv.Addr("http")), w.srv.sched.Destinations())
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+
+	files, _ := filepath.Glob(filepath.Join(dump, "*"))
+	seen := map[string]bool{}
+	dotLines := 0
+	for _, f := range files {
+		got, err := os.ReadFile(f)
+		if err != nil {
+			t.Fatal(err)
+		}
+		const ours = "by mta.test (mta) with ESMTP id "
+		j := bytes.Index(got, []byte(ours))
+		if j < 0 {
+			t.Fatalf("%s has no Received line of ours:\n%s", f, got)
+		}
+		id := string(got[j+len(ours) : j+len(ours)+spool.IDLen])
+		want, ok := sent[id]
+		lf := bytes.ReplaceAll(want, []byte("\r\n"), []byte("\n"))
+		if !ok || seen[id] || !bytes.Contains(got, lf) {
+			t.Fatalf("message %s: unknown, arrived twice, or changed:\n%s", id, got)
+		}
+		seen[id] = true
+		dotLines += bytes.Count(lf, []byte("\n."))
+	}
+	if len(seen) != n {
+		said, _ := os.ReadFile(sinkLog)
+		t.Fatalf("smtp-sink received %d distinct messages, want %d (it said: %q)", len(seen), n, said)
+	}
+	if dotLines == 0 {
+		t.Fatal("no line began with a dot: dot-stuffing was not exercised")
+	}
+	if opened := metric(t, w.srv.Addr("http"), "mta_delivery_connections_opened_total"); opened > 2 {
+		t.Errorf("%v connections for %d queued messages, want one (two at most)", opened, n)
+	}
+}
+
+// outcomes lists the server's mta_delivery_recipients_total series, for a
+// failure message.
+func outcomes(t *testing.T, addr string) string {
+	var out []string
+	for _, o := range []string{"delivered", "deferred", "failed"} {
+		series := `mta_delivery_recipients_total{class="mx",outcome="` + o + `"}`
+		out = append(out, fmt.Sprintf("%s %v", o, metric(t, addr, series)))
+	}
+	return strings.Join(out, ", ")
+}
