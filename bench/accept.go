@@ -22,7 +22,7 @@ type AcceptOptions struct {
 	Size      int
 	Shape     LoadShape
 	Runs      int    // runs per mode; medians are reported
-	ExtraYAML string // appended to the mta configuration of every run (not the spool or smtp sections)
+	ExtraYAML string // added to the mta configuration of every run, merged with the scenario's sections
 	// MinSyncInterval is the mta's spool.min_sync_interval.
 	MinSyncInterval time.Duration
 	// MemTableSize is the mta's spool.memtable_size ("32MiB"); "" for its default.

@@ -25,8 +25,8 @@ type BacklogOptions struct {
 	Shape    LoadShape
 	Progress io.Writer
 	Profile  string // if set, a heap profile of the mta with the backlog queued is written here
-	// ExtraYAML is appended to the mta configuration (not the dns, delivery
-	// or smtp sections).
+	// ExtraYAML is added to the mta configuration; a section the scenario
+	// sets too (dns, delivery, smtp, debug) is merged key by key.
 	ExtraYAML string
 }
 

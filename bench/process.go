@@ -42,7 +42,11 @@ func StartMTA(binary, dataDir, extraYAML string) (*Process, error) {
 	if strings.Contains(extraYAML, "tenants:") {
 		api = "  api: 127.0.0.1:0\n" // the injection API, for the tenants named
 	}
-	yaml := fmt.Sprintf("data_dir: %s\nhostname: mx.test\nlisten:\n  smtp: 127.0.0.1:0\n  submission: \"\"\n  pop3: 127.0.0.1:0\n  http: 127.0.0.1:0\n%s%s", dataDir, api, extraYAML)
+	// A section given twice (a scenario's own and --mta-config's) is merged.
+	yaml, err := mergeSections(fmt.Sprintf("data_dir: %s\nhostname: mx.test\nlisten:\n  smtp: 127.0.0.1:0\n  submission: \"\"\n  pop3: 127.0.0.1:0\n  http: 127.0.0.1:0\n%s%s", dataDir, api, extraYAML))
+	if err != nil {
+		return nil, err
+	}
 	if err := os.MkdirAll(dataDir, 0o750); err != nil {
 		return nil, err
 	}

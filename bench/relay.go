@@ -39,8 +39,9 @@ type RelayOptions struct {
 	Runs       int
 	DrainLimit time.Duration // how long to wait for delivery after injection ends
 	Progress   io.Writer
-	// MTAConfig is YAML appended to the mta configuration (top-level
-	// sections other than dns, delivery, smtp, spool).
+	// MTAConfig is YAML added to the mta configuration; a section the
+	// scenario sets too (dns, delivery, smtp) is merged key by key, these
+	// values winning.
 	MTAConfig string
 	// Profile, if set, is where a 5-second CPU profile of the mta process
 	// is written during its first run.

@@ -145,7 +145,7 @@ func accept(ctx context.Context, args []string) error {
 	c := commonFlags(fs, 100000)
 	o := bench.AcceptOptions{}
 	fs.IntVar(&o.Runs, "runs", 3, "runs per mode")
-	fs.StringVar(&o.ExtraYAML, "mta-config", "", "YAML appended to the mta configuration (e.g. \"log:\\n  level: warn\\n\")")
+	fs.StringVar(&o.ExtraYAML, "mta-config", "", "YAML merged into the mta configuration, section by section (e.g. \"log:\\n  level: warn\\n\")")
 	fs.DurationVar(&o.MinSyncInterval, "min-sync-interval", 0, "the mta's spool.min_sync_interval")
 	fs.IntVar(&o.Warmup, "warmup", 0, "messages accepted before each measured run (steady state: the WAL in recycled files)")
 	fs.StringVar(&o.MemTableSize, "memtable-size", "", "the mta's spool.memtable_size (e.g. 32MiB); default: the mta's default")
@@ -179,7 +179,7 @@ func relay(ctx context.Context, scenario string, args []string) error {
 	fs.StringVar(&o.Profile, "profile", "", "write a CPU profile of the mta process (first run) to this file")
 	fs.BoolVar(&o.SinkChunking, "sink-chunking", false, "the sink offers CHUNKING (BDAT), as the big providers do")
 	fs.StringVar(&o.ReplyStyle, "reply-style", "", "texts of the sink's injected failures: gmail, outlook or yahoo")
-	fs.StringVar(&o.MTAConfig, "mta-config", "", "YAML appended to the mta configuration (e.g. \"log: {accounting: {file: /tmp/a.log}}\")")
+	fs.StringVar(&o.MTAConfig, "mta-config", "", "YAML merged into the mta configuration, section by section (e.g. \"log: {accounting: {file: /tmp/a.log}}\")")
 	fs.StringVar(&o.Client, "client", "", "load generator: our own (default) or smtp-source (Postfix's, which does not pipeline; one domain)")
 	_ = fs.Parse(args)
 	o.MTA, o.WorkDir, o.Sessions, o.Messages, o.Size, o.Progress = c.mta, c.dir, c.sessions, c.messages, c.size, c.progress()
@@ -212,7 +212,7 @@ func backlog(ctx context.Context, args []string) error {
 	o := bench.BacklogOptions{}
 	fs.IntVar(&o.Domains, "domains", 1, "recipient domains")
 	fs.StringVar(&o.Profile, "profile", "", "write a heap profile of the mta with the backlog queued to this file")
-	fs.StringVar(&o.ExtraYAML, "mta-config", "", "YAML appended to the mta configuration (e.g. \"spool: {memtable_size: 32MiB}\")")
+	fs.StringVar(&o.ExtraYAML, "mta-config", "", "YAML merged into the mta configuration, section by section (e.g. \"spool: {memtable_size: 32MiB}\")")
 	_ = fs.Parse(args)
 	o.MTA, o.WorkDir, o.Sessions, o.Messages, o.Size, o.Progress = c.mta, c.dir, c.sessions, c.messages, c.size, c.progress()
 	o.Shape = c.load()
