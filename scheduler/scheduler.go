@@ -434,6 +434,11 @@ func (s *Scheduler) Run(ctx context.Context) {
 // in parallel, and what is not done by the end of the grace is left to
 // finish by itself: the stop never waits longer than StopGrace.
 func (s *Scheduler) stop() {
+	// No more postponements are started: a Resume waits for nothing now.
+	for _, done := range s.settling {
+		close(done)
+	}
+	s.settling = nil
 	deadline := time.Now().Add(s.opts.StopGrace)
 	cacheClosed := make(chan struct{})
 	go func() { s.cache.Close(); close(cacheClosed) }()
@@ -453,6 +458,8 @@ func (s *Scheduler) stop() {
 			if ev.kind == evDone || ev.kind == evRequeue {
 				s.forget(ev.work)
 			}
+		case done := <-s.settle:
+			close(done)
 		}
 	}
 }
