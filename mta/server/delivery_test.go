@@ -495,21 +495,7 @@ func TestNextTransactionRidesWithTheData(t *testing.T) {
 	w := newWorld(t, ", max_connections_per_destination: 1", "")
 	w.dns.SetA("ride.test", "127.0.0.1")
 	s := w.sink("127.0.0.1", bench.SinkConfig{Seed: 7, Faults: bench.Faults{DataTempFail: 0.03, DropInData: 0.02}})
-	// Queue everything first, so that the connection always has a next
-	// message to begin.
-	w.srv.sched.Suspend("ride.test", time.Hour)
-	var mu sync.Mutex
-	sent := map[string][]byte{}
-	res, err := bench.RunLoad(context.Background(), bench.LoadConfig{
-		Addr: w.srv.Addr("smtp"), Sessions: 4, Messages: n, Size: 1200, Domains: []string{"ride.test"}, Pipelining: true, Seed: 3,
-		OnAccepted: func(id string, b []byte) { mu.Lock(); sent[id] = append([]byte(nil), b...); mu.Unlock() },
-	})
-	if err != nil || res.Accepted != n {
-		t.Fatalf("load: %d accepted, %v", res.Accepted, err)
-	}
-	if err := (adminStore{Spool: w.srv.Spool(), sched: w.srv.sched}).Resume("ride.test"); err != nil {
-		t.Fatal(err)
-	}
+	sent := w.queueThenResume("ride.test", n, 1200, 3)
 	w.waitFor("all delivered", 60*time.Second, func() bool { return s.Stats().Messages >= n && w.srv.Spool().Count() == 0 })
 	st := s.Stats()
 	t.Logf("sink: %+v", st)
@@ -537,6 +523,29 @@ func TestNextTransactionRidesWithTheData(t *testing.T) {
 	if got, want := metric(t, w.srv.Addr("http"), `mta_delivery_recipients_total{class="mx",outcome="deferred"}`), st.TempFails+st.Drops; got != float64(want) {
 		t.Errorf("%v recipients deferred, want %d (one per injected failure)", got, want)
 	}
+}
+
+// queueThenResume suspends domain, queues n messages of size bytes for
+// it over four pipelining sessions (the load generator's seed), and
+// resumes it as an operator does, so that delivery begins with the whole
+// queue waiting: a connection always has a next message to begin. It
+// returns the bytes of each message by queue ID.
+func (w *world) queueThenResume(domain string, n, size int, seed int64) map[string][]byte {
+	w.t.Helper()
+	w.srv.sched.Suspend(domain, time.Hour)
+	var mu sync.Mutex
+	sent := map[string][]byte{}
+	res, err := bench.RunLoad(context.Background(), bench.LoadConfig{
+		Addr: w.srv.Addr("smtp"), Sessions: 4, Messages: n, Size: size, Domains: []string{domain}, Pipelining: true, Seed: seed,
+		OnAccepted: func(id string, b []byte) { mu.Lock(); sent[id] = append([]byte(nil), b...); mu.Unlock() },
+	})
+	if err != nil || res.Accepted != n {
+		w.t.Fatalf("load: %d accepted, %v", res.Accepted, err)
+	}
+	if err := (adminStore{Spool: w.srv.Spool(), sched: w.srv.sched}).Resume(domain); err != nil {
+		w.t.Fatal(err)
+	}
+	return sent
 }
 
 // metric reads the value of one series (name and labels as exposed) from

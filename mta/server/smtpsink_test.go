@@ -2,7 +2,6 @@ package server
 
 import (
 	"bytes"
-	"context"
 	"fmt"
 	"net"
 	"os"
@@ -10,11 +9,9 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
-	"github.com/mtaproject/mta/bench"
 	"github.com/mtaproject/mta/spool"
 )
 
@@ -69,21 +66,7 @@ func TestPostfixSmtpSinkReceivesEveryMessage(t *testing.T) {
 		return err == nil
 	})
 
-	// Queue everything first, so that the connection always has a next
-	// message to begin behind the data.
-	w.srv.sched.Suspend("postfix.test", time.Hour)
-	var mu sync.Mutex
-	sent := map[string][]byte{}
-	res, err := bench.RunLoad(context.Background(), bench.LoadConfig{
-		Addr: w.srv.Addr("smtp"), Sessions: 4, Messages: n, Size: 1500, Domains: []string{"postfix.test"}, Pipelining: true, Seed: 11,
-		OnAccepted: func(id string, b []byte) { mu.Lock(); sent[id] = append([]byte(nil), b...); mu.Unlock() },
-	})
-	if err != nil || res.Accepted != n {
-		t.Fatalf("load: %d accepted, %v", res.Accepted, err)
-	}
-	if err := (adminStore{Spool: w.srv.Spool(), sched: w.srv.sched}).Resume("postfix.test"); err != nil {
-		t.Fatal(err)
-	}
+	sent := w.queueThenResume("postfix.test", n, 1500, 11)
 	deadline := time.Now().Add(30 * time.Second)
 	for w.srv.Spool().Count() != 0 {
 		if time.Now().After(deadline) {
