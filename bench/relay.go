@@ -214,7 +214,12 @@ func relayOnce(ctx context.Context, o RelayOptions, name string, run int) (Relay
 		}
 		defer dns.Close()
 		_, port, _ := net.SplitHostPort(sink.Addr())
-		cfg := fmt.Sprintf("dns: {servers: [%q], ipv6: false}\ndelivery: {port: %s, tls: none, min_backoff: 1s, max_backoff: 5s}\nsmtp: {max_connections_per_ip: %d}\n%s\n",
+		// No suppression list: the generator sends every message to the
+		// same few addresses (user1@, user2@, …), so the first injected
+		// 550 5.1.1 would suppress one of them and refuse all the mail
+		// after it, and Postfix keeps no such list. --mta-config can turn
+		// it back on.
+		cfg := fmt.Sprintf("dns: {servers: [%q], ipv6: false}\ndelivery: {port: %s, tls: none, min_backoff: 1s, max_backoff: 5s}\nsmtp: {max_connections_per_ip: %d}\nsuppression: {enabled: false}\n%s\n",
 			dns.Addr(), port, o.Sessions+10, o.MTAConfig)
 		if o.Profile != "" && run == 0 {
 			cfg += "debug: {pprof: true}\n"
