@@ -132,9 +132,9 @@ type Scheduler struct {
 	// settle asks the loop to close the channel once the postponements
 	// made so far are written to the store (see awaitPostponed).
 	settle   chan chan struct{}
-	settling []chan struct{} // the loop's: waiting for the postponements
-	retune   chan struct{}   // the limits changed: serve what they now allow
-	drops    chan struct{}   // signals that dropIDs has IDs
+	settling []settleWaiter // the loop's: waiting for postponement batches
+	retune   chan struct{}  // the limits changed: serve what they now allow
+	drops    chan struct{}  // signals that dropIDs has IDs
 	dropMu   sync.Mutex
 
 	// suspended holds the domains an operator suspended (Suspend), each
@@ -168,6 +168,10 @@ type Scheduler struct {
 
 	postponing   []Due // postponements not yet written
 	postponeBusy bool  // a batch of postponements is being written
+	// Batches of postponements started and written, counted so that a
+	// settle waits for the batches holding what was postponed before it,
+	// not for a moment when nothing at all is being postponed.
+	postponeStarted, postponeWritten uint64
 
 	running      atomic.Bool  // Run is running
 	windowSize   atomic.Int64 // len(window), for metrics
@@ -406,7 +410,11 @@ func (s *Scheduler) Run(ctx context.Context) {
 		case reply := <-s.status:
 			reply <- s.destinations()
 		case done := <-s.settle:
-			s.settling = append(s.settling, done)
+			upTo := s.postponeStarted
+			if len(s.postponing) > 0 {
+				upTo++ // they go in the next batch
+			}
+			s.settling = append(s.settling, settleWaiter{done: done, upTo: upTo})
 		case <-tick.C:
 			s.scan()
 			s.sweep()
@@ -418,12 +426,13 @@ func (s *Scheduler) Run(ctx context.Context) {
 			s.scan()
 		}
 		s.flushPostponed()
-		if len(s.settling) > 0 && len(s.postponing) == 0 && !s.postponeBusy {
-			for _, done := range s.settling {
-				close(done)
+		s.settling = slices.DeleteFunc(s.settling, func(w settleWaiter) bool {
+			if w.upTo <= s.postponeWritten {
+				close(w.done)
+				return true
 			}
-			s.settling = nil
-		}
+			return false
+		})
 		s.windowSize.Store(int64(len(s.window)))
 		s.freshWaiting.Store(int64(len(s.waitingFresh)))
 	}
@@ -434,9 +443,10 @@ func (s *Scheduler) Run(ctx context.Context) {
 // in parallel, and what is not done by the end of the grace is left to
 // finish by itself: the stop never waits longer than StopGrace.
 func (s *Scheduler) stop() {
-	// No more postponements are started: a Resume waits for nothing now.
-	for _, done := range s.settling {
-		close(done)
+	// No more postponements are started: a Resume waits for nothing now
+	// (a batch being written may still land after its flush).
+	for _, w := range s.settling {
+		close(w.done)
 	}
 	s.settling = nil
 	deadline := time.Now().Add(s.opts.StopGrace)
@@ -868,6 +878,7 @@ func (s *Scheduler) handle(ev event) {
 		s.routed(ev.domain, ev.route, ev.err)
 	case evPostponed:
 		s.postponeBusy = false
+		s.postponeWritten++
 	}
 }
 
@@ -951,6 +962,7 @@ func (s *Scheduler) flushPostponed() {
 	items := s.postponing
 	s.postponing = nil
 	s.postponeBusy = true
+	s.postponeStarted++
 	s.workers.Add(1)
 	go func() {
 		defer s.workers.Done()
@@ -1195,6 +1207,13 @@ func (s *Scheduler) awaitPostponed() {
 	case <-done:
 	case <-timeout.C:
 	}
+}
+
+// settleWaiter is a settle request: done is closed once upTo batches of
+// postponements are written.
+type settleWaiter struct {
+	done chan struct{}
+	upTo uint64
 }
 
 // postponeWait bounds awaitPostponed: past it, a resumed domain's mail

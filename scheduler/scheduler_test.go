@@ -626,6 +626,51 @@ func TestResumeThenFlushSendsAtOnce(t *testing.T) {
 	}
 }
 
+// TestResumeDoesNotWaitForOthersPostponements: while another suspended
+// domain keeps getting mail, postponements are written without a pause;
+// Resume waits for the batches that hold its own domain's, not for the
+// stream to stop (which would take its whole 5 s bound).
+func TestResumeDoesNotWaitForOthersPostponements(t *testing.T) {
+	store, tr := newMemStore(), newFakeTransport()
+	store.onLease = func(items []Due) {
+		if len(items) > 0 && items[0].Reply != "" {
+			time.Sleep(20 * time.Millisecond) // a slow disk
+		}
+	}
+	h := start(t, nil, store, tr)
+	h.s.Suspend("held.test", time.Hour)
+	h.s.Suspend("other.test", time.Hour)
+	now := time.Now()
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() { // the other domain's stream
+		defer wg.Done()
+		for i := 0; ; i++ {
+			select {
+			case <-stop:
+				return
+			case <-time.After(time.Millisecond):
+			}
+			id := fmt.Sprintf("o%05d", i)
+			store.add(id, now, now.Add(time.Minute), "r@other.test")
+			h.s.Submit(id, []string{"other.test"}, mta.PriorityBulk)
+		}
+	}()
+	defer func() { close(stop); wg.Wait() }()
+	for i := 0; i < 10; i++ {
+		id := fmt.Sprintf("h%02d", i)
+		store.add(id, now, now.Add(time.Minute), "r@held.test")
+		h.s.Submit(id, []string{"held.test"}, mta.PriorityBulk)
+	}
+	time.Sleep(100 * time.Millisecond) // postponing, batch after batch
+	began := time.Now()
+	h.s.Resume("held.test")
+	if took := time.Since(began); took > 2*time.Second {
+		t.Fatalf("Resume took %v: it waited for the other domain's postponements too", took)
+	}
+}
+
 // TestEveryAttemptGetsItsOwnBody: bodies are read into reused buffers;
 // with many connections at once and bodies on both sides of the largest
 // buffer kept, each Send still gets exactly its own message's bytes.
