@@ -14,7 +14,8 @@ run:
 # and mpop for the POP3 ones, systemd-analyze and promtool for the deploy
 # checks, chromium for the status page, postfix for its smtp-sink as an
 # independent next hop, installed with "No configuration" so that no
-# Postfix daemon starts). Without them those tests skip and
+# Postfix daemon starts, and not at all where another mail server is
+# installed, which the package would remove). Without them those tests skip and
 # say what to install; with them nothing is skipped. The large tools are
 # installed one by one after the others, so that a package that cannot be
 # installed on some machine skips its tests instead of stopping the run.
@@ -29,9 +30,12 @@ deps:
 	@updated=; for p in $(DEPS_APT_LARGE); do \
 		case $$p in systemd) c=systemd-analyze;; prometheus) c=promtool;; postfix) c=/usr/sbin/smtp-sink;; *) c=$$p;; esac; \
 		if ! command -v $$c >/dev/null 2>&1; then \
+			if [ $$p = postfix ] && [ -e /usr/sbin/sendmail ]; then \
+				echo "not installing postfix: another mail server provides /usr/sbin/sendmail and postfix would replace it; the smtp-sink test will skip"; continue; \
+			fi; \
 			echo "installing $$p (apt)"; \
 			[ -n "$$updated" ] || { $(SUDO) apt-get update -qq; updated=1; }; \
-			[ $$p != postfix ] || echo "postfix postfix/main_mailer_type select No configuration" | $(SUDO) debconf-set-selections; \
+			[ $$p != postfix ] || echo "postfix postfix/main_mailer_type select No configuration" | $(SUDO) debconf-set-selections || continue; \
 			$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$p || echo "warning: $$p could not be installed; its tests will skip"; \
 		fi; \
 	done

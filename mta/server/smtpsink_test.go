@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -20,7 +21,9 @@ import (
 // of messages goes over one connection, each transaction begun in the same
 // write as the previous message's data; smtp-sink writes every message it
 // receives to a file, and each must be there once, byte for byte (smtp-sink
-// stores lines with bare LF), dot-stuffed lines included.
+// stores lines with bare LF), dot-stuffed lines included. (That the next
+// transaction does ride with the data is TestNextTransactionRidesWithTheData's
+// to show, with our sink, which counts it.)
 func TestPostfixSmtpSinkReceivesEveryMessage(t *testing.T) {
 	sinkBin, err := exec.LookPath("smtp-sink")
 	if err != nil {
@@ -46,7 +49,13 @@ func TestPostfixSmtpSinkReceivesEveryMessage(t *testing.T) {
 	if os.Geteuid() == 0 {
 		args = append([]string{"-u", "nobody"}, args...)
 	}
+	// Under timeout(1), so that a test binary killed before its cleanup
+	// (a -timeout panic) does not leave smtp-sink running for good; the
+	// cleanup's SIGTERM reaches smtp-sink through it.
 	cmd := exec.Command(sinkBin, args...)
+	if timeout, err := exec.LookPath("timeout"); err == nil {
+		cmd = exec.Command(timeout, append([]string{"-k", "5", "600", sinkBin}, args...)...)
+	}
 	sinkLog := filepath.Join(t.TempDir(), "smtp-sink.log")
 	logFile, err := os.Create(sinkLog)
 	if err != nil {
@@ -57,7 +66,7 @@ func TestPostfixSmtpSinkReceivesEveryMessage(t *testing.T) {
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { _ = cmd.Process.Kill(); _ = cmd.Wait() })
+	t.Cleanup(func() { _ = cmd.Process.Signal(syscall.SIGTERM); _ = cmd.Wait() })
 	w.waitFor("smtp-sink to listen", 10*time.Second, func() bool {
 		c, err := net.Dial("tcp", net.JoinHostPort("127.0.0.1", strconv.Itoa(w.port)))
 		if err == nil {
