@@ -108,7 +108,7 @@ func acceptOnce(ctx context.Context, o AcceptOptions, sync bool, i int) (AcceptR
 		spool, o.Sessions+10, o.ExtraYAML)
 	profile := o.Profile != "" && i == 0
 	if profile {
-		cfg += "debug: {pprof: true}\n"
+		cfg = "debug: {pprof: true}\n" + cfg // before --mta-config, which wins
 	}
 	p, err := StartMTA(o.MTA, dir, cfg)
 	if err != nil {

@@ -27,7 +27,9 @@ func mergeSections(text string) (string, error) {
 }
 
 // mergeMapping merges, in place and at every depth, the repeated keys of
-// mapping n: two mappings merge, anything else is replaced by the later.
+// mapping n: two mappings merge, an empty value adds nothing, anything else
+// is replaced by the later. (Anchors and aliases are not expected in
+// these configurations and are not followed.)
 func mergeMapping(n *yaml.Node) {
 	if n.Kind != yaml.MappingNode {
 		return
@@ -41,6 +43,9 @@ func mergeMapping(n *yaml.Node) {
 		case !seen:
 			at[key.Value] = len(kept) + 1
 			kept = append(kept, key, val)
+		case val.Tag == "!!null":
+			// An empty section ("delivery:") adds nothing, as the mta
+			// reads it: it does not wipe the earlier one.
 		case kept[j].Kind == yaml.MappingNode && val.Kind == yaml.MappingNode:
 			kept[j].Content = append(kept[j].Content, val.Content...)
 			kept[j].Style = 0 // block style: the merged mapping may be long

@@ -15,7 +15,8 @@ func TestMergeSections(t *testing.T) {
 		"smtp: {max_connections_per_ip: 60}\n" +
 		"delivery: {max_connections_per_destination: 5, min_backoff: 3s}\n" +
 		"log: {level: warn}\n" +
-		"log: {accounting: {file: /tmp/a.log}}\n"
+		"log: {accounting: {file: /tmp/a.log}}\n" +
+		"smtp:\n"
 	out, err := mergeSections(in)
 	if err != nil {
 		t.Fatal(err)

@@ -163,11 +163,15 @@ func masterCF(listen string) (string, error) {
 // allowConfigDir lists dir in the default instance's
 // alternate_config_directories, which Postfix requires for `postfix -c`.
 // Debian's package installed with "No configuration" has no main.cf at
-// all: then an empty one is created, which means Postfix's defaults.
+// all: then one is created that turns the default instance's network
+// services off, so that the instance a boot may now start listens nowhere.
 func allowConfigDir(dir string) error {
 	const defaultMain = "/etc/postfix/main.cf"
 	if _, err := os.Stat(defaultMain); errors.Is(err, fs.ErrNotExist) {
-		if err := os.WriteFile(defaultMain, nil, 0o644); err != nil {
+		stub := "# Written by mtabench, which needs this file to list its private instances\n" +
+			"# (alternate_config_directories). The default instance offers no network service.\n" +
+			"master_service_disable = inet\n"
+		if err := os.WriteFile(defaultMain, []byte(stub), 0o644); err != nil {
 			return fmt.Errorf("creating the default instance's %s (absent): %w", defaultMain, err)
 		}
 	}

@@ -222,7 +222,7 @@ func relayOnce(ctx context.Context, o RelayOptions, name string, run int) (Relay
 		cfg := fmt.Sprintf("dns: {servers: [%q], ipv6: false}\ndelivery: {port: %s, tls: none, min_backoff: 1s, max_backoff: 5s}\nsmtp: {max_connections_per_ip: %d}\nsuppression: {enabled: false}\n%s\n",
 			dns.Addr(), port, o.Sessions+10, o.MTAConfig)
 		if o.Profile != "" && run == 0 {
-			cfg += "debug: {pprof: true}\n"
+			cfg = "debug: {pprof: true}\n" + cfg // before --mta-config, which wins
 		}
 		p, err := StartMTA(o.MTA, dir, cfg)
 		if err != nil {
