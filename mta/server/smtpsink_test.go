@@ -21,9 +21,8 @@ import (
 // of messages goes over one connection, each transaction begun in the same
 // write as the previous message's data; smtp-sink writes every message it
 // receives to a file, and each must be there once, byte for byte (smtp-sink
-// stores lines with bare LF), dot-stuffed lines included. (That the next
-// transaction does ride with the data is TestNextTransactionRidesWithTheData's
-// to show, with our sink, which counts it.)
+// stores lines with bare LF), dot-stuffed lines included; and its log of
+// the commands it read has no RSET between them.
 func TestPostfixSmtpSinkReceivesEveryMessage(t *testing.T) {
 	sinkBin, err := exec.LookPath("smtp-sink")
 	if err != nil {
@@ -45,7 +44,9 @@ func TestPostfixSmtpSinkReceivesEveryMessage(t *testing.T) {
 	if err := os.Chmod(dump, 0o777); err != nil {
 		t.Fatal(err)
 	}
-	args := []string{"-d", filepath.Join(dump, "%M."), net.JoinHostPort("127.0.0.1", strconv.Itoa(w.port)), "64"}
+	// -v: smtp-sink logs every command it reads, which shows whether each
+	// transaction began behind the previous data (no RSET between them).
+	args := []string{"-v", "-d", filepath.Join(dump, "%M."), net.JoinHostPort("127.0.0.1", strconv.Itoa(w.port)), "64"}
 	if os.Geteuid() == 0 {
 		args = append([]string{"-u", "nobody"}, args...)
 	}
@@ -117,6 +118,14 @@ func TestPostfixSmtpSinkReceivesEveryMessage(t *testing.T) {
 	}
 	if opened := metric(t, w.srv.Addr("http"), "mta_delivery_connections_opened_total"); opened > 2 {
 		t.Errorf("%v connections for %d queued messages, want one (two at most)", opened, n)
+	}
+	said, err := os.ReadFile(sinkLog)
+	if err != nil {
+		t.Fatal(err)
+	}
+	data, rset := strings.Count(string(said), "smtp-sink: DATA\n"), strings.Count(string(said), "smtp-sink: RSET\n")
+	if data != n || rset > 2 {
+		t.Errorf("smtp-sink read %d DATA and %d RSET commands for %d messages: want %d DATA, and no RSET between transactions that follow data", data, rset, n, n)
 	}
 }
 
