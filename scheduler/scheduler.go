@@ -426,13 +426,9 @@ func (s *Scheduler) Run(ctx context.Context) {
 			s.scan()
 		}
 		s.flushPostponed()
-		s.settling = slices.DeleteFunc(s.settling, func(w settleWaiter) bool {
-			if w.upTo <= s.postponeWritten {
-				close(w.done)
-				return true
-			}
-			return false
-		})
+		if len(s.settling) > 0 {
+			s.releaseSettled(false)
+		}
 		s.windowSize.Store(int64(len(s.window)))
 		s.freshWaiting.Store(int64(len(s.waitingFresh)))
 	}
@@ -445,10 +441,7 @@ func (s *Scheduler) Run(ctx context.Context) {
 func (s *Scheduler) stop() {
 	// No more postponements are started: a Resume waits for nothing now
 	// (a batch being written may still land after its flush).
-	for _, w := range s.settling {
-		close(w.done)
-	}
-	s.settling = nil
+	s.releaseSettled(true)
 	deadline := time.Now().Add(s.opts.StopGrace)
 	cacheClosed := make(chan struct{})
 	go func() { s.cache.Close(); close(cacheClosed) }()
@@ -1207,6 +1200,18 @@ func (s *Scheduler) awaitPostponed() {
 	case <-done:
 	case <-timeout.C:
 	}
+}
+
+// releaseSettled closes the settle requests whose batches are written,
+// or all of them.
+func (s *Scheduler) releaseSettled(all bool) {
+	s.settling = slices.DeleteFunc(s.settling, func(w settleWaiter) bool {
+		if all || w.upTo <= s.postponeWritten {
+			close(w.done)
+			return true
+		}
+		return false
+	})
 }
 
 // settleWaiter is a settle request: done is closed once upTo batches of
