@@ -792,7 +792,7 @@ func (s *Scheduler) pop(d *dest) *work {
 			continue
 		}
 		if until, ok := s.suspendedUntil(w.key.domain, now); ok {
-			s.postpone([]*work{w}, until, "451 4.4.5 delivery to "+w.key.domain+" suspended by the operator")
+			s.postpone([]*work{w}, until, suspendedReply(w.key.domain))
 			continue
 		}
 		return w
@@ -983,6 +983,13 @@ func (s *Scheduler) routed(domain string, r Route, err error) {
 	if err != nil {
 		s.m.routeErrors.Inc()
 		s.log.Info("routing failed", zap.String("domain", domain), zap.Error(err), zap.Bool("permanent", mta.IsPermanent(err)))
+		delete(s.domains, domain)
+		if until, ok := s.suspendedUntil(domain, s.opts.Now()); ok {
+			// Suspended: its mail waits whatever the routing says (it
+			// is routed again when it is next due).
+			s.postpone(s.live(waiting), until, suspendedReply(domain))
+			return
+		}
 		for _, w := range waiting {
 			if w.dropped {
 				s.forget(w)
@@ -991,7 +998,6 @@ func (s *Scheduler) routed(domain string, r Route, err error) {
 			s.workers.Add(1)
 			go s.failDomain(w, err)
 		}
-		delete(s.domains, domain)
 		return
 	}
 	ds.route, ds.routedAt = r, s.opts.Now()
@@ -1003,6 +1009,21 @@ func (s *Scheduler) routed(domain string, r Route, err error) {
 		}
 		s.enqueue(d, w)
 	}
+}
+
+// live returns the work of ws that was not dropped, and forgets the rest.
+func (s *Scheduler) live(ws []*work) []*work {
+	return slices.DeleteFunc(ws, func(w *work) bool {
+		if w.dropped {
+			s.forget(w)
+		}
+		return w.dropped
+	})
+}
+
+// suspendedReply is why the mail of a suspended domain waits.
+func suspendedReply(domain string) string {
+	return "451 4.4.5 delivery to " + domain + " suspended by the operator"
 }
 
 // sweep forgets idle destinations and domains, and updates the

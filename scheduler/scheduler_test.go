@@ -671,6 +671,32 @@ func TestResumeDoesNotWaitForOthersPostponements(t *testing.T) {
 	}
 }
 
+// TestSuspendedDomainThatDoesNotResolveWaits: a suspended domain's mail
+// waits, whatever its routing says meanwhile. A domain that does not
+// resolve (a DNS migration gone wrong is a reason to suspend it) neither
+// fails nor defers its mail with an attempt; after the resume, with DNS
+// mended, it is delivered.
+func TestSuspendedDomainThatDoesNotResolveWaits(t *testing.T) {
+	store, tr := newMemStore(), newFakeTransport()
+	tr.routeErr["moving.test"] = &mta.Reply{Code: 550, Enhanced: mta.Enhanced{5, 1, 2}, Text: "no such domain"}
+	h := start(t, func(o *Options) { o.ScanInterval = time.Hour }, store, tr)
+	h.s.Suspend("moving.test", time.Hour)
+	now := time.Now()
+	store.add("m1", now, now.Add(time.Minute), "r@moving.test")
+	h.s.Submit("m1", []string{"moving.test"}, mta.PriorityBulk)
+	waitFor(t, "the mail to be postponed", func() bool { return store.postponed.Load() > 0 })
+	if _, failed := store.counts(); failed != 0 {
+		t.Fatalf("a suspended domain's mail failed on its routing (%d recipients)", failed)
+	}
+	tr.mu.Lock()
+	delete(tr.routeErr, "moving.test")
+	tr.mu.Unlock()
+	h.s.Resume("moving.test")
+	store.flush(time.Now())
+	h.s.Kick()
+	waitFor(t, "delivery after the resume", func() bool { d, _ := store.counts(); return d == 1 })
+}
+
 // TestEveryAttemptGetsItsOwnBody: bodies are read into reused buffers;
 // with many connections at once and bodies on both sides of the largest
 // buffer kept, each Send still gets exactly its own message's bytes.
