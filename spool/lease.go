@@ -117,6 +117,7 @@ func (s *Spool) Lease(items []LeaseItem) ([]LeaseItem, error) {
 		}
 	}
 	for _, m := range changed {
+		s.fresh.drop(m.ID) // the record changes (see freshRecords)
 		setDue(b, m)
 		_ = b.Set(k.message(m.ID), m.encode(nil), nil)
 	}

@@ -71,6 +71,7 @@ type Spool struct {
 	write   *pebble.WriteOptions
 	ids     *idGen
 	locks   [256]sync.Mutex // per-message read-modify-write, striped by ID
+	fresh   freshRecords    // records as accepted, until they change
 	count   atomic.Int64    // messages in the spool
 	broken  atomic.Pointer[error]
 	free    freeSpace
@@ -277,6 +278,7 @@ func (s *Spool) PutAll(msgs []Incoming) error {
 		m.queueAll(due)
 		*rec = m.encode((*rec)[:0])
 		_ = b.Set(key.message(m.ID), *rec, nil)
+		s.fresh.add(m, *rec)
 		if m.body.File == 0 {
 			op := b.SetDeferred(len(key.body(m.ID)), int(m.Size))
 			copy(op.Key, key.body(m.ID))
@@ -296,6 +298,9 @@ func (s *Spool) PutAll(msgs []Incoming) error {
 	recordPool.Put(rec)
 	start := time.Now()
 	if err := s.commit(b, "put"); err != nil {
+		for _, in := range msgs {
+			s.fresh.drop(in.Message.ID)
+		}
 		s.releaseBodies(msgs)
 		return err
 	}
@@ -354,6 +359,9 @@ func (s *Spool) commitWith(b *pebble.Batch, op string, wo *pebble.WriteOptions) 
 
 // Get returns the record of message id, or mta.ErrNotFound.
 func (s *Spool) Get(id string) (m *Message, err error) {
+	if m := s.fresh.get(id); m != nil {
+		return m, nil
+	}
 	var k keyBuf
 	err = s.read(k.message(id), id, func(v []byte) (err error) {
 		m, err = decodeMessage(id, v)
@@ -494,6 +502,7 @@ func (s *Spool) update(op, id string, fn func(m *Message, b *pebble.Batch) (*Tra
 	if err != nil {
 		return err
 	}
+	s.fresh.drop(id) // the record changes (see freshRecords)
 	if op == "move" && (m.Done() || m.body.File == 0) {
 		return nil // nothing to move; a finished message is SettleFinished's
 	}
