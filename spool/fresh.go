@@ -6,9 +6,11 @@ import (
 	"sync"
 )
 
-// freshLimit bounds the records freshRecords keeps: a few seconds of
-// acceptance at full speed, about 2 MiB.
-const freshLimit = 4096
+// freshLimit bounds the records freshRecords keeps, about 0.5 MiB: more
+// than the mail in flight when delivery keeps up with acceptance (the
+// case it is for), little beside the memtables when a backlog fills it
+// with mail that waits.
+const freshLimit = 1024
 
 // freshRecords keeps the record of each message accepted recently, as it
 // was stored, until the record first changes. Most mail is delivered at
