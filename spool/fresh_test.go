@@ -2,7 +2,9 @@ package spool
 
 import (
 	"errors"
+	"fmt"
 	"reflect"
+	"sync"
 	"testing"
 	"time"
 
@@ -154,4 +156,53 @@ func TestHeldMessagesAreNotKeptFresh(t *testing.T) {
 		t.Fatalf("%d fresh records for a held message, want 0", n)
 	}
 	sameAsStored(t, s, m.ID, "held at acceptance")
+}
+
+// TestFreshRecordsUnderConcurrency: many messages accepted, read, changed
+// and delivered at once (run with -race) each read back as stored.
+func TestFreshRecordsUnderConcurrency(t *testing.T) {
+	s := openTest(t, t.TempDir(), Options{})
+	var wg sync.WaitGroup
+	errs := make(chan error, 8)
+	for g := 0; g < 8; g++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := 0; i < 200; i++ {
+				m := newMessage(s, "a@one.test", "b@two.test")
+				if err := s.Put(m, nil, []byte("x")); err != nil {
+					errs <- err
+					return
+				}
+				if got, err := s.Get(m.ID); err != nil || got.Recipients[0].Status != Queued {
+					errs <- fmt.Errorf("fresh %s: %+v, %v", m.ID, got, err)
+					return
+				}
+				if err := s.MarkDelivered(m.ID, []Result{{Address: "a@one.test", Outcome: Outcome{Reply: "250 ok"}}}); err != nil {
+					errs <- err
+					return
+				}
+				if got, err := s.Get(m.ID); err != nil || got.Recipients[0].Status != Delivered || got.Recipients[1].Status != Queued {
+					errs <- fmt.Errorf("after one delivery %s: %+v, %v", m.ID, got, err)
+					return
+				}
+				if err := s.MarkDelivered(m.ID, []Result{{Address: "b@two.test", Outcome: Outcome{Reply: "250 ok"}}}); err != nil {
+					errs <- err
+					return
+				}
+				if _, err := s.Get(m.ID); !errors.Is(err, mta.ErrNotFound) {
+					errs <- fmt.Errorf("delivered %s still found: %v", m.ID, err)
+					return
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Fatal(err)
+	}
+	if n := s.fresh.len(); n != 0 {
+		t.Fatalf("%d fresh records left after every message was delivered", n)
+	}
 }
