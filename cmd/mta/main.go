@@ -320,7 +320,7 @@ func queue(args []string, out io.Writer) error {
 			if err != nil {
 				return err
 			}
-			fmt.Fprintf(out, "%d messages due now\n", n)
+			fmt.Fprintf(out, "%s due now\n", messages(n))
 			return nil
 		}
 		fallthrough
@@ -335,7 +335,7 @@ func queue(args []string, out io.Writer) error {
 			if err != nil {
 				return err
 			}
-			fmt.Fprintf(out, "%d messages %s\n", res.Matched, done)
+			fmt.Fprintf(out, "%s %s\n", messages(res.Matched), done)
 			if res.Failed > 0 {
 				return fmt.Errorf("queue %s: failed on %d messages (see the server log)", args[0], res.Failed)
 			}
@@ -404,7 +404,7 @@ func queueList(ctx context.Context, c *admin.Client, f admin.Filter, all, asJSON
 	if err := tw.Flush(); err != nil {
 		return err
 	}
-	fmt.Fprintf(out, "%d messages\n", total)
+	fmt.Fprintf(out, "%s\n", messages(total))
 	return nil
 }
 
@@ -850,4 +850,12 @@ func dest(args []string, out io.Writer) error {
 	}
 	fmt.Fprintf(out, "%d destinations\n", len(list))
 	return nil
+}
+
+// messages is "1 message", "0 messages", "2 messages".
+func messages(n int) string {
+	if n == 1 {
+		return "1 message"
+	}
+	return fmt.Sprintf("%d messages", n)
 }
