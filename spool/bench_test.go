@@ -19,7 +19,7 @@ func BenchmarkAcceptDeliver(b *testing.B) {
 	header := []byte("Received: from client.test\r\n")
 	body := bytes.Repeat([]byte("0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcd\r\n"), 16)
 	const inFlight = 1000
-	ids := make([]string, 0, inFlight)
+	var ids [inFlight]string // a ring: ids[i%inFlight] was accepted i-th
 	var buf []byte
 	deliver := func(id string) {
 		m, err := s.Get(id)
@@ -44,13 +44,12 @@ func BenchmarkAcceptDeliver(b *testing.B) {
 		if err := s.Put(m, header, body); err != nil {
 			b.Fatal(err)
 		}
-		ids = append(ids, m.ID)
-		if len(ids) == inFlight {
-			deliver(ids[0])
-			ids = append(ids[:0], ids[1:]...)
+		if i >= inFlight {
+			deliver(ids[i%inFlight]) // the oldest in flight
 		}
+		ids[i%inFlight] = m.ID
 	}
-	for _, id := range ids {
-		deliver(id)
+	for i := max(b.N-inFlight, 0); i < b.N; i++ {
+		deliver(ids[i%inFlight])
 	}
 }

@@ -75,13 +75,6 @@ func (f *freshRecords) drop(id string) {
 	f.mu.Unlock()
 }
 
-// len is the number of records kept.
-func (f *freshRecords) len() int {
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	return len(f.byID)
-}
-
 // clone returns a copy of m that shares nothing that either may change.
 func (m *Message) clone() *Message {
 	c := *m

@@ -11,37 +11,26 @@ import (
 	"github.com/mtaproject/mta/mta"
 )
 
-// stored reads the record of id from Pebble itself, past freshRecords.
-func stored(t *testing.T, s *Spool, id string) *Message {
-	t.Helper()
-	var k keyBuf
-	var m *Message
-	err := s.read(k.message(id), id, func(v []byte) (err error) {
-		m, err = decodeMessage(id, v)
-		return err
-	})
-	if errors.Is(err, mta.ErrNotFound) {
-		return nil
-	}
-	if err != nil {
-		t.Fatal(err)
-	}
-	return m
+// len is the number of records kept.
+func (f *freshRecords) len() int {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return len(f.byID)
 }
 
 // sameAsStored fails unless Get returns exactly the record Pebble holds.
 func sameAsStored(t *testing.T, s *Spool, id, when string) {
 	t.Helper()
-	want := stored(t, s, id)
-	got, err := s.Get(id)
-	if want == nil {
-		if !errors.Is(err, mta.ErrNotFound) {
-			t.Fatalf("%s: the record is gone, Get gave %+v, %v", when, got, err)
+	want, err := s.stored(id)
+	got, gerr := s.Get(id)
+	if errors.Is(err, mta.ErrNotFound) {
+		if !errors.Is(gerr, mta.ErrNotFound) {
+			t.Fatalf("%s: the record is gone, Get gave %+v, %v", when, got, gerr)
 		}
 		return
 	}
-	if err != nil {
-		t.Fatalf("%s: %v", when, err)
+	if err != nil || gerr != nil {
+		t.Fatalf("%s: %v, %v", when, err, gerr)
 	}
 	if !reflect.DeepEqual(got, want) {
 		t.Fatalf("%s: Get gave\n%+v\nPebble holds\n%+v", when, got, want)

@@ -362,6 +362,11 @@ func (s *Spool) Get(id string) (m *Message, err error) {
 	if m := s.fresh.get(id); m != nil {
 		return m, nil
 	}
+	return s.stored(id)
+}
+
+// stored reads the record of message id from Pebble.
+func (s *Spool) stored(id string) (m *Message, err error) {
 	var k keyBuf
 	err = s.read(k.message(id), id, func(v []byte) (err error) {
 		m, err = decodeMessage(id, v)
