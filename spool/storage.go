@@ -104,10 +104,10 @@ func pebbleHeadroom(memTable uint64) int64 { return 3 * int64(memTable) }
 
 // DefaultMemTableSize is the memtable size when Options.MemTableSize is
 // zero. Pebble keeps a used memtable for reuse beside the active one, so
-// the spool's resident memory is about twice this; 32 MiB keeps an mta
-// with a million messages queued near 128 MiB, and costs 100 KB messages
-// about 6 % of their throughput against 64 MiB (docs/spool.md).
-const DefaultMemTableSize = 32 << 20
+// the spool's resident memory is about twice this; 16 MiB keeps an mta
+// with a million messages queued near 100 MiB. Since large bodies live in
+// body files, a larger memtable no longer buys throughput (docs/spool.md).
+const DefaultMemTableSize = 16 << 20
 
 // memTableSize sizes the memtable: want (DefaultMemTableSize if zero), so
 // that mail delivered soon is deleted before it is ever flushed, but no
