@@ -46,7 +46,10 @@ type BacklogReport struct {
 	PeakRSS      int64          `json:"peak_rss_bytes"`
 	DiskBytes    int64          `json:"spool_disk_bytes"` // spool size on disk with the backlog
 	ConnAttempts int64          `json:"connections_refused_while_down"`
-	Accounted    bool           `json:"accounted"`
+	// Postponed is how many times the mta put a message back for later
+	// without an attempt while the receiver was down (its record rewritten).
+	Postponed int64 `json:"postponed_while_down"`
+	Accounted bool  `json:"accounted"`
 }
 
 // RunBacklog runs the scenario against the mta binary.
@@ -119,6 +122,9 @@ func RunBacklog(ctx context.Context, o BacklogOptions) (BacklogReport, error) {
 		saveProfile(p.HTTP, "heap", o.Profile)
 	}
 	rep.ConnAttempts = sink.Stats().ConnectionsRefused
+	if n, err := p.Metric("mta_delivery_postponed_total"); err == nil {
+		rep.Postponed = int64(n)
+	}
 
 	start := time.Now()
 	sink.SetDown(false)
@@ -161,6 +167,7 @@ func (r BacklogReport) WriteTable(w io.Writer) {
 	fmt.Fprintf(w, "machine: %s\n\n", r.Machine)
 	fmt.Fprintf(w, "accepted            %d at %.0f msg/s\n", r.Accepted, r.AcceptRate)
 	fmt.Fprintf(w, "refused connections %d while the receiver was down\n", r.ConnAttempts)
+	fmt.Fprintf(w, "postponed           %d times without an attempt while it was down\n", r.Postponed)
 	fmt.Fprintf(w, "RSS with backlog    %.0f MiB, of which Go heap in use %.0f MiB (spool on disk %.0f MiB)\n",
 		float64(r.RSSQueued)/(1<<20), float64(r.GoHeapQueued)/(1<<20), float64(r.DiskBytes)/(1<<20))
 	fmt.Fprintf(w, "drain               %d delivered in %.1f s = %.0f msg/s\n", r.Delivered, r.DrainTime.Seconds(), r.DrainRate)
