@@ -162,6 +162,9 @@ type Scheduler struct {
 	active       int     // connection workers running
 	rnd          *rand.Rand
 	full         bool // the last scan filled its limit: scan again soon
+	// scanning is set while the work a scan found is being leased, off
+	// the loop; rescan asks for another scan once it is done.
+	scanning, rescan bool
 
 	rndMu     sync.Mutex // guards workerRnd, shared by workers
 	workerRnd *rand.Rand
@@ -231,6 +234,7 @@ type event struct {
 	err    error
 	work   *work
 	at     time.Time // evConnOK: when the connection attempt began
+	leased []Due     // evLeased: the scanned work the store leased
 }
 
 type eventKind int
@@ -243,6 +247,7 @@ const (
 	evConnFail                   // a connection could not be made or broke with 421
 	evRouted                     // a domain was resolved (or failed to)
 	evPostponed                  // a batch of postponements is written
+	evLeased                     // the work a scan found is leased (or failed to be)
 )
 
 // New returns a scheduler; Run starts it.
@@ -469,8 +474,17 @@ func (s *Scheduler) stop() {
 
 // scan brings due work from the store into the window, leasing it first.
 // Work for a destination that is backed off is postponed in the same batch
-// instead, without entering the window.
+// instead, without entering the window. The loop reads the due index; the
+// lease, which reads and rewrites every record found, is written by
+// another goroutine, and leased adds what it leased to the window: with a
+// deep queue in the tables a batch takes long enough that, in the loop,
+// it held up every worker waiting for its next message. One lease is
+// written at a time; a scan asked for meanwhile runs when it is done.
 func (s *Scheduler) scan() {
+	if s.scanning {
+		s.rescan = true
+		return
+	}
 	room := s.opts.WindowSize - len(s.window)
 	if room <= 0 {
 		return
@@ -521,16 +535,32 @@ func (s *Scheduler) scan() {
 	if len(items) == 0 {
 		return
 	}
-	leased, err := s.opts.Store.Lease(items)
+	s.scanning = true
+	s.workers.Add(1)
+	go func() {
+		defer s.workers.Done()
+		leased, err := s.opts.Store.Lease(items)
+		if err != nil {
+			s.log.Error("scheduler: leasing due work", zap.Error(err))
+		} else {
+			s.m.postponed.Add(float64(postponed))
+			if old := s.expired(leased, now); len(old) > 0 {
+				s.workers.Add(1)
+				go s.expireDue(old)
+			}
+		}
+		s.events <- event{kind: evLeased, leased: leased, err: err}
+	}()
+}
+
+// leased adds the work a scan's lease batch leased to the window, and
+// runs the scan asked for while it was written.
+func (s *Scheduler) leased(leased []Due, err error) {
+	s.scanning = false
 	if err != nil {
 		s.full = false // retry at the next tick, not in a loop
-		s.log.Error("scheduler: leasing due work", zap.Error(err))
+		s.rescan = false
 		return
-	}
-	s.m.postponed.Add(float64(postponed))
-	if old := s.expired(leased, now); len(old) > 0 {
-		s.workers.Add(1)
-		go s.expireDue(old)
 	}
 	for _, d := range leased {
 		// Only work the store actually leased: a message held meanwhile
@@ -541,6 +571,10 @@ func (s *Scheduler) scan() {
 				s.add(d.ID, d.Domain)
 			}
 		}
+	}
+	if s.rescan {
+		s.rescan = false
+		s.scan()
 	}
 }
 
@@ -872,6 +906,8 @@ func (s *Scheduler) handle(ev event) {
 	case evPostponed:
 		s.postponeBusy = false
 		s.postponeWritten++
+	case evLeased:
+		s.leased(ev.leased, ev.err)
 	}
 }
 

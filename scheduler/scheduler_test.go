@@ -733,3 +733,53 @@ func bigBody(id string) string {
 	}
 	return "Subject: " + id + "\r\n\r\n" + strings.Repeat("x", h&0xffff*24) + "\r\n"
 }
+
+// TestSlowScanDoesNotHoldUpDelivery: while the lease of a scan's batch is
+// being written (slow with a deep queue read from Pebble's tables), fresh
+// mail for another destination is delivered and the loop answers status
+// requests. Before, the loop wrote the lease itself, and every worker,
+// every fresh message and every /metrics scrape waited for it.
+func TestSlowScanDoesNotHoldUpDelivery(t *testing.T) {
+	store, tr := newMemStore(), newFakeTransport()
+	now := time.Now()
+	for i := 0; i < 50; i++ {
+		store.add(fmt.Sprintf("q%02d", i), now, now, "r@deep.test")
+	}
+	leasing, release := make(chan struct{}), make(chan struct{})
+	var once sync.Once
+	store.onLease = func(items []Due) {
+		if len(items) > 0 && items[0].Reply == "" && items[0].ID[0] == 'q' {
+			once.Do(func() { close(leasing); <-release })
+		}
+	}
+	var released sync.Once
+	free := func() { released.Do(func() { close(release) }) }
+	defer free()
+	h := start(t, nil, store, tr)
+	select {
+	case <-leasing:
+	case <-time.After(5 * time.Second):
+		t.Fatal("the scan did not lease the due work")
+	}
+	store.add("fresh", now, now.Add(time.Hour), "r@fresh.test")
+	h.s.Submit("fresh", []string{"fresh.test"}, mta.PriorityTransactional)
+	statusDone := make(chan struct{})
+	go func() { h.s.Destinations(); close(statusDone) }()
+	deadline := time.After(5 * time.Second)
+	for delivered := false; !delivered; {
+		select {
+		case <-deadline:
+			t.Fatal("fresh mail was not delivered while a scan's lease was being written")
+		case <-time.After(5 * time.Millisecond):
+		}
+		_, sent, _ := tr.stats("fresh.test")
+		delivered = sent == 1
+	}
+	select {
+	case <-statusDone:
+	case <-time.After(5 * time.Second):
+		t.Fatal("Destinations did not answer while a scan's lease was being written")
+	}
+	free()
+	waitFor(t, "the scanned work delivered", func() bool { d, _ := store.counts(); return d == 51 })
+}
