@@ -228,12 +228,22 @@ const minRecipientBytes = 9
 // decodeMessage parses a record made by encode. The domain of each
 // recipient is derived from its address, not stored.
 func decodeMessage(id string, b []byte) (*Message, error) {
-	d := decoder{b: b}
+	return decodeRecord(decoder{b: b}, id, nil)
+}
+
+// decodeRecord is decodeMessage with the decoder given. A census decodes
+// into reuse, the previous record's Message, so that counting a deep
+// queue makes no garbage per message.
+func decodeRecord(d decoder, id string, reuse *Message) (*Message, error) {
 	version := d.byte()
 	if version < 1 || version > recordVersion {
 		return nil, fmt.Errorf("spool: message %s: record version %d not supported", id, version)
 	}
-	m := &Message{ID: id}
+	m := reuse
+	if m == nil {
+		m = &Message{}
+	}
+	*m = Message{ID: id, Recipients: m.Recipients[:0]}
 	flags := d.uvarint()
 	m.SMTPUTF8 = flags&flagSMTPUTF8 != 0
 	m.Body8Bit = flags&flagBody8Bit != 0
@@ -270,7 +280,12 @@ func decodeMessage(id string, b []byte) (*Message, error) {
 	if n > uint64(len(d.b))/minRecipientBytes { // not before allocating them
 		return nil, fmt.Errorf("%w %s", errCorrupt, id)
 	}
-	m.Recipients = make([]RecipientState, n)
+	if uint64(cap(m.Recipients)) >= n {
+		m.Recipients = m.Recipients[:n]
+		clear(m.Recipients)
+	} else {
+		m.Recipients = make([]RecipientState, n)
+	}
 	for i := range m.Recipients {
 		r := &m.Recipients[i]
 		r.Address = d.string()
@@ -294,12 +309,14 @@ func decodeMessage(id string, b []byte) (*Message, error) {
 		if n > uint64(len(d.b)) {
 			return nil, fmt.Errorf("%w %s", errCorrupt, id)
 		}
-		if n > 0 {
+		if n > 0 && !d.census {
 			m.Metadata = make(map[string]string, n)
 		}
 		for range n {
-			k := d.string()
-			m.Metadata[k] = d.string()
+			k, v := d.string(), d.string()
+			if !d.census {
+				m.Metadata[k] = v
+			}
 		}
 	}
 	if d.err || len(d.b) != 0 {
@@ -324,7 +341,15 @@ func appendTime(dst []byte, t time.Time) []byte {
 type decoder struct {
 	b   []byte
 	err bool
+	// census skips strings instead of copying them: an empty one reads as
+	// "", any other as censusString. For Census only, which reads states
+	// and times and never lets such a record out.
+	census bool
 }
+
+// censusString stands for every non-empty string of a record decoded for
+// a census.
+const censusString = "?"
 
 func (d *decoder) byte() byte {
 	if len(d.b) == 0 {
@@ -361,6 +386,13 @@ func (d *decoder) string() string {
 	if n > uint64(len(d.b)) {
 		d.err = true
 		return ""
+	}
+	if d.census {
+		d.b = d.b[n:]
+		if n == 0 {
+			return ""
+		}
+		return censusString
 	}
 	s := string(d.b[:n])
 	d.b = d.b[n:]

@@ -65,27 +65,8 @@ func ParseFilter(q url.Values) (Filter, error) {
 	return f, nil
 }
 
-// State returns the queue state of m: held, deferred (some queued
-// recipient was tried or postponed) or queued (waiting for its first
-// attempt).
-func State(m *spool.Message) string {
-	switch {
-	case m.Held:
-		return "held"
-	case deferredRecipients(m):
-		return "deferred"
-	}
-	return "queued"
-}
-
-func deferredRecipients(m *spool.Message) bool {
-	for _, r := range m.Recipients {
-		if r.Status == spool.Queued && (r.Attempts > 0 || r.LastReply != "") {
-			return true
-		}
-	}
-	return false
-}
+// State returns the queue state of m (see spool.Message.State).
+func State(m *spool.Message) string { return m.State() }
 
 // Match reports whether f selects m at time now.
 func (f Filter) Match(m *spool.Message, now time.Time) bool {

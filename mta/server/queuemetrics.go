@@ -7,7 +7,6 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 
-	"github.com/mtaproject/mta/mta/admin"
 	"github.com/mtaproject/mta/scheduler"
 	"github.com/mtaproject/mta/spool"
 )
@@ -69,29 +68,18 @@ func (c *queueCollector) count(ctx context.Context) {
 		byAge[a.label] = 0
 	}
 	now := time.Now()
-	for after, n := "", 0; n < 1_000_000; {
-		if ctx.Err() != nil {
-			return
-		}
-		msgs, err := c.sp.List(after, 1000)
-		if err != nil {
-			return
-		}
-		for _, m := range msgs {
-			after = m.ID
-			n++
-			byState[admin.State(m)]++
-			age := now.Sub(m.Received)
-			for _, a := range queueAges {
-				if age <= a.upTo {
-					byAge[a.label]++
-					break
-				}
+	_, err := c.sp.Census(ctx, 1_000_000, func(state string, received time.Time) {
+		byState[state]++
+		age := now.Sub(received)
+		for _, a := range queueAges {
+			if age <= a.upTo {
+				byAge[a.label]++
+				break
 			}
 		}
-		if len(msgs) < 1000 {
-			break
-		}
+	})
+	if err != nil {
+		return
 	}
 	c.mu.Lock()
 	c.byState, c.byAge = byState, byAge
