@@ -280,7 +280,7 @@ func decodeRecord(d decoder, id string, reuse *Message) (*Message, error) {
 	if n > uint64(len(d.b))/minRecipientBytes { // not before allocating them
 		return nil, fmt.Errorf("%w %s", errCorrupt, id)
 	}
-	if uint64(cap(m.Recipients)) >= n {
+	if reuse != nil && uint64(cap(m.Recipients)) >= n {
 		m.Recipients = m.Recipients[:n]
 		clear(m.Recipients)
 	} else {
