@@ -555,14 +555,14 @@ func (s *Scheduler) scan() {
 
 // leased adds the work a scan's lease batch leased to the window, and
 // runs the scan asked for while it was written.
-func (s *Scheduler) leased(leased []Due, err error) {
+func (s *Scheduler) leased(items []Due, err error) {
 	s.scanning = false
 	if err != nil {
 		s.full = false // retry at the next tick, not in a loop
 		s.rescan = false
 		return
 	}
-	for _, d := range leased {
+	for _, d := range items {
 		// Only work the store actually leased: a message held meanwhile
 		// was skipped and must not start.
 		if d.Reply == "" && s.window[workKey{d.ID, d.Domain}] == nil {

@@ -2,11 +2,8 @@ package spool
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"time"
-
-	"github.com/cockroachdb/pebble/v2"
 )
 
 // State returns the queue state of m: held, deferred (some queued
@@ -31,32 +28,22 @@ func (m *Message) State() string {
 // 30 s) costs a fraction of what List's decoding does. It stops, with
 // ctx's error, when ctx ends.
 func (s *Spool) Census(ctx context.Context, limit int, fn func(state string, received time.Time)) (int, error) {
-	s.closeMu.RLock()
-	defer s.closeMu.RUnlock()
-	if s.closed {
-		return 0, errors.New("spool: closed")
-	}
-	it, err := s.db.NewIter(&pebble.IterOptions{LowerBound: []byte(prefixMessage), UpperBound: []byte(prefixEnd(prefixMessage))})
-	if err != nil {
-		return 0, fmt.Errorf("spool: census: %w", err)
-	}
-	defer it.Close()
 	n := 0
 	var m *Message // reused for every record
-	for ok := it.First(); ok && n < limit; ok = it.Next() {
+	err := s.eachRecord("census", "", func(id, rec []byte) (bool, error) {
+		if n == limit {
+			return false, nil
+		}
 		if n%1024 == 0 && ctx.Err() != nil {
-			return n, ctx.Err()
+			return false, ctx.Err()
 		}
-		v, err := it.ValueAndErr()
-		if err != nil {
-			return n, fmt.Errorf("spool: census: %w", err)
-		}
-		m, err = decodeRecord(decoder{b: v, census: true}, "", m)
-		if err != nil {
-			return n, fmt.Errorf("spool: census of %s: %w", it.Key()[len(prefixMessage):], err)
+		var err error
+		if m, err = decodeRecord(decoder{b: rec, census: true}, "", m); err != nil {
+			return false, fmt.Errorf("spool: census of %s: %w", id, err)
 		}
 		fn(m.State(), m.Received)
 		n++
-	}
-	return n, it.Error()
+		return true, nil
+	})
+	return n, err
 }

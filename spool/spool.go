@@ -460,12 +460,31 @@ func (s *Spool) Due(now time.Time, limit int, skip func(domain string) bool) ([]
 // List returns up to limit messages with IDs greater than after, in ID
 // (acceptance) order. It is for the admin CLI; it decodes every record.
 func (s *Spool) List(after string, limit int) ([]*Message, error) {
+	var out []*Message
+	err := s.eachRecord("list", after, func(id, rec []byte) (bool, error) {
+		if len(out) == limit {
+			return false, nil
+		}
+		m, err := decodeMessage(string(id), rec)
+		if err != nil {
+			return false, err
+		}
+		out = append(out, m)
+		return true, nil
+	})
+	return out, err
+}
+
+// eachRecord calls fn with the ID and stored record of each message whose
+// ID is greater than after ("": every message), in ID order, until fn
+// returns false or an error. op names the caller in errors.
+func (s *Spool) eachRecord(op, after string, fn func(id, rec []byte) (bool, error)) error {
 	// Background readers (the queue metrics) may still be scanning when
 	// the spool closes: an iterator on a closed Pebble panics.
 	s.closeMu.RLock()
 	defer s.closeMu.RUnlock()
 	if s.closed {
-		return nil, errors.New("spool: closed")
+		return errors.New("spool: closed")
 	}
 	lower := []byte(prefixMessage + after + "\x00")
 	if after == "" {
@@ -473,23 +492,19 @@ func (s *Spool) List(after string, limit int) ([]*Message, error) {
 	}
 	it, err := s.db.NewIter(&pebble.IterOptions{LowerBound: lower, UpperBound: []byte(prefixEnd(prefixMessage))})
 	if err != nil {
-		return nil, fmt.Errorf("spool: list: %w", err)
+		return fmt.Errorf("spool: %s: %w", op, err)
 	}
 	defer it.Close()
-	var out []*Message
-	for ok := it.First(); ok && len(out) < limit; ok = it.Next() {
-		id := string(it.Key()[len(prefixMessage):])
+	for ok := it.First(); ok; ok = it.Next() {
 		v, err := it.ValueAndErr()
 		if err != nil {
-			return out, fmt.Errorf("spool: list: %w", err)
+			return fmt.Errorf("spool: %s: %w", op, err)
 		}
-		m, err := decodeMessage(id, v)
-		if err != nil {
-			return out, err
+		if more, err := fn(it.Key()[len(prefixMessage):], v); err != nil || !more {
+			return err
 		}
-		out = append(out, m)
 	}
-	return out, it.Error()
+	return it.Error()
 }
 
 // update runs fn on message id under its lock and commits the result in one
