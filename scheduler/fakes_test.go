@@ -219,6 +219,10 @@ type fakeTransport struct {
 	maxActive  map[string]int
 	sendErr    func(dest string, n int) error
 	onSend     func(env *Envelope, body []byte) // called by every Send, without mu
+	// By the domain of a Send's first recipient: Sends in progress at
+	// once, the most of them, and the most messages one connection
+	// carried.
+	sending, mostSending, mostPerConn map[string]int
 
 	connectDelay  time.Duration
 	connecting    int // Connect calls in progress
@@ -229,6 +233,7 @@ func newFakeTransport() *fakeTransport {
 	return &fakeTransport{dests: map[string]string{}, routeErr: map[string]error{}, connectErr: map[string]error{},
 		delay: map[string]time.Duration{}, connects: map[string]int{}, sent: map[string]int{},
 		active: map[string]int{}, maxActive: map[string]int{},
+		sending: map[string]int{}, mostSending: map[string]int{}, mostPerConn: map[string]int{},
 		replies: func(string) *mta.Reply { return &mta.Reply{Code: 250, Text: "ok"} }}
 }
 
@@ -270,20 +275,32 @@ func (f *fakeTransport) stats(dest string) (connects, sent, maxActive int) {
 }
 
 type fakeConn struct {
-	f      *fakeTransport
-	dest   string
-	usable bool
-	closed bool
-	n      int
+	f       *fakeTransport
+	dest    string
+	usable  bool
+	closed  bool
+	n       int
+	carried map[string]int // messages, by domain
 }
 
 func (c *fakeConn) Send(ctx context.Context, env *Envelope, body []byte) ([]*mta.Reply, error) {
+	domain := mta.Domain(env.Recipients[0].Address)
 	c.f.mu.Lock()
 	d := c.f.delay[c.dest]
+	c.f.sending[domain]++
+	c.f.mostSending[domain] = max(c.f.mostSending[domain], c.f.sending[domain])
+	if c.carried == nil {
+		c.carried = map[string]int{}
+	}
+	c.carried[domain]++
+	c.f.mostPerConn[domain] = max(c.f.mostPerConn[domain], c.carried[domain])
 	c.f.mu.Unlock()
 	if d > 0 {
 		time.Sleep(d)
 	}
+	c.f.mu.Lock()
+	c.f.sending[domain]--
+	c.f.mu.Unlock()
 	if c.f.onSend != nil {
 		c.f.onSend(env, body)
 	}

@@ -3,6 +3,7 @@ package scheduler
 import (
 	"context"
 	"errors"
+	"fmt"
 	"math/rand/v2"
 	"slices"
 	"sort"
@@ -59,6 +60,28 @@ type Limits struct {
 	IdleTimeout              time.Duration // idle connection kept for reuse (10s)
 	MinBackoff, MaxBackoff   time.Duration // retry delay bounds (5m, 4000s)
 	MaxLifetime              time.Duration // then a deferral is a failure (5 days)
+	// Domains replaces some of these limits for the mail of a recipient
+	// domain (lower case): a receiver that wants fewer connections or
+	// fewer messages on each, or a relay that can take more.
+	Domains map[string]DestinationLimits
+}
+
+// DestinationLimits are an operator's limits for one recipient domain's
+// mail; a zero field keeps the Limits value. The mail of a domain with its
+// own limits has its own destination queue and connections, apart from
+// other domains with the same next hops, so that the limits are its own.
+type DestinationLimits struct {
+	MaxConnections           int // at once, instead of MaxPerDestination (still within MaxConnections)
+	MaxMessagesPerConnection int // instead of MaxMessagesPerConnection
+}
+
+// keySuffix is what a destination key carries for these limits: domains
+// with the same next hops and the same limits share a destination.
+func (l DestinationLimits) keySuffix() string {
+	if l == (DestinationLimits{}) {
+		return ""
+	}
+	return fmt.Sprintf(" limits=%d/%d", l.MaxConnections, l.MaxMessagesPerConnection)
 }
 
 // defaults fills in the zero values.
@@ -199,6 +222,8 @@ type work struct {
 
 type domainState struct {
 	route     Route
+	key       string            // of its destination: the route's, and own's (see setRoute)
+	own       DestinationLimits // the operator's limits for the domain
 	routedAt  time.Time
 	resolving bool
 	waiting   []*work
@@ -217,6 +242,7 @@ type dest struct {
 	why       string    // the last connection failure, for the queue listing
 	failedAt  time.Time // when it was
 	inWaiting bool
+	own       DestinationLimits // the operator's, for the domains of this key
 }
 
 type nextReq struct {
@@ -679,7 +705,7 @@ func (s *Scheduler) backedOffDest(domain string, now time.Time) *dest {
 	if ds == nil || ds.route == nil {
 		return nil
 	}
-	if d := s.dests[ds.route.Key()]; d != nil && now.Before(d.deadUntil) {
+	if d := s.dests[ds.key]; d != nil && now.Before(d.deadUntil) {
 		return d
 	}
 	return nil
@@ -722,7 +748,7 @@ func (s *Scheduler) insert(k workKey, urgent bool) {
 		s.domains[domain] = ds
 	}
 	if ds.route != nil && s.opts.Now().Sub(ds.routedAt) < s.opts.RouteTTL {
-		s.enqueue(s.destFor(ds.route), w)
+		s.enqueue(s.destFor(ds), w)
 		return
 	}
 	ds.waiting = append(ds.waiting, w)
@@ -741,13 +767,21 @@ func (s *Scheduler) resolve(domain string) {
 	s.events <- event{kind: evRouted, domain: domain, route: r, err: err}
 }
 
-func (s *Scheduler) destFor(r Route) *dest {
-	d := s.dests[r.Key()]
+// setRoute records route r for domain's mail, and the key of its
+// destination: the route's, and the domain's own limits when it has some.
+func (s *Scheduler) setRoute(domain string, ds *domainState, r Route) {
+	ds.route, ds.own = r, s.limits().Domains[domain]
+	ds.key = r.Key() + ds.own.keySuffix()
+}
+
+// destFor returns the destination of a domain's mail, made if new.
+func (s *Scheduler) destFor(ds *domainState) *dest {
+	d := s.dests[ds.key]
 	if d == nil {
-		d = &dest{key: r.Key(), route: r}
-		s.dests[r.Key()] = d
+		d = &dest{key: ds.key, route: ds.route, own: ds.own}
+		s.dests[ds.key] = d
 	}
-	d.route = r
+	d.route = ds.route
 	return d
 }
 
@@ -773,12 +807,21 @@ func (s *Scheduler) limit(d *dest) int {
 	if d.failures > 0 {
 		return 1
 	}
-	lim := s.limits()
+	most := s.maxPer(d)
 	if d.window == 0 {
-		d.window = min(lim.InitialPerDestination, lim.MaxPerDestination)
+		d.window = min(s.limits().InitialPerDestination, most)
 	}
-	d.window = min(d.window, lim.MaxPerDestination) // lowered by a reload
+	d.window = min(d.window, most) // lowered by a reload
 	return d.window
+}
+
+// maxPer is the most connections d may have: its own limit, or
+// MaxPerDestination.
+func (s *Scheduler) maxPer(d *dest) int {
+	if d.own.MaxConnections > 0 {
+		return d.own.MaxConnections
+	}
+	return s.limits().MaxPerDestination
 }
 
 // serve starts connection workers for d while it has queued work and
@@ -799,7 +842,7 @@ func (s *Scheduler) serve(d *dest) {
 		d.active++
 		s.active++
 		s.workers.Add(1)
-		go s.worker(d.key, d.route, w)
+		go s.worker(d.key, d.route, w, d.own.MaxMessagesPerConnection)
 	}
 }
 
@@ -847,7 +890,7 @@ func (s *Scheduler) nextFor(r nextReq) *work {
 	if len(s.waiting) > 0 && r.served >= fairShare {
 		return nil
 	}
-	if lim := s.limits(); d.active > lim.MaxPerDestination || s.active > lim.MaxConnections {
+	if d.active > s.maxPer(d) || s.active > s.limits().MaxConnections {
 		return nil // over limits lowered by a reload: this connection ends
 	}
 	return s.pop(d)
@@ -895,7 +938,7 @@ func (s *Scheduler) handle(ev event) {
 			d.failures = 0
 			d.deadUntil = time.Time{}
 			d.window = 0 // start again from the initial window
-		} else if d.window < s.limits().MaxPerDestination {
+		} else if d.window < s.maxPer(d) {
 			d.window++ // each good new connection earns one more
 		}
 		s.serve(d)
@@ -916,9 +959,14 @@ func (s *Scheduler) handle(ev event) {
 // connection by connection), and what they now allow is served.
 func (s *Scheduler) retuned() {
 	lim := s.limits()
+	for domain, ds := range s.domains {
+		if ds.route != nil {
+			s.setRoute(domain, ds, ds.route) // its own limits may have changed: its next work goes by them
+		}
+	}
 	for _, d := range s.dests {
 		if d.window != 0 {
-			d.window = max(d.window, min(lim.InitialPerDestination, lim.MaxPerDestination))
+			d.window = max(d.window, min(lim.InitialPerDestination, s.maxPer(d)))
 		}
 	}
 	s.serveWaiting()
@@ -1036,8 +1084,9 @@ func (s *Scheduler) routed(domain string, r Route, err error) {
 		}
 		return
 	}
-	ds.route, ds.routedAt = r, s.opts.Now()
-	d := s.destFor(r)
+	s.setRoute(domain, ds, r)
+	ds.routedAt = s.opts.Now()
+	d := s.destFor(ds)
 	for _, w := range waiting {
 		if w.dropped {
 			s.forget(w)

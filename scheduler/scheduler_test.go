@@ -71,6 +71,49 @@ func TestConnectionsAreReusedForManyMessages(t *testing.T) {
 	}
 }
 
+// A domain with its own limits gets them, and only it: another domain
+// with the same next hops keeps the defaults.
+func TestDomainLimitsApplyToItsMailAlone(t *testing.T) {
+	store, tr := newMemStore(), newFakeTransport()
+	tr.dests["limited.test"], tr.dests["other.test"] = "shared", "shared"
+	tr.delay["shared"] = 2 * time.Millisecond
+	h := start(t, func(o *Options) {
+		o.MaxPerDestination, o.InitialPerDestination = 6, 6
+		o.Domains = map[string]DestinationLimits{"limited.test": {MaxConnections: 2, MaxMessagesPerConnection: 10}}
+	}, store, tr)
+	now := time.Now()
+	for i := 0; i < 200; i++ {
+		for _, domain := range []string{"limited.test", "other.test"} {
+			id := fmt.Sprintf("%s%03d", domain[:1], i)
+			store.add(id, now, now.Add(time.Hour), "r@"+domain)
+			h.s.Submit(id, []string{domain}, mta.PriorityBulk)
+		}
+	}
+	sawOwn := false
+	waitFor(t, "400 deliveries", func() bool {
+		for _, d := range h.s.Destinations() {
+			sawOwn = sawOwn || d.Key == "shared limits=2/10"
+		}
+		d, _ := store.counts()
+		return d == 400
+	})
+	tr.mu.Lock()
+	defer tr.mu.Unlock()
+	t.Logf("at once: limited %d, other %d; most on one connection: limited %d, other %d",
+		tr.mostSending["limited.test"], tr.mostSending["other.test"], tr.mostPerConn["limited.test"], tr.mostPerConn["other.test"])
+	if tr.mostSending["limited.test"] > 2 || tr.mostPerConn["limited.test"] > 10 {
+		t.Fatalf("limited.test: %d connections at once, %d messages on one (limits 2 and 10)",
+			tr.mostSending["limited.test"], tr.mostPerConn["limited.test"])
+	}
+	if tr.mostSending["other.test"] <= 2 || tr.mostPerConn["other.test"] <= 10 {
+		t.Fatalf("other.test got limited.test's limits: %d at once, %d on one connection",
+			tr.mostSending["other.test"], tr.mostPerConn["other.test"])
+	}
+	if !sawOwn {
+		t.Fatal("no destination \"shared limits=2/10\" in the status")
+	}
+}
+
 func TestDeadDestinationCostsOneProbe(t *testing.T) {
 	store, tr := newMemStore(), newFakeTransport()
 	tr.connectErr["dead.test"] = errRefused

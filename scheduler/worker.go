@@ -15,8 +15,9 @@ import (
 
 // worker is one connection to destination key: it sends the destination's
 // queued messages one after another until the queue is empty, then parks
-// the connection in the cache.
-func (s *Scheduler) worker(key string, route Route, first *work) {
+// the connection in the cache. ownMax, when not 0, is the destination's
+// own MaxMessagesPerConnection.
+func (s *Scheduler) worker(key string, route Route, first *work, ownMax int) {
 	defer s.workers.Done()
 	defer func() { s.events <- event{kind: evExit, key: key} }()
 	var conn Conn
@@ -55,6 +56,12 @@ func (s *Scheduler) worker(key string, route Route, first *work) {
 	s.m.activeConns.WithLabelValues(route.Class()).Inc()
 	defer s.m.activeConns.WithLabelValues(route.Class()).Dec()
 
+	maxMessages := func() int {
+		if ownMax > 0 {
+			return ownMax
+		}
+		return s.limits().MaxMessagesPerConnection // a reload applies at once
+	}
 	reply := make(chan *work, 1) // for nextWork
 	w, served := first, 0
 	var begun *attempt // the next message, begun behind the last one's data
@@ -66,7 +73,7 @@ func (s *Scheduler) worker(key string, route Route, first *work) {
 		// that its transaction begins in the same write (see pipeliner).
 		var taken *work
 		follow := func() *attempt {
-			if !conn.Usable() || messages+1 >= s.limits().MaxMessagesPerConnection {
+			if !conn.Usable() || messages+1 >= maxMessages() {
 				return nil
 			}
 			if taken = s.nextWork(key, served+1, reply); taken == nil {
@@ -118,7 +125,7 @@ func (s *Scheduler) worker(key string, route Route, first *work) {
 		}
 		s.giveBack(key, taken, begun)
 		begun = nil
-		if !conn.Usable() || messages >= s.limits().MaxMessagesPerConnection {
+		if !conn.Usable() || messages >= maxMessages() {
 			break
 		}
 		w = s.nextWork(key, served, reply)
@@ -132,7 +139,7 @@ func (s *Scheduler) worker(key string, route Route, first *work) {
 		return
 	}
 	// The cache observes messagesPerConn when it closes the connection.
-	s.cache.Put(key, conn, messages)
+	s.cache.Put(key, conn, messages, ownMax)
 }
 
 // nextWork asks the state goroutine for the next work of destination key

@@ -150,6 +150,16 @@ type Delivery struct {
 	ActiveWindow                     int      `yaml:"active_window"` // messages×domains held in memory
 	Lease                            Duration `yaml:"lease"`         // next attempt written before an attempt: the retry delay after a crash
 	Timeouts                         Timeouts `yaml:"timeouts"`
+	// Domains are limits of the operator's for the mail of one recipient
+	// domain each (docs/delivery.md, "Limits for one domain").
+	Domains map[string]DomainLimits `yaml:"domains"`
+}
+
+// DomainLimits replace the delivery limits of the same names for the mail
+// of one recipient domain; 0 keeps delivery's value.
+type DomainLimits struct {
+	MaxConnections           int `yaml:"max_connections"`             // at once, instead of max_connections_per_destination
+	MaxMessagesPerConnection int `yaml:"max_messages_per_connection"` // instead of delivery.max_messages_per_connection
 }
 
 // Timeouts are the SMTP client timeouts (RFC 5321 §4.5.3.2).
@@ -701,6 +711,7 @@ func (c *Config) validateDelivery(bad func(field, format string, args ...any)) {
 	if d.MaxBackoff < d.MinBackoff {
 		bad("delivery.max_backoff", "must not be less than delivery.min_backoff (%v)", d.MinBackoff.D())
 	}
+	c.validateDomainLimits(bad)
 	for i, s := range c.DNS.Servers {
 		if _, _, err := net.SplitHostPort(s); err != nil {
 			bad(fmt.Sprintf("dns.servers[%d]", i), "not a host:port address: %q", s)
@@ -730,6 +741,41 @@ func (c *Config) validateDelivery(bad func(field, format string, args ...any)) {
 		routes[key] = r
 	}
 	c.Routes = routes
+}
+
+// validateDomainLimits checks delivery.domains and keys it by the
+// normalized domain, the form the scheduler sees.
+func (c *Config) validateDomainLimits(bad func(field, format string, args ...any)) {
+	d := &c.Delivery
+	if len(d.Domains) == 0 {
+		return
+	}
+	out := make(map[string]DomainLimits, len(d.Domains))
+	for name, l := range d.Domains {
+		field := "delivery.domains." + name
+		domain, ok := mta.NormalizeDomain(strings.TrimSpace(name))
+		if !ok {
+			bad(field, "not a domain name: %q", name)
+			continue
+		}
+		if _, dup := out[domain]; dup {
+			bad(field, "%q is given twice (as %s)", domain, name)
+		}
+		if l.MaxConnections < 0 {
+			bad(field+".max_connections", "must not be negative, got %d", l.MaxConnections)
+		}
+		if l.MaxConnections > d.MaxConnections {
+			bad(field+".max_connections", "%d is more than delivery.max_connections (%d), the limit of all connections", l.MaxConnections, d.MaxConnections)
+		}
+		if l.MaxMessagesPerConnection < 0 {
+			bad(field+".max_messages_per_connection", "must not be negative, got %d", l.MaxMessagesPerConnection)
+		}
+		if l == (DomainLimits{}) {
+			bad(field, "sets neither max_connections nor max_messages_per_connection")
+		}
+		out[domain] = l
+	}
+	d.Domains = out
 }
 
 // validateAPI checks the injection API's settings.

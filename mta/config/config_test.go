@@ -204,6 +204,16 @@ routes:
 	if err != nil {
 		t.Fatal(err)
 	}
+	domains, err := Parse([]byte("delivery:\n  domains:\n    Near.Example.: {max_connections: 4}\n    far.example: {max_messages_per_connection: 100}\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if d := domains.Delivery.Domains; len(d) != 2 || d["near.example"].MaxConnections != 4 || d["far.example"].MaxMessagesPerConnection != 100 {
+		t.Fatalf("delivery.domains = %+v", d)
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
 	if cfg.Delivery.HeloName != "mx.test" || cfg.Delivery.MinBackoff.D() != 2*time.Second {
 		t.Fatalf("delivery = %+v", cfg.Delivery)
 	}
@@ -217,6 +227,13 @@ routes:
 		{"routes: {x.test: {hosts: [a], auth: {username: u}}}", "routes.x.test.auth: needs username and password_file"},
 		{"routes: {x.test: {hostz: [a]}}", "routes.x.test.hostz: unknown field"},
 		{"dns: {servers: [8.8.8.8]}", "dns.servers[0]: not a host:port"},
+		{"delivery: {domains: {\"a b\": {max_connections: 2}}}", "delivery.domains.a b: not a domain name"},
+		{"delivery: {domains: {a.test: {max_connections: -1}}}", "delivery.domains.a.test.max_connections: must not be negative"},
+		{"delivery: {domains: {a.test: {max_connections: 501}}}", "delivery.domains.a.test.max_connections: 501 is more than delivery.max_connections (500)"},
+		{"delivery: {domains: {a.test: {max_messages_per_connection: -5}}}", "delivery.domains.a.test.max_messages_per_connection: must not be negative"},
+		{"delivery: {domains: {a.test: {}}}", "delivery.domains.a.test: sets neither"},
+		{"delivery: {domains: {a.test: {max_conections: 2}}}", "delivery.domains.a.test.max_conections: unknown field"},
+		{"delivery: {domains: {A.test: {max_connections: 2}, a.test.: {max_connections: 3}}}", "is given twice"},
 	} {
 		if _, err := Parse([]byte(tc.yaml)); err == nil || !strings.Contains(err.Error(), tc.want) {
 			t.Errorf("Parse(%q) = %v, want %q", tc.yaml, err, tc.want)

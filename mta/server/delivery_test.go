@@ -408,6 +408,35 @@ func TestConnectionReuse(t *testing.T) {
 	}
 }
 
+// TestDomainLimits sends to a domain with limits of its own
+// (delivery.domains) through a sink that refuses a third connection at
+// once: the domain's connections stay within its own limit, and each
+// carries at most its own number of messages, far below the defaults.
+func TestDomainLimits(t *testing.T) {
+	const n, ownConns, ownPerConn = 70, 2, 7
+	w := newWorld(t, fmt.Sprintf(", max_messages_per_connection: 100, max_connections_per_destination: 10, initial_connections_per_destination: 10"+
+		", domains: {Limited.Test: {max_connections: %d, max_messages_per_connection: %d}}", ownConns, ownPerConn), "")
+	w.dns.SetMX("limited.test", bench.MX{Pref: 10, Host: "mx.limited.test"})
+	w.dns.SetA("mx.limited.test", "127.0.0.2")
+	s := w.sink("127.0.0.2", bench.SinkConfig{MaxConns: ownConns, Faults: bench.Faults{Latency: 2 * time.Millisecond}})
+	res, err := bench.RunLoad(context.Background(), bench.LoadConfig{
+		Addr: w.srv.Addr("smtp"), Sessions: 10, Messages: n, Size: 1000, Domains: []string{"limited.test"}, Pipelining: true, Seed: 1,
+	})
+	if err != nil || res.Accepted != n {
+		t.Fatalf("load: %d accepted, %v", res.Accepted, err)
+	}
+	w.waitFor("all delivered", 60*time.Second, func() bool { return s.Stats().Messages >= n && w.srv.Spool().Count() == 0 })
+	st := s.Stats()
+	t.Logf("%d messages over %d connections (max %d on one), %d refused", st.Messages, st.Connections, st.MaxMessagesPerConn, st.ConnectionsRefused)
+	if st.ConnectionsRefused > 0 {
+		t.Errorf("%d connections over the domain's limit of %d were refused", st.ConnectionsRefused, ownConns)
+	}
+	if st.MaxMessagesPerConn > ownPerConn || st.Connections < n/ownPerConn {
+		t.Errorf("%d messages on one connection, %d connections; the domain's limit is %d messages per connection",
+			st.MaxMessagesPerConn, st.Connections, ownPerConn)
+	}
+}
+
 // TestHoldReleaseFlushTakeEffectAtOnce defers a message for an hour, then
 // checks that flush delivers it at once, that a held message is not
 // delivered by a flush, and that release delivers it at once.

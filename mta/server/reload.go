@@ -57,7 +57,7 @@ var liveFields = map[string]bool{
 	"delivery.helo_name": true, "delivery.tls": true, "delivery.chunking": true, "delivery.timeouts": true,
 	"delivery.max_connections": true, "delivery.max_connections_per_destination": true,
 	"delivery.initial_connections_per_destination": true, "delivery.max_messages_per_connection": true,
-	"delivery.max_mx_addresses": true, "delivery.idle_timeout": true,
+	"delivery.max_mx_addresses": true, "delivery.idle_timeout": true, "delivery.domains": true,
 	"delivery.min_backoff": true, "delivery.max_backoff": true, "delivery.max_lifetime": true,
 	"dkim.keys": true, "dkim.headers": true,
 }
@@ -211,7 +211,15 @@ func smtpPolicy(cfg *config.Config) smtpd.Policy {
 // and a reload may change.
 func schedulerLimits(cfg *config.Config) scheduler.Limits {
 	d := cfg.Delivery
+	var domains map[string]scheduler.DestinationLimits
+	for name, l := range d.Domains {
+		if domains == nil {
+			domains = map[string]scheduler.DestinationLimits{}
+		}
+		domains[name] = scheduler.DestinationLimits{MaxConnections: l.MaxConnections, MaxMessagesPerConnection: l.MaxMessagesPerConnection}
+	}
 	return scheduler.Limits{
+		Domains:                  domains,
 		MaxConnections:           d.MaxConnections,
 		MaxPerDestination:        d.MaxConnectionsPerDestination,
 		InitialPerDestination:    d.InitialConnectionsPerDestination,

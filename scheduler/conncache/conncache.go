@@ -106,13 +106,14 @@ func (c *Cache[C]) Get(dest string) (conn C, messages int, ok bool) {
 }
 
 // Put parks a connection that has carried messages messages, or closes it
-// when it is unusable or at its message limit.
-func (c *Cache[C]) Put(dest string, conn C, messages int) {
+// when it is unusable or at its message limit: maxMessages, the
+// destination's own, or Options.MaxMessages when 0.
+func (c *Cache[C]) Put(dest string, conn C, messages, maxMessages int) {
 	switch {
 	case !conn.Usable():
 		c.close(conn, "unusable", messages)
 		return
-	case c.overLimit(messages):
+	case c.overLimit(messages, maxMessages):
 		c.close(conn, "message_limit", messages)
 		return
 	}
@@ -181,7 +182,10 @@ func (c *Cache[C]) set(dest string, list []entry[C]) {
 	}
 }
 
-func (c *Cache[C]) overLimit(messages int) bool {
+func (c *Cache[C]) overLimit(messages, maxMessages int) bool {
+	if maxMessages > 0 {
+		return messages >= maxMessages
+	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	return c.opts.MaxMessages > 0 && messages >= c.opts.MaxMessages
