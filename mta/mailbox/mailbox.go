@@ -110,6 +110,24 @@ func ReplyFull(address string, permanent bool) *mta.Reply {
 	return &mta.Reply{Code: 452, Enhanced: mta.Enhanced{4, 2, 2}, Text: fmt.Sprintf("<%s>: mailbox full", address)}
 }
 
+// PostmasterMailbox holds the mail of a local domain's postmaster address
+// that no user has: RFC 5321 §4.5.1 requires postmaster at every domain a
+// server takes mail for, so that mail is never refused. It waits there
+// until a user of this name reads it (mta user add postmaster ...).
+const PostmasterMailbox = "postmaster"
+
+// mailboxOf is the mailbox of a local address: the directory's, else
+// PostmasterMailbox for postmaster.
+func mailboxOf(dir Directory, address string) (string, bool) {
+	if user, ok := dir.Mailbox(address); ok {
+		return user, true
+	}
+	if at := strings.LastIndexByte(address, '@'); at > 0 && strings.EqualFold(address[:at], "postmaster") {
+		return PostmasterMailbox, true
+	}
+	return "", false
+}
+
 // Send delivers one message to the recipients of the local domain.
 func (c conn) Send(ctx context.Context, env *scheduler.Envelope, body []byte) ([]*mta.Reply, error) {
 	dir := c.t.Directory()
@@ -117,7 +135,7 @@ func (c conn) Send(ctx context.Context, env *scheduler.Envelope, body []byte) ([
 	var copies []Copy
 	index := map[string]int{} // mailbox → its copy
 	for i, r := range env.Recipients {
-		user, ok := dir.Mailbox(r.Address)
+		user, ok := mailboxOf(dir, r.Address)
 		if !ok {
 			replies[i] = ReplyUnknown(r.Address)
 			continue
@@ -194,7 +212,7 @@ func (t *Transport) delivered(mailbox string, size int64) {
 // address has a mailbox with room for size more octets (0: not known yet),
 // else the refusal (550 5.1.1 unknown, 552 5.2.2 full).
 func (t *Transport) Check(address string, size int64) *mta.Reply {
-	user, ok := t.Directory().Mailbox(address)
+	user, ok := mailboxOf(t.Directory(), address)
 	if !ok {
 		return ReplyUnknown(address)
 	}

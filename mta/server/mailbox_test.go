@@ -186,6 +186,40 @@ func TestLocalRecipientsCheckedAtRCPT(t *testing.T) {
 	}
 }
 
+// TestPostmasterIsNeverRefused: with no user holding a local domain's
+// postmaster address, RCPT TO:<Postmaster> and postmaster@ the domain in
+// any case are still taken (RFC 5321 §4.1.1.3, §4.5.1), and the mail is
+// kept in the postmaster mailbox; other unknown addresses are refused.
+func TestPostmasterIsNeverRefused(t *testing.T) {
+	hash, err := auth.Hash("bob-secret")
+	if err != nil {
+		t.Fatal(err)
+	}
+	users := filepath.Join(t.TempDir(), "users")
+	if err := os.WriteFile(users, []byte("bob:"+hash+"::bob@local.test\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	w := newWorld(t, "", fmt.Sprintf("local_domains: [local.test]\nauth: {users_file: %s}\n", users))
+	got := rcptReplies(t, w.srv.Addr("smtp"), "", "Postmaster", "postmaster@local.test", "POSTMASTER@Local.Test", "nobody@local.test")
+	for i, want := range []string{"250", "250", "250", "550 5.1.1"} {
+		if !strings.HasPrefix(got[i], want) {
+			t.Errorf("RCPT replies %q, want %q for the %dth", got, want, i+1)
+		}
+	}
+	c, err := smtp.Dial(w.srv.Addr("smtp"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if err := c.SendMail("someone@example.net", []string{"postmaster@local.test"}, strings.NewReader("Subject: abuse report\r\n\r\nhello\r\n")); err != nil {
+		t.Fatal(err)
+	}
+	w.waitFor("the postmaster's mail stored", 10*time.Second, func() bool {
+		n, _, err := w.srv.Spool().MailboxUsage("postmaster")
+		return err == nil && n == 1
+	})
+}
+
 // TestFetchmailAndMpop: two independent POP3 clients from Debian fetch and
 // delete mail that came in through the SMTP edge.
 func TestFetchmailAndMpop(t *testing.T) {
