@@ -20,8 +20,9 @@ var (
 	// (RFC 5321 §4.5.3.1.8: the client sends them in another transaction).
 	ReplyTooManyRecipients = Reply{Code: 452, Enhanced: Enhanced{4, 5, 3}, Text: "Too many recipients"}
 	// ReplyLineTooLong refuses a message with a line over the limit
-	// (RFC 5321 §4.5.3.1.6).
-	ReplyLineTooLong = Reply{Code: 500, Enhanced: Enhanced{5, 5, 2}, Text: "Line too long"}
+	// (RFC 5321 §4.5.3.1.6): a reply to the end of data, so a 554 (§4.3.2)
+	// with a media error, not the 500 of a bad command line.
+	ReplyLineTooLong = Reply{Code: 554, Enhanced: Enhanced{5, 6, 0}, Text: "Message contains a line that is too long"}
 	// ReplyBareLineEnding refuses a message with a CR or LF that is not part
 	// of a CRLF pair (RFC 5321 §2.3.8); such bytes are how SMTP smuggling works.
 	ReplyBareLineEnding = Reply{Code: 550, Enhanced: Enhanced{5, 6, 0}, Text: "Message contains bare CR or LF; use CRLF line endings"}

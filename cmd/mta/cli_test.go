@@ -242,8 +242,8 @@ func TestQueueOutputEscapesControlCharacters(t *testing.T) {
 			t.Errorf("queue %s does not show the escaped sender:\n%s", name, out)
 		}
 	}
-	if !strings.Contains(show, `h\x9b2J\u202eost`) {
-		t.Errorf("queue show does not show the escaped HELO name:\n%s", show)
+	if !strings.Contains(show, "(h_2J_ost)") { // the SMTP edge keeps HELO names ASCII
+		t.Errorf("queue show does not show the HELO name made ASCII:\n%s", show)
 	}
 }
 

@@ -64,15 +64,19 @@ func (s *session) dispatch(line []byte) {
 	case "RSET":
 		s.resetTransaction()
 		s.reply(&replyOK)
+		s.junkCommand()
 	case "NOOP":
 		s.reply(&replyOK)
+		s.junkCommand()
 	case "QUIT":
 		s.replyText(221, mta.Enhanced{2, 0, 0}, "Bye")
 		s.closing = true
 	case "VRFY":
 		s.replyText(252, mta.Enhanced{2, 0, 0}, "Cannot VRFY user; try RCPT to attempt delivery")
+		s.junkCommand()
 	case "HELP":
 		s.replyText(214, mta.Enhanced{2, 0, 0}, "See RFC 5321")
+		s.junkCommand()
 	case "STARTTLS":
 		s.startTLS(args)
 	case "AUTH":
@@ -101,14 +105,14 @@ func (s *session) hello(arg string, esmtp bool) {
 		return
 	}
 	s.resetTransaction()
-	s.helo, s.esmtp = name, esmtp
+	s.helo, s.esmtp = asciiName(name), esmtp
 	host := s.srv.opts.Hostname
 	if !esmtp {
 		s.replyText(250, mta.Enhanced{}, host)
 		return
 	}
 	lines := make([]string, 0, 12)
-	lines = append(lines, host+" Hello "+sanitizeName(name),
+	lines = append(lines, host+" Hello "+sanitizeName(s.helo),
 		"PIPELINING",
 		"SIZE "+strconv.FormatInt(s.pol.MaxMessageSize, 10),
 		"8BITMIME",
@@ -122,6 +126,31 @@ func (s *session) hello(arg string, esmtp bool) {
 	}
 	lines = append(lines, "SMTPUTF8", "DSN", "MT-PRIORITY")
 	s.replyLines(250, lines)
+}
+
+// asciiName is a HELO name as our Received: header and the log carry it:
+// ASCII, as a header without SMTPUTF8 must be (RFC 6532), and a HELO comes
+// before any SMTPUTF8. An internationalized domain name becomes its
+// A-labels; any other character above ASCII (or invalid byte) becomes "_".
+func asciiName(name string) string {
+	ascii := true
+	for i := 0; i < len(name); i++ {
+		ascii = ascii && name[i] < 0x80
+	}
+	if ascii {
+		return name
+	}
+	if d, ok := mta.NormalizeDomain(name); ok && utf8.ValidString(name) {
+		return d
+	}
+	b := make([]byte, 0, len(name))
+	for _, r := range name { // an invalid byte is one RuneError
+		if r >= utf8.RuneSelf {
+			r = '_'
+		}
+		b = append(b, byte(r))
+	}
+	return string(b)
 }
 
 // sanitizeName keeps a client-given name from breaking a reply line.
@@ -171,12 +200,12 @@ func (s *session) mail(arg string) {
 	for _, p := range params {
 		switch p.key {
 		case "SIZE":
-			n, err := strconv.ParseInt(p.value, 10, 64)
-			if err != nil || n < 0 {
+			if p.value == "" || strings.Trim(p.value, "0123456789") != "" { // digits only (RFC 1870 §6)
 				s.refuse("bad_parameter", &replyBadParam)
 				return
 			}
-			if n > s.pol.MaxMessageSize {
+			n, err := strconv.ParseInt(p.value, 10, 64)
+			if err != nil || n > s.pol.MaxMessageSize { // too many digits is too big
 				s.refuse("message_too_big", &mta.ReplyMessageTooBig)
 				return
 			}
@@ -345,6 +374,9 @@ func (s *session) rcpt(arg string) {
 	}
 	if len(s.env.Recipients) >= s.pol.MaxRecipients {
 		s.refuse("too_many_recipients", &mta.ReplyTooManyRecipients)
+		if s.overshoot++; s.overshoot > recipientOvershootLimit {
+			s.countError()
+		}
 		return
 	}
 	if f := s.srv.opts.Suppressed; f != nil && s.mayRelay() && !p.postmaster {
@@ -446,6 +478,11 @@ func (s *session) startTLS(arg string) {
 		return
 	case s.tls != nil:
 		s.refuse("bad_sequence", &mta.Reply{Code: 503, Enhanced: mta.Enhanced{5, 5, 1}, Text: "Error: TLS already active"})
+		return
+	case s.hasFrom:
+		// The TLS session would start without it (RFC 3207 §4.2): say so
+		// instead of dropping it silently.
+		s.refuse("bad_sequence", &mta.Reply{Code: 503, Enhanced: mta.Enhanced{5, 5, 1}, Text: "Error: MAIL transaction in progress"})
 		return
 	}
 	if s.r.Buffered() > 0 {

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"crypto/tls"
 	"errors"
+	"fmt"
 	"strconv"
 	"strings"
 	"sync"
@@ -282,10 +283,10 @@ func (s *session) bdatChunk(arg string) {
 		}
 		if isLast {
 			s.resetTransaction()
-			s.refuse("message_too_big", &mta.ReplyMessageTooBig)
-			return
 		}
-		s.chunkReceived(n)
+		// Every chunk after the one that went over: the message cannot
+		// be taken any more (RFC 3030 §2: the client should have stopped).
+		s.refuse("message_too_big", &mta.ReplyMessageTooBig)
 		return
 	}
 	if s.bdat == nil {
@@ -413,7 +414,7 @@ func (s *session) finishMessage(body []byte, f bodyFindings) {
 		s.refuse("bare_line_ending", &mta.ReplyBareLineEnding)
 		return
 	case f.longLine:
-		s.refuse("line_too_long", &mta.ReplyLineTooLong)
+		s.refuse("line_too_long", mta.ReplyLineTooLong.With(fmt.Sprintf("Message contains a line longer than %d octets", s.pol.MaxLineLength)))
 		return
 	}
 	if f.bare {

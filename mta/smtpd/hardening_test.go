@@ -499,7 +499,7 @@ func TestLFOnlyMessagesAreNotOneLongLine(t *testing.T) {
 	if got := send(outsider, body); !strings.HasPrefix(got, "550 5.6.0 ") {
 		t.Fatalf("LF line endings from an outsider → %q, want 550 5.6.0", got)
 	}
-	if got := send(trusted, "Subject: long\r\n\r\n"+strings.Repeat("x", 2000)+"\r\n"); !strings.HasPrefix(got, "500 5.5.2 ") {
+	if got := send(trusted, "Subject: long\r\n\r\n"+strings.Repeat("x", 2000)+"\r\n"); !strings.HasPrefix(got, "554 5.6.0 ") {
 		t.Fatalf("a line over the limit → %q", got)
 	}
 }

@@ -25,6 +25,17 @@ const readBufferSize = 32 << 10
 // smtpd_hard_error_limit).
 const maxErrors = 20
 
+// junkCommandLimit is how many commands that do nothing (NOOP, RSET, VRFY,
+// HELP) a session may send before each further one counts as an error
+// (Postfix's smtpd_junk_command_limit): without it a client could hold a
+// connection for ever.
+const junkCommandLimit = 100
+
+// recipientOvershootLimit is how many recipients past the per-message
+// limit a session may send (each deferred with 452) before each further
+// one counts as an error (Postfix's smtpd_recipient_overshoot_limit).
+const recipientOvershootLimit = 1000
+
 // session is one SMTP connection, from the greeting to the close. It owns
 // the protocol dialogue: the edge reads commands and message data itself,
 // so that where a message ends, what a timeout does and which reply each
@@ -47,6 +58,8 @@ type session struct {
 
 	authFailures int
 	errors       int
+	junk         int  // commands that did nothing (see junkCommandLimit)
+	overshoot    int  // recipients of this transaction past the limit (see recipientOvershootLimit)
 	closing      bool // close after the replies written so far
 	inStream     bool // reading message data: a panic now loses the place in the stream
 
@@ -122,7 +135,7 @@ func (s *session) readFailed(err error, inData bool) {
 		s.srv.opts.Metrics.rejected.WithLabelValues(s.srv.opts.Name, "line_too_long").Inc()
 		s.reply(&replyCommandTooLong)
 	case errors.As(err, &ne) && ne.Timeout():
-		if s.srv.isStopping() && !s.busy.Load() {
+		if s.srv.isStopping() && (!s.busy.Load() || s.srv.forced.Load()) {
 			s.reply(&mta.ReplyShuttingDown)
 			break
 		}
@@ -175,17 +188,19 @@ func (s *session) lineBuffered() bool {
 	return bytes.IndexByte(b, '\n') >= 0
 }
 
-// setReadDeadline arms the read deadline for a wait of timeout. It is moved
-// later only when a tenth of the timeout has passed since it was last set,
-// so that a pipelining client does not pay for a timer per command, and it
-// is always moved earlier (from the data timeout to a shorter command
-// timeout, say), so that each wait gets its own timeout.
+// setReadDeadline arms the read deadline for a wait of timeout: it fires
+// between timeout and 1.1 × timeout from now, never sooner. The deadline
+// is set a tenth of the timeout late and left alone while it is within
+// that tenth, so that a pipelining client does not pay for a timer per
+// command; one further off (the data timeout before a shorter command
+// timeout, say) is moved earlier, so that each wait gets its own timeout.
 func (s *session) setReadDeadline(timeout time.Duration) {
 	if timeout <= 0 {
 		return
 	}
-	till := time.Now().Add(timeout)
-	if till.Before(s.deadlineTill) || till.Sub(s.deadlineTill) > timeout/10 {
+	want := time.Now().Add(timeout)
+	if want.After(s.deadlineTill) || s.deadlineTill.Sub(want) > timeout/10 {
+		till := want.Add(timeout / 10)
 		_ = s.raw.SetReadDeadline(till)
 		s.deadlineTill = till
 	}
@@ -261,10 +276,24 @@ func (s *session) refuse(reason string, r *mta.Reply) {
 	}
 	s.reply(r)
 	if r.Code >= 500 {
-		if s.errors++; s.errors >= maxErrors {
-			s.reply(&replyTooManyErrors)
-			s.closing = true
-		}
+		s.countError()
+	}
+}
+
+// countError counts one error of the client's; at maxErrors the session
+// says so and closes.
+func (s *session) countError() {
+	if s.errors++; s.errors >= maxErrors && !s.closing {
+		s.reply(&replyTooManyErrors)
+		s.closing = true
+	}
+}
+
+// junkCommand counts a command that did nothing; past junkCommandLimit
+// each one is an error.
+func (s *session) junkCommand() {
+	if s.junk++; s.junk > junkCommandLimit {
+		s.countError()
 	}
 }
 
@@ -313,7 +342,7 @@ func (s *session) releaseMemory() {
 func (s *session) resetTransaction() {
 	s.releaseMemory()
 	s.env = mta.Envelope{}
-	s.hasFrom, s.declared = false, 0
+	s.hasFrom, s.declared, s.overshoot = false, 0, 0
 	if s.bdat != nil {
 		putBuffer(s.bdat)
 		s.bdat = nil

@@ -149,6 +149,7 @@ type Server struct {
 	sessions map[*session]struct{}
 	wg       sync.WaitGroup
 	stopping atomic.Bool            // read by every session before each command: no lock
+	forced   atomic.Bool            // the shutdown's grace is over: sessions in a transaction end too
 	policy   atomic.Pointer[Policy] // what new sessions take (SetPolicy)
 
 	// acceptMu is held for reading while a message is handed to the
@@ -267,8 +268,10 @@ func (s *Server) admit(c net.Conn) {
 
 // Shutdown stops accepting connections, tells idle clients
 // "421 4.3.2 Service shutting down" and closes their connections, and lets
-// transactions in flight finish. When ctx ends first, it closes every
-// connection still open and returns ctx's error. Either way, once it
+// transactions in flight finish. When ctx ends first, it tells the
+// clients still in a transaction 421 too (their messages are not taken),
+// closes every connection still open within forcedGrace, and returns
+// ctx's error. Either way, once it
 // returns no message is being stored and none will be.
 func (s *Server) Shutdown(ctx context.Context) error {
 	s.mu.Lock()
@@ -290,6 +293,7 @@ wait:
 			break wait
 		case <-ctx.Done():
 			err = ctx.Err()
+			s.endTransactions(done)
 			s.closeSessions()
 			<-done
 			break wait
@@ -312,6 +316,36 @@ func (s *Server) kickIdle() {
 	for sess := range s.sessions {
 		if !sess.busy.Load() {
 			_ = sess.raw.SetReadDeadline(time.Now())
+		}
+	}
+}
+
+// forcedGrace is how long sessions still in a transaction when the
+// shutdown's grace ends get to tell their clients 421 (RFC 5321 §3.8)
+// before their connections are closed under them.
+const forcedGrace = 500 * time.Millisecond
+
+// endTransactions wakes every session, those in a transaction too: a
+// session waiting for its client sees the server stopping and says 421.
+// It returns when they are done, or after forcedGrace (a session blocked
+// on a client that reads nothing).
+func (s *Server) endTransactions(done <-chan struct{}) {
+	s.forced.Store(true)
+	deadline := time.After(forcedGrace)
+	tick := time.NewTicker(20 * time.Millisecond)
+	defer tick.Stop()
+	for {
+		s.mu.Lock()
+		for sess := range s.sessions {
+			_ = sess.raw.SetReadDeadline(time.Now())
+		}
+		s.mu.Unlock()
+		select {
+		case <-done:
+			return
+		case <-deadline:
+			return
+		case <-tick.C:
 		}
 	}
 }
