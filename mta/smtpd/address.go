@@ -25,7 +25,7 @@ const maxPath = 256
 
 // path is a parsed reverse- or forward-path.
 type path struct {
-	mailbox    string // as it is stored and sent on: quotes kept, source route dropped; "" for <>
+	mailbox    string // as it is stored and sent on: quotes kept where needed, source route dropped; "" for <>
 	postmaster bool   // the special <Postmaster> of RFC 5321 §4.1.1.3
 	literal    bool   // the domain is an address literal such as [192.0.2.1]
 }
@@ -77,6 +77,15 @@ func parsePath(s string, null, postmaster, utf8ok bool) (path, string, pathError
 	at := localPartEnd(inner, utf8ok)
 	if at <= 0 || at >= len(inner) || inner[at] != '@' {
 		return path{}, "", pathSyntax
+	}
+	if inner[0] == '"' && !strings.ContainsRune(inner[1:at-1], '\\') {
+		// A quoted local part that needs no quotes is the same mailbox as
+		// the bare one (RFC 5322 §3.2.4): "alice"@example.org is
+		// alice@example.org, for the mailbox lookup and on the wire, as
+		// RFC 5321 §4.1.2 asks senders to write it.
+		if bare := inner[1 : at-1]; localPartEnd(bare+"@", utf8ok) == len(bare) {
+			inner, at = bare+inner[at:], len(bare)
+		}
 	}
 	domain := inner[at+1:]
 	p := path{mailbox: inner}

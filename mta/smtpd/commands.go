@@ -423,8 +423,36 @@ func (s *session) rcpt(arg string) {
 			return
 		}
 	}
-	s.env.Recipients = append(s.env.Recipients, r)
+	if !s.duplicateRecipient(r.Address) {
+		s.env.Recipients = append(s.env.Recipients, r)
+	}
 	s.replyText(250, mta.Enhanced{2, 1, 5}, "Ok")
+}
+
+// duplicateRecipient reports whether the transaction has addr already (in
+// any case): like Postfix's cleanup, a recipient named twice gets the
+// message once. Both RCPTs are answered 250.
+func (s *session) duplicateRecipient(addr string) bool {
+	if len(s.env.Recipients) < 32 {
+		for _, r := range s.env.Recipients {
+			if len(r.Address) == len(addr) && strings.EqualFold(r.Address, addr) {
+				return true
+			}
+		}
+		return false
+	}
+	if s.rcptSeen == nil { // many recipients: a set instead of a scan each
+		s.rcptSeen = make(map[string]struct{}, 2*len(s.env.Recipients))
+		for _, r := range s.env.Recipients {
+			s.rcptSeen[strings.ToLower(r.Address)] = struct{}{}
+		}
+	}
+	key := strings.ToLower(addr)
+	if _, seen := s.rcptSeen[key]; seen {
+		return true
+	}
+	s.rcptSeen[key] = struct{}{}
+	return false
 }
 
 // senderRouted reports whether the local part of addr carries routing of

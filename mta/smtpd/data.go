@@ -51,6 +51,11 @@ func (s *session) data(arg string) {
 	early := s.pol.RejectEarlyData && s.authUser == "" && s.r.Buffered() > 0
 	defer func() {
 		if early {
+			if !s.closing {
+				// DATA itself was refused: the client is told why it is
+				// disconnected (RFC 5321 §3.8), not just closed on.
+				s.reply(&mta.ReplySyncError)
+			}
 			s.closing = true
 		}
 	}()
@@ -70,6 +75,7 @@ func (s *session) data(arg string) {
 	}
 	if early {
 		s.refuse("sync_error", &mta.ReplySyncError)
+		s.closing = true
 		return
 	}
 	s.replyText(354, mta.Enhanced{}, "End data with <CR><LF>.<CR><LF>")

@@ -166,3 +166,64 @@ func TestSIZEParameterSyntax(t *testing.T) {
 	w.cmdExpect("MAIL FROM:<a@example.org> SIZE=99999999999999999999", "552 5.3.4 ")
 	w.cmdExpect("MAIL FROM:<a@example.org> SIZE=100", "250")
 }
+
+// A quoted local part that needs no quotes is the bare mailbox (RFC 5322
+// §3.2.4), so "alice"@ finds alice's mailbox and goes on unquoted; one
+// that needs them keeps them.
+func TestNeedlessQuotesAreDropped(t *testing.T) {
+	ts := startServer(t, nil)
+	w := dial(t, ts.addr)
+	w.cmdExpect("EHLO client.test", "250")
+	w.cmdExpect(`MAIL FROM:<"a.b"@example.org>`, "250")
+	w.cmdExpect(`RCPT TO:<"alice"@local.test>`, "250")
+	w.cmdExpect(`RCPT TO:<"a b"@local.test>`, "250")
+	w.cmdExpect(`RCPT TO:<"a..b"@local.test>`, "250")
+	w.cmdExpect("DATA", "354")
+	id := queuedID(t, w.cmd("Subject: x\r\n\r\nx\r\n."))
+	m, _ := storedMessage(t, ts.spool, id)
+	var got []string
+	for _, r := range m.Recipients {
+		got = append(got, r.Address)
+	}
+	if m.From != "a.b@example.org" || strings.Join(got, " ") != `alice@local.test "a b"@local.test "a..b"@local.test` {
+		t.Fatalf("stored from %q, recipients %q", m.From, got)
+	}
+}
+
+// A recipient named twice in a transaction gets the message once.
+func TestDuplicateRecipientsAreKeptOnce(t *testing.T) {
+	ts := startServer(t, nil)
+	w := dial(t, ts.addr)
+	w.cmdExpect("EHLO client.test", "250")
+	w.cmdExpect("MAIL FROM:<a@example.org>", "250")
+	for _, rc := range []string{"b@remote.test", "c@remote.test", "B@Remote.Test", "b@remote.test"} {
+		w.cmdExpect("RCPT TO:<"+rc+">", "250")
+	}
+	w.cmdExpect("DATA", "354")
+	id := queuedID(t, w.cmd("Subject: x\r\n\r\nx\r\n."))
+	m, _ := storedMessage(t, ts.spool, id)
+	if len(m.Recipients) != 2 || m.Recipients[0].Address != "b@remote.test" || m.Recipients[1].Address != "c@remote.test" {
+		t.Fatalf("stored recipients %+v", m.Recipients)
+	}
+}
+
+// Past the scan, the set: duplicates among many recipients too.
+func TestDuplicatesAmongManyRecipients(t *testing.T) {
+	ts := startServer(t, func(o *Options) { o.MaxRecipients = 100 })
+	w := dial(t, ts.addr)
+	w.cmdExpect("EHLO client.test", "250")
+	w.cmdExpect("MAIL FROM:<a@example.org>", "250")
+	var all strings.Builder
+	for i := 0; i < 80; i++ {
+		fmt.Fprintf(&all, "RCPT TO:<r%d@Remote.test>\r\n", i%40)
+	}
+	w.send(all.String())
+	for i := 0; i < 80; i++ {
+		w.expect("250")
+	}
+	w.cmdExpect("DATA", "354")
+	id := queuedID(t, w.cmd("Subject: x\r\n\r\nx\r\n."))
+	if m, _ := storedMessage(t, ts.spool, id); len(m.Recipients) != 40 {
+		t.Fatalf("%d recipients stored, want 40", len(m.Recipients))
+	}
+}

@@ -66,7 +66,8 @@ type session struct {
 	// The transaction.
 	env      mta.Envelope
 	hasFrom  bool
-	declared int64 // the SIZE= of MAIL FROM; 0 when not given
+	declared int64               // the SIZE= of MAIL FROM; 0 when not given
+	rcptSeen map[string]struct{} // the lower-cased recipients, once there are many (duplicateRecipient)
 
 	refusalsLogged int           // refusals of this session so far (see maxRefusalsLogged)
 	bdat           *bytes.Buffer // the chunks so far of a BDAT message; nil outside one
@@ -342,7 +343,7 @@ func (s *session) releaseMemory() {
 func (s *session) resetTransaction() {
 	s.releaseMemory()
 	s.env = mta.Envelope{}
-	s.hasFrom, s.declared, s.overshoot = false, 0, 0
+	s.hasFrom, s.declared, s.overshoot, s.rcptSeen = false, 0, 0, nil
 	if s.bdat != nil {
 		putBuffer(s.bdat)
 		s.bdat = nil
