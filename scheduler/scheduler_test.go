@@ -194,12 +194,38 @@ func TestOutcomesPerRecipient(t *testing.T) {
 	}
 }
 
+// A retry that would come after the end of the queue lifetime is made at
+// its end instead: the mail is tried until then, as the delay notice's
+// Will-Retry-Until promises, not given up a backoff early.
+func TestLastRetryIsAtTheEndOfTheLifetime(t *testing.T) {
+	store, tr := newMemStore(), newFakeTransport()
+	tr.replies = func(string) *mta.Reply { return &mta.Reply{Code: 451, Text: "try later"} }
+	h := start(t, func(o *Options) { o.MaxLifetime = 90 * time.Minute }, store, tr) // backoff an hour or more
+	now := time.Now()
+	received := now.Add(-time.Hour)
+	store.add("m", received, now, "r@x.test")
+	h.s.Submit("m", []string{"x.test"}, mta.PriorityBulk)
+	waitFor(t, "the deferral", func() bool {
+		store.mu.Lock()
+		defer store.mu.Unlock()
+		return store.defers[workKey{"m", "x.test"}] == 1
+	})
+	store.mu.Lock()
+	defer store.mu.Unlock()
+	if len(store.failures) != 0 {
+		t.Fatalf("failed half an hour before the end of its lifetime: %v", store.failures)
+	}
+	if due, end := store.due[workKey{"m", "x.test"}], received.Add(90*time.Minute); !due.Equal(end) {
+		t.Fatalf("next attempt at %v, want the end of the lifetime, %v", due, end)
+	}
+}
+
 func TestExpiredMessageFails(t *testing.T) {
 	store, tr := newMemStore(), newFakeTransport()
 	tr.replies = func(string) *mta.Reply { return &mta.Reply{Code: 451, Text: "try later"} }
 	h := start(t, func(o *Options) { o.MaxLifetime = 90 * time.Minute }, store, tr)
 	now := time.Now()
-	store.add("old", now.Add(-time.Hour), now.Add(time.Hour), "r@x.test")
+	store.add("old", now.Add(-90*time.Minute), now.Add(time.Hour), "r@x.test") // its last attempt, at the end of its lifetime
 	h.s.Submit("old", []string{"x.test"}, mta.PriorityBulk)
 	waitFor(t, "expiry", func() bool { _, f := store.counts(); return f == 1 })
 	store.mu.Lock()

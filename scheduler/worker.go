@@ -229,7 +229,10 @@ func (s *Scheduler) prepare(w *work, wait bool) (*attempt, error) {
 	if len(env.Recipients) == 0 {
 		return nil, nil
 	}
-	if s.opts.Now().Sub(m.Received) >= s.lifetime(w.key.domain) {
+	// The last attempt is due at the end of the lifetime (temporary): it
+	// is made if it comes within a lease of it, and then expires the mail
+	// if it fails too. Later than that, no attempt is made.
+	if s.opts.Now().Sub(m.Received) >= s.lifetime(w.key.domain)+s.opts.Lease {
 		s.expire(m, addresses(env.Recipients), local("no attempt made"))
 		return nil, nil
 	}
@@ -425,13 +428,21 @@ func (s *Scheduler) report(e OutcomeEvent) {
 }
 
 // temporary defers the domain's queued recipients with backoff, or fails
-// them if the message has outlived MaxLifetime.
+// them if the message has outlived MaxLifetime. A retry that would come
+// after the end of the lifetime is made at its end instead, so that the
+// mail is tried until then (as a delay notice's Will-Retry-Until says),
+// like Postfix and unlike giving up up to a whole backoff early.
 func (s *Scheduler) temporary(w *work, m *Message, attempts int, o Outcome) {
-	next := s.opts.Now().Add(s.backoffFor(attempts + 1))
-	if next.Sub(m.Received) >= s.lifetime(w.key.domain) {
+	now := s.opts.Now()
+	end := m.Received.Add(s.lifetime(w.key.domain))
+	if !now.Before(end) {
 		rcpts, _ := pending(m, w.key.domain)
 		s.expire(m, addresses(rcpts), o)
 		return
+	}
+	next := now.Add(s.backoffFor(attempts + 1))
+	if next.After(end) {
+		next = end
 	}
 	if err := s.opts.Store.Defer(w.key.id, w.key.domain, next, o); err != nil {
 		s.log.Error("scheduler: deferring", zap.String("id", w.key.id), zap.Error(err))
