@@ -149,3 +149,38 @@ func TestInjectThousandRecipients(t *testing.T) {
 		t.Errorf("no injection line in the log")
 	}
 }
+
+// TestInjectRefusesUnknownLocalRecipients: a recipient of a local domain
+// without a mailbox is refused in the API's reply, as at RCPT over SMTP,
+// instead of being accepted and bounced to the tenant; postmaster and a
+// user's address are taken.
+func TestInjectRefusesUnknownLocalRecipients(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts subprocesses")
+	}
+	sink := startSink(t, bench.SinkConfig{Keep: true})
+	users := filepath.Join(t.TempDir(), "users")
+	if err := os.WriteFile(users, []byte("alice:$2a$10$abcdefghijklmnopqrstuu5Yr7b3CkHf0tq4nIh3r3y3n2z0v6eGi::alice@local.test\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	p, token := startInjecting(t, sink, "local_domains: [local.test]\nauth: {users_file: "+users+"}\n")
+	code, body := postJSON(t, "http://"+p.API+"/api/v1/messages", token, map[string]any{
+		"message":    map[string]any{"from": "noreply@shop.example", "subject": "s", "text": "t"},
+		"recipients": []map[string]any{{"email": "nobody@local.test"}, {"email": "alice@local.test"}, {"email": "postmaster@local.test"}},
+	})
+	var res struct {
+		Accepted   int
+		Recipients []struct {
+			Email string
+			ID    string
+			Error *struct{ Code int }
+		}
+	}
+	if err := json.Unmarshal(body, &res); err != nil || code/100 == 5 {
+		t.Fatalf("inject: %d %s", code, body)
+	}
+	if res.Accepted != 2 || len(res.Recipients) != 3 || res.Recipients[0].Error == nil || res.Recipients[0].Error.Code != 550 ||
+		res.Recipients[1].ID == "" || res.Recipients[2].ID == "" {
+		t.Fatalf("reply %s", body)
+	}
+}

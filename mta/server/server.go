@@ -364,7 +364,7 @@ func New(cfg *config.Config, log *zap.Logger) (_ *Server, err error) {
 			MaxMessageSize: int64(cfg.SMTP.MaxMessageSize),
 			Store:          s.acceptor(),
 			Memory:         memory,
-			Refuse:         refuse,
+			Refuse:         injectionRefusal(cfg.LocalDomains, local, refuse),
 			ReturnPath:     returnPathFunc,
 			OnAccepted:     func(id string, env *mta.Envelope, size int) { s.accountReception(id, env, size, "") },
 			Logger:         log.Named("inject"),

@@ -11,6 +11,7 @@ import (
 
 	"github.com/mtaproject/mta/mta"
 	"github.com/mtaproject/mta/mta/admin"
+	"github.com/mtaproject/mta/mta/smtpd"
 	"github.com/mtaproject/mta/scheduler"
 	"github.com/mtaproject/mta/spool"
 )
@@ -193,4 +194,26 @@ func writeJSONBody(w http.ResponseWriter, code int, v any) {
 
 func writeJSONError(w http.ResponseWriter, code int, msg string) {
 	writeJSONBody(w, code, map[string]string{"error": msg})
+}
+
+// injectionRefusal is how the injection API refuses a recipient, as the
+// SMTP edge does at RCPT: an address of a local domain without a mailbox
+// (or whose mailbox is full), then the suppression list (refuse, may be
+// nil). Nothing is accepted that would only bounce.
+func injectionRefusal(localDomains []string, mailboxes smtpd.Mailboxes, refuse func(tenant, rcpt string) *mta.Reply) func(tenant, rcpt string) *mta.Reply {
+	local := map[string]bool{}
+	for _, d := range localDomains {
+		local[strings.ToLower(d)] = true
+	}
+	return func(tenant, rcpt string) *mta.Reply {
+		if mailboxes != nil && local[mta.Domain(rcpt)] {
+			if rep := mailboxes.Check(rcpt, 0); rep != nil {
+				return rep
+			}
+		}
+		if refuse != nil {
+			return refuse(tenant, rcpt)
+		}
+		return nil
+	}
 }
