@@ -19,6 +19,8 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 	"go.uber.org/zap"
+
+	"github.com/mtaproject/mta/mta"
 )
 
 // Message is one message of a mailbox as a session sees it.
@@ -62,10 +64,15 @@ type Options struct {
 	// IdleTimeout ends a session that sends no command for this long;
 	// zero means 10 minutes (RFC 1939 §3: at least 10).
 	IdleTimeout time.Duration
+	// LoginTimeout is the idle timeout before a login, much shorter
+	// (zero: 1 minute), so that connections that never log in cannot
+	// hold every slot for ten minutes each.
+	LoginTimeout time.Duration
 	// FailureDelay is slept before answering a failed login; zero: 1 s.
 	FailureDelay time.Duration
-	// MaxConnections and MaxPerIP bound concurrent sessions; zero: 100
-	// and 10.
+	// MaxConnections and MaxPerIP bound concurrent sessions of this
+	// listener; zero: 100 and 10. MaxPerIP counts an IPv6 client's /64
+	// together (mta.ClientNetwork).
 	MaxConnections, MaxPerIP int
 	Failures                 FailureLimiter // nil: no per-address limit
 	// Locks is the table of mailboxes in use, shared by every listener
@@ -93,7 +100,7 @@ type Server struct {
 	mu       sync.Mutex
 	ln       net.Listener
 	sessions map[*session]struct{}
-	perIP    map[netip.Addr]int
+	perIP    map[netip.Prefix]int // sessions by mta.ClientNetwork
 	closed   bool
 	wg       sync.WaitGroup
 }
@@ -106,6 +113,10 @@ func New(opts Options) *Server {
 	if opts.IdleTimeout <= 0 {
 		opts.IdleTimeout = 10 * time.Minute
 	}
+	if opts.LoginTimeout <= 0 {
+		opts.LoginTimeout = time.Minute
+	}
+	opts.LoginTimeout = min(opts.LoginTimeout, opts.IdleTimeout)
 	if opts.FailureDelay <= 0 {
 		opts.FailureDelay = time.Second
 	}
@@ -122,7 +133,7 @@ func New(opts Options) *Server {
 		opts.Locks = NewLocks()
 	}
 	return &Server{opts: opts, log: opts.Logger.With(zap.String("listener", opts.Name)),
-		sessions: map[*session]struct{}{}, perIP: map[netip.Addr]int{}}
+		sessions: map[*session]struct{}{}, perIP: map[netip.Prefix]int{}}
 }
 
 // Serve accepts connections on ln until Shutdown.
@@ -157,18 +168,21 @@ func (s *Server) Serve(ln net.Listener) error {
 // handle starts a session for c, or refuses it past the limits.
 func (s *Server) handle(c net.Conn) {
 	ip := remoteIP(c)
+	network := mta.ClientNetwork(ip)
 	s.mu.Lock()
-	if s.closed || len(s.sessions) >= s.opts.MaxConnections || s.perIP[ip] >= s.opts.MaxPerIP {
+	if s.closed || len(s.sessions) >= s.opts.MaxConnections || s.perIP[network] >= s.opts.MaxPerIP {
 		s.mu.Unlock()
 		s.opts.Metrics.refused.WithLabelValues(s.opts.Name).Inc()
-		c.SetWriteDeadline(time.Now().Add(5 * time.Second))
-		c.Write([]byte("-ERR [SYS/TEMP] too many connections, try again later\r\n"))
+		if !s.opts.ImplicitTLS { // a TLS client could not read a cleartext reply: it just sees the close
+			c.SetWriteDeadline(time.Now().Add(5 * time.Second))
+			c.Write([]byte("-ERR [SYS/TEMP] too many connections, try again later\r\n"))
+		}
 		c.Close()
 		return
 	}
 	sess := newSession(s, c, ip)
 	s.sessions[sess] = struct{}{}
-	s.perIP[ip]++
+	s.perIP[network]++
 	s.wg.Add(1)
 	s.mu.Unlock()
 	s.opts.Metrics.sessions.WithLabelValues(s.opts.Name).Inc()
@@ -177,8 +191,8 @@ func (s *Server) handle(c net.Conn) {
 		sess.run()
 		s.mu.Lock()
 		delete(s.sessions, sess)
-		if s.perIP[ip]--; s.perIP[ip] <= 0 {
-			delete(s.perIP, ip)
+		if s.perIP[network]--; s.perIP[network] <= 0 {
+			delete(s.perIP, network)
 		}
 		s.mu.Unlock()
 	}()

@@ -2,6 +2,7 @@ package pop3d
 
 import (
 	"bufio"
+	"io"
 	"crypto/tls"
 	"fmt"
 	"net"
@@ -331,5 +332,50 @@ func TestImplicitTLSHandshakeTimesOut(t *testing.T) {
 	_, err = c.Read(make([]byte, 1))
 	if err == nil || time.Since(start) > 3*time.Second {
 		t.Errorf("a silent client on the TLS port: %v after %v", err, time.Since(start))
+	}
+}
+
+// A connection that does not log in is closed after the login timeout,
+// well before the ten-minute idle timeout of a session that did, so that
+// idle connections cannot hold every slot; a session that logged in gets
+// the idle timeout.
+func TestLoginTimeout(t *testing.T) {
+	addr, _ := start(t, newBackend("Subject: a\r\n\r\nx\r\n"), func(o *Options) {
+		o.LoginTimeout = 200 * time.Millisecond
+		o.IdleTimeout = 3 * time.Second
+	})
+	idle := dial(t, addr)
+	start := time.Now()
+	if r := idle.line(); !strings.HasPrefix(r, "-ERR idle") || time.Since(start) > 2*time.Second {
+		t.Fatalf("no login: %q after %v", r, time.Since(start))
+	}
+	in := dial(t, addr)
+	in.login()
+	time.Sleep(500 * time.Millisecond)
+	if r := in.cmd("STAT"); !strings.HasPrefix(r, "+OK 1 ") {
+		t.Fatalf("logged in, idle 0.5 s: %q", r)
+	}
+}
+
+// Past the per-client limit, an implicit-TLS listener closes the
+// connection without writing cleartext at it, which a TLS client would
+// read as a broken handshake.
+func TestImplicitTLSRefusalIsNotCleartext(t *testing.T) {
+	addr, _ := start(t, newBackend(), func(o *Options) { o.ImplicitTLS = true; o.MaxPerIP = 1 })
+	first, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer first.Close()
+	time.Sleep(50 * time.Millisecond) // the first is counted
+	second, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer second.Close()
+	second.SetReadDeadline(time.Now().Add(3 * time.Second))
+	b, err := io.ReadAll(second)
+	if err != nil || len(b) != 0 {
+		t.Fatalf("over the limit, the TLS listener sent %q (%v)", b, err)
 	}
 }

@@ -97,7 +97,11 @@ func (s *session) run() {
 			s.reply("-ERR [SYS/TEMP] server shutting down")
 			return
 		}
-		s.raw.SetReadDeadline(time.Now().Add(s.srv.opts.IdleTimeout))
+		idle := s.srv.opts.IdleTimeout
+		if s.state == authorization {
+			idle = s.srv.opts.LoginTimeout
+		}
+		s.raw.SetReadDeadline(time.Now().Add(idle))
 		line, err := s.readLine()
 		if s.stopping.Load() {
 			s.reply("-ERR [SYS/TEMP] server shutting down")

@@ -191,13 +191,6 @@ func (a *AuthFailures) SetLimit(limit int, window time.Duration) {
 	a.mu.Unlock()
 }
 
-func clientKey(ip netip.Addr) netip.Prefix {
-	if ip.Is4() {
-		return netip.PrefixFrom(ip, 32)
-	}
-	p, _ := ip.Prefix(64)
-	return p
-}
 
 // blocked reports whether ip may not try AUTH now.
 func (a *AuthFailures) blocked(ip netip.Addr) bool {
@@ -206,7 +199,7 @@ func (a *AuthFailures) blocked(ip netip.Addr) bool {
 	}
 	a.mu.Lock()
 	defer a.mu.Unlock()
-	c := a.clients[clientKey(ip)]
+	c := a.clients[mta.ClientNetwork(ip)]
 	return c != nil && a.now().Before(c.until)
 }
 
@@ -220,7 +213,7 @@ func (a *AuthFailures) fail(ip netip.Addr) bool {
 	if a.limit <= 0 {
 		return false
 	}
-	now, key := a.now(), clientKey(ip)
+	now, key := a.now(), mta.ClientNetwork(ip)
 	c := a.clients[key]
 	if c == nil || now.Sub(c.start) > a.window && !now.Before(c.until) {
 		if len(a.clients) >= maxTracked {
