@@ -2,9 +2,9 @@ package pop3d
 
 import (
 	"bufio"
-	"io"
 	"crypto/tls"
 	"fmt"
+	"io"
 	"net"
 	"strings"
 	"sync"

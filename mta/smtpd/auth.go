@@ -191,7 +191,6 @@ func (a *AuthFailures) SetLimit(limit int, window time.Duration) {
 	a.mu.Unlock()
 }
 
-
 // blocked reports whether ip may not try AUTH now.
 func (a *AuthFailures) blocked(ip netip.Addr) bool {
 	if a == nil {
