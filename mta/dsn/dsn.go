@@ -141,7 +141,11 @@ func Build(r *Report) (msg []byte, eightBit bool) {
 	}
 	field("Auto-Submitted", "auto-replied")
 	field("MIME-Version", "1.0")
-	field("Content-Type", `multipart/report; report-type=delivery-status; boundary="`+boundary+`"`)
+	reportType := "delivery-status" // the subtype of the second part (RFC 6522 §3)
+	if r.SMTPUTF8 {
+		reportType = "global-delivery-status"
+	}
+	field("Content-Type", `multipart/report; report-type=`+reportType+`; boundary="`+boundary+`"`)
 	if eightBit {
 		field("Content-Transfer-Encoding", "8bit") // RFC 2045 §6.4: a multipart says what its parts hold
 	}
@@ -169,18 +173,22 @@ func Build(r *Report) (msg []byte, eightBit bool) {
 	b.Write(status.Bytes())
 
 	b.WriteString("\r\n--" + boundary + "\r\n")
+	description := "Undelivered Message" // failed, or delayed: not delivered yet
+	if len(r.Recipients) > 0 && (r.Recipients[0].Action == Delivered || r.Recipients[0].Action == Relayed) {
+		description = "Delivered Message"
+	}
 	switch {
 	case whole && r.SMTPUTF8:
-		field("Content-Description", "Undelivered Message")
+		field("Content-Description", description)
 		field("Content-Type", "message/global")
 	case whole:
-		field("Content-Description", "Undelivered Message")
+		field("Content-Description", description)
 		field("Content-Type", "message/rfc822")
 	case r.SMTPUTF8:
-		field("Content-Description", "Undelivered Message Headers")
+		field("Content-Description", description+" Headers")
 		field("Content-Type", "message/global-headers")
 	default:
-		field("Content-Description", "Undelivered Message Headers")
+		field("Content-Description", description+" Headers")
 		field("Content-Type", "text/rfc822-headers")
 	}
 	if !isASCII(string(original)) {

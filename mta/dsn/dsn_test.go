@@ -135,6 +135,9 @@ func TestDelayAndReturnedPart(t *testing.T) {
 	if !d.LinesOK || d.Parts[1].Type != "message/global-delivery-status" || d.Parts[2].Type != "message/global" {
 		t.Errorf("SMTPUTF8: lines ok %v, parts %s %s", d.LinesOK, d.Parts[1].Type, d.Parts[2].Type)
 	}
+	if d.ReportType != "global-delivery-status" { // RFC 6522 §3: the subtype of the second part
+		t.Errorf("SMTPUTF8: report-type %s", d.ReportType)
+	}
 	if d.Recipients[0]["Final-Recipient"] != "utf-8; jörg@remote.test" {
 		t.Errorf("global Final-Recipient %q", d.Recipients[0]["Final-Recipient"])
 	}
