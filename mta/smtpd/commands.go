@@ -62,6 +62,10 @@ func (s *session) dispatch(line []byte) {
 	case "BDAT":
 		s.bdatChunk(args)
 	case "RSET":
+		if args != "" { // RFC 5321 §4.1.1.5: no parameters
+			s.refuse("bad_syntax", &mta.Reply{Code: 501, Enhanced: mta.Enhanced{5, 5, 4}, Text: "Syntax: RSET"})
+			return
+		}
 		s.resetTransaction()
 		s.reply(&replyOK)
 		s.junkCommand()
@@ -72,6 +76,10 @@ func (s *session) dispatch(line []byte) {
 		s.replyText(221, mta.Enhanced{2, 0, 0}, "Bye")
 		s.closing = true
 	case "VRFY":
+		if args == "" { // RFC 5321 §4.1.1.6: a string to verify
+			s.refuse("bad_syntax", &mta.Reply{Code: 501, Enhanced: mta.Enhanced{5, 5, 4}, Text: "Syntax: VRFY address"})
+			return
+		}
 		s.replyText(252, mta.Enhanced{2, 0, 0}, "Cannot VRFY user; try RCPT to attempt delivery")
 		s.junkCommand()
 	case "HELP":

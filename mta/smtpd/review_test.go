@@ -227,3 +227,14 @@ func TestDuplicatesAmongManyRecipients(t *testing.T) {
 		t.Fatalf("%d recipients stored, want 40", len(m.Recipients))
 	}
 }
+
+// VRFY needs its argument and RSET takes none (RFC 5321 §4.1.1.5, 6).
+func TestVRFYAndRSETSyntax(t *testing.T) {
+	ts := startServer(t, nil)
+	w := dial(t, ts.addr)
+	w.cmdExpect("EHLO client.test", "250")
+	w.cmdExpect("VRFY", "501 5.5.4 ")
+	w.cmdExpect("VRFY someone", "252 ")
+	w.cmdExpect("RSET now", "501 5.5.4 ")
+	w.cmdExpect("RSET", "250 ")
+}
