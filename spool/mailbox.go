@@ -44,6 +44,9 @@ type LocalCopy struct {
 	// Header is prepended to the stored message (Return-Path,
 	// Delivered-To).
 	Header []byte
+	// Body, when not nil, is the message as it goes into the mailbox
+	// (local delivery dropped fields of its header); nil: as queued.
+	Body []byte
 }
 
 // mailboxUID is the UID of message id delivered for domain: the queue ID,
@@ -86,7 +89,7 @@ func (s *Spool) DeliverLocal(id string, copies []LocalCopy) error {
 		// leave the free-space reserve alone (a full WAL is fatal).
 		need := int64(0)
 		for _, c := range copies {
-			need += int64(len(c.Header) + len(body))
+			need += int64(len(c.Header) + len(c.bytes(body)))
 		}
 		if !s.admit(need) {
 			s.reclaim()
@@ -110,17 +113,26 @@ func (s *Spool) DeliverLocal(id string, copies []LocalCopy) error {
 			if !delivers {
 				continue
 			}
-			size := int64(len(c.Header) + len(body))
+			msg := c.bytes(body)
+			size := int64(len(c.Header) + len(msg))
 			uid := mailboxUID(id, mta.Domain(c.Recipients[0]))
 			op := b.SetDeferred(len(mailboxKey(prefixMailbox, c.Mailbox, uid)), int(size))
 			copy(op.Key, mailboxKey(prefixMailbox, c.Mailbox, uid))
-			copy(op.Value[copy(op.Value, c.Header):], body)
+			copy(op.Value[copy(op.Value, c.Header):], msg)
 			op.Finish()
 			_ = b.Set(mailboxKey(prefixMailboxIndex, c.Mailbox, uid), binary.AppendUvarint(nil, uint64(size)), nil)
 		}
 		setDue(b, m)
 		return t, nil
 	})
+}
+
+// bytes is the message c stores after its Header: its Body, or queued.
+func (c LocalCopy) bytes(queued []byte) []byte {
+	if c.Body != nil {
+		return c.Body
+	}
+	return queued
 }
 
 // MailboxList returns the messages of mailbox in UID (arrival) order.

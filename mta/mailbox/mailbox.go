@@ -10,6 +10,7 @@
 package mailbox
 
 import (
+	"bytes"
 	"context"
 	"fmt"
 	"strings"
@@ -30,6 +31,7 @@ type Copy struct {
 	Mailbox    string
 	Recipients []string // the addresses it delivers
 	Header     []byte   // prepended to the message
+	Body       []byte   // the message as it goes in; nil: as queued
 }
 
 // Store is what local delivery needs of the spool.
@@ -133,7 +135,8 @@ func (c conn) Send(ctx context.Context, env *scheduler.Envelope, body []byte) ([
 	dir := c.t.Directory()
 	replies := make([]*mta.Reply, len(env.Recipients))
 	var copies []Copy
-	index := map[string]int{} // mailbox → its copy
+	index := map[string]int{}      // mailbox → its copy
+	stored := dropReturnPath(body) // nil: as queued
 	for i, r := range env.Recipients {
 		user, ok := mailboxOf(dir, r.Address)
 		if !ok {
@@ -151,7 +154,7 @@ func (c conn) Send(ctx context.Context, env *scheduler.Envelope, body []byte) ([
 			}
 			n = len(copies)
 			index[user] = n
-			copies = append(copies, Copy{Mailbox: user, Header: []byte("Return-Path: <" + env.From + ">\r\n")})
+			copies = append(copies, Copy{Mailbox: user, Header: []byte("Return-Path: <" + env.From + ">\r\n"), Body: stored})
 		}
 		cp := &copies[n]
 		cp.Recipients = append(cp.Recipients, r.Address)
@@ -172,6 +175,44 @@ func (c conn) Send(ctx context.Context, env *scheduler.Envelope, body []byte) ([
 		}
 	}
 	return replies, nil
+}
+
+// dropReturnPath returns msg without the Return-Path: fields of its
+// header section, or nil when it has none. The Return-Path of a message
+// in a mailbox is the one final delivery adds (RFC 5321 §4.4); one the
+// sender wrote would be read as the envelope sender by the mail reader
+// and filters after it, so, as Postfix does, it is dropped.
+func dropReturnPath(msg []byte) []byte {
+	const name = "return-path:"
+	var out []byte
+	dropping := false // inside a dropped field: its folded lines go too
+	rest := msg
+	for len(rest) > 0 {
+		end := bytes.Index(rest, []byte("\r\n"))
+		if end < 0 {
+			end = len(rest)
+		} else {
+			end += 2
+		}
+		line := rest[:end]
+		if string(line) == "\r\n" {
+			break // the end of the header section
+		}
+		if line[0] != ' ' && line[0] != '\t' {
+			dropping = len(line) > len(name) && bytes.EqualFold(line[:len(name)], []byte(name))
+		}
+		switch {
+		case dropping && out == nil: // the first: keep what came before
+			out = append(make([]byte, 0, len(msg)), msg[:len(msg)-len(rest)]...)
+		case !dropping && out != nil:
+			out = append(out, line...)
+		}
+		rest = rest[end:]
+	}
+	if out == nil {
+		return nil
+	}
+	return append(out, rest...)
 }
 
 // over reports whether size more octets would take mailbox over quota.

@@ -77,3 +77,18 @@ func TestOneCopyPerMailboxUnknownAndFull(t *testing.T) {
 		t.Errorf("unknown address: %v", rep)
 	}
 }
+
+func TestDropReturnPath(t *testing.T) {
+	for _, tc := range []struct{ in, want string }{
+		{"Received: x\r\nSubject: a\r\n\r\nReturn-Path: <body@x>\r\n", ""},
+		{"Received: x\r\nReturn-Path: <forged@evil.test>\r\nSubject: a\r\n\r\nbody\r\n", "Received: x\r\nSubject: a\r\n\r\nbody\r\n"},
+		{"return-path:\r\n <folded@evil.test>\r\nSubject: a\r\nRETURN-PATH: <b>\r\n\r\nReturn-Path: stays\r\n", "Subject: a\r\n\r\nReturn-Path: stays\r\n"},
+		{"Return-Path-Like: x\r\n\r\n", ""},
+		{"Received: x\r\nReturn-Path: <a>", "Received: x\r\n"},
+	} {
+		got := dropReturnPath([]byte(tc.in))
+		if string(got) != tc.want || (tc.want == "" && got != nil) {
+			t.Errorf("dropReturnPath(%q) = %q, want %q", tc.in, got, tc.want)
+		}
+	}
+}

@@ -395,7 +395,7 @@ type mailboxStore struct{ sp *spool.Spool }
 func (m mailboxStore) DeliverLocal(id string, copies []mailbox.Copy) error {
 	out := make([]spool.LocalCopy, len(copies))
 	for i, c := range copies {
-		out[i] = spool.LocalCopy{Mailbox: c.Mailbox, Recipients: c.Recipients, Header: c.Header}
+		out[i] = spool.LocalCopy{Mailbox: c.Mailbox, Recipients: c.Recipients, Header: c.Header, Body: c.Body}
 	}
 	return ignoreGone(m.sp.DeliverLocal(id, out))
 }

@@ -220,6 +220,36 @@ func TestPostmasterIsNeverRefused(t *testing.T) {
 	})
 }
 
+// TestSendersReturnPathIsDropped: a Return-Path: the sender wrote is not
+// stored in the mailbox, where a reader would take it for the envelope
+// sender; the one final delivery adds is the only one.
+func TestSendersReturnPathIsDropped(t *testing.T) {
+	w := localWorld(t, "1MiB")
+	c, err := smtp.Dial(w.srv.Addr("smtp"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	msg := "Return-Path: <forged@evil.test>\r\nSubject: hi\r\nreturn-path:\r\n <folded@evil.test>\r\n\r\nReturn-Path: in the body stays\r\n"
+	if err := c.SendMail("real@example.net", []string{"alice@local.test"}, strings.NewReader(msg)); err != nil {
+		t.Fatal(err)
+	}
+	var got []byte
+	w.waitFor("alice's copy", 10*time.Second, func() bool {
+		list, err := w.srv.Spool().MailboxList("alice")
+		if err != nil || len(list) != 1 {
+			return false
+		}
+		got, err = w.srv.Spool().MailboxGet("alice", list[0].UID)
+		return err == nil
+	})
+	text := string(got)
+	if !strings.HasPrefix(text, "Return-Path: <real@example.net>\r\n") || strings.Contains(text, "evil.test") ||
+		!strings.Contains(text, "Subject: hi\r\n\r\nReturn-Path: in the body stays\r\n") {
+		t.Fatalf("stored copy:\n%s", text)
+	}
+}
+
 // TestFetchmailAndMpop: two independent POP3 clients from Debian fetch and
 // delete mail that came in through the SMTP edge.
 func TestFetchmailAndMpop(t *testing.T) {
