@@ -496,6 +496,7 @@ func (s *session) finishMessage(body []byte, f bodyFindings) {
 		ce.Write(fields...)
 	}
 	s.replyText(250, mta.Enhanced{2, 0, 0}, "Ok: queued as "+id)
+	s.junk = 0 // as Postfix: junk commands count from the last message taken
 }
 
 var errShuttingDown = errors.New("smtpd: shutting down")

@@ -28,6 +28,26 @@ func TestJunkCommandsEndTheSession(t *testing.T) {
 	}
 	w.expect("421 4.7.0 ")
 	w.expectClosed()
+
+	// The count starts again after each message taken: a client that
+	// probes a reused connection with RSET before each message (ours
+	// does) is never cut off.
+	w = dial(t, ts.addr)
+	w.cmdExpect("EHLO client.test", "250")
+	for round := 0; round < 3; round++ {
+		var batch strings.Builder
+		for i := 0; i < junkCommandLimit; i++ {
+			batch.WriteString("RSET\r\n")
+		}
+		w.send(batch.String())
+		for i := 0; i < junkCommandLimit; i++ {
+			w.expect("250")
+		}
+		w.cmdExpect("MAIL FROM:<a@example.org>", "250")
+		w.cmdExpect("RCPT TO:<b@remote.test>", "250")
+		w.cmdExpect("DATA", "354")
+		queuedID(t, w.cmd("Subject: x\r\n\r\nx\r\n."))
+	}
 }
 
 // Recipients past the limit get 452 (the client sends them in another
