@@ -770,19 +770,58 @@ func (s *Scheduler) resolve(domain string) {
 // setRoute records route r for domain's mail, and the key of its
 // destination: the route's, and the domain's own limits when it has some.
 func (s *Scheduler) setRoute(domain string, ds *domainState, r Route) {
+	if a, ok := mta.NormalizeDomain(domain); ok {
+		domain = a // an internationalized domain as the configuration has it: A-labels
+	}
 	ds.route, ds.own = r, s.limits().Domains[domain]
 	ds.key = r.Key() + ds.own.keySuffix()
 }
 
-// destFor returns the destination of a domain's mail, made if new.
+// destFor returns the destination of a domain's mail, made if new. A new
+// one for next hops that another destination (with other limits) knows
+// to be failing starts backed off as that one is: a reload of the limits
+// does not earn a dead destination a probe.
 func (s *Scheduler) destFor(ds *domainState) *dest {
 	d := s.dests[ds.key]
 	if d == nil {
 		d = &dest{key: ds.key, route: ds.route, own: ds.own}
+		for _, o := range s.dests {
+			if o.failures > 0 && o.route != nil && o.route.Key() == ds.route.Key() {
+				d.deadUntil, d.failures, d.why, d.failedAt = o.deadUntil, o.failures, o.why, o.failedAt
+				break
+			}
+		}
 		s.dests[ds.key] = d
 	}
 	d.route = ds.route
 	return d
+}
+
+// requeueMoved moves the queued work of domains whose destination key
+// changed (their own limits did, in a reload) to their new destination,
+// so that the new limits hold for it at once rather than after the old
+// destination's backlog has drained under the old ones; the old
+// destination's connections end as they find nothing more to send.
+func (s *Scheduler) requeueMoved() {
+	var moved []*work
+	for _, d := range s.dests {
+		kept, urgent := d.queue[:0], 0
+		for _, w := range d.queue {
+			if ds := s.domains[w.key.domain]; ds != nil && ds.route != nil && ds.key != d.key {
+				moved = append(moved, w)
+				continue
+			}
+			kept = append(kept, w)
+			if w.urgent {
+				urgent++
+			}
+		}
+		clear(d.queue[len(kept):])
+		d.queue, d.urgent = kept, urgent
+	}
+	for _, w := range moved {
+		s.enqueue(s.destFor(s.domains[w.key.domain]), w)
+	}
 }
 
 // enqueue queues work for its destination, or postpones it if the
@@ -842,7 +881,7 @@ func (s *Scheduler) serve(d *dest) {
 		d.active++
 		s.active++
 		s.workers.Add(1)
-		go s.worker(d.key, d.route, w, d.own.MaxMessagesPerConnection)
+		go s.worker(d.key, d.route, w, d.own)
 	}
 }
 
@@ -961,9 +1000,10 @@ func (s *Scheduler) retuned() {
 	lim := s.limits()
 	for domain, ds := range s.domains {
 		if ds.route != nil {
-			s.setRoute(domain, ds, ds.route) // its own limits may have changed: its next work goes by them
+			s.setRoute(domain, ds, ds.route) // its own limits may have changed: its work goes by them
 		}
 	}
+	s.requeueMoved()
 	for _, d := range s.dests {
 		if d.window != 0 {
 			d.window = max(d.window, min(lim.InitialPerDestination, s.maxPer(d)))

@@ -852,3 +852,59 @@ func TestSlowScanDoesNotHoldUpDelivery(t *testing.T) {
 	free()
 	waitFor(t, "the scanned work delivered", func() bool { d, _ := store.counts(); return d == 51 })
 }
+
+// A reload that lowers a domain's own connection limit holds for its mail
+// already queued, not only for what comes after: the queued work moves to
+// the destination with the new limits.
+func TestReloadedDomainLimitsApplyToQueuedWork(t *testing.T) {
+	store, tr := newMemStore(), newFakeTransport()
+	tr.delay["x.test"] = 5 * time.Millisecond
+	lim := func(conns int) Limits {
+		return Limits{MinBackoff: time.Hour, MaxBackoff: 2 * time.Hour, IdleTimeout: time.Minute, MaxPerDestination: 8, InitialPerDestination: 8,
+			Domains: map[string]DestinationLimits{"x.test": {MaxConnections: conns}}}
+	}
+	h := start(t, func(o *Options) { o.Limits = lim(4) }, store, tr)
+	now := time.Now()
+	for i := 0; i < 300; i++ {
+		id := fmt.Sprintf("m%03d", i)
+		store.add(id, now, now.Add(time.Hour), "r@x.test")
+		h.s.Submit(id, []string{"x.test"}, mta.PriorityBulk)
+	}
+	waitFor(t, "the first deliveries", func() bool { d, _ := store.counts(); return d >= 20 })
+	tr.mu.Lock()
+	before := tr.mostSending["x.test"]
+	tr.mu.Unlock()
+	h.s.SetLimits(lim(1))
+	time.Sleep(50 * time.Millisecond) // the connections' messages in flight finish
+	tr.mu.Lock()
+	tr.mostSending["x.test"] = tr.sending["x.test"]
+	tr.mu.Unlock()
+	waitFor(t, "300 deliveries", func() bool { d, _ := store.counts(); return d == 300 })
+	tr.mu.Lock()
+	defer tr.mu.Unlock()
+	if before < 2 || tr.mostSending["x.test"] > 1 {
+		t.Fatalf("%d connections at once before the reload, %d after it lowered the limit to 1", before, tr.mostSending["x.test"])
+	}
+}
+
+// The configuration names an internationalized domain by its A-labels;
+// mail to its U-label form (SMTPUTF8) gets its limits too.
+func TestDomainLimitsOfAnInternationalizedDomain(t *testing.T) {
+	store, tr := newMemStore(), newFakeTransport()
+	tr.dests["bücher.example"] = "idn"
+	tr.delay["idn"] = 20 * time.Millisecond
+	h := start(t, func(o *Options) {
+		o.Domains = map[string]DestinationLimits{"xn--bcher-kva.example": {MaxConnections: 1}}
+	}, store, tr)
+	now := time.Now()
+	store.add("u1", now, now.Add(time.Hour), "r@bücher.example")
+	h.s.Submit("u1", []string{"bücher.example"}, mta.PriorityBulk)
+	waitFor(t, "its destination", func() bool {
+		for _, d := range h.s.Destinations() {
+			if d.Key == "idn limits=1/0" {
+				return true
+			}
+		}
+		return false
+	})
+}

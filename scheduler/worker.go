@@ -11,13 +11,13 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/mtaproject/mta/mta"
+	"github.com/mtaproject/mta/scheduler/conncache"
 )
 
 // worker is one connection to destination key: it sends the destination's
 // queued messages one after another until the queue is empty, then parks
-// the connection in the cache. ownMax, when not 0, is the destination's
-// own MaxMessagesPerConnection.
-func (s *Scheduler) worker(key string, route Route, first *work, ownMax int) {
+// the connection in the cache. own are the destination's own limits.
+func (s *Scheduler) worker(key string, route Route, first *work, own DestinationLimits) {
 	defer s.workers.Done()
 	defer func() { s.events <- event{kind: evExit, key: key} }()
 	var conn Conn
@@ -57,8 +57,8 @@ func (s *Scheduler) worker(key string, route Route, first *work, ownMax int) {
 	defer s.m.activeConns.WithLabelValues(route.Class()).Dec()
 
 	maxMessages := func() int {
-		if ownMax > 0 {
-			return ownMax
+		if own.MaxMessagesPerConnection > 0 {
+			return own.MaxMessagesPerConnection
 		}
 		return s.limits().MaxMessagesPerConnection // a reload applies at once
 	}
@@ -139,7 +139,7 @@ func (s *Scheduler) worker(key string, route Route, first *work, ownMax int) {
 		return
 	}
 	// The cache observes messagesPerConn when it closes the connection.
-	s.cache.Put(key, conn, messages, ownMax)
+	s.cache.Put(key, conn, messages, conncache.Limits{MaxMessages: own.MaxMessagesPerConnection, MaxIdle: own.MaxConnections})
 }
 
 // nextWork asks the state goroutine for the next work of destination key

@@ -30,10 +30,26 @@ type Options struct {
 	OnClose func(reason string, messages int)
 }
 
+// Limits are a destination's own MaxMessages and MaxIdle, given with each
+// Put; a zero field keeps the Options value.
+type Limits struct {
+	MaxMessages, MaxIdle int
+}
+
 type entry[C Conn] struct {
-	conn     C
-	messages int
-	since    time.Time
+	conn        C
+	messages    int
+	maxMessages int // the destination's own, or 0: Options.MaxMessages
+	since       time.Time
+}
+
+// entryOverLimit reports whether e has carried its destination's most messages.
+func (c *Cache[C]) entryOverLimit(e entry[C]) bool {
+	max := e.maxMessages
+	if max <= 0 {
+		max = c.opts.MaxMessages
+	}
+	return max > 0 && e.messages >= max
 }
 
 // Cache holds idle connections. It is safe for concurrent use. Close
@@ -86,7 +102,7 @@ func (c *Cache[C]) Get(dest string) (conn C, messages int, ok bool) {
 		case now.Sub(e.since) >= c.opts.IdleTimeout || !e.conn.Usable():
 			go c.close(e.conn, "idle_timeout", e.messages)
 			continue
-		case c.opts.MaxMessages > 0 && e.messages >= c.opts.MaxMessages: // lowered since it was parked
+		case c.entryOverLimit(e): // lowered since it was parked
 			go c.close(e.conn, "message_limit", e.messages)
 			continue
 		}
@@ -106,18 +122,20 @@ func (c *Cache[C]) Get(dest string) (conn C, messages int, ok bool) {
 }
 
 // Put parks a connection that has carried messages messages, or closes it
-// when it is unusable or at its message limit: maxMessages, the
-// destination's own, or Options.MaxMessages when 0.
-func (c *Cache[C]) Put(dest string, conn C, messages, maxMessages int) {
-	switch {
-	case !conn.Usable():
+// when it is unusable or at its message limit; own are the destination's
+// own limits.
+func (c *Cache[C]) Put(dest string, conn C, messages int, own Limits) {
+	e := entry[C]{conn: conn, messages: messages, maxMessages: own.MaxMessages}
+	if !conn.Usable() {
 		c.close(conn, "unusable", messages)
-		return
-	case c.overLimit(messages, maxMessages):
-		c.close(conn, "message_limit", messages)
 		return
 	}
 	c.mu.Lock()
+	if c.entryOverLimit(e) {
+		c.mu.Unlock()
+		c.close(conn, "message_limit", messages)
+		return
+	}
 	select {
 	case <-c.stop:
 		c.mu.Unlock()
@@ -125,9 +143,14 @@ func (c *Cache[C]) Put(dest string, conn C, messages, maxMessages int) {
 		return
 	default:
 	}
-	list := append(c.idle[dest], entry[C]{conn: conn, messages: messages, since: c.opts.Now()})
+	e.since = c.opts.Now()
+	list := append(c.idle[dest], e)
+	maxIdle := c.opts.MaxIdle
+	if own.MaxIdle > 0 {
+		maxIdle = own.MaxIdle
+	}
 	var evicted []entry[C]
-	for c.opts.MaxIdle > 0 && len(list) > c.opts.MaxIdle {
+	for maxIdle > 0 && len(list) > maxIdle {
 		evicted = append(evicted, list[0])
 		list = list[1:]
 	}
@@ -180,15 +203,6 @@ func (c *Cache[C]) set(dest string, list []entry[C]) {
 	} else {
 		c.idle[dest] = list
 	}
-}
-
-func (c *Cache[C]) overLimit(messages, maxMessages int) bool {
-	if maxMessages > 0 {
-		return messages >= maxMessages
-	}
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return c.opts.MaxMessages > 0 && messages >= c.opts.MaxMessages
 }
 
 // SetLimits changes IdleTimeout, MaxMessages and MaxIdle while the cache

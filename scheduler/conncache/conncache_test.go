@@ -29,26 +29,26 @@ func TestReuseLimitsAndExpiry(t *testing.T) {
 	defer c.Close()
 
 	a, b, d := &fakeConn{name: "a", usable: true}, &fakeConn{name: "b", usable: true}, &fakeConn{name: "d", usable: true}
-	c.Put("dest1", a, 2, 0)
-	c.Put("dest1", b, 1, 0)
+	c.Put("dest1", a, 2, Limits{})
+	c.Put("dest1", b, 1, Limits{})
 	if got, n, ok := c.Get("dest1"); !ok || got != b || n != 1 {
 		t.Fatalf("Get = %v %d %v, want the least used (b, 1)", got, n, ok)
 	}
 	if _, _, ok := c.Get("dest2"); ok {
 		t.Fatal("a connection of another destination was returned")
 	}
-	c.Put("dest1", b, 3, 0) // at the message limit: closed
+	c.Put("dest1", b, 3, Limits{}) // at the message limit: closed
 	if !b.closed.Load() {
 		t.Fatal("connection at its message limit was kept")
 	}
-	c.Put("dest1", d, 1, 0)
+	c.Put("dest1", d, 1, Limits{})
 	e := &fakeConn{name: "e", usable: true}
-	c.Put("dest1", e, 1, 0) // three idle for dest1: the oldest (a) goes
+	c.Put("dest1", e, 1, Limits{}) // three idle for dest1: the oldest (a) goes
 	if !a.closed.Load() || c.Idle() != 2 {
 		t.Fatalf("MaxIdle not enforced: a closed %v, idle %d", a.closed.Load(), c.Idle())
 	}
 	bad := &fakeConn{name: "bad"}
-	c.Put("dest1", bad, 0, 0)
+	c.Put("dest1", bad, 0, Limits{})
 	if !bad.closed.Load() {
 		t.Fatal("unusable connection was kept")
 	}
@@ -84,7 +84,7 @@ func TestLeastUsedFirst(t *testing.T) {
 		messages int
 	}{{"a", 7}, {"b", 3}, {"c", 9}, {"d", 3}, {"e", 5}} {
 		conns[p.name] = &fakeConn{name: p.name, usable: true}
-		c.Put("x", conns[p.name], p.messages, 0)
+		c.Put("x", conns[p.name], p.messages, Limits{})
 	}
 	var order []string
 	for {
@@ -102,15 +102,39 @@ func TestLeastUsedFirst(t *testing.T) {
 func TestCloseClosesEverything(t *testing.T) {
 	c := New[*fakeConn](Options{IdleTimeout: time.Hour})
 	a := &fakeConn{name: "a", usable: true}
-	c.Put("x", a, 0, 0)
+	c.Put("x", a, 0, Limits{})
 	c.Close()
 	if !a.closed.Load() || c.Idle() != 0 {
 		t.Fatal("Close left a connection open")
 	}
 	b := &fakeConn{name: "b", usable: true}
-	c.Put("x", b, 0, 0)
+	c.Put("x", b, 0, Limits{})
 	if !b.closed.Load() {
 		t.Fatal("Put after Close kept the connection")
 	}
 	c.Close() // idempotent
+}
+
+// A destination's own limits, given with Put, hold for its parked
+// connections also when they are above the cache's: a connection past the
+// cache's MaxMessages but within its destination's is taken again, and
+// the destination keeps its own number idle.
+func TestOwnLimitsAboveTheDefaults(t *testing.T) {
+	c := New[*fakeConn](Options{IdleTimeout: time.Minute, MaxMessages: 3, MaxIdle: 1})
+	defer c.Close()
+	own := Limits{MaxMessages: 10, MaxIdle: 3}
+	a, b, d := &fakeConn{name: "a", usable: true}, &fakeConn{name: "b", usable: true}, &fakeConn{name: "d", usable: true}
+	c.Put("relay", a, 5, own)
+	c.Put("relay", b, 6, own)
+	c.Put("relay", d, 7, own)
+	if c.Idle() != 3 || a.closed.Load() {
+		t.Fatalf("%d idle, a closed %v: the destination's own MaxIdle of 3 not kept", c.Idle(), a.closed.Load())
+	}
+	if got, n, ok := c.Get("relay"); !ok || got != a || n != 5 {
+		t.Fatalf("Get = %v %d %v, want a (5 messages, under its own limit of 10)", got, n, ok)
+	}
+	c.Put("relay", a, 10, own)
+	if !a.closed.Load() {
+		t.Fatal("a connection at its destination's own limit was kept")
+	}
 }
