@@ -143,6 +143,7 @@ func (s *memStore) Defer(id, domain string, until time.Time, o Outcome) error {
 	for i := range m.Recipients {
 		if r := &m.Recipients[i]; r.Queued && r.Domain == domain {
 			r.Attempts++
+			r.LastReply = reply
 		}
 	}
 	s.due[workKey{id, domain}] = until

@@ -220,6 +220,30 @@ func TestLastRetryIsAtTheEndOfTheLifetime(t *testing.T) {
 	}
 }
 
+// Mail that comes due only well after its lifetime (a long stop, a deep
+// backlog) expires without another attempt, and its bounce quotes the
+// last attempt's reply, not "no attempt made".
+func TestLateExpiryQuotesTheLastReply(t *testing.T) {
+	store, tr := newMemStore(), newFakeTransport()
+	h := start(t, func(o *Options) { o.MaxLifetime = 90 * time.Minute }, store, tr)
+	now := time.Now()
+	store.add("late", now.Add(-2*time.Hour), now, "r@x.test")
+	store.mu.Lock()
+	store.msgs["late"].Recipients[0].Attempts = 3
+	store.msgs["late"].Recipients[0].LastReply = "451 4.7.1 greylisted, try later"
+	store.mu.Unlock()
+	h.s.Submit("late", []string{"x.test"}, mta.PriorityBulk)
+	waitFor(t, "expiry", func() bool { _, f := store.counts(); return f == 1 })
+	store.mu.Lock()
+	defer store.mu.Unlock()
+	if got := store.failures["late r@x.test"]; !strings.HasPrefix(got, "550 5.4.7 ") || !strings.Contains(got, "greylisted") {
+		t.Fatalf("expiry reply %q", got)
+	}
+	if _, sent, _ := tr.stats("x.test"); sent != 0 {
+		t.Fatal("an attempt was made past the lifetime")
+	}
+}
+
 func TestExpiredMessageFails(t *testing.T) {
 	store, tr := newMemStore(), newFakeTransport()
 	tr.replies = func(string) *mta.Reply { return &mta.Reply{Code: 451, Text: "try later"} }

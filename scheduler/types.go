@@ -49,6 +49,9 @@ type Recipient struct {
 	Domain   string
 	Queued   bool
 	Attempts int
+	// LastReply is the reply (or our reason) of its last attempt, quoted
+	// when the mail expires without another.
+	LastReply string
 }
 
 // Store is the queue on disk. Every method is one atomic, durable

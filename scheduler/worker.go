@@ -233,7 +233,7 @@ func (s *Scheduler) prepare(w *work, wait bool) (*attempt, error) {
 	// is made if it comes within a lease of it, and then expires the mail
 	// if it fails too. Later than that, no attempt is made.
 	if s.opts.Now().Sub(m.Received) >= s.lifetime(w.key.domain)+s.opts.Lease {
-		s.expire(m, addresses(env.Recipients), local("no attempt made"))
+		s.expire(m, addresses(env.Recipients), local(lastReply(m, w.key.domain)))
 		return nil, nil
 	}
 	if !wait {
@@ -575,6 +575,17 @@ func pending(m *Message, domain string) (rcpts []mta.Recipient, attempts int) {
 		}
 	}
 	return rcpts, attempts
+}
+
+// lastReply is the last attempt's reply of domain's queued recipients in
+// m, for an expiry that comes without another attempt.
+func lastReply(m *Message, domain string) string {
+	for _, r := range m.Recipients {
+		if r.Queued && r.Domain == domain && r.LastReply != "" {
+			return r.LastReply
+		}
+	}
+	return "no attempt made"
 }
 
 // addresses returns the addresses of rcpts.

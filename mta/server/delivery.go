@@ -151,7 +151,8 @@ func (q queueStore) Message(id string) (*scheduler.Message, error) {
 		Body8Bit: m.Body8Bit, Received: m.Received, MessageID: m.MessageID, Size: m.Size,
 		AuthUser: m.AuthUser, Priority: m.Priority, Metadata: m.Metadata, Recipients: make([]scheduler.Recipient, len(m.Recipients))}
 	for i, r := range m.Recipients {
-		out.Recipients[i] = scheduler.Recipient{Recipient: r.Recipient, Domain: r.Domain, Queued: r.Status == spool.Queued, Attempts: r.Attempts}
+		out.Recipients[i] = scheduler.Recipient{Recipient: r.Recipient, Domain: r.Domain, Queued: r.Status == spool.Queued, Attempts: r.Attempts,
+			LastReply: r.LastReply}
 	}
 	return out, nil
 }
