@@ -173,9 +173,11 @@ func Build(r *Report) (msg []byte, eightBit bool) {
 	b.Write(status.Bytes())
 
 	b.WriteString("\r\n--" + boundary + "\r\n")
-	description := "Undelivered Message" // failed, or delayed: not delivered yet
-	if len(r.Recipients) > 0 && (r.Recipients[0].Action == Delivered || r.Recipients[0].Action == Relayed) {
-		description = "Delivered Message"
+	description := "Delivered Message" // unless a recipient's copy is not (failed, delayed)
+	for _, rc := range r.Recipients {
+		if rc.Action == Failed || rc.Action == Delayed {
+			description = "Undelivered Message"
+		}
 	}
 	switch {
 	case whole && r.SMTPUTF8:

@@ -170,7 +170,11 @@ func (c conn) Send(ctx context.Context, env *scheduler.Envelope, body []byte) ([
 			}
 		} else {
 			for _, cp := range copies {
-				c.t.delivered(cp.Mailbox, int64(len(cp.Header)+len(body)))
+				stored := body
+				if cp.Body != nil {
+					stored = cp.Body
+				}
+				c.t.delivered(cp.Mailbox, int64(len(cp.Header)+len(stored)))
 			}
 		}
 	}
@@ -183,7 +187,7 @@ func (c conn) Send(ctx context.Context, env *scheduler.Envelope, body []byte) ([
 // sender wrote would be read as the envelope sender by the mail reader
 // and filters after it, so, as Postfix does, it is dropped.
 func dropReturnPath(msg []byte) []byte {
-	const name = "return-path:"
+	const name = "return-path"
 	var out []byte
 	dropping := false // inside a dropped field: its folded lines go too
 	rest := msg
@@ -198,8 +202,11 @@ func dropReturnPath(msg []byte) []byte {
 		if string(line) == "\r\n" {
 			break // the end of the header section
 		}
+		if bytes.IndexByte(line[:len(bytes.TrimSuffix(line, []byte("\r\n")))], '\n') >= 0 {
+			return nil // a bare LF: not a header this can read, left alone
+		}
 		if line[0] != ' ' && line[0] != '\t' {
-			dropping = len(line) > len(name) && bytes.EqualFold(line[:len(name)], []byte(name))
+			dropping = isField(line, name)
 		}
 		switch {
 		case dropping && out == nil: // the first: keep what came before
@@ -213,6 +220,16 @@ func dropReturnPath(msg []byte) []byte {
 		return nil
 	}
 	return append(out, rest...)
+}
+
+// isField reports whether line begins the header field name (any case),
+// with the obsolete white space before the colon allowed (RFC 5322 §4.5).
+func isField(line []byte, name string) bool {
+	if len(line) <= len(name) || !bytes.EqualFold(line[:len(name)], []byte(name)) {
+		return false
+	}
+	rest := bytes.TrimLeft(line[len(name):], " \t")
+	return len(rest) > 0 && rest[0] == ':'
 }
 
 // over reports whether size more octets would take mailbox over quota.

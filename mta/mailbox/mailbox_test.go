@@ -85,6 +85,11 @@ func TestDropReturnPath(t *testing.T) {
 		{"return-path:\r\n <folded@evil.test>\r\nSubject: a\r\nRETURN-PATH: <b>\r\n\r\nReturn-Path: stays\r\n", "Subject: a\r\n\r\nReturn-Path: stays\r\n"},
 		{"Return-Path-Like: x\r\n\r\n", ""},
 		{"Received: x\r\nReturn-Path: <a>", "Received: x\r\n"},
+		{"Return-Path : <obsolete@evil.test>\r\nSubject: a\r\n\r\nb\r\n", "Subject: a\r\n\r\nb\r\n"},
+		{"Subject: a\r\nReturn-Path:\r\n\r\nb\r\n", "Subject: a\r\n\r\nb\r\n"},
+		{"Return-Path: <lf@only>\nSubject: a\n\nbody\n", ""},     // no CRLF: left alone, not erased
+		{"Subject: a\r\nReturn-Path: <x>\nFoo: b\n\nbody\n", ""}, // a bare LF further on: the same
+		{"", ""},
 	} {
 		got := dropReturnPath([]byte(tc.in))
 		if string(got) != tc.want || (tc.want == "" && got != nil) {

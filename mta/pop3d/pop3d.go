@@ -64,9 +64,9 @@ type Options struct {
 	// IdleTimeout ends a session that sends no command for this long;
 	// zero means 10 minutes (RFC 1939 §3: at least 10).
 	IdleTimeout time.Duration
-	// LoginTimeout is the idle timeout before a login, much shorter
-	// (zero: 1 minute), so that connections that never log in cannot
-	// hold every slot for ten minutes each.
+	// LoginTimeout is how long a session may take to log in, from the
+	// connect, whatever it sends meanwhile (zero: 1 minute), so that
+	// connections that never log in cannot hold every slot.
 	LoginTimeout time.Duration
 	// FailureDelay is slept before answering a failed login; zero: 1 s.
 	FailureDelay time.Duration

@@ -349,6 +349,22 @@ func TestLoginTimeout(t *testing.T) {
 	if r := idle.line(); !strings.HasPrefix(r, "-ERR idle") || time.Since(start) > 2*time.Second {
 		t.Fatalf("no login: %q after %v", r, time.Since(start))
 	}
+	// Commands do not put the login timeout off.
+	busy := dial(t, addr)
+	start = time.Now()
+	for time.Since(start) < time.Second {
+		if r := busy.cmd("CAPA"); !strings.HasPrefix(r, "+OK") {
+			if !strings.HasPrefix(r, "-ERR idle") && r != "EOF" {
+				t.Fatalf("CAPA → %q", r)
+			}
+			break
+		}
+		busy.multi()
+		time.Sleep(50 * time.Millisecond)
+	}
+	if took := time.Since(start); took > 900*time.Millisecond {
+		t.Fatalf("a session sending CAPA without logging in stayed %v (login timeout 200ms)", took)
+	}
 	in := dial(t, addr)
 	in.login()
 	time.Sleep(500 * time.Millisecond)

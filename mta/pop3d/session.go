@@ -47,10 +47,11 @@ type session struct {
 	bad      int
 	failures int
 	stopping atomic.Bool
+	loginBy  time.Time // the end of the login timeout, from the connect
 }
 
 func newSession(s *Server, c net.Conn, ip netip.Addr) *session {
-	sess := &session{srv: s, conn: c, raw: c, ip: ip}
+	sess := &session{srv: s, conn: c, raw: c, ip: ip, loginBy: time.Now().Add(s.opts.LoginTimeout)}
 	if s.opts.ImplicitTLS && s.opts.TLS != nil {
 		sess.conn = tls.Server(c, s.opts.TLS)
 		sess.isTLS = true
@@ -97,11 +98,11 @@ func (s *session) run() {
 			s.reply("-ERR [SYS/TEMP] server shutting down")
 			return
 		}
-		idle := s.srv.opts.IdleTimeout
+		deadline := time.Now().Add(s.srv.opts.IdleTimeout)
 		if s.state == authorization {
-			idle = s.srv.opts.LoginTimeout
+			deadline = s.loginBy // counted from the connect: commands do not put it off
 		}
-		s.raw.SetReadDeadline(time.Now().Add(idle))
+		s.raw.SetReadDeadline(deadline)
 		line, err := s.readLine()
 		if s.stopping.Load() {
 			s.reply("-ERR [SYS/TEMP] server shutting down")

@@ -431,19 +431,24 @@ func (s *session) rcpt(arg string) {
 			return
 		}
 	}
-	if !s.duplicateRecipient(r.Address) {
+	dup := s.duplicateRecipient(r)
+	if !dup {
 		s.env.Recipients = append(s.env.Recipients, r)
 	}
 	s.replyText(250, mta.Enhanced{2, 1, 5}, "Ok")
+	if dup {
+		s.junkCommand() // taken once: a client repeating it for ever sends junk
+	}
 }
 
-// duplicateRecipient reports whether the transaction has addr already (in
-// any case): like Postfix's cleanup, a recipient named twice gets the
-// message once. Both RCPTs are answered 250.
-func (s *session) duplicateRecipient(addr string) bool {
+// duplicateRecipient reports whether the transaction has r already: the
+// same mailbox (the local part exactly, RFC 5321 §2.4; the domain in any
+// case) with the same DSN parameters. Like Postfix's cleanup, a recipient
+// named twice gets the message once; both RCPTs are answered 250.
+func (s *session) duplicateRecipient(r mta.Recipient) bool {
 	if len(s.env.Recipients) < 32 {
-		for _, r := range s.env.Recipients {
-			if len(r.Address) == len(addr) && strings.EqualFold(r.Address, addr) {
+		for _, o := range s.env.Recipients {
+			if sameRecipient(o, r) {
 				return true
 			}
 		}
@@ -451,16 +456,39 @@ func (s *session) duplicateRecipient(addr string) bool {
 	}
 	if s.rcptSeen == nil { // many recipients: a set instead of a scan each
 		s.rcptSeen = make(map[string]struct{}, 2*len(s.env.Recipients))
-		for _, r := range s.env.Recipients {
-			s.rcptSeen[strings.ToLower(r.Address)] = struct{}{}
+		for _, o := range s.env.Recipients {
+			s.rcptSeen[recipientKey(o)] = struct{}{}
 		}
 	}
-	key := strings.ToLower(addr)
+	key := recipientKey(r)
 	if _, seen := s.rcptSeen[key]; seen {
 		return true
 	}
 	s.rcptSeen[key] = struct{}{}
 	return false
+}
+
+// sameRecipient is recipientKey(a) == recipientKey(b), without building
+// the keys.
+func sameRecipient(a, b mta.Recipient) bool {
+	la, da := splitAddress(a.Address)
+	lb, db := splitAddress(b.Address)
+	return la == lb && strings.EqualFold(da, db) && a.Notify == b.Notify && a.ORcptType == b.ORcptType && a.ORcpt == b.ORcpt
+}
+
+// recipientKey identifies a recipient for duplicateRecipient.
+func recipientKey(r mta.Recipient) string {
+	local, domain := splitAddress(r.Address)
+	return local + "@" + strings.ToLower(domain) + "\x00" + strconv.Itoa(int(r.Notify)) + "\x00" + r.ORcptType + "\x00" + r.ORcpt
+}
+
+// splitAddress splits an address at its last "@".
+func splitAddress(addr string) (local, domain string) {
+	at := strings.LastIndexByte(addr, '@')
+	if at < 0 {
+		return addr, ""
+	}
+	return addr[:at], addr[at+1:]
 }
 
 // senderRouted reports whether the local part of addr carries routing of

@@ -49,16 +49,13 @@ func (s *session) data(arg string) {
 	// also when DATA itself is refused (the content would be read as
 	// commands).
 	early := s.pol.RejectEarlyData && s.authUser == "" && s.r.Buffered() > 0
-	defer func() {
-		if early {
-			if !s.closing {
-				// DATA itself was refused: the client is told why it is
-				// disconnected (RFC 5321 §3.8), not just closed on.
-				s.reply(&mta.ReplySyncError)
-			}
-			s.closing = true
-		}
-	}()
+	if early {
+		// Whether or not DATA itself would be refused: one reply, the
+		// reason for the close, as Postfix answers improper pipelining.
+		s.refuse("sync_error", &mta.ReplySyncError)
+		s.closing = true
+		return
+	}
 	switch {
 	case arg != "":
 		s.refuse("bad_syntax", &mta.Reply{Code: 501, Enhanced: mta.Enhanced{5, 5, 4}, Text: "Syntax: DATA"})
@@ -71,11 +68,6 @@ func (s *session) data(arg string) {
 		return
 	case len(s.env.Recipients) == 0:
 		s.refuse("bad_sequence", &replyNeedRCPT)
-		return
-	}
-	if early {
-		s.refuse("sync_error", &mta.ReplySyncError)
-		s.closing = true
 		return
 	}
 	s.replyText(354, mta.Enhanced{}, "End data with <CR><LF>.<CR><LF>")
@@ -291,8 +283,9 @@ func (s *session) bdatChunk(arg string) {
 			s.resetTransaction()
 		}
 		// Every chunk after the one that went over: the message cannot
-		// be taken any more (RFC 3030 §2: the client should have stopped).
-		s.refuse("message_too_big", &mta.ReplyMessageTooBig)
+		// be taken any more (RFC 3030 §2: the client should have
+		// stopped). One error, counted once, at the chunk that went over.
+		s.reply(&mta.ReplyMessageTooBig)
 		return
 	}
 	if s.bdat == nil {

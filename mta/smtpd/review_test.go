@@ -216,15 +216,40 @@ func TestDuplicateRecipientsAreKeptOnce(t *testing.T) {
 	w := dial(t, ts.addr)
 	w.cmdExpect("EHLO client.test", "250")
 	w.cmdExpect("MAIL FROM:<a@example.org>", "250")
-	for _, rc := range []string{"b@remote.test", "c@remote.test", "B@Remote.Test", "b@remote.test"} {
-		w.cmdExpect("RCPT TO:<"+rc+">", "250")
+	for _, rc := range []string{"<b@remote.test>", "<c@remote.test>", "<b@Remote.Test>", "<b@remote.test>", "<B@remote.test>", "<b@remote.test> NOTIFY=NEVER"} {
+		w.cmdExpect("RCPT TO:"+rc, "250")
 	}
 	w.cmdExpect("DATA", "354")
 	id := queuedID(t, w.cmd("Subject: x\r\n\r\nx\r\n."))
 	m, _ := storedMessage(t, ts.spool, id)
-	if len(m.Recipients) != 2 || m.Recipients[0].Address != "b@remote.test" || m.Recipients[1].Address != "c@remote.test" {
-		t.Fatalf("stored recipients %+v", m.Recipients)
+	var got []string
+	for _, r := range m.Recipients {
+		got = append(got, fmt.Sprintf("%s/%d", r.Address, r.Notify))
 	}
+	// The local part is case-sensitive (RFC 5321 §2.4), the domain not;
+	// other DSN parameters make another recipient.
+	if strings.Join(got, " ") != "b@remote.test/0 c@remote.test/0 B@remote.test/0 b@remote.test/1" {
+		t.Fatalf("stored recipients %v", got)
+	}
+}
+
+// Repeating one recipient without end is junk: the session ends.
+func TestRepeatedRecipientIsJunk(t *testing.T) {
+	ts := startServer(t, nil)
+	w := dial(t, ts.addr)
+	w.cmdExpect("EHLO client.test", "250")
+	w.cmdExpect("MAIL FROM:<a@example.org>", "250")
+	var all strings.Builder
+	for i := 0; i < junkCommandLimit+maxErrors+10; i++ {
+		all.WriteString("RCPT TO:<b@remote.test>\r\n")
+	}
+	w.send(all.String())
+	for i := 0; i < junkCommandLimit+maxErrors+1; i++ {
+		if r := w.reply(); !strings.HasPrefix(r, "250") {
+			t.Fatalf("RCPT %d → %q", i+1, r)
+		}
+	}
+	w.expect("421 4.7.0 ")
 }
 
 // Past the scan, the set: duplicates among many recipients too.
