@@ -60,7 +60,7 @@ func compile(b *Builder) (*compiled, error) {
 		return nil, errors.New("message: give text, html or both")
 	}
 	parse := func(field, src string) (*template.Template, error) {
-		t, err := template.New(field).Option("missingkey=error").Parse(src)
+		t, err := template.New(field).Option("missingkey=error").Funcs(safeFuncs).Parse(src)
 		if err == nil {
 			err = bounded(t.Tree, len(t.Templates()))
 		}
@@ -78,7 +78,7 @@ func compile(b *Builder) (*compiled, error) {
 		}
 	}
 	if b.HTML != "" {
-		if c.html, err = htmltemplate.New("message.html").Option("missingkey=error").Parse(b.HTML); err == nil {
+		if c.html, err = htmltemplate.New("message.html").Option("missingkey=error").Funcs(safeFuncs).Parse(b.HTML); err == nil {
 			err = bounded(c.html.Tree, len(c.html.Templates()))
 		}
 		if err != nil {
@@ -147,12 +147,11 @@ func bounded(tree *parse.Tree, templates int) error {
 			if inRange {
 				return errors.New("a {{range}} inside a {{range}} is not allowed")
 			}
-			for _, cmd := range n.Pipe.Cmds {
-				for _, arg := range cmd.Args {
-					if _, ok := arg.(*parse.NumberNode); ok {
-						return errors.New("{{range}} over a number is not allowed")
-					}
-				}
+			// Only over what the request holds: a field or a variable,
+			// not the result of a function (len of a long string is a
+			// number to range over, as a literal number is).
+			if !rangesOverData(n.Pipe) {
+				return errors.New("{{range}} over a number or a function's result is not allowed; range over a list or map of the request's data")
 			}
 			if err := walk(n.List, true); err != nil {
 				return err
@@ -172,6 +171,66 @@ func bounded(tree *parse.Tree, templates int) error {
 		return nil
 	}
 	return walk(tree.Root, false)
+}
+
+// rangesOverData reports whether a range's pipeline is one field, variable
+// or dot: data of the request, whose size the request bounds.
+func rangesOverData(p *parse.PipeNode) bool {
+	if p == nil || len(p.Cmds) != 1 || len(p.Cmds[0].Args) != 1 {
+		return false
+	}
+	switch p.Cmds[0].Args[0].(type) {
+	case *parse.FieldNode, *parse.VariableNode, *parse.DotNode:
+		return true
+	}
+	return false
+}
+
+// maxFormatWidth bounds the width and precision a template's printf may
+// ask for: "%0999999d" costs time and memory and may print nothing at all
+// (assigned to a variable), which the output cap would never see.
+const maxFormatWidth = 256
+
+// safeFuncs replace the templates' formatting built-ins with ones that
+// refuse a width or precision over maxFormatWidth, or given by an
+// argument ("*").
+var safeFuncs = map[string]any{
+	"printf": func(format string, args ...any) (string, error) {
+		if err := checkFormat(format); err != nil {
+			return "", err
+		}
+		return fmt.Sprintf(format, args...), nil
+	},
+}
+
+// checkFormat refuses a fmt format with a width or precision over
+// maxFormatWidth, or one taken from an argument.
+func checkFormat(format string) error {
+	for i := 0; i < len(format); i++ {
+		if format[i] != '%' {
+			continue
+		}
+		for i++; i < len(format) && strings.IndexByte("+-# 0", format[i]) >= 0; i++ {
+		}
+		for part := 0; part < 2 && i < len(format); part++ { // width, then .precision
+			if part == 1 {
+				if format[i] != '.' {
+					break
+				}
+				i++
+			}
+			n := 0
+			for ; i < len(format) && format[i] >= '0' && format[i] <= '9'; i++ {
+				if n = n*10 + int(format[i]-'0'); n > maxFormatWidth {
+					return fmt.Errorf("printf: a width or precision over %d", maxFormatWidth)
+				}
+			}
+			if i < len(format) && (format[i] == '*' || format[i] == '[') {
+				return errors.New("printf: a width, precision or argument index from the arguments is not allowed")
+			}
+		}
+	}
+	return nil
 }
 
 // validFieldName reports whether name is an RFC 5322 field name.

@@ -150,6 +150,35 @@ func Authenticate(tenants []Tenant, r *http.Request) *Tenant {
 	return found
 }
 
+// errBudgetSpent: the memory budget had no room for more of a request.
+var errBudgetSpent = errors.New("memory budget spent")
+
+// chargedReader charges what it reads to a memory budget (nil: none),
+// as it reads it, until release.
+type chargedReader struct {
+	r      io.Reader
+	budget *mta.Budget
+	held   int64
+}
+
+func (c *chargedReader) Read(p []byte) (int, error) {
+	n, err := c.r.Read(p)
+	if c.budget != nil && n > 0 {
+		if !c.budget.TryAcquire(int64(n)) {
+			return n, errBudgetSpent
+		}
+		c.held += int64(n)
+	}
+	return n, err
+}
+
+func (c *chargedReader) release() {
+	if c.budget != nil {
+		c.budget.Release(c.held)
+	}
+	c.held = 0
+}
+
 // Unauthorized answers a request without a known token.
 func Unauthorized(w http.ResponseWriter) {
 	w.Header().Set("WWW-Authenticate", `Bearer realm="mta injection API"`)
@@ -166,29 +195,31 @@ func (h *handler) inject(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, http.StatusUnsupportedMediaType, ErrorBody{"Content-Type must be application/json"})
 		return
 	}
-	// The request body is charged to the memory budget before it is read
-	// (what it says it is, or the most it may be), each rendered message
-	// as it is made (run).
-	need := h.opts.MaxRequestSize
-	if r.ContentLength >= 0 && r.ContentLength < need {
-		need = r.ContentLength
+	tooBig := func() {
+		writeJSON(w, http.StatusRequestEntityTooLarge, ErrorBody{fmt.Sprintf("request body over %d bytes (api.max_request_size)", h.opts.MaxRequestSize)})
 	}
-	if h.opts.Memory != nil {
-		if !h.opts.Memory.TryAcquire(need) {
+	if r.ContentLength > h.opts.MaxRequestSize {
+		tooBig() // at once, without waiting for a body that will not be taken
+		return
+	}
+	// The request body is charged to the memory budget as its bytes
+	// arrive, not by what it says it will be: a client that announces a
+	// large body and sends it slowly, or never, holds only what it sent.
+	// Each rendered message is charged as it is made (run).
+	charged := &chargedReader{r: http.MaxBytesReader(w, r.Body, h.opts.MaxRequestSize), budget: h.opts.Memory}
+	defer charged.release()
+	body, err := io.ReadAll(charged)
+	if err != nil {
+		var over *http.MaxBytesError
+		switch {
+		case errors.As(err, &over):
+			tooBig()
+		case errors.Is(err, errBudgetSpent):
 			w.Header().Set("Retry-After", "5")
 			writeJSON(w, http.StatusServiceUnavailable, ErrorBody{"busy: the memory budget for messages in flight is used up; try again shortly"})
-			return
+		default:
+			writeJSON(w, http.StatusBadRequest, ErrorBody{"reading the request: " + err.Error()})
 		}
-		defer h.opts.Memory.Release(need)
-	}
-	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, h.opts.MaxRequestSize))
-	if err != nil {
-		var tooBig *http.MaxBytesError
-		if errors.As(err, &tooBig) {
-			writeJSON(w, http.StatusRequestEntityTooLarge, ErrorBody{fmt.Sprintf("request body over %d bytes (api.max_request_size)", h.opts.MaxRequestSize)})
-			return
-		}
-		writeJSON(w, http.StatusBadRequest, ErrorBody{"reading the request: " + err.Error()})
 		return
 	}
 	req, err := decode(body)
@@ -489,13 +520,27 @@ const maxListItems = 1000
 // checkData refuses substitutions whose lists or objects are longer than
 // maxListItems, at any depth.
 func checkData(field string, v any) error {
+	return checkDataAt(field, v, 0)
+}
+
+// maxDataDepth bounds how deep substitutions nest: a template reads a few
+// levels; thousands would cost memory in proportion to their square here.
+const maxDataDepth = 16
+
+func checkDataAt(field string, v any, depth int) error {
+	switch v.(type) {
+	case map[string]any, []any:
+		if depth >= maxDataDepth {
+			return fmt.Errorf("%s: nested over %d levels deep", field, maxDataDepth)
+		}
+	}
 	switch v := v.(type) {
 	case map[string]any:
 		if len(v) > maxListItems {
 			return fmt.Errorf("%s: %d entries, over the limit of %d", field, len(v), maxListItems)
 		}
 		for k, x := range v {
-			if err := checkData(field+"."+k, x); err != nil {
+			if err := checkDataAt(field+"."+k, x, depth+1); err != nil {
 				return err
 			}
 		}
@@ -504,7 +549,7 @@ func checkData(field string, v any) error {
 			return fmt.Errorf("%s: a list of %d items, over the limit of %d", field, len(v), maxListItems)
 		}
 		for i, x := range v {
-			if err := checkData(fmt.Sprintf("%s[%d]", field, i), x); err != nil {
+			if err := checkDataAt(fmt.Sprintf("%s[%d]", field, i), x, depth+1); err != nil {
 				return err
 			}
 		}

@@ -288,6 +288,8 @@ func TestRequestsRefusedWhole(t *testing.T) {
 		{"long list", token, map[string]any{"message": ok["message"], "recipients": ok["recipients"], "substitutions": map[string]any{"items": make([]int, 1001)}}, 400, "substitutions.items: a list of 1001 items"},
 		{"bad priority", token, map[string]any{"message": ok["message"], "recipients": ok["recipients"], "priority": "urgent"}, 400, "priority"},
 		{"too large", token, strings.Repeat(" ", 1<<20+1), 413, "api.max_request_size"},
+		{"range over a function", token, map[string]any{"message": map[string]any{"from": "a@shop.example", "subject": "s", "text": "{{range len .s}}x{{end}}"}, "recipients": ok["recipients"], "substitutions": map[string]any{"s": "abcd"}}, 400, "function's result"},
+		{"deep substitutions", token, map[string]any{"message": ok["message"], "recipients": ok["recipients"], "substitutions": nested(40)}, 400, "nested over 16 levels"},
 	} {
 		code, body := post(t, h, c.token, c.body)
 		if code != c.code || !strings.Contains(body, c.text) {
@@ -365,5 +367,82 @@ func TestMemoryBudget(t *testing.T) {
 	code, body = post(t, h, token, req)
 	if code != 422 || !strings.Contains(body, `"enhanced":"4.3.2"`) || budget.Used() != 0 {
 		t.Errorf("messages larger than the budget: %d %s, %d held", code, body, budget.Used())
+	}
+}
+
+// nested is a map n levels deep.
+func nested(n int) map[string]any {
+	m := map[string]any{"leaf": "x"}
+	for i := 0; i < n; i++ {
+		m = map[string]any{"k": m}
+	}
+	return m
+}
+
+// A printf that would cost time and memory for nothing (a huge width,
+// printing into a variable, past the output cap's sight) is refused at
+// render, per recipient.
+func TestTemplatePrintfIsBounded(t *testing.T) {
+	store := &memStore{}
+	h := newTestHandler(store, nil)
+	code, body := post(t, h, token, map[string]any{
+		"message":    map[string]any{"from": "a@shop.example", "subject": "s", "text": `{{$x := printf "%0999999d" 0}}done`},
+		"recipients": []map[string]any{{"email": "a@example.org"}},
+	})
+	if code != 422 || !strings.Contains(body, "width or precision over 256") {
+		t.Fatalf("%d %s", code, body)
+	}
+	if code, body := post(t, h, token, map[string]any{
+		"message":    map[string]any{"from": "a@shop.example", "subject": "s", "text": `{{printf "%05d|%.2f|%s" 42 3.14159 "ok"}}`},
+		"recipients": []map[string]any{{"email": "a@example.org"}},
+	}); code != 200 || len(store.msgs) != 1 || !strings.Contains(string(store.msgs[0].Body), "00042|3.14|ok") {
+		t.Fatalf("an ordinary printf: %d %s", code, body)
+	}
+	for _, f := range []string{"%*d", "%.*f", "%[1]d", "%257s", "%.300f"} {
+		if checkFormat(f) == nil {
+			t.Errorf("checkFormat(%q) allowed it", f)
+		}
+	}
+}
+
+// The request body is charged to the memory budget as it arrives: a
+// client that announces nothing and sends slowly holds what it sent, not
+// the most a request may be; one that announces too much is refused at
+// once.
+func TestRequestBodyIsChargedAsItArrives(t *testing.T) {
+	budget := mta.NewBudget(8 << 20)
+	h := newTestHandler(&memStore{}, func(o *Options) { o.Memory = budget })
+	pr, pw := io.Pipe()
+	req := httptest.NewRequest(http.MethodPost, "/api/v1/messages", pr)
+	req.ContentLength = -1
+	req.Header.Set("Content-Type", "application/json")
+	req.Header.Set("Authorization", "Bearer "+token)
+	done := make(chan int)
+	go func() {
+		rec := httptest.NewRecorder()
+		h.ServeHTTP(rec, req)
+		done <- rec.Code
+	}()
+	if _, err := pw.Write([]byte(`{"content": "`)); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(50 * time.Millisecond)
+	if used := budget.Used(); used > 1024 {
+		t.Errorf("%d bytes of the budget held for a body of 13 bytes so far", used)
+	}
+	pw.Close()
+	<-done
+	if used := budget.Used(); used != 0 {
+		t.Errorf("%d bytes still held after the request", used)
+	}
+
+	big := httptest.NewRequest(http.MethodPost, "/api/v1/messages", strings.NewReader("{}"))
+	big.ContentLength = 2 << 20 // over MaxRequestSize (1 MiB), though the body is short
+	big.Header.Set("Content-Type", "application/json")
+	big.Header.Set("Authorization", "Bearer "+token)
+	rec := httptest.NewRecorder()
+	h.ServeHTTP(rec, big)
+	if rec.Code != 413 {
+		t.Errorf("Content-Length over the limit: %d, want 413 at once", rec.Code)
 	}
 }
