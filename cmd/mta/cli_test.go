@@ -192,7 +192,7 @@ func TestAdminToken(t *testing.T) {
 		t.Skip("starts subprocesses")
 	}
 	tokenFile := filepath.Join(t.TempDir(), "admin.token")
-	os.WriteFile(tokenFile, []byte("s3cret-token\n"), 0o600)
+	os.WriteFile(tokenFile, []byte("s3cret-token-0123\n"), 0o600)
 	p := startMTA(t, t.TempDir(), "admin: {token_file: "+tokenFile+"}\n")
 	admin := "--admin=http://" + p.HTTP
 	if out := mtaCmd(t, false, "queue", "ls", admin); !strings.Contains(out, "token missing or wrong") {
@@ -201,7 +201,7 @@ func TestAdminToken(t *testing.T) {
 	if out := mtaCmd(t, false, "queue", "ls", admin, "--admin-token=wrong"); !strings.Contains(out, "token missing or wrong") {
 		t.Fatalf("queue ls with a wrong token: %q", out)
 	}
-	if out := mtaCmd(t, true, "queue", "ls", admin, "--admin-token=s3cret-token"); !strings.Contains(out, "0 messages") {
+	if out := mtaCmd(t, true, "queue", "ls", admin, "--admin-token=s3cret-token-0123"); !strings.Contains(out, "0 messages") {
 		t.Fatalf("queue ls with the token: %q", out)
 	}
 	if code, _ := httpGet(t, "http://"+p.HTTP+"/metrics"); code != 200 {

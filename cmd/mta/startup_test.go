@@ -48,7 +48,7 @@ func TestStartUpErrorsAreClear(t *testing.T) {
 		{"bad certificate", base + "tls: {cert_file: " + garbage + ", key_file: " + garbage + "}\n", "tls.cert_file:", true},
 		{"missing users file", base + "auth:\n  users_file: /nope/users\n", "auth.users_file: /nope/users: no such file or directory (line 4)", true},
 		{"missing token file", base + "admin: {token_file: /nope/token}\n", "admin.token_file: /nope/token: no such file or directory (line 3)", true},
-		{"empty token file", base + "admin: {token_file: " + empty + "}\n", "admin.token_file: " + empty + ": empty token (line 3)", true},
+		{"empty token file", base + "admin: {token_file: " + empty + "}\n", "admin.token_file: " + empty + ": the token is 0 characters, want at least 16 (e.g. openssl rand -hex 32) (line 3)", true},
 		{"missing password file", base + "routes:\n  example.com:\n    hosts: [smart.example.net]\n    auth: {username: u, password_file: /nope/pw}\n",
 			"routes.example.com.auth.password_file: /nope/pw: no such file or directory (line 6)", true},
 		{"bad route host", base + "routes:\n  example.com: {hosts: [\"smart.example.net:99999\"]}\n", "routes.example.com.hosts[0]: \"smart.example.net:99999\": bad port \"99999\" (line 4)", true},
@@ -110,7 +110,7 @@ func TestOperatorEndpointsNeedTheToken(t *testing.T) {
 		t.Skip("starts subprocesses")
 	}
 	token := filepath.Join(t.TempDir(), "token")
-	os.WriteFile(token, []byte("s3cret\n"), 0o600)
+	os.WriteFile(token, []byte("s3cret-0123456789\n"), 0o600)
 	p := startMTA(t, t.TempDir(), "debug: {pprof: true}\nadmin: {token_file: "+token+"}\n")
 	get := func(path, auth string) int {
 		req, _ := http.NewRequest("GET", "http://"+p.HTTP+path, nil)
@@ -130,12 +130,12 @@ func TestOperatorEndpointsNeedTheToken(t *testing.T) {
 		}
 	}
 	for _, path := range []string{"/api/v1/queue", "/debug/pprof/"} {
-		if got := get(path, "s3cret"); got != 200 {
+		if got := get(path, "s3cret-0123456789"); got != 200 {
 			t.Errorf("GET %s with the token: %d", path, got)
 		}
 	}
 	req, _ := http.NewRequest("POST", "http://"+p.HTTP+"/api/v1/queue/flush", strings.NewReader("x=1"))
-	req.Header.Set("Authorization", "Bearer s3cret")
+	req.Header.Set("Authorization", "Bearer s3cret-0123456789")
 	req.Header.Set("Content-Type", "application/x-www-form-urlencoded")
 	resp, err := http.DefaultClient.Do(req)
 	if err != nil {
@@ -146,7 +146,7 @@ func TestOperatorEndpointsNeedTheToken(t *testing.T) {
 		t.Errorf("form POST to the admin API: %d, want 415", resp.StatusCode)
 	}
 	// The CLI still works.
-	if out := mtaCmd(t, true, "queue", "flush", "--admin=http://"+p.HTTP, "--admin-token=s3cret"); !strings.Contains(out, "due now") {
+	if out := mtaCmd(t, true, "queue", "flush", "--admin=http://"+p.HTTP, "--admin-token=s3cret-0123456789"); !strings.Contains(out, "due now") {
 		t.Errorf("queue flush with the token: %q", out)
 	}
 }

@@ -38,7 +38,7 @@ func TestStatusPageInChromium(t *testing.T) {
 	slow := startSink(t, bench.SinkConfig{Faults: bench.Faults{RcptTempFail: 1}})
 	host := func(s *bench.Sink) string { return `["[` + strings.Replace(s.Addr(), ":", "]:", 1) + `"]` }
 	tokenFile := filepath.Join(t.TempDir(), "token")
-	os.WriteFile(tokenFile, []byte("status-token\n"), 0o600)
+	os.WriteFile(tokenFile, []byte("status-token-0123\n"), 0o600)
 	p := startMTA(t, t.TempDir(), "dns: {servers: [\"127.0.0.1:1\"]}\nadmin: {token_file: "+tokenFile+"}\n"+
 		"routes: {\"slow.test\": {hosts: "+host(slow)+", tls: none}, \"*\": {hosts: "+host(ok)+", tls: none}}\n")
 	c, err := smtp.Dial(p.SMTP)
@@ -64,7 +64,7 @@ func TestStatusPageInChromium(t *testing.T) {
 		return string(out)
 	}
 	page := "http://" + p.HTTP + "/status"
-	dom := run("--dump-dom", page+"#token=status-token")
+	dom := run("--dump-dom", page+"#token=status-token-0123")
 	// What the page shows, without its script and style.
 	visible := func(dom string) string {
 		dom = regexp.MustCompile(`(?s)<script>.*?</script>|<style>.*?</style>`).ReplaceAllString(dom, " ")
@@ -94,6 +94,6 @@ func TestStatusPageInChromium(t *testing.T) {
 		t.Errorf("without the token:\n%s", visible(bare))
 	}
 	if shot := os.Getenv("STATUS_SCREENSHOT"); shot != "" {
-		run("--screenshot="+shot, "--window-size=1100,1250", page+"#token=status-token")
+		run("--screenshot="+shot, "--window-size=1100,1250", page+"#token=status-token-0123")
 	}
 }

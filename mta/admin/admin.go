@@ -335,7 +335,9 @@ func Handler(store Store, token string) http.Handler {
 		// actions; without: every deferred message, in one pass over the
 		// due index.
 		if f, err := ParseFilter(r.URL.Query()); err != nil || !f.Empty() {
-			store.EndBackoffs()
+			if err == nil { // a refused filter changes nothing, backoffs included
+				store.EndBackoffs()
+			}
 			flushSome(w, r)
 			return
 		}

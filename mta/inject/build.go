@@ -109,8 +109,14 @@ func compile(b *Builder) (*compiled, error) {
 			return nil, fmt.Errorf("%s.filename: must not contain line breaks", field)
 		}
 		if a.ContentType != "" {
-			if _, _, err := mime.ParseMediaType(a.ContentType); err != nil {
+			mt, _, err := mime.ParseMediaType(a.ContentType)
+			switch {
+			case err != nil:
 				return nil, fmt.Errorf("%s.content_type: %q: %v", field, a.ContentType, err)
+			case strings.ContainsFunc(a.ContentType, func(r rune) bool { return r < 0x20 || r >= 0x7f }):
+				return nil, fmt.Errorf("%s.content_type: %q: control or non-ASCII characters", field, a.ContentType)
+			case strings.HasPrefix(mt, "multipart/") || strings.HasPrefix(mt, "message/"):
+				return nil, fmt.Errorf("%s.content_type: %s: an attachment is one base64 part, not a %s entity", field, mt, mt[:strings.IndexByte(mt, '/')])
 			}
 		}
 	}

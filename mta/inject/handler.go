@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"maps"
+	"mime"
 	"net"
 	"net/http"
 	"net/mail"
@@ -191,7 +192,7 @@ func (h *handler) inject(w http.ResponseWriter, r *http.Request) {
 		Unauthorized(w)
 		return
 	}
-	if ct := r.Header.Get("Content-Type"); !strings.HasPrefix(ct, "application/json") {
+	if mt, _, err := mime.ParseMediaType(r.Header.Get("Content-Type")); err != nil || mt != "application/json" { // any case, parameters allowed
 		writeJSON(w, http.StatusUnsupportedMediaType, ErrorBody{"Content-Type must be application/json"})
 		return
 	}

@@ -288,6 +288,8 @@ func TestRequestsRefusedWhole(t *testing.T) {
 		{"long list", token, map[string]any{"message": ok["message"], "recipients": ok["recipients"], "substitutions": map[string]any{"items": make([]int, 1001)}}, 400, "substitutions.items: a list of 1001 items"},
 		{"bad priority", token, map[string]any{"message": ok["message"], "recipients": ok["recipients"], "priority": "urgent"}, 400, "priority"},
 		{"too large", token, strings.Repeat(" ", 1<<20+1), 413, "api.max_request_size"},
+		{"attachment content_type with a NUL", token, map[string]any{"message": map[string]any{"from": "a@shop.example", "subject": "s", "text": "t", "attachments": []map[string]any{{"filename": "a.txt", "content_type": "text/plain; charset=\"a\u0000b\"", "content": "eA=="}}}, "recipients": ok["recipients"]}, 400, "content_type"},
+		{"attachment content_type multipart", token, map[string]any{"message": map[string]any{"from": "a@shop.example", "subject": "s", "text": "t", "attachments": []map[string]any{{"filename": "a", "content_type": "multipart/mixed; boundary=x", "content": "eA=="}}}, "recipients": ok["recipients"]}, 400, "not a multipart entity"},
 		{"range over a function", token, map[string]any{"message": map[string]any{"from": "a@shop.example", "subject": "s", "text": "{{range len .s}}x{{end}}"}, "recipients": ok["recipients"], "substitutions": map[string]any{"s": "abcd"}}, 400, "function's result"},
 		{"deep substitutions", token, map[string]any{"message": ok["message"], "recipients": ok["recipients"], "substitutions": nested(40)}, 400, "nested over 16 levels"},
 	} {
@@ -444,5 +446,22 @@ func TestRequestBodyIsChargedAsItArrives(t *testing.T) {
 	h.ServeHTTP(rec, big)
 	if rec.Code != 413 {
 		t.Errorf("Content-Length over the limit: %d, want 413 at once", rec.Code)
+	}
+}
+
+// The media type is compared as one (RFC 9110 §8.3.1: any case,
+// parameters allowed), not as a prefix of the header.
+func TestContentTypeIsAMediaType(t *testing.T) {
+	h := newTestHandler(&memStore{}, nil)
+	for ct, want := range map[string]int{"Application/JSON": 200, "application/json; charset=utf-8": 200, "application/jsonp": 415, "application/json-seq": 415} {
+		b, _ := json.Marshal(map[string]any{"message": map[string]any{"from": "a@shop.example", "subject": "s", "text": "t"}, "recipients": []map[string]any{{"email": "r@example.org"}}})
+		req := httptest.NewRequest(http.MethodPost, "/api/v1/messages", bytes.NewReader(b))
+		req.Header.Set("Content-Type", ct)
+		req.Header.Set("Authorization", "Bearer "+token)
+		rec := httptest.NewRecorder()
+		h.ServeHTTP(rec, req)
+		if rec.Code != want {
+			t.Errorf("Content-Type %q: %d, want %d", ct, rec.Code, want)
+		}
 	}
 }

@@ -96,6 +96,12 @@ const maxHTTPConnections = 64
 // hold api.max_request_size in memory.
 const maxAPIConnections = 64
 
+// idleHTTPTimeout is how long both HTTP listeners keep an idle keep-alive
+// connection: short, because idle connections count against the caps
+// above, and 64 of them held open would lock out Prometheus, health
+// probes and `mta queue` for as long as they are kept.
+const idleHTTPTimeout = 5 * time.Second
+
 // SetLogLevel gives the server its logger's level, so that a reload can
 // change it.
 func (s *Server) SetLogLevel(l zap.AtomicLevel) { s.reload.level = &l }
@@ -374,7 +380,7 @@ func New(cfg *config.Config, log *zap.Logger) (_ *Server, err error) {
 			ReadHeaderTimeout: 10 * time.Second,
 			ReadTimeout:       5 * time.Minute, // a large request over a slow link
 			WriteTimeout:      5 * time.Minute,
-			IdleTimeout:       2 * time.Minute,
+			IdleTimeout:       idleHTTPTimeout,
 			MaxHeaderBytes:    32 << 10,
 			ErrorLog:          zap.NewStdLog(log.Named("inject")),
 		}
@@ -393,7 +399,7 @@ func New(cfg *config.Config, log *zap.Logger) (_ *Server, err error) {
 			ReadHeaderTimeout: 10 * time.Second,
 			ReadTimeout:       30 * time.Second,
 			WriteTimeout:      2 * time.Minute, // a CPU profile takes its seconds
-			IdleTimeout:       60 * time.Second,
+			IdleTimeout:       idleHTTPTimeout,
 			MaxHeaderBytes:    32 << 10,
 			ErrorLog:          zap.NewStdLog(log.Named("http")),
 		}
@@ -438,8 +444,8 @@ func loadSecrets(cfg *config.Config, generate bool) (*secrets, error) {
 		if sec.adminToken, err = readFirstLine(cfg.Admin.TokenFile); err != nil {
 			return nil, cfg.FieldErr("admin.token_file", err)
 		}
-		if sec.adminToken == "" {
-			return nil, cfg.FieldErr("admin.token_file", fmt.Errorf("%s: empty token", cfg.Admin.TokenFile))
+		if len(sec.adminToken) < 16 { // as for the API's tenant tokens: not guessable
+			return nil, cfg.FieldErr("admin.token_file", fmt.Errorf("%s: the token is %d characters, want at least 16 (e.g. openssl rand -hex 32)", cfg.Admin.TokenFile, len(sec.adminToken)))
 		}
 	}
 	var keys []dkim.Key
@@ -520,7 +526,10 @@ func (s *Server) routes() http.Handler {
 			http.Error(w, "not ready: starting or stopping", http.StatusServiceUnavailable)
 			return
 		}
-		if err := s.spool.Healthy(); err != nil {
+		if err := s.spool.Room(int64(s.cfg.SMTP.MaxMessageSize)); err != nil {
+			// Broken, or without room above spool.min_free_space for a
+			// message of the largest size: new mail may get 452 4.3.1,
+			// so a load balancer should send it elsewhere.
 			http.Error(w, "not ready: "+err.Error(), http.StatusServiceUnavailable)
 			return
 		}

@@ -6,6 +6,9 @@ import (
 	"net/http"
 	"strconv"
 	"strings"
+	"time"
+	"unicode"
+	"unicode/utf8"
 
 	"go.uber.org/zap"
 
@@ -106,7 +109,7 @@ func (s *suppressions) handler(tenantOf func(*http.Request) (string, error), sou
 	}
 	address := func(w http.ResponseWriter, r *http.Request) (string, bool) {
 		a := r.URL.Query().Get("address")
-		if a == "" || len(a) > 320 || !strings.Contains(a, "@") || strings.ContainsAny(a, " \t\r\n\x00<>") {
+		if !suppressibleAddress(a) {
 			writeJSONError(w, http.StatusBadRequest, "address: want an email address, got "+strconv.Quote(a))
 			return "", false
 		}
@@ -159,7 +162,7 @@ func (s *suppressions) handler(tenantOf func(*http.Request) (string, error), sou
 		if !ok {
 			return
 		}
-		e := spool.Suppression{Tenant: tenant, Address: a, Source: source, Reason: r.URL.Query().Get("reason")}
+		e := spool.Suppression{Tenant: tenant, Address: a, Source: source, Reason: r.URL.Query().Get("reason"), Added: time.Now().UTC()}
 		if err := s.sp.Suppress(e); err != nil {
 			writeJSONError(w, http.StatusInternalServerError, err.Error())
 			return
@@ -184,6 +187,27 @@ func (s *suppressions) handler(tenantOf func(*http.Request) (string, error), sou
 		writeJSONBody(w, http.StatusOK, map[string]string{"tenant": tenant, "address": a, "removed": "true"})
 	})
 	return mux
+}
+
+// suppressibleAddress reports whether a is an address the suppression
+// list can hold: a local part and a domain name, printable, at most 320
+// octets. What could never be a recipient is a typo, refused rather than
+// stored where it would never match.
+func suppressibleAddress(a string) bool {
+	at := strings.LastIndexByte(a, '@')
+	if len(a) > 320 || at <= 0 || at == len(a)-1 || strings.ContainsAny(a, " \t<>") {
+		return false
+	}
+	for _, r := range a {
+		if r < 0x20 || r == 0x7f || r == utf8.RuneError || unicode.IsControl(r) {
+			return false
+		}
+	}
+	if strings.ContainsRune(a[:at], '@') && !strings.HasPrefix(a, `"`) {
+		return false // a@b@c: only a quoted local part may hold an @
+	}
+	_, ok := mta.NormalizeDomain(a[at+1:])
+	return ok
 }
 
 func writeJSONBody(w http.ResponseWriter, code int, v any) {
