@@ -10,6 +10,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"net"
 	"os"
 	"os/signal"
 	"runtime/debug"
@@ -242,9 +243,25 @@ func adminClient(fs *flag.FlagSet, args []string) (*admin.Client, []string, erro
 		if cfg.Listen.HTTP == "" {
 			return nil, nil, errors.New("listen.http is disabled in the configuration: the queue commands need it")
 		}
-		base = "http://" + cfg.Listen.HTTP
+		base = "http://" + dialable(cfg.Listen.HTTP)
 	}
 	return &admin.Client{Base: base, Token: *token}, rest, nil
+}
+
+// dialable is a listen address as a client on this host reaches it: a
+// wildcard (":9725", "0.0.0.0:9725", "[::]:9725") is reached on loopback.
+func dialable(listen string) string {
+	host, port, err := net.SplitHostPort(listen)
+	if err != nil {
+		return listen
+	}
+	switch host {
+	case "", "0.0.0.0":
+		return net.JoinHostPort("127.0.0.1", port)
+	case "::":
+		return net.JoinHostPort("::1", port)
+	}
+	return listen
 }
 
 // parseInterspersed parses flags that may come before or after the
