@@ -713,3 +713,12 @@ func TestQueueFlushByIDAndFilter(t *testing.T) {
 		t.Errorf("flush of an unknown ID: %q", out)
 	}
 }
+
+func TestDialableListenAddress(t *testing.T) {
+	for in, want := range map[string]string{":9725": "127.0.0.1:9725", "0.0.0.0:9725": "127.0.0.1:9725", "[::]:9725": "[::1]:9725",
+		"127.0.0.2:9725": "127.0.0.2:9725", "[::1]:9725": "[::1]:9725"} {
+		if got := dialable(in); got != want {
+			t.Errorf("dialable(%q) = %q, want %q", in, got, want)
+		}
+	}
+}
