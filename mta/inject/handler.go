@@ -12,9 +12,11 @@ import (
 	"net"
 	"net/http"
 	"net/mail"
+	"strconv"
 	"strings"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"go.uber.org/zap"
 
 	"github.com/mtaproject/mta/mta"
@@ -69,6 +71,9 @@ type Options struct {
 	ReturnPath func(id, rcpt string) string
 	// OnAccepted is told of every message stored (the accounting log).
 	OnAccepted func(id string, env *mta.Envelope, size int)
+	// Registerer, when set, gets the API's metrics: requests by tenant and
+	// reply code, messages accepted by tenant.
+	Registerer prometheus.Registerer
 	Logger     *zap.Logger
 	Now        func() time.Time
 }
@@ -116,9 +121,16 @@ func Handler(opts Options) http.Handler {
 	if opts.Now == nil {
 		opts.Now = time.Now
 	}
-	h := &handler{opts: opts}
+	h := &handler{opts: opts,
+		requests: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "mta_api_requests_total",
+			Help: "Injection API requests by tenant (unknown: no valid token) and HTTP reply code."}, []string{"tenant", "code"}),
+		accepted: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "mta_api_messages_accepted_total",
+			Help: "Messages stored through the injection API (one per recipient), by tenant."}, []string{"tenant"})}
+	if opts.Registerer != nil {
+		opts.Registerer.MustRegister(h.requests, h.accepted)
+	}
 	mux := http.NewServeMux()
-	mux.HandleFunc("POST /api/v1/messages", h.inject)
+	mux.HandleFunc("POST /api/v1/messages", h.counted(h.inject))
 	mux.HandleFunc("/api/v1/messages", func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("Allow", "POST")
 		writeJSON(w, http.StatusMethodNotAllowed, ErrorBody{"use POST"})
@@ -129,7 +141,39 @@ func Handler(opts Options) http.Handler {
 	return mux
 }
 
-type handler struct{ opts Options }
+type handler struct {
+	opts               Options
+	requests, accepted *prometheus.CounterVec
+}
+
+// statusWriter remembers the reply code written.
+type statusWriter struct {
+	http.ResponseWriter
+	code int
+}
+
+func (w *statusWriter) WriteHeader(code int) {
+	w.code = code
+	w.ResponseWriter.WriteHeader(code)
+}
+
+// counted counts each request by tenant and reply code, and logs the
+// refusals an operator should see: a wrong token (someone guessing, or an
+// application with an old one) and a tenant sending as someone else.
+func (h *handler) counted(next http.HandlerFunc) http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) {
+		sw := &statusWriter{ResponseWriter: w, code: http.StatusOK}
+		next(sw, r)
+		tenant := "unknown"
+		if t := h.tenant(r); t != nil {
+			tenant = t.Name
+		}
+		h.requests.WithLabelValues(tenant, strconv.Itoa(sw.code)).Inc()
+		if sw.code == http.StatusUnauthorized || sw.code == http.StatusForbidden {
+			h.opts.Logger.Info("injection refused", zap.Int("code", sw.code), zap.String("tenant", tenant), zap.String("client_ip", clientIP(r)))
+		}
+	}
+}
 
 // tenant returns the tenant whose token the request carries.
 func (h *handler) tenant(r *http.Request) *Tenant { return Authenticate(h.opts.Tenants, r) }
@@ -235,6 +279,7 @@ func (h *handler) inject(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	res := h.run(t, plan, clientIP(r))
+	h.accepted.WithLabelValues(t.Name).Add(float64(res.Accepted))
 	status = http.StatusOK
 	if res.Accepted == 0 {
 		status = http.StatusUnprocessableEntity

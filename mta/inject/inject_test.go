@@ -16,6 +16,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+
 	"github.com/mtaproject/mta/mta"
 )
 
@@ -462,6 +464,42 @@ func TestContentTypeIsAMediaType(t *testing.T) {
 		h.ServeHTTP(rec, req)
 		if rec.Code != want {
 			t.Errorf("Content-Type %q: %d, want %d", ct, rec.Code, want)
+		}
+	}
+}
+
+// Requests are counted by tenant and reply code, messages by tenant.
+func TestRequestsAreCounted(t *testing.T) {
+	reg := prometheus.NewRegistry()
+	h := newTestHandler(&memStore{}, func(o *Options) { o.Registerer = reg })
+	ok := map[string]any{"message": map[string]any{"from": "a@shop.example", "subject": "s", "text": "t"},
+		"recipients": []map[string]any{{"email": "a@example.org"}, {"email": "b@example.org"}}}
+	post(t, h, token, ok)
+	post(t, h, "0123456789abcdef-wrong", ok)
+	post(t, h, token, map[string]any{"message": map[string]any{"from": "a@bank.example", "subject": "s", "text": "t"}, "recipients": ok["recipients"]})
+	want := map[string]float64{
+		`mta_api_requests_total{code="200",tenant="shop"}`:    1,
+		`mta_api_requests_total{code="401",tenant="unknown"}`: 1,
+		`mta_api_requests_total{code="403",tenant="shop"}`:    1,
+		`mta_api_messages_accepted_total{tenant="shop"}`:      2,
+	}
+	mfs, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := map[string]float64{}
+	for _, mf := range mfs {
+		for _, m := range mf.GetMetric() {
+			labels := []string{}
+			for _, l := range m.GetLabel() {
+				labels = append(labels, fmt.Sprintf("%s=%q", l.GetName(), l.GetValue()))
+			}
+			got[mf.GetName()+"{"+strings.Join(labels, ",")+"}"] = m.GetCounter().GetValue()
+		}
+	}
+	for k, v := range want {
+		if got[k] != v {
+			t.Errorf("%s = %v, want %v (all: %v)", k, got[k], v, got)
 		}
 	}
 }

@@ -373,6 +373,7 @@ func New(cfg *config.Config, log *zap.Logger) (_ *Server, err error) {
 			Refuse:         injectionRefusal(cfg.LocalDomains, local, refuse),
 			ReturnPath:     returnPathFunc,
 			OnAccepted:     func(id string, env *mta.Envelope, size int) { s.accountReception(id, env, size, "") },
+			Registerer:     s.registry,
 			Logger:         log.Named("inject"),
 		}))
 		s.api = &http.Server{
