@@ -79,6 +79,9 @@ func TestQueueCommandsAgainstRunningServer(t *testing.T) {
 	if ls := mtaCmd(t, true, "queue", "ls", admin); !strings.Contains(ls, id) || !strings.Contains(ls, "held") {
 		t.Fatalf("held message not shown as held:\n%s", ls)
 	}
+	if out := mtaCmd(t, false, "queue", "flush", id, admin); !strings.Contains(out, "held") || strings.Contains(out, "due now") {
+		t.Fatalf("flush of a held message: %q, want it refused as held", out)
+	}
 	mtaCmd(t, true, "queue", "release", id, admin)
 	if ls := mtaCmd(t, true, "queue", "ls", admin); strings.Contains(ls, "held") {
 		t.Fatalf("released message still held:\n%s", ls)

@@ -218,7 +218,11 @@ func Handler(store Store, token string) http.Handler {
 					if !f.Match(m, now) {
 						continue
 					}
-					if err := fn(m.ID); err != nil && !errors.Is(err, mta.ErrNotFound) {
+					err := fn(m.ID)
+					switch {
+					case errors.Is(err, ErrHeld):
+						continue // a bulk flush leaves held mail alone
+					case err != nil && !errors.Is(err, mta.ErrNotFound):
 						res.Failed++
 						continue
 					}
@@ -410,9 +414,16 @@ func withID(fn func(http.ResponseWriter, string)) http.HandlerFunc {
 	}
 }
 
+// ErrHeld refuses to flush a held message: it is not tried until released.
+var ErrHeld = errors.New("the message is held: release it to deliver it")
+
 func writeError(w http.ResponseWriter, err error) {
-	if errors.Is(err, mta.ErrNotFound) {
+	switch {
+	case errors.Is(err, mta.ErrNotFound):
 		writeJSON(w, http.StatusNotFound, Error{err.Error()})
+		return
+	case errors.Is(err, ErrHeld):
+		writeJSON(w, http.StatusConflict, Error{err.Error()})
 		return
 	}
 	writeJSON(w, http.StatusInternalServerError, Error{err.Error()})

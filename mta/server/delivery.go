@@ -338,6 +338,9 @@ func (a adminStore) Release(id string) error {
 
 // FlushMessage makes message id's queued recipients due now.
 func (a adminStore) FlushMessage(id string) error {
+	if m, err := a.Spool.Get(id); err == nil && m.Held {
+		return fmt.Errorf("%s: %w", id, admin.ErrHeld)
+	}
 	err := a.Spool.Reschedule(id, time.Now())
 	if err == nil {
 		a.sched.Kick()
