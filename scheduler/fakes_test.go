@@ -225,6 +225,7 @@ type fakeTransport struct {
 	// carried.
 	sending, mostSending, mostPerConn map[string]int
 
+	maxConns      map[string]int // destination → connections it takes at once; more are refused
 	connectDelay  time.Duration
 	connecting    int // Connect calls in progress
 	maxConnecting int
@@ -263,6 +264,9 @@ func (f *fakeTransport) Connect(ctx context.Context, r Route) (Conn, error) {
 	f.connects[r.Key()]++
 	if err := f.connectErr[r.Key()]; err != nil {
 		return nil, err
+	}
+	if n, ok := f.maxConns[r.Key()]; ok && f.active[r.Key()] >= n {
+		return nil, errors.New("421 4.7.0 too many connections")
 	}
 	f.active[r.Key()]++
 	f.maxActive[r.Key()] = max(f.maxActive[r.Key()], f.active[r.Key()])

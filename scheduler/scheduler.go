@@ -243,6 +243,7 @@ type dest struct {
 	failedAt  time.Time // when it was
 	inWaiting bool
 	own       DestinationLimits // the operator's, for the domains of this key
+	open      int               // workers with a connection open (evUp)
 }
 
 type nextReq struct {
@@ -261,6 +262,10 @@ type event struct {
 	work   *work
 	at     time.Time // evConnOK: when the connection attempt began
 	leased []Due     // evLeased: the scanned work the store leased
+	// evConnFail of a new connection: told whether the work that asked
+	// for it goes back to the queue (true) or had its attempt (false).
+	requeue chan bool
+	up      bool // evExit: the worker had sent evUp
 }
 
 type eventKind int
@@ -274,6 +279,7 @@ const (
 	evRouted                     // a domain was resolved (or failed to)
 	evPostponed                  // a batch of postponements is written
 	evLeased                     // the work a scan found is leased (or failed to be)
+	evUp                         // a worker has a connection open (its evExit then says up)
 )
 
 // New returns a scheduler; Run starts it.
@@ -491,6 +497,9 @@ func (s *Scheduler) stop() {
 		case ev := <-s.events:
 			if ev.kind == evDone || ev.kind == evRequeue {
 				s.forget(ev.work)
+			}
+			if ev.requeue != nil {
+				ev.requeue <- false // stopping: the worker records nothing and ends
 			}
 		case done := <-s.settle:
 			close(done)
@@ -955,11 +964,18 @@ func (s *Scheduler) handle(ev event) {
 			}
 			s.serve(d)
 		}
+	case evUp:
+		if d := s.dests[ev.key]; d != nil {
+			d.open++
+		}
 	case evExit:
 		s.active--
 		d := s.dests[ev.key]
 		if d != nil {
 			d.active--
+			if ev.up {
+				d.open--
+			}
 		}
 		// Destinations that waited for a slot go first; d queues behind.
 		s.serveWaiting()
@@ -982,6 +998,25 @@ func (s *Scheduler) handle(ev event) {
 		}
 		s.serve(d)
 	case evConnFail:
+		d := s.dests[ev.key]
+		if d != nil && d.failures == 0 && d.open > 0 && s.opts.Now().After(d.deadUntil) {
+			// Its other connections are open: this one met the
+			// receiver's limit of connections (a 421 greeting, a refused
+			// connect), not an outage. The window shrinks to what is
+			// open (Postfix's negative concurrency feedback) instead of
+			// the destination being backed off, and a new connection's
+			// work waits for an open one, without an attempt.
+			d.window = max(1, d.open)
+			s.log.Info("destination refused a connection while others are open; fewer connections", zap.String("destination", d.key),
+				zap.Int("window", d.window), zap.Error(ev.err))
+			if ev.requeue != nil {
+				ev.requeue <- true
+			}
+			break
+		}
+		if ev.requeue != nil {
+			ev.requeue <- false
+		}
 		s.backOff(ev.key, ev.err)
 	case evRouted:
 		s.routed(ev.domain, ev.route, ev.err)

@@ -932,3 +932,31 @@ func TestDomainLimitsOfAnInternationalizedDomain(t *testing.T) {
 		return false
 	})
 }
+
+// A receiver that takes one connection at a time refuses the others; the
+// one open keeps delivering, so that is its limit, not an outage: the
+// destination is not backed off (which postponed all its mail), the
+// window shrinks, and no message is charged an attempt for a refused
+// extra connection.
+func TestRefusedExtraConnectionIsNotAnOutage(t *testing.T) {
+	store, tr := newMemStore(), newFakeTransport()
+	tr.maxConns = map[string]int{"x.test": 1}
+	tr.delay["x.test"] = time.Millisecond
+	h := start(t, func(o *Options) { o.InitialPerDestination, o.MaxPerDestination = 4, 4 }, store, tr) // backoff an hour
+	now := time.Now()
+	for i := 0; i < 400; i++ {
+		id := fmt.Sprintf("m%03d", i)
+		store.add(id, now, now.Add(time.Hour), "r@x.test")
+		h.s.Submit(id, []string{"x.test"}, mta.PriorityBulk)
+	}
+	waitFor(t, "400 deliveries", func() bool { d, _ := store.counts(); return d == 400 })
+	store.mu.Lock()
+	defer store.mu.Unlock()
+	deferred := 0
+	for _, n := range store.defers {
+		deferred += n
+	}
+	if deferred != 0 {
+		t.Fatalf("%d messages deferred for refused extra connections", deferred)
+	}
+}

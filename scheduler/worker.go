@@ -19,7 +19,8 @@ import (
 // the connection in the cache. own are the destination's own limits.
 func (s *Scheduler) worker(key string, route Route, first *work, own DestinationLimits) {
 	defer s.workers.Done()
-	defer func() { s.events <- event{kind: evExit, key: key} }()
+	up := false // evUp sent: this worker counts as an open connection
+	defer func() { s.events <- event{kind: evExit, key: key, up: up} }()
 	var conn Conn
 	var messages int
 	reused := false
@@ -35,7 +36,15 @@ func (s *Scheduler) worker(key string, route Route, first *work, own Destination
 		c, err := s.opts.Transport.Connect(s.sendCtx, route)
 		if err != nil {
 			s.m.connFailed.Inc()
-			s.events <- event{kind: evConnFail, key: key, err: err}
+			requeue := make(chan bool, 1)
+			s.events <- event{kind: evConnFail, key: key, err: err, requeue: requeue}
+			if <-requeue {
+				// Refused while the destination's other connections are
+				// open: the work goes to one of them.
+				first.requeued = false
+				s.events <- event{kind: evRequeue, key: key, work: first}
+				return
+			}
 			if s.sendCtx.Err() != nil {
 				// Stopping: no attempt was really made.
 				s.events <- event{kind: evRequeue, key: key, work: first}
@@ -55,6 +64,8 @@ func (s *Scheduler) worker(key string, route Route, first *work, own Destination
 	}
 	s.m.activeConns.WithLabelValues(route.Class()).Inc()
 	defer s.m.activeConns.WithLabelValues(route.Class()).Dec()
+	s.events <- event{kind: evUp, key: key}
+	up = true
 
 	maxMessages := func() int {
 		if own.MaxMessagesPerConnection > 0 {

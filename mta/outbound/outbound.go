@@ -207,7 +207,9 @@ func message(env *scheduler.Envelope, body []byte) *smtpclient.Message {
 // before the transaction began: its RSET got no reply.
 func stale(err error) bool {
 	var e *smtpclient.Error
-	return errors.As(err, &e) && e.Stage == "rset" && e.Reply == nil
+	// No reply to RSET, or a 421 (the server closing a connection it found
+	// idle too long, as Postfix's smtpd does under load).
+	return errors.As(err, &e) && e.Stage == "rset" && (e.Reply == nil || e.Reply.Code == 421)
 }
 
 // shuffleEqual returns hosts with each run of equal preference in a new

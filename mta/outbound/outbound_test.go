@@ -18,7 +18,8 @@ func TestStale(t *testing.T) {
 		stale bool
 	}{
 		{&smtpclient.Error{Stage: "rset", Err: io.EOF}, true},
-		{&smtpclient.Error{Stage: "rset", Reply: &mta.Reply{Code: 421}}, false},
+		{&smtpclient.Error{Stage: "rset", Reply: &mta.Reply{Code: 421}}, true}, // closed for being idle too long
+		{&smtpclient.Error{Stage: "rset", Reply: &mta.Reply{Code: 550}}, false},
 		{&smtpclient.Error{Stage: "mail", Err: io.EOF}, false},
 		{&smtpclient.Error{Stage: "data", Err: io.EOF}, false},
 		{&smtpclient.Error{Stage: "dot", Err: io.EOF}, false},

@@ -100,7 +100,7 @@ type Config struct {
 // Host is one next-hop host with its addresses, in the order to try.
 type Host struct {
 	Name       string       // MX target or route host; "" for a literal IP
-	Preference uint16       // MX preference; 0 for implicit MX and routes
+	Preference uint16       // MX preference; 0 for an implicit MX; a route's position in its list
 	Port       int          // SMTP port
 	Addrs      []netip.Addr // at least one; IPv4 first, then IPv6
 }

@@ -145,9 +145,13 @@ func (r *Resolver) resolveRoute(ctx context.Context, display, name string, rt *r
 	dest := &Destination{Domain: display, Key: rt.key, Route: rt.route, TLS: rt.tls}
 	var lastErr error
 	j := 0
-	for _, h := range rt.hosts {
+	for i, h := range rt.hosts {
+		// A route's hosts are tried in the order given (a primary relay,
+		// then its backup): each its own preference, so that delivery's
+		// shuffle of equally preferred hosts leaves them in order.
+		pref := uint16(min(i, 65535))
 		if h.name == "" {
-			dest.Hosts = append(dest.Hosts, Host{Port: h.port, Addrs: []netip.Addr{h.addr}})
+			dest.Hosts = append(dest.Hosts, Host{Preference: pref, Port: h.port, Addrs: []netip.Addr{h.addr}})
 			continue
 		}
 		a := res[j]
@@ -160,7 +164,7 @@ func (r *Resolver) resolveRoute(ctx context.Context, display, name string, rt *r
 			}
 			continue
 		}
-		dest.Hosts = append(dest.Hosts, Host{Name: h.name, Port: h.port, Addrs: a.addrs})
+		dest.Hosts = append(dest.Hosts, Host{Name: h.name, Preference: pref, Port: h.port, Addrs: a.addrs})
 	}
 	if len(dest.Hosts) == 0 {
 		return nil, errTemporary(name, lastErr)
