@@ -49,6 +49,9 @@ func TestRoutes(t *testing.T) {
 		d.Hosts[1].Name != "" || d.Hosts[1].Port != 2525 || !slices.Equal(d.Hosts[1].Addrs, want[1].Addrs) {
 		t.Errorf("hosts %+v, want %+v", d.Hosts, want)
 	}
+	if d.Hosts[0].Preference >= d.Hosts[1].Preference {
+		t.Errorf("route hosts share a preference (%d, %d): delivery would shuffle them", d.Hosts[0].Preference, d.Hosts[1].Preference)
+	}
 	if n := s.count("example.com", dns.TypeMX); n != 0 {
 		t.Errorf("%d MX queries for a routed domain", n)
 	}
