@@ -313,6 +313,11 @@ func (c *Conn) send(m *Message, next func() *Message) (*Result, error) {
 	if err := c.check("dot", done); err != nil {
 		return nil, err
 	}
+	if c.begun == nil { // with the next transaction begun, its replies may follow
+		if err := c.inStep("dot", done); err != nil {
+			return nil, err
+		}
+	}
 	fill(res, done)
 	return res, nil
 }
@@ -441,10 +446,37 @@ func (c *Conn) sendChunked(m *Message) (*Result, error) {
 	if err := c.check("dot", done); err != nil {
 		return nil, err
 	}
+	if err := c.inStep("dot", done); err != nil {
+		return nil, err
+	}
 	if accepted > 0 {
 		fill(res, done)
 	}
 	return res, nil
+}
+
+// inStep checks, after the last reply a transaction expects, that the
+// server sent nothing more: a reply too many (a server that answers one
+// command twice) shifts every reply after it onto the wrong command, and
+// with BDAT, which has no 354 to fall back in step on, a refusal of the
+// message would be read as the reply of a command before it and the
+// message taken for delivered. Then the outcome is unknown: the
+// connection is dropped and the message tried again (a possible
+// duplicate, never a loss). It sees what has already arrived.
+func (c *Conn) inStep(stage string, last *mta.Reply) error {
+	n := c.br.Buffered()
+	if n == 0 {
+		return nil
+	}
+	if b, _ := c.br.Peek(min(n, 3)); string(b) == "421" {
+		// The server closing the connection after this transaction (a
+		// limit of messages per connection, a shutdown): the reply before
+		// it stands, and the connection is not used again.
+		c.broken = true
+		return nil
+	}
+	c.abort()
+	return c.outOfStep(stage, last)
 }
 
 // readEnvelope reads the replies to MAIL and to each RCPT, and records

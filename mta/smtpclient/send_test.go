@@ -420,3 +420,27 @@ func BenchmarkSend1KB(b *testing.B) {
 		}
 	}
 }
+
+// A server that answers one command twice is out of step: every reply
+// after would belong to the command before it. Seen after the last reply
+// a transaction expects, the message is not taken for delivered: the
+// connection is dropped and Send fails, so the message is tried again.
+func TestExtraReplyIsOutOfStep(t *testing.T) {
+	s := newServer(t, script{pipelining: true, enhanced: true, replies: map[string]string{"DOT": "250 2.0.0 Ok\r\n451 4.3.0 the real reply"}})
+	c := dialT(t, s, Options{})
+	res, err := c.Send(context.Background(), msg("hi\r\n", "a@y.test"))
+	if err == nil || !errors.Is(err, ErrUnexpectedReply) || c.Usable() {
+		t.Fatalf("Send = %+v, %v (usable %v): want the transaction failed as out of step", res, err, c.Usable())
+	}
+}
+
+// A 421 right after the last reply is the server closing the connection
+// (a limit of messages per connection): the reply before it stands.
+func TestClosingAfterTheLastReply(t *testing.T) {
+	s := newServer(t, script{pipelining: true, enhanced: true, replies: map[string]string{"DOT": "250 2.0.0 Ok\r\n421 4.7.0 too many messages, closing"}})
+	c := dialT(t, s, Options{})
+	res, err := c.Send(context.Background(), msg("hi\r\n", "a@y.test"))
+	if err != nil || res.Recipients[0].Code != 250 || c.Usable() {
+		t.Fatalf("Send = %+v, %v (usable %v): want delivered, and the connection not used again", res, err, c.Usable())
+	}
+}
