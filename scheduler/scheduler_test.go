@@ -2,6 +2,7 @@ package scheduler
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"strings"
 	"sync"
@@ -958,5 +959,31 @@ func TestRefusedExtraConnectionIsNotAnOutage(t *testing.T) {
 	}
 	if deferred != 0 {
 		t.Fatalf("%d messages deferred for refused extra connections", deferred)
+	}
+}
+
+// A connection that fails during a transaction is an outcome like any:
+// logged and observed (the accounting log), since the server may have
+// taken the message and the retry may deliver it twice.
+func TestConnectionFailureIsAnObservedOutcome(t *testing.T) {
+	store, tr := newMemStore(), newFakeTransport()
+	tr.sendErr = func(dest string, n int) error { return errors.New("connection reset after the data") }
+	var mu sync.Mutex
+	var seen []OutcomeEvent
+	h := start(t, func(o *Options) {
+		o.Observe = func(e OutcomeEvent) { mu.Lock(); seen = append(seen, e); mu.Unlock() }
+	}, store, tr)
+	now := time.Now()
+	store.add("m1", now, now.Add(time.Hour), "r@x.test")
+	h.s.Submit("m1", []string{"x.test"}, mta.PriorityBulk)
+	waitFor(t, "the deferral", func() bool {
+		store.mu.Lock()
+		defer store.mu.Unlock()
+		return store.defers[workKey{"m1", "x.test"}] == 1
+	})
+	mu.Lock()
+	defer mu.Unlock()
+	if len(seen) != 1 || seen[0].Outcome != "deferred" || seen[0].Recipient != "r@x.test" || !strings.Contains(seen[0].Reason, "connection reset") {
+		t.Fatalf("observed %+v", seen)
 	}
 }

@@ -309,7 +309,11 @@ func (s *Scheduler) deliver(conn Conn, route Route, w *work, a *attempt, reused 
 			return err
 		}
 		s.m.outcomes.WithLabelValues("deferred", route.Class()).Add(float64(len(env.Recipients)))
-		s.temporary(w, m, attempts, local("connection failed: "+err.Error()))
+		why := "connection failed: " + err.Error()
+		// Logged like any outcome: after the data went out the server may
+		// have taken the message, and the retry may deliver it twice.
+		s.logLocal("deferred", m, addresses(env.Recipients), why)
+		s.temporary(w, m, attempts, local(why))
 		return err
 	}
 	host, _ := describe(conn)
