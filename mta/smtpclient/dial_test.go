@@ -503,16 +503,3 @@ func TestEightBitBodyConvertedWithout8BITMIME(t *testing.T) {
 		}
 	}
 }
-
-// A 4xx to EHLO gets HELO too (a 421 ends the session).
-func TestHELOFallbackAfterA4xx(t *testing.T) {
-	s := newServer(t, script{replies: map[string]string{"EHLO": "451 4.3.0 try HELO"}})
-	c := dialT(t, s, Options{})
-	if got := codes(send(t, c, msg("hi\r\n", "a@y.test"))); got[0] != 250 {
-		t.Errorf("codes %v", got)
-	}
-	s2 := newServer(t, script{replies: map[string]string{"EHLO": "421 4.3.2 shutting down"}})
-	if _, err := Dial(context.Background(), s2.addr(), "localhost", Options{LocalName: "client.test"}); err == nil {
-		t.Error("a 421 to EHLO did not end the session")
-	}
-}

@@ -313,11 +313,9 @@ func (c *Conn) hello() error {
 		c.parseEHLO()
 		return nil
 	}
-	if r.Code == 421 {
+	if r.Code/100 != 5 {
 		return c.replyFail("ehlo", r)
 	}
-	// Any other refusal of EHLO, 4xx too, gets HELO (as Postfix's client
-	// does): an old or odd server may still take the mail without ESMTP.
 	r, err = c.command("ehlo", c.t.Command, "HELO ", c.opts.LocalName)
 	if err != nil {
 		return err
