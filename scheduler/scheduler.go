@@ -499,7 +499,7 @@ func (s *Scheduler) stop() {
 				s.forget(ev.work)
 			}
 			if ev.requeue != nil {
-				ev.requeue <- false // stopping: the worker records nothing and ends
+				ev.requeue <- true // stopping: the work goes back (and is forgotten) without an attempt
 			}
 		case done := <-s.settle:
 			close(done)
@@ -999,7 +999,7 @@ func (s *Scheduler) handle(ev event) {
 		s.serve(d)
 	case evConnFail:
 		d := s.dests[ev.key]
-		if d != nil && d.failures == 0 && d.open > 0 && s.opts.Now().After(d.deadUntil) {
+		if ev.requeue != nil && d != nil && d.failures == 0 && d.open > 0 && s.opts.Now().After(d.deadUntil) {
 			// Its other connections are open: this one met the
 			// receiver's limit of connections (a 421 greeting, a refused
 			// connect), not an outage. The window shrinks to what is
@@ -1009,9 +1009,7 @@ func (s *Scheduler) handle(ev event) {
 			d.window = max(1, d.open)
 			s.log.Info("destination refused a connection while others are open; fewer connections", zap.String("destination", d.key),
 				zap.Int("window", d.window), zap.Error(ev.err))
-			if ev.requeue != nil {
-				ev.requeue <- true
-			}
+			ev.requeue <- true
 			break
 		}
 		if ev.requeue != nil {

@@ -987,3 +987,32 @@ func TestConnectionFailureIsAnObservedOutcome(t *testing.T) {
 		t.Fatalf("observed %+v", seen)
 	}
 }
+
+// A 421 during a transaction (a receiver rate-limiting us) backs the
+// destination off: its other mail is postponed, not tried connection
+// after connection.
+func TestA421InATransactionBacksOff(t *testing.T) {
+	store, tr := newMemStore(), newFakeTransport()
+	tr.sendErr = func(string, int) error {
+		return &mta.Reply{Code: 421, Enhanced: mta.Enhanced{4, 7, 0}, Text: "rate limited, closing"}
+	}
+	h := start(t, func(o *Options) { o.MaxPerDestination, o.InitialPerDestination = 1, 1 }, store, tr)
+	now := time.Now()
+	for i := 0; i < 50; i++ {
+		id := fmt.Sprintf("m%02d", i)
+		store.add(id, now, now.Add(time.Hour), "r@x.test")
+		h.s.Submit(id, []string{"x.test"}, mta.PriorityBulk)
+	}
+	waitFor(t, "the destination backed off", func() bool {
+		for _, d := range h.s.Destinations() {
+			if d.Key == "x.test" && d.BackedOff {
+				return true
+			}
+		}
+		return false
+	})
+	time.Sleep(100 * time.Millisecond)
+	if connects, _, _ := tr.stats("x.test"); connects > 2 {
+		t.Fatalf("%d connections to a destination answering 421", connects)
+	}
+}

@@ -96,10 +96,10 @@ const maxHTTPConnections = 64
 // hold api.max_request_size in memory.
 const maxAPIConnections = 64
 
-// idleHTTPTimeout is how long both HTTP listeners keep an idle keep-alive
-// connection: short, because idle connections count against the caps
-// above, and 64 of them held open would lock out Prometheus, health
-// probes and `mta queue` for as long as they are kept.
+// idleHTTPTimeout is how long listen.http keeps an idle keep-alive
+// connection: short, because idle connections count against its cap, and
+// 64 of them held open would lock out Prometheus, health probes and
+// `mta queue` for as long as they are kept.
 const idleHTTPTimeout = 5 * time.Second
 
 // SetLogLevel gives the server its logger's level, so that a reload can
@@ -381,7 +381,7 @@ func New(cfg *config.Config, log *zap.Logger) (_ *Server, err error) {
 			ReadHeaderTimeout: 10 * time.Second,
 			ReadTimeout:       5 * time.Minute, // a large request over a slow link
 			WriteTimeout:      5 * time.Minute,
-			IdleTimeout:       idleHTTPTimeout,
+			IdleTimeout:       2 * time.Minute, // applications reuse connections; a short timeout races their next POST
 			MaxHeaderBytes:    32 << 10,
 			ErrorLog:          zap.NewStdLog(log.Named("inject")),
 		}
@@ -527,10 +527,9 @@ func (s *Server) routes() http.Handler {
 			http.Error(w, "not ready: starting or stopping", http.StatusServiceUnavailable)
 			return
 		}
-		if err := s.spool.Room(int64(s.cfg.SMTP.MaxMessageSize)); err != nil {
-			// Broken, or without room above spool.min_free_space for a
-			// message of the largest size: new mail may get 452 4.3.1,
-			// so a load balancer should send it elsewhere.
+		if err := s.spool.Room(0); err != nil {
+			// Broken, or below spool.min_free_space: new mail gets 452
+			// 4.3.1, so a load balancer should send it elsewhere.
 			http.Error(w, "not ready: "+err.Error(), http.StatusServiceUnavailable)
 			return
 		}

@@ -109,7 +109,9 @@ func (s *suppressions) handler(tenantOf func(*http.Request) (string, error), sou
 	}
 	address := func(w http.ResponseWriter, r *http.Request) (string, bool) {
 		a := r.URL.Query().Get("address")
-		if !suppressibleAddress(a) {
+		// Checked when added; a removal takes whatever is on the list
+		// (bounces add addresses as the remote servers wrote them).
+		if bad := a == "" || len(a) > 320; bad || r.Method == http.MethodPost && !suppressibleAddress(a) {
 			writeJSONError(w, http.StatusBadRequest, "address: want an email address, got "+strconv.Quote(a))
 			return "", false
 		}
@@ -195,7 +197,7 @@ func (s *suppressions) handler(tenantOf func(*http.Request) (string, error), sou
 // stored where it would never match.
 func suppressibleAddress(a string) bool {
 	at := strings.LastIndexByte(a, '@')
-	if len(a) > 320 || at <= 0 || at == len(a)-1 || strings.ContainsAny(a, " \t<>") {
+	if len(a) > 320 || at <= 0 || at == len(a)-1 || strings.ContainsAny(a, "<>") {
 		return false
 	}
 	for _, r := range a {
@@ -203,10 +205,15 @@ func suppressibleAddress(a string) bool {
 			return false
 		}
 	}
-	if strings.ContainsRune(a[:at], '@') && !strings.HasPrefix(a, `"`) {
-		return false // a@b@c: only a quoted local part may hold an @
+	local, domain := a[:at], a[at+1:]
+	quoted := len(local) >= 2 && local[0] == '"' && local[len(local)-1] == '"'
+	if !quoted && strings.ContainsAny(local, " \t@") {
+		return false // a@b@c, "a b" unquoted: only a quoted local part may hold these
 	}
-	_, ok := mta.NormalizeDomain(a[at+1:])
+	if strings.HasPrefix(domain, "[") && strings.HasSuffix(domain, "]") {
+		return true // an address literal
+	}
+	_, ok := mta.NormalizeDomain(domain)
 	return ok
 }
 

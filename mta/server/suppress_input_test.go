@@ -15,7 +15,8 @@ import (
 // The suppression list takes addresses only, and says when it added one.
 func TestSuppressionInput(t *testing.T) {
 	for a, want := range map[string]bool{
-		"user@example.com": true, `"a@b"@example.com`: true, "é@example.com": true,
+		"user@example.com": true, `"a@b"@example.com`: true, "é@example.com": true, `"a b"@example.com`: true,
+		"u@[192.0.2.1]": true, "user+tag@Bücher.example": true,
 		"@": false, "a@": false, "@example.com": false, "@@@": false, "a@b@c": false, "a b@example.com": false,
 		"a\x0bb@example.com": false, "a\x1b[31mRED@example.com": false, "a@exa mple.com": false, "a@-bad-.com": false,
 	} {

@@ -313,10 +313,11 @@ func (c *Conn) send(m *Message, next func() *Message) (*Result, error) {
 	if err := c.check("dot", done); err != nil {
 		return nil, err
 	}
-	if c.begun == nil { // with the next transaction begun, its replies may follow
-		if err := c.inStep("dot", done); err != nil {
-			return nil, err
-		}
+	if c.begun == nil && c.br.Buffered() > 0 {
+		// More than the reply to "." (which after a 354 cannot be
+		// mistaken): a quirky server; the reply stands, the connection
+		// is not used again.
+		c.broken = true
 	}
 	fill(res, done)
 	return res, nil

@@ -6,6 +6,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
 	"slices"
 	"strings"
 	"testing"
@@ -426,11 +427,23 @@ func BenchmarkSend1KB(b *testing.B) {
 // a transaction expects, the message is not taken for delivered: the
 // connection is dropped and Send fails, so the message is tried again.
 func TestExtraReplyIsOutOfStep(t *testing.T) {
-	s := newServer(t, script{pipelining: true, enhanced: true, replies: map[string]string{"DOT": "250 2.0.0 Ok\r\n451 4.3.0 the real reply"}})
+	// After a 354, the reply to "." cannot be mistaken: it stands, and the
+	// connection is not used again.
+	s := newServer(t, script{pipelining: true, enhanced: true, replies: map[string]string{"DOT": "250 2.0.0 Ok\r\n250 2.0.0 queued again"}})
 	c := dialT(t, s, Options{})
 	res, err := c.Send(context.Background(), msg("hi\r\n", "a@y.test"))
-	if err == nil || !errors.Is(err, ErrUnexpectedReply) || c.Usable() {
-		t.Fatalf("Send = %+v, %v (usable %v): want the transaction failed as out of step", res, err, c.Usable())
+	if err != nil || res.Recipients[0].Code != 250 || c.Usable() {
+		t.Fatalf("Send = %+v, %v (usable %v): want delivered, the connection dropped", res, err, c.Usable())
+	}
+	// The same with BDAT, where nothing marks where the replies are: the
+	// outcome is unknown, the transaction fails and the message is retried.
+	pa, pb := net.Pipe()
+	defer pb.Close()
+	c2 := &Conn{raw: pa, conn: pa}
+	c2.br = bufio.NewReader(strings.NewReader("451 4.3.0 the real reply\r\n"))
+	c2.br.Peek(1)
+	if err := c2.inStep("dot", &mta.Reply{Code: 250}); !errors.Is(err, ErrUnexpectedReply) {
+		t.Fatalf("inStep with a reply left over: %v", err)
 	}
 }
 
