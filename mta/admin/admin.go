@@ -330,7 +330,11 @@ func Handler(store Store, token string) http.Handler {
 	mux.HandleFunc("POST /api/v1/queue/{id}/bounce", action("bounce", store.Bounce))
 	flushOne := action("flush", store.FlushMessage)
 	mux.HandleFunc("POST /api/v1/queue/{id}/flush", func(w http.ResponseWriter, r *http.Request) {
-		store.EndBackoffs()
+		// A flush that will be refused (no such message, a held one)
+		// changes nothing, the backoffs included.
+		if m, err := store.Get(r.PathValue("id")); err == nil && !m.Held {
+			store.EndBackoffs()
+		}
 		flushOne(w, r)
 	})
 	flushSome := bulk("flush", store.FlushMessage)
