@@ -181,11 +181,25 @@ func bounded(tree *parse.Tree, templates int) error {
 
 // rangesOverData reports whether a range's pipeline is one field, variable
 // or dot: data of the request, whose size the request bounds.
+// "index" of such data with literal keys is data too: the way to reach a
+// key that is not an identifier ({{range index . "order-items"}}).
 func rangesOverData(p *parse.PipeNode) bool {
-	if p == nil || len(p.Cmds) != 1 || len(p.Cmds[0].Args) != 1 {
+	if p == nil || len(p.Cmds) != 1 || len(p.Cmds[0].Args) == 0 {
 		return false
 	}
-	switch p.Cmds[0].Args[0].(type) {
+	args := p.Cmds[0].Args
+	if id, ok := args[0].(*parse.IdentifierNode); ok && id.Ident == "index" && len(args) >= 3 {
+		for _, k := range args[2:] {
+			if _, lit := k.(*parse.StringNode); !lit {
+				return false
+			}
+		}
+		args = args[1:2]
+	}
+	if len(args) != 1 {
+		return false
+	}
+	switch args[0].(type) {
 	case *parse.FieldNode, *parse.VariableNode, *parse.DotNode:
 		return true
 	}

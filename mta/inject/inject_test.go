@@ -503,3 +503,24 @@ func TestRequestsAreCounted(t *testing.T) {
 		}
 	}
 }
+
+// A key that is not an identifier is reached with index, and may be
+// ranged over; index with a key computed by a function may not.
+func TestRangeOverAnIndexedKey(t *testing.T) {
+	store := &memStore{}
+	h := newTestHandler(store, nil)
+	code, body := post(t, h, token, map[string]any{
+		"message":       map[string]any{"from": "a@shop.example", "subject": "s", "text": `{{range index . "order-items"}}[{{.}}]{{end}}`},
+		"recipients":    []map[string]any{{"email": "a@example.org"}},
+		"substitutions": map[string]any{"order-items": []string{"tea", "cake"}},
+	})
+	if code != 200 || len(store.msgs) != 1 || !strings.Contains(string(store.msgs[0].Body), "[tea][cake]") {
+		t.Fatalf("%d %s", code, body)
+	}
+	if code, body := post(t, h, token, map[string]any{
+		"message":    map[string]any{"from": "a@shop.example", "subject": "s", "text": `{{range index . (printf "%s" "k")}}x{{end}}`},
+		"recipients": []map[string]any{{"email": "a@example.org"}},
+	}); code != 400 {
+		t.Fatalf("index with a computed key: %d %s", code, body)
+	}
+}
