@@ -794,10 +794,12 @@ func (s *Scheduler) destFor(ds *domainState) *dest {
 	d := s.dests[ds.key]
 	if d == nil {
 		d = &dest{key: ds.key, route: ds.route, own: ds.own}
-		for _, o := range s.dests {
-			if o.failures > 0 && o.route != nil && o.route.Key() == ds.route.Key() {
-				d.deadUntil, d.failures, d.why, d.failedAt = o.deadUntil, o.failures, o.why, o.failedAt
-				break
+		if len(s.limits().Domains) > 0 { // only then do two destinations share next hops
+			for _, o := range s.dests {
+				if o.failures > 0 && o.route != nil && o.route.Key() == ds.route.Key() {
+					d.deadUntil, d.failures, d.why, d.failedAt = o.deadUntil, o.failures, o.why, o.failedAt
+					break
+				}
 			}
 		}
 		s.dests[ds.key] = d

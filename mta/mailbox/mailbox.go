@@ -206,7 +206,7 @@ func dropReturnPath(msg []byte) []byte {
 			return nil // a bare LF: not a header this can read, left alone
 		}
 		if line[0] != ' ' && line[0] != '\t' {
-			dropping = isField(line, name)
+			dropping = mta.IsHeaderField(line, name)
 		}
 		switch {
 		case dropping && out == nil: // the first: keep what came before
@@ -220,16 +220,6 @@ func dropReturnPath(msg []byte) []byte {
 		return nil
 	}
 	return append(out, rest...)
-}
-
-// isField reports whether line begins the header field name (any case),
-// with the obsolete white space before the colon allowed (RFC 5322 §4.5).
-func isField(line []byte, name string) bool {
-	if len(line) <= len(name) || !bytes.EqualFold(line[:len(name)], []byte(name)) {
-		return false
-	}
-	rest := bytes.TrimLeft(line[len(name):], " \t")
-	return len(rest) > 0 && rest[0] == ':'
 }
 
 // over reports whether size more octets would take mailbox over quota.

@@ -442,11 +442,8 @@ func loadSecrets(cfg *config.Config, generate bool) (*secrets, error) {
 		sec.users = u
 	}
 	if cfg.Admin.TokenFile != "" {
-		if sec.adminToken, err = readFirstLine(cfg.Admin.TokenFile); err != nil {
+		if sec.adminToken, err = readSecret(cfg.Admin.TokenFile, "token"); err != nil {
 			return nil, cfg.FieldErr("admin.token_file", err)
-		}
-		if len(sec.adminToken) < 16 { // as for the API's tenant tokens: not guessable
-			return nil, cfg.FieldErr("admin.token_file", fmt.Errorf("%s: the token is %d characters, want at least 16 (e.g. openssl rand -hex 32)", cfg.Admin.TokenFile, len(sec.adminToken)))
 		}
 	}
 	var keys []dkim.Key
@@ -463,24 +460,18 @@ func loadSecrets(cfg *config.Config, generate bool) (*secrets, error) {
 	}
 	for i, w := range cfg.Webhooks {
 		field := fmt.Sprintf("webhooks[%d].secret_file", i)
-		secret, err := readFirstLine(w.SecretFile)
+		secret, err := readSecret(w.SecretFile, "secret")
 		if err != nil {
 			return nil, cfg.FieldErr(field, err)
-		}
-		if len(secret) < 16 {
-			return nil, cfg.FieldErr(field, fmt.Errorf("%s: the secret is %d characters, want at least 16", w.SecretFile, len(secret)))
 		}
 		sec.hooks = append(sec.hooks, webhook.Hook{Name: w.Name, URL: w.URL, Secret: secret, MaxBuffer: int64(w.MaxBuffer)})
 	}
 	seen := map[string]string{}
 	for i, tn := range cfg.API.Tenants {
 		field := fmt.Sprintf("api.tenants[%d].token_file", i)
-		token, err := readFirstLine(tn.TokenFile)
+		token, err := readSecret(tn.TokenFile, "token")
 		if err != nil {
 			return nil, cfg.FieldErr(field, err)
-		}
-		if len(token) < 16 {
-			return nil, cfg.FieldErr(field, fmt.Errorf("%s: the token is %d characters, want at least 16 (e.g. openssl rand -hex 32)", tn.TokenFile, len(token)))
 		}
 		if other, ok := seen[token]; ok {
 			return nil, cfg.FieldErr(field, fmt.Errorf("the same token as tenant %s: a token must name one tenant", other))
@@ -749,6 +740,23 @@ func (s *Server) closeAll() {
 	if s.spool != nil {
 		s.spool.Close()
 	}
+}
+
+// minSecretLength is the shortest token or secret a file may hold: one a
+// client could not guess.
+const minSecretLength = 16
+
+// readSecret reads the first line of file, a token or secret (what), and
+// refuses one too short to be unguessable.
+func readSecret(file, what string) (string, error) {
+	v, err := readFirstLine(file)
+	if err != nil {
+		return "", err
+	}
+	if len(v) < minSecretLength {
+		return "", fmt.Errorf("%s: the %s is %d characters, want at least %d (e.g. openssl rand -hex 32)", file, what, len(v), minSecretLength)
+	}
+	return v, nil
 }
 
 // readFirstLine returns the first line of a file, without its line break.

@@ -3,6 +3,8 @@ package smtpd
 import (
 	"bytes"
 	"time"
+
+	"github.com/mtaproject/mta/mta"
 )
 
 // headerFacts is what the edge needs to know of a message's header
@@ -35,11 +37,11 @@ func scanHeader(msg []byte) headerFacts {
 				f.messageID = bytes.TrimSpace(line[:min(len(line), 256)])
 			}
 			continue
-		case hasFieldName(line, "received"):
+		case mta.IsHeaderField(line, "received"):
 			f.received++
-		case hasFieldName(line, "date"):
+		case mta.IsHeaderField(line, "date"):
 			f.hasDate = true
-		case hasFieldName(line, "message-id"):
+		case mta.IsHeaderField(line, "message-id"):
 			if !f.hasMessageID {
 				f.messageID = fieldValue(line)
 				folded = len(f.messageID) == 0
@@ -71,16 +73,6 @@ func appendMissingHeaders(hdr []byte, f headerFacts, id, hostname string, now ti
 		hdr = append(hdr, ">\r\n"...)
 	}
 	return hdr
-}
-
-// hasFieldName reports whether a header line is a field called name (in
-// lower case), allowing white space before the colon.
-func hasFieldName(line []byte, name string) bool {
-	if len(line) <= len(name) || !bytes.EqualFold(line[:len(name)], []byte(name)) {
-		return false
-	}
-	rest := bytes.TrimLeft(line[len(name):], " \t")
-	return len(rest) > 0 && rest[0] == ':'
 }
 
 // fieldValue returns what follows the colon of a header line, trimmed and
