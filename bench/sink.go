@@ -2,6 +2,7 @@ package bench
 
 import (
 	"bufio"
+	"cmp"
 	"errors"
 	"fmt"
 	"io"
@@ -86,6 +87,11 @@ type SinkConfig struct {
 	// RcptReplies answers RCPT for the given addresses (lower case) with
 	// the given reply line, e.g. "550 5.1.1 User unknown", instead of 250.
 	RcptReplies map[string]string
+	// MaxRcpts is the recipients one transaction takes (default 1000);
+	// RCPTs past it get TooManyRcptsReply (default "452 4.5.3 Error: too
+	// many recipients").
+	MaxRcpts          int
+	TooManyRcptsReply string
 	// Keep stores every accepted message (see Messages).
 	Keep bool
 	// Down starts the sink down: see SetDown.
@@ -124,13 +130,15 @@ type SinkMessage struct {
 // test. It keeps no message content unless SinkConfig.Keep or OnMessage
 // asks for it.
 type Sink struct {
-	cfg      SinkConfig
-	ln       net.Listener
-	replies  *sinkReplies
-	greeting string
-	ehlo     string
-	helo     string
-	wrap     func(net.Conn) net.Conn // test hook: wraps accepted connections
+	cfg          SinkConfig
+	maxRcpts     int    // per transaction
+	tooManyRcpts string // the reply past it, with CRLF
+	ln           net.Listener
+	replies      *sinkReplies
+	greeting     string
+	ehlo         string
+	helo         string
+	wrap         func(net.Conn) net.Conn // test hook: wraps accepted connections
 
 	faults atomic.Pointer[Faults]
 	down   atomic.Bool
@@ -187,6 +195,12 @@ func startSink(cfg SinkConfig, wrap func(net.Conn) net.Conn) (*Sink, error) {
 	if cfg.MaxConns < 0 {
 		return nil, fmt.Errorf("bench: invalid MaxConns %d", cfg.MaxConns)
 	}
+	if cfg.MaxRcpts < 0 || cfg.MaxRcpts > sinkMaxRcpts {
+		return nil, fmt.Errorf("bench: invalid MaxRcpts %d (0 to %d)", cfg.MaxRcpts, sinkMaxRcpts)
+	}
+	if strings.ContainsAny(cfg.TooManyRcptsReply, "\r\n") {
+		return nil, fmt.Errorf("bench: invalid TooManyRcptsReply %q", cfg.TooManyRcptsReply)
+	}
 	replies, ok := sinkReplyStyles[strings.ToLower(cfg.ReplyStyle)]
 	if !ok {
 		return nil, fmt.Errorf("bench: unknown ReplyStyle %q (want \"\", gmail, outlook or yahoo)", cfg.ReplyStyle)
@@ -203,14 +217,16 @@ func startSink(cfg SinkConfig, wrap func(net.Conn) net.Conn) (*Sink, error) {
 		return nil, fmt.Errorf("%w: sink bound to %v", ErrNotLoopback, ln.Addr())
 	}
 	s := &Sink{
-		cfg:      cfg,
-		ln:       ln,
-		replies:  replies,
-		greeting: "220 " + cfg.Hostname + " ESMTP bench sink\r\n",
-		helo:     "250 " + cfg.Hostname + "\r\n",
-		wrap:     wrap,
-		done:     make(chan struct{}),
-		conns:    make(map[net.Conn]struct{}),
+		cfg:          cfg,
+		maxRcpts:     cmp.Or(cfg.MaxRcpts, sinkMaxRcpts),
+		tooManyRcpts: cmp.Or(cfg.TooManyRcptsReply, "452 4.5.3 Error: too many recipients") + "\r\n",
+		ln:           ln,
+		replies:      replies,
+		greeting:     "220 " + cfg.Hostname + " ESMTP bench sink\r\n",
+		helo:         "250 " + cfg.Hostname + "\r\n",
+		wrap:         wrap,
+		done:         make(chan struct{}),
+		conns:        make(map[net.Conn]struct{}),
 	}
 	var b strings.Builder
 	b.WriteString("250-" + cfg.Hostname + "\r\n")

@@ -258,8 +258,8 @@ func (c *sinkConn) rcpt(arg []byte) sinkAction {
 	switch {
 	case !ok || len(addr) == 0:
 		return c.say("501 5.5.4 Syntax: RCPT TO:<address>\r\n")
-	case c.rcpts >= sinkMaxRcpts:
-		return c.say("452 4.5.3 Error: too many recipients\r\n")
+	case c.rcpts >= c.s.maxRcpts:
+		return c.say(c.s.tooManyRcpts)
 	}
 	if reply, ok := c.s.cfg.RcptReplies[strings.ToLower(string(addr))]; ok {
 		return c.say(reply + "\r\n")

@@ -3,6 +3,7 @@ package mta
 import (
 	"errors"
 	"strconv"
+	"strings"
 )
 
 // Enhanced is an RFC 3463 enhanced status code, class.subject.detail.
@@ -54,6 +55,24 @@ func (r *Reply) Permanent() bool { return r.Code >= 500 && r.Code < 600 }
 
 // Temporary reports whether the reply is a 4xx transient failure.
 func (r *Reply) Temporary() bool { return r.Code >= 400 && r.Code < 500 }
+
+// TooManyRecipients reports whether the reply to a RCPT says that the
+// transaction has reached the server's limit of recipients, not that this
+// recipient is refused: 452 (RFC 5321 §4.5.3.1.10), with the enhanced code
+// X.5.3 (RFC 3463) or none, or the 552 of RFC 821's list with X.5.3 or the
+// words "too many recipients", which RFC 5321 asks clients to take as
+// temporary. The recipients so refused are sent again in another
+// transaction. A 452 with another enhanced code (4.2.2 mailbox full, 4.3.1
+// system storage) is about the recipient or the server, not the limit.
+func (r *Reply) TooManyRecipients() bool {
+	switch r.Code {
+	case 452:
+		return r.Enhanced == (Enhanced{}) || r.Enhanced[1] == 5 && r.Enhanced[2] == 3
+	case 552:
+		return r.Enhanced[1] == 5 && r.Enhanced[2] == 3 || strings.Contains(strings.ToLower(r.Text), "too many recipients")
+	}
+	return false
+}
 
 // IsPermanent reports whether err is, or wraps, a permanent failure. Unknown
 // errors are temporary: a message is never given up on because of an error

@@ -225,7 +225,12 @@ type fakeTransport struct {
 	// carried.
 	sending, mostSending, mostPerConn map[string]int
 
-	maxConns      map[string]int // destination → connections it takes at once; more are refused
+	maxConns map[string]int // destination → connections it takes at once; more are refused
+	// rcptLimit, when not 0, is the recipients a transaction takes; those
+	// past it get tooMany (default 452 4.5.3).
+	rcptLimit     int
+	tooMany       *mta.Reply
+	txns          []int // recipients of each Send, in order
 	connectDelay  time.Duration
 	connecting    int // Connect calls in progress
 	maxConnecting int
@@ -319,9 +324,20 @@ func (c *fakeConn) Send(ctx context.Context, env *Envelope, body []byte) ([]*mta
 		}
 	}
 	c.f.sent[c.dest]++
+	c.f.txns = append(c.f.txns, len(env.Recipients))
 	out := make([]*mta.Reply, len(env.Recipients))
+	accepted := 0
 	for i, r := range env.Recipients {
-		out[i] = c.f.replies(r.Address)
+		if c.f.rcptLimit > 0 && accepted >= c.f.rcptLimit {
+			out[i] = c.f.tooMany
+			if out[i] == nil {
+				out[i] = &mta.Reply{Code: 452, Enhanced: mta.Enhanced{4, 5, 3}, Text: "Too many recipients"}
+			}
+			continue
+		}
+		if out[i] = c.f.replies(r.Address); out[i].Code/100 == 2 {
+			accepted++
+		}
 	}
 	return out, nil
 }

@@ -53,13 +53,18 @@ type Options struct {
 
 // Limits are the settings a running scheduler can change (SetLimits).
 type Limits struct {
-	MaxConnections           int           // all destinations (500)
-	MaxPerDestination        int           // per destination (20)
-	InitialPerDestination    int           // a destination starts with this many, +1 per good connection (5)
-	MaxMessagesPerConnection int           // then a new connection (1000)
-	IdleTimeout              time.Duration // idle connection kept for reuse (10s)
-	MinBackoff, MaxBackoff   time.Duration // retry delay bounds (5m, 4000s)
-	MaxLifetime              time.Duration // then a deferral is a failure (5 days)
+	MaxConnections           int // all destinations (500)
+	MaxPerDestination        int // per destination (20)
+	InitialPerDestination    int // a destination starts with this many, +1 per good connection (5)
+	MaxMessagesPerConnection int // then a new connection (1000)
+	// MaxRecipientsPerTransaction bounds the RCPTs of one transaction: a
+	// message's recipients at one domain past it go in further
+	// transactions of the same attempt (100, the least RFC 5321
+	// §4.5.3.1.8 lets a server take).
+	MaxRecipientsPerTransaction int
+	IdleTimeout                 time.Duration // idle connection kept for reuse (10s)
+	MinBackoff, MaxBackoff      time.Duration // retry delay bounds (5m, 4000s)
+	MaxLifetime                 time.Duration // then a deferral is a failure (5 days)
 	// Domains replaces some of these limits for the mail of a recipient
 	// domain (lower case): a receiver that wants fewer connections or
 	// fewer messages on each, or a relay that can take more.
@@ -73,12 +78,16 @@ type Limits struct {
 type DestinationLimits struct {
 	MaxConnections           int // at once, instead of MaxPerDestination (still within MaxConnections)
 	MaxMessagesPerConnection int // instead of MaxMessagesPerConnection
+	// MaxRecipientsPerTransaction replaces Limits' for the domain's
+	// transactions. It is not a limit of the destination's: a domain with
+	// only this one shares its next hops' destination.
+	MaxRecipientsPerTransaction int
 }
 
 // keySuffix is what a destination key carries for these limits: domains
 // with the same next hops and the same limits share a destination.
 func (l DestinationLimits) keySuffix() string {
-	if l == (DestinationLimits{}) {
+	if l.MaxConnections == 0 && l.MaxMessagesPerConnection == 0 {
 		return ""
 	}
 	return fmt.Sprintf(" limits=%d/%d", l.MaxConnections, l.MaxMessagesPerConnection)
@@ -100,6 +109,7 @@ func (l *Limits) defaults() {
 	def(&l.MaxPerDestination, 20)
 	def(&l.InitialPerDestination, 5)
 	def(&l.MaxMessagesPerConnection, 1000)
+	def(&l.MaxRecipientsPerTransaction, 100)
 	defd(&l.IdleTimeout, 10*time.Second)
 	defd(&l.MinBackoff, 5*time.Minute)
 	defd(&l.MaxBackoff, 4000*time.Second)
@@ -1327,6 +1337,21 @@ func (s *Scheduler) Suspend(domain string, d time.Duration) {
 
 // lifetime is MaxLifetime for domain's mail, plus the time the domain
 // spent suspended: an operator's hold costs the mail none of its lifetime.
+// recipientLimit is the most recipients of domain one transaction
+// carries: the domain's own limit, or MaxRecipientsPerTransaction.
+func (s *Scheduler) recipientLimit(domain string) int {
+	l := s.limits()
+	if len(l.Domains) > 0 {
+		if a, ok := mta.NormalizeDomain(domain); ok {
+			domain = a
+		}
+		if n := l.Domains[domain].MaxRecipientsPerTransaction; n > 0 {
+			return n
+		}
+	}
+	return l.MaxRecipientsPerTransaction
+}
+
 func (s *Scheduler) lifetime(domain string) time.Duration {
 	if !s.everHeld.Load() {
 		return s.limits().MaxLifetime // the delivery path, before any suspension: no lock

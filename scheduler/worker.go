@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"runtime/debug"
+	"slices"
 	"sync"
 	"time"
 
@@ -209,8 +210,9 @@ type pipeliner interface {
 type attempt struct {
 	w        *work
 	m        *Message
-	env      *Envelope
-	attempts int // the most any of env's recipients has had
+	env      *Envelope       // the first transaction's
+	more     []mta.Recipient // the recipients past env's, for further transactions
+	attempts int             // the most any of the recipients has had
 	buf      *[]byte
 	body     []byte
 }
@@ -255,6 +257,9 @@ func (s *Scheduler) prepare(w *work, wait bool) (*attempt, error) {
 		return nil, nil
 	}
 	a := &attempt{w: w, m: m, env: env, attempts: attempts, buf: bodyBuffers.Get().(*[]byte)}
+	if n := s.recipientLimit(w.key.domain); len(env.Recipients) > n {
+		env.Recipients, a.more = env.Recipients[:n], env.Recipients[n:]
+	}
 	if a.body, err = s.opts.Store.AppendBody((*a.buf)[:0], m.ID); err != nil {
 		a.release(s)
 		s.log.Error("scheduler: reading a message body", zap.String("id", m.ID), zap.Error(err))
@@ -282,6 +287,13 @@ func (a *attempt) release(s *Scheduler) {
 // nil. follow, when not nil, is asked during the send for the attempt to
 // begin behind this one's data (see pipeliner). It returns the
 // connection's error, if the connection failed.
+//
+// The recipients go in transactions of at most the domain's
+// MaxRecipientsPerTransaction, one after another on conn. When the server
+// answers some RCPTs that the transaction is full (Reply.TooManyRecipients)
+// and took others, those it refused go in the next transaction, sized to
+// what the server took: RFC 5321 §4.5.3.1.10's limit costs no backoff. All
+// of it is one attempt.
 func (s *Scheduler) deliver(conn Conn, route Route, w *work, a *attempt, reused bool, follow func() *attempt) error {
 	if a == nil {
 		if a, _ = s.prepare(w, true); a == nil {
@@ -289,44 +301,109 @@ func (s *Scheduler) deliver(conn Conn, route Route, w *work, a *attempt, reused 
 		}
 	}
 	defer a.release(s)
-	m, env, attempts := a.m, a.env, a.attempts
+	m, attempts := a.m, a.attempts
+	env, rest := a.env, a.more // the first transaction's envelope may have been begun: it is sent as it is
+	limit := len(env.Recipients)
+	var left []mta.Recipient // deferred: queued for a retry
+	var deferred Outcome
+	for first := true; ; first = false {
+		var next func() *attempt
+		began := false
+		if len(rest) == 0 && follow != nil {
+			next = func() *attempt { n := follow(); began = n != nil; return n }
+		}
+		replies, err := s.send(conn, env, a.body, next)
+		if err != nil {
+			if first && retryOnNewConn(reused, w, err) {
+				return err
+			}
+			unsent := slices.Concat(env.Recipients, rest)
+			s.m.outcomes.WithLabelValues("deferred", route.Class()).Add(float64(len(unsent)))
+			why := "connection failed: " + err.Error()
+			// Logged like any outcome: after the data went out the server may
+			// have taken the message, and the retry may deliver it twice.
+			s.logLocal("deferred", m, addresses(unsent), why)
+			s.temporary(w, m, addresses(slices.Concat(left, unsent)), attempts, local(why))
+			return err
+		}
+		t := s.record(conn, route, m, env.Recipients, replies, attempts+1, !began && conn.Usable())
+		left = append(left, t.deferred...)
+		if len(t.deferred) > 0 {
+			deferred = t.outcome
+		}
+		if len(t.resend) > 0 {
+			limit = t.delivered // what the server takes
+			rest = slices.Concat(t.resend, rest)
+		}
+		if len(rest) == 0 {
+			break
+		}
+		if !conn.Usable() {
+			// The connection ended with the transaction (a server that
+			// closes after a message): the rest waits its retry.
+			deferred = local("451 4.4.2 connection closed after a transaction, before the recipients left")
+			s.m.outcomes.WithLabelValues("deferred", route.Class()).Add(float64(len(rest)))
+			s.logLocal("deferred", m, addresses(rest), deferred.Reply)
+			left = append(left, rest...)
+			break
+		}
+		n := min(limit, len(rest))
+		e := *a.env
+		e.Recipients, rest = rest[:n], rest[n:]
+		env = &e
+	}
+	if len(left) > 0 {
+		s.temporary(w, m, addresses(left), attempts, deferred)
+	}
+	return nil
+}
+
+// send runs env's transaction on conn, with follow as deliver's.
+func (s *Scheduler) send(conn Conn, env *Envelope, body []byte, follow func() *attempt) ([]*mta.Reply, error) {
 	start := time.Now()
-	var replies []*mta.Reply
-	var err error
+	defer func() { s.m.attemptLatency.Observe(time.Since(start).Seconds()) }()
 	if p, ok := conn.(pipeliner); ok && follow != nil {
-		replies, err = p.SendThen(s.sendCtx, env, a.body, func() (*Envelope, []byte) {
+		return p.SendThen(s.sendCtx, env, body, func() (*Envelope, []byte) {
 			if next := follow(); next != nil {
 				return next.env, next.body
 			}
 			return nil, nil
 		})
-	} else {
-		replies, err = conn.Send(s.sendCtx, env, a.body)
 	}
-	s.m.attemptLatency.Observe(time.Since(start).Seconds())
-	if err != nil {
-		if retryOnNewConn(reused, w, err) {
-			return err
-		}
-		s.m.outcomes.WithLabelValues("deferred", route.Class()).Add(float64(len(env.Recipients)))
-		why := "connection failed: " + err.Error()
-		// Logged like any outcome: after the data went out the server may
-		// have taken the message, and the retry may deliver it twice.
-		s.logLocal("deferred", m, addresses(env.Recipients), why)
-		s.temporary(w, m, attempts, local(why))
-		return err
-	}
+	return conn.Send(s.sendCtx, env, body)
+}
+
+// transaction is what record made of one transaction's replies.
+type transaction struct {
+	delivered int
+	deferred  []mta.Recipient // temporary failures
+	outcome   Outcome         // the last of them
+	resend    []mta.Recipient // past the server's limit, for the next transaction
+}
+
+// record stores the outcomes of one transaction's recipients (rcpts, with
+// their replies), reports them, and returns what is left. With more, the
+// recipients the server had no room for in a transaction that delivered
+// to others are left to resend instead of deferred, and not reported.
+func (s *Scheduler) record(conn Conn, route Route, m *Message, rcpts []mta.Recipient, replies []*mta.Reply, attempt int, more bool) transaction {
 	host, _ := describe(conn)
 	offersDSN := false
 	if d, ok := conn.(dsnOfferer); ok {
 		offersDSN = d.OffersDSN()
 	}
+	var t transaction
 	var delivered, failed []Result
-	var deferred Outcome
-	for i, r := range env.Recipients {
+	for _, rep := range replies {
+		if rep != nil && rep.Code/100 == 2 {
+			t.delivered++
+		}
+	}
+	more = more && t.delivered > 0
+	var resent []bool // by index: left out of the report
+	for i, r := range rcpts {
 		rep := replies[i]
 		if rep == nil {
-			deferred = local("no reply")
+			t.deferred, t.outcome = append(t.deferred, r), local("no reply")
 			continue
 		}
 		text := rep.Error()
@@ -334,18 +411,37 @@ func (s *Scheduler) deliver(conn Conn, route Route, w *work, a *attempt, reused 
 		if rep.Local {
 			o = local(text) // our client's decision, not the server's words
 		}
-		switch {
-		case rep.Code/100 == 2:
+		switch outcomeOf(rep) {
+		case "delivered":
 			delivered = append(delivered, Result{Address: r.Address, Outcome: o})
-		case rep.Permanent():
+		case "failed":
 			failed = append(failed, Result{Address: r.Address, Outcome: o})
 		default:
-			deferred = o
+			if more && rep.TooManyRecipients() {
+				if resent == nil {
+					resent = make([]bool, len(rcpts))
+				}
+				resent[i] = true
+				t.resend = append(t.resend, r)
+				continue
+			}
+			t.deferred, t.outcome = append(t.deferred, r), o
 		}
 	}
 	// Reported before they are recorded, so that the accounting log has a
 	// failure before the bounce its recording makes.
-	s.logOutcomes(conn, route, m, env.Recipients, replies, attempts+1)
+	if resent == nil {
+		s.logOutcomes(conn, route, m, rcpts, replies, attempt)
+	} else {
+		var rs []mta.Recipient
+		var reps []*mta.Reply
+		for i := range rcpts {
+			if !resent[i] {
+				rs, reps = append(rs, rcpts[i]), append(reps, replies[i])
+			}
+		}
+		s.logOutcomes(conn, route, m, rs, reps, attempt)
+	}
 	class := route.Class()
 	if len(delivered) > 0 {
 		s.m.outcomes.WithLabelValues("delivered", class).Add(float64(len(delivered)))
@@ -359,11 +455,23 @@ func (s *Scheduler) deliver(conn Conn, route Route, w *work, a *attempt, reused 
 			s.log.Error("scheduler: recording a failure", zap.String("id", m.ID), zap.Error(err))
 		}
 	}
-	if n := len(env.Recipients) - len(delivered) - len(failed); n > 0 {
-		s.m.outcomes.WithLabelValues("deferred", class).Add(float64(n))
-		s.temporary(w, m, attempts, deferred)
+	if len(t.deferred) > 0 {
+		s.m.outcomes.WithLabelValues("deferred", class).Add(float64(len(t.deferred)))
 	}
-	return nil
+	return t
+}
+
+// outcomeOf classifies a recipient's reply: delivered, failed or
+// deferred. A 552 that says the transaction is full is temporary (RFC 5321
+// §4.5.3.1.10).
+func outcomeOf(rep *mta.Reply) string {
+	switch {
+	case rep.Code/100 == 2:
+		return "delivered"
+	case rep.Permanent() && !rep.TooManyRecipients():
+		return "failed"
+	}
+	return "deferred"
 }
 
 // bodyBuffers are the buffers message bodies are read into for delivery:
@@ -399,10 +507,8 @@ func (s *Scheduler) logOutcomes(conn Conn, route Route, m *Message, rcpts []mta.
 			MX: host, IP: conn.Endpoint(), TLS: tlsInfo, Reply: replies[i], Attempt: attempt}
 		if rep := replies[i]; rep == nil {
 			e.Reason = "no reply"
-		} else if rep.Code/100 == 2 {
-			e.Outcome = "delivered"
-		} else if rep.Permanent() {
-			e.Outcome = "failed"
+		} else {
+			e.Outcome = outcomeOf(rep)
 		}
 		s.report(e)
 	}
@@ -443,16 +549,16 @@ func (s *Scheduler) report(e OutcomeEvent) {
 }
 
 // temporary defers the domain's queued recipients with backoff, or fails
-// them if the message has outlived MaxLifetime. A retry that would come
+// them (rcpts, those of the domain still queued) if the message has
+// outlived MaxLifetime. A retry that would come
 // after the end of the lifetime is made at its end instead, so that the
 // mail is tried until then (as a delay notice's Will-Retry-Until says),
 // like Postfix and unlike giving up up to a whole backoff early.
-func (s *Scheduler) temporary(w *work, m *Message, attempts int, o Outcome) {
+func (s *Scheduler) temporary(w *work, m *Message, rcpts []string, attempts int, o Outcome) {
 	now := s.opts.Now()
 	end := m.Received.Add(s.lifetime(w.key.domain))
 	if !now.Before(end) {
-		rcpts, _ := pending(m, w.key.domain)
-		s.expire(m, addresses(rcpts), o)
+		s.expire(m, rcpts, o)
 		return
 	}
 	next := now.Add(s.backoffFor(attempts + 1))
@@ -507,7 +613,7 @@ func (s *Scheduler) connectFailed(route Route, w *work, cause error) {
 	}
 	s.m.outcomes.WithLabelValues("deferred", route.Class()).Add(float64(len(rcpts)))
 	s.logLocal("deferred", m, addresses(rcpts), errText(cause))
-	s.temporary(w, m, attempts, local(errText(cause)))
+	s.temporary(w, m, addresses(rcpts), attempts, local(errText(cause)))
 }
 
 // logLocal reports an outcome decided without a remote reply (expiry, a
@@ -577,7 +683,7 @@ func (s *Scheduler) failDomain(w *work, cause error) {
 		return
 	}
 	s.m.outcomes.WithLabelValues("deferred", classUnrouted).Add(float64(len(rcpts)))
-	s.temporary(w, m, attempts, local(text))
+	s.temporary(w, m, rcpts, attempts, local(text))
 }
 
 // pending returns the queued recipients of domain in m, and the most

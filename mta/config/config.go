@@ -142,8 +142,9 @@ type Delivery struct {
 	MaxConnectionsPerDestination     int      `yaml:"max_connections_per_destination"`     // per next-hop set
 	InitialConnectionsPerDestination int      `yaml:"initial_connections_per_destination"` // start, +1 per good new connection
 	MaxMessagesPerConnection         int      `yaml:"max_messages_per_connection"`
-	MaxMXAddresses                   int      `yaml:"max_mx_addresses"` // addresses tried per connection attempt
-	IdleTimeout                      Duration `yaml:"idle_timeout"`     // idle connection kept for reuse
+	MaxRecipientsPerTransaction      int      `yaml:"max_recipients_per_transaction"` // RCPTs in one transaction; more go in the next
+	MaxMXAddresses                   int      `yaml:"max_mx_addresses"`               // addresses tried per connection attempt
+	IdleTimeout                      Duration `yaml:"idle_timeout"`                   // idle connection kept for reuse
 	MinBackoff                       Duration `yaml:"min_backoff"`
 	MaxBackoff                       Duration `yaml:"max_backoff"`
 	MaxLifetime                      Duration `yaml:"max_lifetime"`  // then a deferred recipient fails (bounce)
@@ -158,8 +159,9 @@ type Delivery struct {
 // DomainLimits replace the delivery limits of the same names for the mail
 // of one recipient domain; 0 keeps delivery's value.
 type DomainLimits struct {
-	MaxConnections           int `yaml:"max_connections"`             // at once, instead of max_connections_per_destination
-	MaxMessagesPerConnection int `yaml:"max_messages_per_connection"` // instead of delivery.max_messages_per_connection
+	MaxConnections              int `yaml:"max_connections"`                // at once, instead of max_connections_per_destination
+	MaxMessagesPerConnection    int `yaml:"max_messages_per_connection"`    // instead of delivery.max_messages_per_connection
+	MaxRecipientsPerTransaction int `yaml:"max_recipients_per_transaction"` // instead of delivery.max_recipients_per_transaction
 }
 
 // Timeouts are the SMTP client timeouts (RFC 5321 §4.5.3.2).
@@ -320,6 +322,7 @@ func Default() *Config {
 			MaxConnectionsPerDestination:     20,
 			InitialConnectionsPerDestination: 5,
 			MaxMessagesPerConnection:         1000,
+			MaxRecipientsPerTransaction:      100,
 			MaxMXAddresses:                   5,
 			IdleTimeout:                      Duration(10e9),
 			MinBackoff:                       Duration(5 * 60e9),
@@ -686,6 +689,7 @@ func (c *Config) validateDelivery(bad func(field, format string, args ...any)) {
 		{"delivery.max_connections_per_destination", d.MaxConnectionsPerDestination},
 		{"delivery.initial_connections_per_destination", d.InitialConnectionsPerDestination},
 		{"delivery.max_messages_per_connection", d.MaxMessagesPerConnection},
+		{"delivery.max_recipients_per_transaction", d.MaxRecipientsPerTransaction},
 		{"delivery.max_mx_addresses", d.MaxMXAddresses},
 		{"delivery.active_window", d.ActiveWindow},
 	} {
@@ -770,8 +774,11 @@ func (c *Config) validateDomainLimits(bad func(field, format string, args ...any
 		if l.MaxMessagesPerConnection < 0 {
 			bad(field+".max_messages_per_connection", "must not be negative, got %d", l.MaxMessagesPerConnection)
 		}
+		if l.MaxRecipientsPerTransaction < 0 {
+			bad(field+".max_recipients_per_transaction", "must not be negative, got %d", l.MaxRecipientsPerTransaction)
+		}
 		if l == (DomainLimits{}) {
-			bad(field, "sets neither max_connections nor max_messages_per_connection")
+			bad(field, "sets none of max_connections, max_messages_per_connection and max_recipients_per_transaction")
 		}
 		out[domain] = l
 	}

@@ -216,17 +216,19 @@ func schedulerLimits(cfg *config.Config) scheduler.Limits {
 		if domains == nil {
 			domains = map[string]scheduler.DestinationLimits{}
 		}
-		domains[name] = scheduler.DestinationLimits{MaxConnections: l.MaxConnections, MaxMessagesPerConnection: l.MaxMessagesPerConnection}
+		domains[name] = scheduler.DestinationLimits{MaxConnections: l.MaxConnections, MaxMessagesPerConnection: l.MaxMessagesPerConnection,
+			MaxRecipientsPerTransaction: l.MaxRecipientsPerTransaction}
 	}
 	return scheduler.Limits{
-		Domains:                  domains,
-		MaxConnections:           d.MaxConnections,
-		MaxPerDestination:        d.MaxConnectionsPerDestination,
-		InitialPerDestination:    d.InitialConnectionsPerDestination,
-		MaxMessagesPerConnection: d.MaxMessagesPerConnection,
-		IdleTimeout:              d.IdleTimeout.D(),
-		MinBackoff:               d.MinBackoff.D(),
-		MaxBackoff:               d.MaxBackoff.D(),
-		MaxLifetime:              d.MaxLifetime.D(),
+		Domains:                     domains,
+		MaxConnections:              d.MaxConnections,
+		MaxPerDestination:           d.MaxConnectionsPerDestination,
+		InitialPerDestination:       d.InitialConnectionsPerDestination,
+		MaxMessagesPerConnection:    d.MaxMessagesPerConnection,
+		MaxRecipientsPerTransaction: d.MaxRecipientsPerTransaction,
+		IdleTimeout:                 d.IdleTimeout.D(),
+		MinBackoff:                  d.MinBackoff.D(),
+		MaxBackoff:                  d.MaxBackoff.D(),
+		MaxLifetime:                 d.MaxLifetime.D(),
 	}
 }

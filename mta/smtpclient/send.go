@@ -249,7 +249,7 @@ func (c *Conn) send(m *Message, next func() *Message) (*Result, error) {
 		return nil, err
 	}
 
-	mailOK, accepted, err := c.readEnvelope(m, res, c.pipelining)
+	mailOK, accepted, full, err := c.readEnvelope(m, res, c.pipelining)
 	if err != nil {
 		return nil, err
 	}
@@ -298,7 +298,9 @@ func (c *Conn) send(m *Message, next func() *Message) (*Result, error) {
 	// one, in one write.
 	c.tw.timeout = c.t.DataBlock
 	writeDotStuffed(c.bw, m.Data)
-	if next != nil && c.pipelining {
+	if next != nil && c.pipelining && !full {
+		// (After a full transaction the caller sends the recipients left
+		// first.)
 		c.beginNext(next)
 	}
 	err = c.bw.Flush()
@@ -436,7 +438,7 @@ func (c *Conn) sendChunked(m *Message) (*Result, error) {
 			return nil, err
 		}
 	}
-	_, accepted, err := c.readEnvelope(m, res, true)
+	_, accepted, _, err := c.readEnvelope(m, res, true)
 	if err != nil {
 		return nil, err
 	}
@@ -482,35 +484,41 @@ func (c *Conn) inStep(stage string, last *mta.Reply) error {
 
 // readEnvelope reads the replies to MAIL and to each RCPT, and records
 // refusals in res. When not pipelined it writes each RCPT before reading
-// its reply, and sends none after a refused MAIL. It reports whether MAIL
-// was accepted and how many recipients were.
-func (c *Conn) readEnvelope(m *Message, res *Result, pipelined bool) (mailOK bool, accepted int, err error) {
+// its reply, and sends none after a refused MAIL, nor after a reply that
+// the transaction is full (mta.Reply.TooManyRecipients, once a recipient
+// was taken): the recipients left get that reply. It reports whether MAIL was accepted, how many
+// recipients were, and whether the transaction was full.
+func (c *Conn) readEnvelope(m *Message, res *Result, pipelined bool) (mailOK bool, accepted int, full bool, err error) {
 	mail, err := c.readReply(c.t.Command)
 	if err != nil {
-		return false, 0, c.ioFail("mail", err)
+		return false, 0, false, c.ioFail("mail", err)
 	}
 	if err := c.check("mail", mail); err != nil {
-		return false, 0, err
+		return false, 0, false, err
 	}
 	if mailOK = mail.Code/100 == 2; !mailOK {
 		fill(res, mail)
 		if !pipelined {
-			return false, 0, nil
+			return false, 0, false, nil
 		}
 	}
 	for i := range m.Recipients {
+		if full && !pipelined {
+			res.Recipients[i] = res.Recipients[i-1]
+			continue
+		}
 		if !pipelined {
 			b := c.appendRcpt(c.scratch[:0], &m.Recipients[i])
 			if err := c.writeCommands("rcpt", b); err != nil {
-				return false, 0, err
+				return false, 0, false, err
 			}
 		}
 		r, err := c.readReply(c.t.Command)
 		if err != nil {
-			return false, 0, c.ioFail("rcpt", err)
+			return false, 0, false, c.ioFail("rcpt", err)
 		}
 		if err := c.check("rcpt", r); err != nil {
-			return false, 0, err
+			return false, 0, false, err
 		}
 		switch {
 		case !mailOK: // replies to RCPT after a failed MAIL mean nothing
@@ -518,9 +526,10 @@ func (c *Conn) readEnvelope(m *Message, res *Result, pipelined bool) (mailOK boo
 			accepted++
 		default:
 			res.Recipients[i] = r
+			full = full || accepted > 0 && r.TooManyRecipients()
 		}
 	}
-	return mailOK, accepted, nil
+	return mailOK, accepted, full, nil
 }
 
 // check classifies a reply to MAIL, RCPT or ".": 2xx, 4xx and 5xx are

@@ -167,3 +167,43 @@ func TestNextMessageCancelled(t *testing.T) {
 		t.Errorf("error %v", err)
 	}
 }
+
+// TestNoNextMessageBehindAFullTransaction: when the server answers a RCPT
+// that the transaction is full, the next message is not begun behind the
+// data: the caller sends the recipients left first.
+func TestNoNextMessageBehindAFullTransaction(t *testing.T) {
+	s := newServer(t, script{pipelining: true, enhanced: true, rcpt: map[string]string{"full@y.test": "452 4.5.3 Too many recipients"}})
+	c := dialT(t, s, Options{})
+	asked := false
+	res, err := c.SendThen(context.Background(), msg("one\r\n", "a@y.test", "full@y.test"), func() *Message {
+		asked = true
+		return msg("two\r\n", "b@y.test")
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := codes(res); !slices.Equal(got, []int{250, 452}) || asked {
+		t.Fatalf("replies %v, next asked %v: want [250 452] and not asked", got, asked)
+	}
+	if got := codes(send(t, c, msg("again\r\n", "full2@y.test"))); !slices.Equal(got, []int{250}) {
+		t.Errorf("the next transaction: %v", got)
+	}
+}
+
+// TestNoRecipientsAfterTheTransactionIsFull: without PIPELINING, once the
+// server said the transaction is full, the recipients left are not sent
+// (they would get the same) and get its reply.
+func TestNoRecipientsAfterTheTransactionIsFull(t *testing.T) {
+	s := newServer(t, script{enhanced: true, rcpt: map[string]string{"full@y.test": "452 4.5.3 Too many recipients"}})
+	c := dialT(t, s, Options{})
+	res := send(t, c, msg("one\r\n", "a@y.test", "full@y.test", "c@y.test", "d@y.test"))
+	if got := codes(res); !slices.Equal(got, []int{250, 452, 452, 452}) {
+		t.Errorf("replies %v", got)
+	}
+	c.Close()
+	_, _, cmds, msgs, _, _ := s.session(0).snapshot()
+	want := []string{"EHLO client.test", "MAIL FROM:<s@x.test>", "RCPT TO:<a@y.test>", "RCPT TO:<full@y.test>", "DATA", "QUIT"}
+	if !slices.Equal(cmds, want) || len(msgs) != 1 {
+		t.Errorf("commands %q, messages %d; want %q and one message", cmds, len(msgs), want)
+	}
+}
