@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"slices"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -129,4 +130,37 @@ func TestRecipientRefusalsThatAreNotTheLimit(t *testing.T) {
 			t.Fatalf("transactions %v, deferred %d times, delivered %d; want one transaction, 2 delivered, one deferral", txns, defers, len(store.done))
 		}
 	})
+}
+
+// The last attempt of a message, at the end of its lifetime, that
+// delivers to some recipients and is deferred by others expires only
+// those: the delivered ones are not reported as expired too.
+func TestLastAttemptExpiresOnlyTheRecipientsLeft(t *testing.T) {
+	store, tr := newMemStore(), newFakeTransport()
+	tr.replies = func(rcpt string) *mta.Reply {
+		if strings.HasPrefix(rcpt, "later") {
+			return &mta.Reply{Code: 451, Text: "try later"}
+		}
+		return &mta.Reply{Code: 250, Text: "ok"}
+	}
+	var mu sync.Mutex
+	outcomes := map[string][]string{}
+	h := start(t, func(o *Options) {
+		o.MaxLifetime = 90 * time.Minute
+		o.Observe = func(e OutcomeEvent) {
+			mu.Lock()
+			defer mu.Unlock()
+			outcomes[e.Recipient] = append(outcomes[e.Recipient], e.Outcome)
+		}
+	}, store, tr)
+	now := time.Now()
+	store.add("old", now.Add(-90*time.Minute), now, "good@x.test", "later@x.test")
+	h.s.Submit("old", []string{"x.test"}, mta.PriorityBulk)
+	waitFor(t, "expiry", func() bool { _, f := store.counts(); return f == 1 })
+	h.stop()
+	mu.Lock()
+	defer mu.Unlock()
+	if !slices.Equal(outcomes["good@x.test"], []string{"delivered"}) || !slices.Equal(outcomes["later@x.test"], []string{"deferred", "expired"}) {
+		t.Errorf("outcomes %v", outcomes)
+	}
 }
