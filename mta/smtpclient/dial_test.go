@@ -291,6 +291,9 @@ func TestRefusedWithoutSending(t *testing.T) {
 	}
 }
 
+// TestEnhancedCodes: an enhanced code of the reply's class is read from
+// the first line and stripped where lines repeat it, whether or not the
+// server advertised ENHANCEDSTATUSCODES; one of another class is text.
 func TestEnhancedCodes(t *testing.T) {
 	for _, enhanced := range []bool{true, false} {
 		s := newServer(t, script{enhanced: enhanced, rcpt: map[string]string{
@@ -304,10 +307,8 @@ func TestEnhancedCodes(t *testing.T) {
 			{Code: 550, Enhanced: mta.Enhanced{5, 1, 1}},
 			{Code: 451, Text: "5.1.1 class mismatch"},
 		}
-		if !enhanced {
-			want[0] = mta.Reply{Code: 550, Text: "5.1.1 first line 5.1.1 5.1.1 second line"}
-			want[1] = mta.Reply{Code: 550, Text: "5.1.1"}
-		}
+		// Without ENHANCEDSTATUSCODES the codes are read all the same
+		// (as Postfix does): many servers write them without the keyword.
 		for i, r := range res.Recipients {
 			if *r != want[i] {
 				t.Errorf("enhanced %v: %+v, want %+v", enhanced, *r, want[i])

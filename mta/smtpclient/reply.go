@@ -20,8 +20,11 @@ const (
 
 // readReply reads one possibly multi-line reply (RFC 5321 §4.2.1) within
 // timeout. The text of each line is kept in c.lines; Reply.Text joins the
-// lines with spaces. With ENHANCEDSTATUSCODES, the enhanced code of the first
-// line goes to Reply.Enhanced and is stripped from every line that repeats it.
+// lines with spaces. An enhanced code at the start of the first line (RFC
+// 3463, of the reply's class) goes to Reply.Enhanced and is stripped from
+// every line that repeats it, whether or not the server advertised
+// ENHANCEDSTATUSCODES, as Postfix reads them: many servers write them
+// without saying so, and the code is what a bounce and the log classify by.
 func (c *Conn) readReply(timeout time.Duration) (*mta.Reply, error) {
 	if err := c.conn.SetReadDeadline(time.Now().Add(timeout)); err != nil {
 		return nil, err
@@ -51,13 +54,11 @@ func (c *Conn) readReply(timeout time.Duration) (*mta.Reply, error) {
 		}
 	}
 	r := &mta.Reply{Code: code}
-	if c.enhanced {
-		if e, _, ok := parseEnhanced(c.lines[0], code); ok {
-			r.Enhanced = e
-			for i, l := range c.lines {
-				if le, rest, ok := parseEnhanced(l, code); ok && le == e {
-					c.lines[i] = strings.TrimLeft(rest, " ")
-				}
+	if e, _, ok := parseEnhanced(c.lines[0], code); ok {
+		r.Enhanced = e
+		for i, l := range c.lines {
+			if le, rest, ok := parseEnhanced(l, code); ok && le == e {
+				c.lines[i] = strings.TrimLeft(rest, " ")
 			}
 		}
 	}

@@ -113,7 +113,7 @@ func TestSendByteExact(t *testing.T) {
 			s := newServer(t, script{pipelining: true})
 			c := dialT(t, s, Options{})
 			res := send(t, c, msg(tc.data, "r@y.test"))
-			if r := res.Recipients[0]; r.Code != 250 || r.Text != "2.0.0 Ok: queued as TEST" {
+			if r := res.Recipients[0]; r.Code != 250 || r.Enhanced != (mta.Enhanced{2, 0, 0}) || r.Text != "Ok: queued as TEST" {
 				t.Errorf("reply %+v", r)
 			}
 			c.Close()

@@ -152,7 +152,6 @@ type Conn struct {
 	greeting string
 
 	ext        map[string]string
-	enhanced   bool // ENHANCEDSTATUSCODES
 	pipelining bool
 	chunking   bool // CHUNKING offered and allowed: send with BDAT
 	hasSize    bool
@@ -331,7 +330,7 @@ func (c *Conn) hello() error {
 // pipelined commands it never offered this time.
 func (c *Conn) resetExtensions() {
 	c.ext = map[string]string{}
-	c.enhanced, c.pipelining, c.chunking, c.hasSize, c.has8bit, c.hasUTF8, c.hasDSN = false, false, false, false, false, false, false
+	c.pipelining, c.chunking, c.hasSize, c.has8bit, c.hasUTF8, c.hasDSN = false, false, false, false, false, false
 	c.sizeLimit = 0
 }
 
@@ -351,7 +350,6 @@ func (c *Conn) parseEHLO() {
 			c.ext[kw] = strings.TrimSpace(params)
 		}
 	}
-	_, c.enhanced = c.ext["ENHANCEDSTATUSCODES"]
 	_, c.pipelining = c.ext["PIPELINING"]
 	_, c.chunking = c.ext["CHUNKING"]
 	c.chunking = c.chunking && c.pipelining && !c.opts.NoChunking
