@@ -24,6 +24,14 @@ import (
 // counting an attempt.
 var ErrStale = errors.New("stale connection")
 
+// ErrOtherHost is wrapped by a Conn's Send error when the server ended the
+// session (421) without taking the message and the route has another host
+// that has not failed lately: the work is tried again at once on a new
+// connection, which the Transport makes to another host, without counting
+// an attempt or backing off the destination, as Postfix tries the next MX.
+// A work is tried so once; the next such failure is a deferral.
+var ErrOtherHost = errors.New("the server is closing; another host may take the mail")
+
 // Options configure a Scheduler. Zero values get the defaults in brackets.
 type Options struct {
 	Store     Store

@@ -104,11 +104,16 @@ func (s *Scheduler) worker(key string, route Route, first *work, own Destination
 		served++
 		switch {
 		case retryOnNewConn(carried, w, err):
-			// A cached connection had died: try again on a new one.
+			// A cached connection had died, or its server is closing:
+			// try again on a new one.
 			w.requeued = true
 			_ = conn.Close()
-			s.m.messagesPerConn.Observe(float64(messages - 1)) // the stale attempt carried nothing
-			s.m.connClosed.WithLabelValues("stale").Inc()
+			s.m.messagesPerConn.Observe(float64(messages - 1)) // the failed attempt carried nothing
+			if errors.Is(err, ErrStale) {
+				s.m.connClosed.WithLabelValues("stale").Inc()
+			} else {
+				s.m.connClosed.WithLabelValues("error").Inc()
+			}
 			s.events <- event{kind: evRequeue, key: key, work: w}
 			s.giveBack(key, taken, begun)
 			return
@@ -175,9 +180,10 @@ func (s *Scheduler) giveBack(key string, taken *work, begun *attempt) {
 
 // retryOnNewConn reports whether work whose send failed with err is tried
 // again at once on a new connection instead of being deferred: once, when
-// a reused connection turned out to be dead before the transaction began.
+// a reused connection turned out to be dead before the transaction began,
+// or when the server closed and another host may take it (ErrOtherHost).
 func retryOnNewConn(reused bool, w *work, err error) bool {
-	return reused && !w.requeued && errors.Is(err, ErrStale)
+	return !w.requeued && (reused && errors.Is(err, ErrStale) || errors.Is(err, ErrOtherHost))
 }
 
 // deliverSafely is deliver with a panic quarantined to the one message:
@@ -314,7 +320,7 @@ func (s *Scheduler) deliver(conn Conn, route Route, w *work, a *attempt, reused 
 		}
 		replies, err := s.send(conn, env, a.body, next)
 		if err != nil {
-			if first && retryOnNewConn(reused, w, err) {
+			if retryOnNewConn(reused && first, w, err) {
 				return err
 			}
 			unsent := slices.Concat(env.Recipients, rest)

@@ -10,7 +10,9 @@ import (
 	"math/rand/v2"
 	"net/netip"
 	"slices"
+	"sync"
 	"sync/atomic"
+	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 
@@ -27,6 +29,7 @@ type Transport struct {
 	// (smtpclient.TLSUsed and the others).
 	STARTTLS *prometheus.CounterVec
 	settings atomic.Pointer[Settings]
+	failing  failingAddrs // tried last for a while
 }
 
 // Settings are how a Transport connects; a reload replaces them
@@ -78,8 +81,8 @@ func (t *Transport) Route(ctx context.Context, domain string) (scheduler.Route, 
 }
 
 // Connect dials the destination's hosts in order (MX preference, then
-// each host's addresses), at most MaxAddresses of them, and returns the
-// first connection made.
+// each host's addresses), those that failed in the last minute last, at
+// most MaxAddresses of them, and returns the first connection made.
 func (t *Transport) Connect(ctx context.Context, r scheduler.Route) (scheduler.Conn, error) {
 	rt, ok := r.(route)
 	if !ok {
@@ -92,31 +95,23 @@ func (t *Transport) Connect(ctx context.Context, r scheduler.Route) (scheduler.C
 		opts.Auth = &smtpclient.Auth{Username: rt.dest.Route.Auth.Username, Password: rt.dest.Route.Auth.Password}
 	}
 	var errs []error
-	tried, limit := 0, set.MaxAddresses
-hosts:
-	for _, h := range shuffleEqual(rt.dest.Hosts) {
-		for _, a := range h.Addrs {
-			if ctx.Err() != nil {
-				return nil, ctx.Err()
-			}
-			if tried >= limit {
-				break hosts
-			}
-			addr := netip.AddrPortFrom(a, uint16(h.Port)).String()
-			name := h.Name
-			if name == "" {
-				name = a.String()
-			}
-			tried++
-			c, err := smtpclient.Dial(ctx, addr, name, opts)
-			if err == nil && t.STARTTLS != nil {
+	tried := 0
+	for _, cand := range t.candidates(rt.dest, set.MaxAddresses) {
+		if ctx.Err() != nil {
+			return nil, ctx.Err()
+		}
+		tried++
+		c, err := smtpclient.Dial(ctx, cand.addr, cand.name, opts)
+		if err == nil {
+			if t.STARTTLS != nil {
 				t.STARTTLS.WithLabelValues(c.TLSOutcome()).Inc()
 			}
-			if err == nil {
-				return &conn{c: c}, nil
-			}
-			errs = append(errs, err)
+			return &conn{c: c, t: t, dest: rt.dest, addr: cand.addr}, nil
 		}
+		if ctx.Err() == nil {
+			t.failing.mark(cand.addr)
+		}
+		errs = append(errs, err)
 	}
 	if tried == 0 {
 		return nil, fmt.Errorf("no address to connect to for %s", rt.dest.Key)
@@ -129,9 +124,84 @@ hosts:
 	return nil, fmt.Errorf("%w (%d addresses tried)", errs[len(errs)-1], tried)
 }
 
+// candidate is one address to dial and the host name it is for.
+type candidate struct{ addr, name string }
+
+// candidates returns the addresses of d to dial, at most limit: in
+// preference order (equal preferences shuffled), those that failed lately
+// after the others.
+func (t *Transport) candidates(d *resolve.Destination, limit int) []candidate {
+	var good, failed []candidate
+	for _, h := range shuffleEqual(d.Hosts) {
+		for _, a := range h.Addrs {
+			c := candidate{addr: netip.AddrPortFrom(a, uint16(h.Port)).String(), name: h.Name}
+			if c.name == "" {
+				c.name = a.String()
+			}
+			if t.failing.has(c.addr) {
+				failed = append(failed, c)
+			} else {
+				good = append(good, c)
+			}
+		}
+	}
+	all := append(good, failed...)
+	return all[:min(limit, len(all))]
+}
+
+// otherHost reports whether d has an address besides addr that has not
+// failed lately.
+func (t *Transport) otherHost(d *resolve.Destination, addr string) bool {
+	for _, h := range d.Hosts {
+		for _, a := range h.Addrs {
+			if s := netip.AddrPortFrom(a, uint16(h.Port)).String(); s != addr && !t.failing.has(s) {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+// failedFor is how long an address that failed (no connection, no
+// greeting, a 421) is tried after the others.
+const failedFor = time.Minute
+
+// failingAddrs are the addresses that failed in the last failedFor.
+type failingAddrs struct {
+	mu    sync.Mutex
+	until map[string]time.Time
+}
+
+func (f *failingAddrs) mark(addr string) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	now := time.Now()
+	if f.until == nil {
+		f.until = map[string]time.Time{}
+	}
+	if len(f.until) >= 4096 { // bounded: forget those that are over
+		for a, u := range f.until {
+			if now.After(u) {
+				delete(f.until, a)
+			}
+		}
+	}
+	f.until[addr] = now.Add(failedFor)
+}
+
+func (f *failingAddrs) has(addr string) bool {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	u, ok := f.until[addr]
+	return ok && time.Now().Before(u)
+}
+
 // conn adapts an smtpclient.Conn to scheduler.Conn.
 type conn struct {
-	c *smtpclient.Conn
+	c    *smtpclient.Conn
+	t    *Transport
+	dest *resolve.Destination
+	addr string // as dialled
 	// begun is the message SendThen's next handed to the client for
 	// envelope begunEnv: the scheduler's next Send of that envelope must
 	// pass the same *smtpclient.Message.
@@ -190,6 +260,12 @@ func (c *conn) SendThen(ctx context.Context, env *scheduler.Envelope, body []byt
 		if stale(err) {
 			return nil, fmt.Errorf("%w: %w", scheduler.ErrStale, err)
 		}
+		if closing(err) && c.t != nil {
+			c.t.failing.mark(c.addr)
+			if c.t.otherHost(c.dest, c.addr) {
+				return nil, fmt.Errorf("%w: %w", scheduler.ErrOtherHost, err)
+			}
+		}
 		return nil, err
 	}
 	return res.Recipients, nil
@@ -210,6 +286,14 @@ func stale(err error) bool {
 	// No reply to RSET, or a 421 (the server closing a connection it found
 	// idle too long, as Postfix's smtpd does under load).
 	return errors.As(err, &e) && e.Stage == "rset" && (e.Reply == nil || e.Reply.Code == 421)
+}
+
+// closing reports whether a Send error is the server ending the session
+// with 421 during the transaction, which it then did not take (RFC 5321
+// §3.8). A 421 to RSET is stale instead.
+func closing(err error) bool {
+	var e *smtpclient.Error
+	return errors.As(err, &e) && e.Stage != "rset" && e.Reply != nil && e.Reply.Code == 421
 }
 
 // shuffleEqual returns hosts with each run of equal preference in a new
