@@ -284,6 +284,9 @@ type event struct {
 	// for it goes back to the queue (true) or had its attempt (false).
 	requeue chan bool
 	up      bool // evExit: the worker had sent evUp
+	// evRequeue from a worker that closed its connection and ends: the
+	// work is to go to a new connection, which takes the worker's place.
+	handOver bool
 }
 
 type eventKind int
@@ -975,6 +978,15 @@ func (s *Scheduler) handle(ev event) {
 			s.forget(ev.work)
 		case s.opts.Now().Before(d.deadUntil):
 			s.postpone([]*work{ev.work}, d.deadUntil, d.why)
+		case ev.handOver && s.ctx.Err() == nil:
+			// It asks for a new connection (its cached one was stale, or
+			// its server is closing): a worker of its own in the place of
+			// the one that ends (whose evExit follows), not another's
+			// connection, which may be to the same host.
+			d.active++
+			s.active++
+			s.workers.Add(1)
+			go s.worker(d.key, d.route, ev.work, d.own)
 		default:
 			if ev.work.urgent {
 				d.queue = append([]*work{ev.work}, d.queue...)

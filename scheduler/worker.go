@@ -85,8 +85,8 @@ func (s *Scheduler) worker(key string, route Route, first *work, own Destination
 		// that its transaction begins in the same write (see pipeliner).
 		var taken *work
 		follow := func() *attempt {
-			if !conn.Usable() || messages+1 >= maxMessages() {
-				return nil
+			if taken != nil || !conn.Usable() || messages+1 >= maxMessages() {
+				return nil // (taken: asked again, by a later transaction of w's)
 			}
 			if taken = s.nextWork(key, served+1, reply); taken == nil {
 				return nil
@@ -103,7 +103,7 @@ func (s *Scheduler) worker(key string, route Route, first *work, own Destination
 		messages++
 		served++
 		switch {
-		case retryOnNewConn(carried, w, err):
+		case errors.Is(err, errRetryNow):
 			// A cached connection had died, or its server is closing:
 			// try again on a new one.
 			w.requeued = true
@@ -113,8 +113,10 @@ func (s *Scheduler) worker(key string, route Route, first *work, own Destination
 				s.m.connClosed.WithLabelValues("stale").Inc()
 			} else {
 				s.m.connClosed.WithLabelValues("error").Inc()
+				s.log.Info("server closing; the message goes to another host", zap.String("id", w.key.id),
+					zap.String("destination", key), zap.String("ip", conn.Endpoint()), zap.Error(err))
 			}
-			s.events <- event{kind: evRequeue, key: key, work: w}
+			s.events <- event{kind: evRequeue, key: key, work: w, handOver: true}
 			s.giveBack(key, taken, begun)
 			return
 		case err != nil:
@@ -178,13 +180,19 @@ func (s *Scheduler) giveBack(key string, taken *work, begun *attempt) {
 	}
 }
 
-// retryOnNewConn reports whether work whose send failed with err is tried
-// again at once on a new connection instead of being deferred: once, when
-// a reused connection turned out to be dead before the transaction began,
-// or when the server closed and another host may take it (ErrOtherHost).
+// retryOnNewConn reports whether work whose first transaction failed
+// with err is tried again at once on a new connection instead of being
+// deferred: once, when a reused connection turned out to be dead before
+// the transaction began, or when the server closed and another host may
+// take it (ErrOtherHost). deliver then returns the error wrapped in
+// errRetryNow, having recorded nothing.
 func retryOnNewConn(reused bool, w *work, err error) bool {
 	return !w.requeued && (reused && errors.Is(err, ErrStale) || errors.Is(err, ErrOtherHost))
 }
+
+// errRetryNow wraps the error of a deliver that recorded nothing and
+// leaves the work to be tried again at once on a new connection.
+var errRetryNow = errors.New("retry on a new connection")
 
 // deliverSafely is deliver with a panic quarantined to the one message:
 // it is deferred, counted and logged, and the connection is dropped.
@@ -320,8 +328,8 @@ func (s *Scheduler) deliver(conn Conn, route Route, w *work, a *attempt, reused 
 		}
 		replies, err := s.send(conn, env, a.body, next)
 		if err != nil {
-			if retryOnNewConn(reused && first, w, err) {
-				return err
+			if first && retryOnNewConn(reused, w, err) {
+				return fmt.Errorf("%w: %w", errRetryNow, err)
 			}
 			unsent := slices.Concat(env.Recipients, rest)
 			s.m.outcomes.WithLabelValues("deferred", route.Class()).Add(float64(len(unsent)))

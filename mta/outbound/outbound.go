@@ -179,12 +179,10 @@ func (f *failingAddrs) mark(addr string) {
 	if f.until == nil {
 		f.until = map[string]time.Time{}
 	}
-	if len(f.until) >= 4096 { // bounded: forget those that are over
-		for a, u := range f.until {
-			if now.After(u) {
-				delete(f.until, a)
-			}
-		}
+	if len(f.until) >= 4096 {
+		// Bounded, and without a scan per failure in a wide outage: the
+		// memory is advice, so it starts again.
+		clear(f.until)
 	}
 	f.until[addr] = now.Add(failedFor)
 }
@@ -279,13 +277,17 @@ func message(env *scheduler.Envelope, body []byte) *smtpclient.Message {
 	}
 }
 
-// stale reports whether a Send error means the cached connection was dead
-// before the transaction began: its RSET got no reply.
+// stale reports whether a Send error means the connection was spent
+// before the transaction began: its RSET got no reply, or a 421 (the
+// server closing a connection it found idle too long, as Postfix's smtpd
+// does under load), or a transaction begun behind the last message's data
+// got the same at MAIL (a server that ends sessions after some messages).
 func stale(err error) bool {
 	var e *smtpclient.Error
-	// No reply to RSET, or a 421 (the server closing a connection it found
-	// idle too long, as Postfix's smtpd does under load).
-	return errors.As(err, &e) && e.Stage == "rset" && (e.Reply == nil || e.Reply.Code == 421)
+	if !errors.As(err, &e) {
+		return false
+	}
+	return (e.Stage == "rset" || e.Begun) && (e.Reply == nil || e.Reply.Code == 421)
 }
 
 // closing reports whether a Send error is the server ending the session

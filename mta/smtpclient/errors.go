@@ -45,6 +45,12 @@ type Error struct {
 	Err   error      // the underlying error, if any
 	Host  string     // the server name given to Dial, or Addr when none
 	Addr  string     // the address dialled
+	// Begun marks a failure of the first reply (to MAIL) of a transaction
+	// begun behind the previous message's data (Conn.SendThen): the server
+	// ended the session after that message, before this one's data went
+	// out, so nothing of it was taken. Like a failed RSET, it says the
+	// connection was spent, not that the host is failing.
+	Begun bool
 }
 
 // Error renders the failure as an operator reads it in a queue listing or

@@ -242,7 +242,8 @@ func (c *Conn) send(m *Message, next func() *Message) (*Result, error) {
 		return c.sendChunked(m)
 	}
 	res := &Result{Recipients: make([]*mta.Reply, len(m.Recipients))}
-	if c.begun != nil {
+	begun := c.begun != nil
+	if begun {
 		// Its commands are out: read their replies.
 		c.begun = nil
 	} else if err := c.begin(m); err != nil {
@@ -251,6 +252,9 @@ func (c *Conn) send(m *Message, next func() *Message) (*Result, error) {
 
 	mailOK, accepted, full, err := c.readEnvelope(m, res, c.pipelining)
 	if err != nil {
+		if e, ok := err.(*Error); ok && begun && e.Stage == "mail" {
+			e.Begun = true
+		}
 		return nil, err
 	}
 	if !mailOK && !c.pipelining {
@@ -485,9 +489,11 @@ func (c *Conn) inStep(stage string, last *mta.Reply) error {
 // readEnvelope reads the replies to MAIL and to each RCPT, and records
 // refusals in res. When not pipelined it writes each RCPT before reading
 // its reply, and sends none after a refused MAIL, nor after a reply that
-// the transaction is full (mta.Reply.TooManyRecipients, once a recipient
-// was taken): the recipients left get that reply. It reports whether MAIL was accepted, how many
-// recipients were, and whether the transaction was full.
+// the transaction is full (mta.Reply.TooManyRecipients) once a recipient
+// was taken: the recipients left get that reply. It reports whether MAIL
+// was accepted, how many recipients were, and whether the transaction was
+// full: a recipient taken and one refused as too many, in any order (the
+// scheduler then sends those again in another transaction).
 func (c *Conn) readEnvelope(m *Message, res *Result, pipelined bool) (mailOK bool, accepted int, full bool, err error) {
 	mail, err := c.readReply(c.t.Command)
 	if err != nil {
@@ -502,8 +508,9 @@ func (c *Conn) readEnvelope(m *Message, res *Result, pipelined bool) (mailOK boo
 			return false, 0, false, nil
 		}
 	}
+	tooMany, stop := false, false
 	for i := range m.Recipients {
-		if full && !pipelined {
+		if stop {
 			res.Recipients[i] = res.Recipients[i-1]
 			continue
 		}
@@ -526,10 +533,13 @@ func (c *Conn) readEnvelope(m *Message, res *Result, pipelined bool) (mailOK boo
 			accepted++
 		default:
 			res.Recipients[i] = r
-			full = full || accepted > 0 && r.TooManyRecipients()
+			if r.TooManyRecipients() {
+				tooMany = true
+				stop = !pipelined && accepted > 0
+			}
 		}
 	}
-	return mailOK, accepted, full, nil
+	return mailOK, accepted, tooMany && accepted > 0, nil
 }
 
 // check classifies a reply to MAIL, RCPT or ".": 2xx, 4xx and 5xx are

@@ -169,24 +169,27 @@ func TestNextMessageCancelled(t *testing.T) {
 }
 
 // TestNoNextMessageBehindAFullTransaction: when the server answers a RCPT
-// that the transaction is full, the next message is not begun behind the
-// data: the caller sends the recipients left first.
+// that the transaction is full and takes another (in either order), the
+// next message is not begun behind the data: the caller sends the
+// recipients left first.
 func TestNoNextMessageBehindAFullTransaction(t *testing.T) {
-	s := newServer(t, script{pipelining: true, enhanced: true, rcpt: map[string]string{"full@y.test": "452 4.5.3 Too many recipients"}})
-	c := dialT(t, s, Options{})
-	asked := false
-	res, err := c.SendThen(context.Background(), msg("one\r\n", "a@y.test", "full@y.test"), func() *Message {
-		asked = true
-		return msg("two\r\n", "b@y.test")
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if got := codes(res); !slices.Equal(got, []int{250, 452}) || asked {
-		t.Fatalf("replies %v, next asked %v: want [250 452] and not asked", got, asked)
-	}
-	if got := codes(send(t, c, msg("again\r\n", "full2@y.test"))); !slices.Equal(got, []int{250}) {
-		t.Errorf("the next transaction: %v", got)
+	for _, rcpts := range [][]string{{"a@y.test", "full@y.test"}, {"full@y.test", "a@y.test"}} {
+		s := newServer(t, script{pipelining: true, enhanced: true, rcpt: map[string]string{"full@y.test": "452 4.5.3 Too many recipients"}})
+		c := dialT(t, s, Options{})
+		asked := false
+		res, err := c.SendThen(context.Background(), msg("one\r\n", rcpts...), func() *Message {
+			asked = true
+			return msg("two\r\n", "b@y.test")
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := codes(res); len(got) != 2 || got[0]+got[1] != 250+452 || asked {
+			t.Fatalf("%v: replies %v, next asked %v: want 250 and 452, and not asked", rcpts, got, asked)
+		}
+		if got := codes(send(t, c, msg("again\r\n", "full2@y.test"))); !slices.Equal(got, []int{250}) {
+			t.Errorf("the next transaction: %v", got)
+		}
 	}
 }
 
