@@ -263,8 +263,14 @@ func (rep *Report) feedback(b []byte) {
 	rep.OriginalMailFrom = strings.Trim(strings.TrimSpace(f["original-mail-from"]), "<>")
 }
 
+// maxFieldValue caps the value of one field of a report: a real
+// Diagnostic-Code is a few hundred bytes, and a hostile report folded over
+// many lines must not cost time in proportion to the square of its size.
+const maxFieldValue = 4096
+
 // fields reads "Name: value" lines with continuation lines, names lower
-// case; the first of a repeated name wins.
+// case; the first of a repeated name wins. Values are capped at
+// maxFieldValue bytes.
 func fields(g string) map[string]string {
 	out := map[string]string{}
 	var last string
@@ -273,7 +279,9 @@ func fields(g string) map[string]string {
 			continue
 		}
 		if (line[0] == ' ' || line[0] == '\t') && last != "" {
-			out[last] += " " + strings.TrimSpace(line)
+			if v := out[last]; len(v) < maxFieldValue {
+				out[last] = capValue(v + " " + strings.TrimSpace(line))
+			}
 			continue
 		}
 		name, value, ok := strings.Cut(line, ":")
@@ -282,12 +290,20 @@ func fields(g string) map[string]string {
 		}
 		last = strings.ToLower(strings.TrimSpace(name))
 		if _, seen := out[last]; !seen {
-			out[last] = strings.TrimSpace(value)
+			out[last] = capValue(strings.TrimSpace(value))
 		} else {
 			last = ""
 		}
 	}
 	return out
+}
+
+// capValue cuts v to maxFieldValue bytes, on a character boundary.
+func capValue(v string) string {
+	if len(v) <= maxFieldValue {
+		return v
+	}
+	return strings.ToValidUTF8(v[:maxFieldValue], "")
 }
 
 // typedValue strips the address or diagnostic type ("rfc822;", "smtp;").

@@ -5,6 +5,7 @@ import (
 	"strings"
 	"testing"
 	"time"
+	"unicode/utf8"
 
 	"github.com/mtaproject/mta/mta/dsn"
 )
@@ -155,5 +156,30 @@ body
 	}
 	if _, err := Parse(crlf("From: friend@example.org\nSubject: lunch?\n\nSee you at noon.\n"), nil); !errors.Is(err, ErrNotAReport) {
 		t.Errorf("ordinary mail: %v", err)
+	}
+}
+
+// TestFoldedFieldsAreCapped: a report whose Diagnostic-Code is folded over
+// a hundred thousand lines is read with the value capped, not grown line
+// by line into megabytes (which cost time in proportion to its square).
+func TestFoldedFieldsAreCapped(t *testing.T) {
+	var b strings.Builder
+	b.WriteString("From: MAILER-DAEMON@mx.example.org\r\nMIME-Version: 1.0\r\n" +
+		"Content-Type: multipart/report; report-type=delivery-status; boundary=\"B\"\r\n\r\n" +
+		"--B\r\nContent-Type: message/delivery-status\r\n\r\nReporting-MTA: dns; mx.example.org\r\n\r\n" +
+		"Final-Recipient: rfc822; ann@example.org\r\nAction: failed\r\nStatus: 5.1.1\r\nDiagnostic-Code: smtp; 550 no\r\n")
+	for range 100000 {
+		b.WriteString(" é-more words\r\n")
+	}
+	b.WriteString("\r\n--B--\r\n")
+	rep, err := Parse([]byte(b.String()), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(rep.Recipients) != 1 || rep.Recipients[0].Address != "ann@example.org" {
+		t.Fatalf("recipients %+v", rep.Recipients)
+	}
+	if d := rep.Recipients[0].Diagnostic; len(d) > maxFieldValue || !strings.HasPrefix(d, "550 no é-more") || !utf8.ValidString(d) {
+		t.Errorf("Diagnostic of %d bytes, starting %q", len(d), d[:min(len(d), 30)])
 	}
 }
