@@ -18,7 +18,6 @@ import (
 	"fmt"
 	"io"
 	"net/mail"
-	"net/textproto"
 	"os"
 	"strings"
 	"time"
@@ -44,8 +43,12 @@ var DefaultHeaders = []string{"From", "Reply-To", "Subject", "Date", "To", "Cc",
 
 // OverSigned are signed once more than they appear (and once when absent),
 // so that nobody can add one after signing without breaking the
-// signature (RFC 6376 §8.15).
-var OverSigned = []string{"From", "Subject", "List-Unsubscribe", "List-Unsubscribe-Post"}
+// signature (RFC 6376 §8.15): a replayed message cannot gain a Reply-To,
+// a recipient or a MIME structure. List-Id and Feedback-ID are left out:
+// a mailing list that adds its List-Id re-signs anyway.
+var OverSigned = []string{"From", "Reply-To", "Subject", "Date", "To", "Cc", "Message-ID",
+	"In-Reply-To", "References", "MIME-Version", "Content-Type", "Content-Transfer-Encoding",
+	"List-Unsubscribe", "List-Unsubscribe-Post"}
 
 // Signer signs messages with the key of their From domain. It is safe for
 // concurrent use.
@@ -124,8 +127,8 @@ func LoadKey(path string) (crypto.Signer, error) {
 // domain or of the closest parent domain (relaxed alignment, RFC 7489
 // §3.1.1); nil when none.
 func (s *Signer) For(address string) *Key {
-	d := mta.Domain(address)
-	for d != "" {
+	d, ok := mta.NormalizeDomain(mta.Domain(address)) // as the keys are: A-labels, no final dot
+	for ok && d != "" {
 		if k := s.keys[d]; k != nil {
 			return &k.Key
 		}
@@ -145,11 +148,14 @@ func (s *Signer) Empty() bool { return s == nil || len(s.keys) == 0 }
 // that is header followed by body (the header section may go on into
 // body: header is what the server put in front), signed with the key for
 // its From address; "" when no key applies.
-func (s *Signer) Sign(header, body []byte) (string, error) { return s.SignWith(header, body, true, "") }
+func (s *Signer) Sign(header, body []byte) (string, error) {
+	return s.SignWith(header, body, func(string) bool { return true }, "")
+}
 
-// SignWith is Sign with a choice: byFrom allows the From domain's key,
-// and fallback (a tenant's signing domain) is used when that gives none.
-func (s *Signer) SignWith(header, body []byte, byFrom bool, fallback string) (string, error) {
+// SignWith is Sign with a choice: byFrom (nil: never) says whether the
+// key of the From address's domain may be used, and fallback (a tenant's
+// signing domain) is used when that gives none.
+func (s *Signer) SignWith(header, body []byte, byFrom func(from string) bool, fallback string) (string, error) {
 	if s.Empty() {
 		return "", nil
 	}
@@ -157,12 +163,16 @@ func (s *Signer) SignWith(header, body []byte, byFrom bool, fallback string) (st
 	if err != nil {
 		return "", fmt.Errorf("dkim: reading the header: %v", err)
 	}
-	from, err := mail.ParseAddress(m.Header.Get("From"))
+	froms := mta.HeaderValues(m.Header, "From")
+	if len(froms) != 1 {
+		return "", nil // no single From field: nothing to align with
+	}
+	from, err := mta.ParseAddressField(froms[0])
 	if err != nil {
-		return "", nil // no single From address: nothing to align with
+		return "", nil // no From address
 	}
 	var key *Key
-	if byFrom {
+	if byFrom != nil && byFrom(from.Address) {
 		key = s.For(from.Address)
 	}
 	if key == nil && fallback != "" {
@@ -202,7 +212,7 @@ func (s *Signer) SignWith(header, body []byte, byFrom bool, fallback string) (st
 func (s *Signer) headerKeys(h mail.Header) []string {
 	var keys []string
 	for _, name := range s.headers {
-		n := len(h[textproto.CanonicalMIMEHeaderKey(name)])
+		n := len(mta.HeaderValues(h, name)) // "From :" too, which the verifier counts as From
 		for _, o := range OverSigned {
 			if strings.EqualFold(o, name) {
 				n++

@@ -88,8 +88,12 @@ func TestSignVerifies(t *testing.T) {
 				t.Errorf("signature tags: %s", sig)
 			}
 			hTag := regexp.MustCompile(`(?:^|;)h=([^;]*)`).FindStringSubmatch(strings.NewReplacer("\r\n", "", " ", "").Replace(sig))[1]
-			if strings.Count(strings.ToLower(hTag), "from") != 2 || strings.Count(strings.ToLower(hTag), "list-unsubscribe-post") != 1 || strings.Count(strings.ToLower(hTag), "cc") != 0 {
-				t.Errorf("h=%s: want From twice (over-signed), an absent List-Unsubscribe-Post once, no absent Cc", hTag)
+			n := map[string]int{}
+			for _, f := range strings.Split(strings.ToLower(hTag), ":") {
+				n[f]++
+			}
+			if n["from"] != 2 || n["list-unsubscribe-post"] != 1 || n["cc"] != 1 || n["reply-to"] != 1 || n["list-id"] != 0 {
+				t.Errorf("h=%s: want From twice (over-signed), an absent List-Unsubscribe-Post, Cc and Reply-To once, no absent List-Id", hTag)
 			}
 			signed := []byte(sig + sample)
 			if err := verify(t, signed, records); err != nil {
@@ -99,6 +103,12 @@ func TestSignVerifies(t *testing.T) {
 				"body":     func(b []byte) []byte { return bytes.Replace(b, []byte("shipped"), []byte("shopped"), 1) },
 				"subject":  func(b []byte) []byte { return bytes.Replace(b, []byte("Your order"), []byte("Your 0rder"), 1) },
 				"new From": func(b []byte) []byte { return append([]byte("From: evil@attacker.example\r\n"), b...) },
+				"new Reply-To": func(b []byte) []byte {
+					return bytes.Replace(b, []byte("\r\nTo: ann"), []byte("\r\nReply-To: attacker@evil.test\r\nTo: ann"), 1)
+				},
+				"new Cc": func(b []byte) []byte {
+					return bytes.Replace(b, []byte("\r\nTo: ann"), []byte("\r\nCc: x@evil.test\r\nTo: ann"), 1)
+				},
 			} {
 				if err := verify(t, tamper(append([]byte{}, signed...)), records); err == nil {
 					t.Errorf("a changed %s still verifies", name)
@@ -164,13 +174,13 @@ func TestKeyChoiceAndErrors(t *testing.T) {
 	if sig, err := sg.Sign(nil, []byte(strings.Replace(sample, "mail.shop.example", "example.org", 1))); sig != "" || err != nil {
 		t.Errorf("mail from a domain without a key: %q, %v", sig, err)
 	}
-	if sig, err := sg.SignWith(nil, []byte(strings.Replace(sample, "mail.shop.example", "example.org", 1)), true, "eu.shop.example"); !strings.Contains(sig, "d=eu.shop.example") || err != nil {
+	if sig, err := sg.SignWith(nil, []byte(strings.Replace(sample, "mail.shop.example", "example.org", 1)), anyFrom, "eu.shop.example"); !strings.Contains(sig, "d=eu.shop.example") || err != nil {
 		t.Errorf("a tenant's signing domain for a From without a key: %q, %v", sig, err)
 	}
-	if sig, _ := sg.SignWith(nil, []byte(sample), true, "eu.shop.example"); !strings.Contains(sig, "d=shop.example;") {
+	if sig, _ := sg.SignWith(nil, []byte(sample), anyFrom, "eu.shop.example"); !strings.Contains(sig, "d=shop.example;") {
 		t.Errorf("the From domain's own key goes first: %q", sig)
 	}
-	if sig, _ := sg.SignWith(nil, []byte(sample), false, ""); sig != "" {
+	if sig, _ := sg.SignWith(nil, []byte(sample), nil, ""); sig != "" {
 		t.Errorf("signed by the From domain where that is not allowed: %q", sig)
 	}
 	dir := t.TempDir()
@@ -205,5 +215,45 @@ func BenchmarkSign(b *testing.B) {
 				}
 			}
 		})
+	}
+}
+
+// anyFrom lets SignWith use the key of any From domain.
+func anyFrom(string) bool { return true }
+
+// TestFromFieldsAsReadersReadThem: a From display name encoded in a
+// charset net/mail does not know (ISO-2022-JP, windows-1252) is signed
+// like any other; so is a From domain in Unicode (by the key of its
+// A-labels); a
+// second From written "From :" (obsolete syntax, RFC 5322 §4.5) counts as
+// a From: no signature for two of them.
+func TestFromFieldsAsReadersReadThem(t *testing.T) {
+	sg, records := keyring(t, [3]string{"ed25519", "shop.example", "s1"}, [3]string{"ed25519", "bücher.example", "s1"})
+	records["s1._domainkey.xn--bcher-kva.example"] = records["s1._domainkey.bücher.example"]
+	for _, tc := range []struct {
+		name, from string
+		signs      string // the d= of the signature, "" for none
+	}{
+		{"iso-2022-jp", "From: =?ISO-2022-JP?B?GyRCJUYlOSVIGyhC?= <noreply@shop.example>", "shop.example"},
+		{"windows-1252", "From: =?windows-1252?Q?Caf=E9?= <noreply@shop.example>", "shop.example"},
+		{"unicode domain", "From: noreply@bücher.example", "xn--bcher-kva.example"},
+		{"two From", "From: noreply@shop.example\r\nFrom : ceo@bank.example", ""},
+	} {
+		msg := strings.Replace(sample, "From: Shop <noreply@mail.shop.example>", tc.from, 1)
+		sig, err := sg.Sign(nil, []byte(msg))
+		if err != nil {
+			t.Errorf("%s: %v", tc.name, err)
+			continue
+		}
+		switch {
+		case tc.signs == "" && sig != "":
+			t.Errorf("%s: signed %s", tc.name, sig)
+		case tc.signs != "" && !strings.Contains(sig, "d="+tc.signs+";"):
+			t.Errorf("%s: signature %q, want d=%s", tc.name, sig, tc.signs)
+		case tc.signs != "":
+			if err := verify(t, []byte(sig+msg), records); err != nil {
+				t.Errorf("%s: does not verify: %v", tc.name, err)
+			}
+		}
 	}
 }

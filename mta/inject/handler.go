@@ -357,10 +357,11 @@ func (h *handler) prepare(t *Tenant, req *Request) (*plan, int, error) {
 		if int64(len(p.raw)) > h.opts.MaxMessageSize {
 			return nil, http.StatusRequestEntityTooLarge, fmt.Errorf("content: %d bytes, over the message size limit of %d", len(p.raw), h.opts.MaxMessageSize)
 		}
-		if n := len(m.Header["From"]); n != 1 {
+		froms := mta.HeaderValues(m.Header, "From") // "From :" too
+		if n := len(froms); n != 1 {
 			return nil, http.StatusBadRequest, fmt.Errorf("content: %d From fields, want exactly one (RFC 5322 §3.6)", n)
 		}
-		if f, err := mail.ParseAddress(m.Header.Get("From")); err == nil {
+		if f, err := mta.ParseAddressField(froms[0]); err == nil {
 			headerFrom = f.Address
 		} else {
 			return nil, http.StatusBadRequest, fmt.Errorf("content: the From field: %v", err)

@@ -334,6 +334,14 @@ func TestRawContentAndStorageFull(t *testing.T) {
 	if code, body := post(t, h, token, map[string]any{"content": "From: a@shop.example\nFrom: b@bank.example\n\nx\n", "recipients": []map[string]any{{"email": "x@example.org"}}}); code != 400 || !strings.Contains(body, "2 From fields") {
 		t.Errorf("two From fields: %d %s", code, body)
 	}
+	// The obsolete "From :" is a From field too (RFC 5322 §4.5.3).
+	if code, body := post(t, h, token, map[string]any{"content": "From: a@shop.example\nFrom : b@bank.example\n\nx\n", "recipients": []map[string]any{{"email": "x@example.org"}}}); code != 400 || !strings.Contains(body, "2 From fields") {
+		t.Errorf("From and \"From :\": %d %s", code, body)
+	}
+	// A display name in a charset net/mail does not decode is accepted.
+	if code, body := post(t, h, token, map[string]any{"content": "From: =?windows-1252?Q?Caf=E9?= <a@shop.example>\nSubject: x\n\nx\n", "recipients": []map[string]any{{"email": "x@example.org"}}}); code != 200 {
+		t.Errorf("a windows-1252 display name: %d %s", code, body)
+	}
 	store.full = true
 	req := httptest.NewRequest(http.MethodPost, "/api/v1/messages", strings.NewReader(`{"content": "From: a@shop.example\n\nx", "recipients": [{"email": "z@example.org"}]}`))
 	req.Header.Set("Content-Type", "application/json")

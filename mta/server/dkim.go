@@ -18,6 +18,8 @@ type signing struct {
 	tenant  map[string]string // API tenant → its signing domain, for From domains without a key
 	tenants tenantSet
 	limited map[string]bool // API tenants with from_domains
+	// maySend is the users file's sender list check (nil: none).
+	maySend func(user, from string) bool
 	results *prometheus.CounterVec
 	log     *zap.Logger
 }
@@ -50,12 +52,23 @@ func (s *signing) sign(id string, env *mta.Envelope, header, body []byte) ([]byt
 		return header, body
 	}
 	// Our SMTP users are signed for their From domain, as a relay signs
-	// what its trusted networks and AUTH users send (the users file's
-	// sender lists bound those). An API tenant only for the domains it is
-	// limited to (api.tenants from_domains, which the API enforces): one
-	// without a list must not get signatures for others' domains.
+	// what its trusted networks and AUTH users send; an AUTH user with a
+	// sender list (the users file) only for a From address the list
+	// allows, so that one customer cannot get DMARC-passing mail in
+	// another's name. An API tenant only for the domains it is limited to
+	// (api.tenants from_domains, which the API enforces): one without a
+	// list must not get signatures for others' domains.
 	tenant := s.tenants.of(env.AuthUser)
-	byFrom := tenant == defaultTenant || s.limited[tenant]
+	var byFrom func(string) bool
+	switch {
+	case s.limited[tenant]:
+		byFrom = func(string) bool { return true }
+	case tenant == defaultTenant && env.AuthUser != "" && s.maySend != nil:
+		user := env.AuthUser
+		byFrom = func(from string) bool { return s.maySend(user, from) }
+	case tenant == defaultTenant:
+		byFrom = func(string) bool { return true }
+	}
 	fallback := s.tenant[tenant]
 	sig, err := sg.SignWith(header, body, byFrom, fallback)
 	if err == nil && sig != "" && sevenbit.Needed(body) {

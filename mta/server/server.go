@@ -207,6 +207,7 @@ func New(cfg *config.Config, log *zap.Logger) (_ *Server, err error) {
 	}
 	s.signing = newSigning(s.registry, sec.dkim, log.Named("dkim"))
 	s.signing.tenant, s.signing.tenants, s.signing.limited = map[string]string{}, s.tenants, map[string]bool{}
+	s.signing.maySend = s.users.MaySend
 	for _, tn := range cfg.API.Tenants {
 		s.signing.limited[tn.Name] = len(tn.FromDomains) > 0
 		if tn.SigningDomain != "" {
