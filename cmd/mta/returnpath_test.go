@@ -173,3 +173,82 @@ Subject: s
 		t.Errorf("bounce mailbox: %v, want the 3 reports", stat)
 	}
 }
+
+// TestReturnPathTrustsOnlyBounces: mail at the bounce domain that is not
+// a bounce of ours about the address we sent to suppresses nobody: a
+// "not-spam" feedback report, an out-of-office reply whose text reads like
+// a bounce, a DSN from a sender (bounces come from <>), a DSN about a
+// failed forward (another Final-Recipient), a DSN to several return paths
+// at once. And a real bounce that comes when the bounce mailbox is full
+// is still read: nothing refuses a report.
+func TestReturnPathTrustsOnlyBounces(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts subprocesses")
+	}
+	sink := startSink(t, bench.SinkConfig{Keep: true})
+	dir := t.TempDir()
+	hash, _ := auth.Hash("pw")
+	users := filepath.Join(dir, "users")
+	os.WriteFile(users, []byte("bounces:"+hash+"::@b.shop.example\n"), 0o600)
+	p, token := startInjecting(t, sink, "local_domains: [b.shop.example]\nauth: {users_file: "+users+"}\nbounces: {domain: b.shop.example}\nmailboxes: {quota: 3KiB}\n")
+	names := []string{"carol", "dave", "erin", "fred", "gina", "hank"}
+	var rcpts []map[string]any
+	for _, n := range names {
+		rcpts = append(rcpts, map[string]any{"email": n + "@example.org"})
+	}
+	if code, body := postJSON(t, "http://"+p.API+"/api/v1/messages", token, map[string]any{
+		"message": map[string]any{"from": "noreply@shop.example", "subject": "s", "text": "t"}, "verp": true, "recipients": rcpts,
+	}); code != 200 {
+		t.Fatalf("inject: %d %s", code, body)
+	}
+	waitMessages(t, sink, len(names), 10*time.Second)
+	verp := map[string]string{}
+	for _, m := range sink.Messages() {
+		verp[strings.TrimSuffix(m.To[0], "@example.org")] = m.From
+	}
+	send := func(from string, to []string, msg string) {
+		t.Helper()
+		c, err := smtp.Dial(p.SMTP)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		if err := c.SendMail(from, to, strings.NewReader(strings.ReplaceAll(msg, "\n", "\r\n"))); err != nil {
+			t.Fatalf("sending to %v: %v", to, err)
+		}
+	}
+	dsn := func(to, final string) string {
+		return fmt.Sprintf("From: MAILER-DAEMON@mx.example.org\nTo: %s\nSubject: failure\nMIME-Version: 1.0\n"+
+			"Content-Type: multipart/report; report-type=delivery-status; boundary=\"B\"\n\n--B\nContent-Type: text/plain\n\nFailed.\n"+
+			"%s\n--B\nContent-Type: message/delivery-status\n\nReporting-MTA: dns; mx.example.org\n\n"+
+			"Final-Recipient: rfc822; %s\nAction: failed\nStatus: 5.1.1\nDiagnostic-Code: smtp; 550 5.1.1 no such user\n\n--B--\n",
+			to, strings.Repeat("padding line of a long report\n", 40), final)
+	}
+	send("fbl@provider.example", []string{"fbl@b.shop.example"}, fmt.Sprintf("From: fbl@provider.example\nTo: fbl@b.shop.example\nSubject: not spam\n"+
+		"MIME-Version: 1.0\nContent-Type: multipart/report; report-type=feedback-report; boundary=\"F\"\n\n--F\nContent-Type: text/plain\n\nx\n\n"+
+		"--F\nContent-Type: message/feedback-report\n\nFeedback-Type: not-spam\nVersion: 1\nOriginal-Mail-From: <%s>\nOriginal-Rcpt-To: <carol@example.org>\n\n--F--\n", verp["carol"]))
+	send("", []string{verp["dave"]}, "From: dave@example.org\nTo: "+verp["dave"]+"\nAuto-Submitted: auto-generated\nX-Autoreply: yes\nSubject: Out of office\n\n"+
+		"I am away. The old queue does not exist any more: dave@example.org\n")
+	send("random@attacker.test", []string{verp["erin"]}, dsn(verp["erin"], "erin@example.org"))
+	send("", []string{verp["fred"]}, dsn(verp["fred"], "fred.forwarded@elsewhere.test"))
+	send("", []string{verp["gina"], "bounces+0123456789ABCDEF-deadbeef=example.org@b.shop.example"}, dsn(verp["gina"], "gina@example.org"))
+	// By now the mailbox is over its 3 KiB: hank's real bounce is read all the same.
+	send("", []string{verp["hank"]}, dsn(verp["hank"], "hank@example.org"))
+
+	deadline := time.Now().Add(10 * time.Second)
+	var out string
+	for time.Now().Before(deadline) {
+		if out = mtaCmd(t, true, "suppress", "ls", "--tenant", "shop", "--admin=http://"+p.HTTP); strings.Contains(out, "hank@") {
+			break
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	if !regexp.MustCompile(`hank@example\.org +bounce`).MatchString(out) {
+		t.Errorf("hank's bounce, with the bounce mailbox full, was not read:\n%s", out)
+	}
+	for _, n := range names[:5] {
+		if strings.Contains(out, n+"@") {
+			t.Errorf("%s suppressed by mail that is no bounce of ours about them:\n%s", n, out)
+		}
+	}
+}

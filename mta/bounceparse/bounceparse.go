@@ -46,6 +46,7 @@ type Report struct {
 // Recipient is one recipient a report names.
 type Recipient struct {
 	Address    string // Final-Recipient (or Original-Recipient)
+	Original   string // Original-Recipient, when given
 	Action     string // failed, delayed, delivered, relayed, expanded
 	Status     string // enhanced status code, e.g. 5.1.1
 	Diagnostic string // the remote server's words, when given
@@ -175,7 +176,7 @@ func Parse(msg []byte, rules []Rule) (*Report, error) {
 	// first address the text names. But a vacation or other auto-reply
 	// (RFC 3834: Auto-Submitted: auto-replied, with no report part) says
 	// nothing about the address, whatever its wording.
-	if as := strings.ToLower(strings.TrimSpace(m.Header.Get("Auto-Submitted"))); strings.HasPrefix(as, "auto-replied") {
+	if autoReply(m.Header) {
 		return nil, ErrNotAReport
 	}
 	text := strings.Join(texts, "\n")
@@ -245,7 +246,8 @@ func deliveryStatus(b []byte) []Recipient {
 			continue
 		}
 		status := strings.Fields(f["status"] + " ")
-		r := Recipient{Address: addr, Action: strings.ToLower(strings.TrimSpace(f["action"])), Diagnostic: typedValue(f["diagnostic-code"])}
+		r := Recipient{Address: addr, Original: typedValue(f["original-recipient"]), Action: strings.ToLower(strings.TrimSpace(f["action"])),
+			Diagnostic: typedValue(f["diagnostic-code"])}
 		if len(status) > 0 {
 			r.Status = status[0]
 		}
@@ -296,6 +298,19 @@ func fields(g string) map[string]string {
 		}
 	}
 	return out
+}
+
+// autoReply reports whether a message is a vacation or other auto-reply:
+// Auto-Submitted: auto-replied (RFC 3834), or the fields that responders
+// without it write (X-Autoreply, X-Autorespond, Precedence: auto_reply).
+func autoReply(h mail.Header) bool {
+	if strings.HasPrefix(strings.ToLower(strings.TrimSpace(h.Get("Auto-Submitted"))), "auto-replied") {
+		return true
+	}
+	if h.Get("X-Autoreply") != "" || h.Get("X-Autorespond") != "" {
+		return true
+	}
+	return strings.EqualFold(strings.TrimSpace(h.Get("Precedence")), "auto_reply")
 }
 
 // capValue cuts v to maxFieldValue bytes, on a character boundary.

@@ -51,6 +51,12 @@ type Transport struct {
 	Store     Store
 	// Quota is the most octets a mailbox may hold; zero: no limit.
 	Quota int64
+	// TakeWhenFull, when set, names the addresses whose mail is taken
+	// whatever their mailbox holds (the bounce domain's: reports are read
+	// as they are accepted, and refusing them would stop that): a copy
+	// that would take the mailbox over its quota is not kept, and the
+	// recipient is done (replyNotKept).
+	TakeWhenFull func(address string) bool
 
 	usageMu sync.Mutex
 	usage   map[string]usage // recent usage per mailbox: see over
@@ -94,6 +100,7 @@ func (conn) Close() error     { return nil }
 // Replies of local delivery.
 var (
 	replyDelivered = &mta.Reply{Code: 250, Enhanced: mta.Enhanced{2, 0, 0}, Text: "delivered to a local mailbox"}
+	replyNotKept   = &mta.Reply{Code: 250, Enhanced: mta.Enhanced{2, 0, 0}, Text: "read; its mailbox is full, so no copy was kept"}
 	replyStoreFail = &mta.Reply{Code: 451, Enhanced: mta.Enhanced{4, 3, 0}, Text: "local mailbox store failed; will retry"}
 )
 
@@ -147,6 +154,9 @@ func (c conn) Send(ctx context.Context, env *scheduler.Envelope, body []byte) ([
 		if !seen {
 			if full, err := c.t.over(user, int64(len(body))); err != nil {
 				replies[i] = replyStoreFail
+				continue
+			} else if full && c.t.takeWhenFull(r.Address) {
+				replies[i] = replyNotKept
 				continue
 			} else if full {
 				replies[i] = ReplyFull(r.Address, false)
@@ -264,8 +274,12 @@ func (t *Transport) Check(address string, size int64) *mta.Reply {
 	if !ok {
 		return ReplyUnknown(address)
 	}
-	if full, err := t.over(user, size); err == nil && full {
+	if full, err := t.over(user, size); err == nil && full && !t.takeWhenFull(address) {
 		return ReplyFull(address, true)
 	}
 	return nil
+}
+
+func (t *Transport) takeWhenFull(address string) bool {
+	return t.TakeWhenFull != nil && t.TakeWhenFull(address)
 }

@@ -97,3 +97,28 @@ func TestDropReturnPath(t *testing.T) {
 		}
 	}
 }
+
+// TestTakeWhenFull: an address of TakeWhenFull (the bounce domain's) is
+// never refused for a full mailbox, at RCPT or at delivery: the message is
+// taken (its report is read at acceptance) and, past the quota, no copy
+// is kept. Other addresses are refused as before.
+func TestTakeWhenFull(t *testing.T) {
+	st := &store{usage: map[string]int64{"bounces": 990, "full": 990}}
+	tr := &Transport{Directory: func() Directory { return dir{"@b.test": "bounces", "f@x.test": "full"} },
+		Store: st, Quota: 1000, TakeWhenFull: func(a string) bool { return mta.Domain(a) == "b.test" }}
+	if rep := tr.Check("any@b.test", 100); rep != nil {
+		t.Errorf("a report to the bounce domain refused: %v", rep)
+	}
+	if rep := tr.Check("f@x.test", 100); rep == nil || rep.Code != 552 {
+		t.Errorf("a full mailbox elsewhere: %v", rep)
+	}
+	c, _ := tr.Connect(context.Background(), nil)
+	env := &scheduler.Envelope{ID: "Q1", From: "", Recipients: []mta.Recipient{{Address: "any@b.test"}, {Address: "f@x.test"}}}
+	replies, err := c.Send(context.Background(), env, []byte("Subject: x\r\n\r\n"+strings.Repeat("x", 100)+"\r\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if replies[0].Code != 250 || replies[1].Code != 452 || len(st.copies) != 0 {
+		t.Errorf("replies %v %v, %d copies; want 250 (not kept), 452, none", replies[0], replies[1], len(st.copies))
+	}
+}

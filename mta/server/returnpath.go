@@ -100,10 +100,10 @@ func (r *returnPath) process(id string, env *mta.Envelope, body []byte) {
 		return
 	}
 	sentID := ""
-	for _, rc := range env.Recipients {
-		if sentID = r.idFrom(rc.Address); sentID != "" {
-			break
-		}
+	if len(env.Recipients) == 1 {
+		// A report goes to the one return path it is about: a message to
+		// many is no report of ours, and must not try as many tokens.
+		sentID = r.idFrom(env.Recipients[0].Address)
 	}
 	if sentID == "" { // a complaint to a fixed address
 		sentID = r.idFrom(rep.OriginalMailFrom)
@@ -126,7 +126,17 @@ func (r *returnPath) process(id string, env *mta.Envelope, body []byte) {
 		r.reports.WithLabelValues("complaint").Inc()
 		r.events.Write(&accounting.Event{Event: accounting.Complaint, ID: sentID, MessageID: sent.MessageID, Recipient: sent.Recipient,
 			Reply: rep.FeedbackType, Tenant: sent.Tenant, Metadata: sent.Metadata, DSNID: id})
-		r.suppressAddress(sent, "complaint", "feedback report: "+rep.FeedbackType)
+		if complaintSuppresses[rep.FeedbackType] {
+			r.suppressAddress(sent, "complaint", "feedback report: "+rep.FeedbackType)
+		}
+		return
+	}
+	if env.From != "" {
+		// Bounces come from the null sender (RFC 5321 §4.5.5): anyone's
+		// mail that reaches a valid return path, however it is written,
+		// must not suppress a customer.
+		r.reports.WithLabelValues("unparsed").Inc()
+		r.log.Info("mail at the bounce domain from a sender, not trusted as a bounce", zap.String("id", id), zap.String("sent_id", sentID))
 		return
 	}
 	if !rep.Standard {
@@ -134,7 +144,7 @@ func (r *returnPath) process(id string, env *mta.Envelope, body []byte) {
 		// only as a server's (from the null sender) and only about the
 		// recipient the message was sent to: anyone's mail that reaches a
 		// valid return path must not suppress a customer.
-		if env.From != "" || len(rep.Recipients) == 0 || !strings.EqualFold(rep.Recipients[0].Address, sent.Recipient) {
+		if len(rep.Recipients) == 0 || !strings.EqualFold(rep.Recipients[0].Address, sent.Recipient) {
 			r.reports.WithLabelValues("unparsed").Inc()
 			r.log.Info("mail at the bounce domain read by a rule but not trusted as a bounce", zap.String("id", id), zap.String("sent_id", sentID))
 			return
@@ -154,12 +164,20 @@ func (r *returnPath) process(id string, env *mta.Envelope, body []byte) {
 		}
 		r.events.Write(&accounting.Event{Event: accounting.AsyncBounce, ID: sentID, MessageID: sent.MessageID, Recipient: sent.Recipient,
 			Enhanced: rc.Status, Reply: reply, Tenant: sent.Tenant, Metadata: sent.Metadata, DSNID: id})
-		if r.suppress != nil && r.suppress.matches(rc.Status) {
+		// Suppressed only when the report is about the address we sent
+		// to: a failed forward names another (its Final-Recipient), and
+		// the address we sent to may still take mail.
+		if r.suppress != nil && r.suppress.matches(rc.Status) && (strings.EqualFold(rc.Address, sent.Recipient) || strings.EqualFold(rc.Original, sent.Recipient)) {
 			r.suppressAddress(sent, "bounce", rc.Status+" "+reply)
 		}
 		return // one message, one recipient: the first failed one is it
 	}
 }
+
+// complaintSuppresses are the feedback types (RFC 5965 §7.3) whose
+// complaint suppresses its recipient: not "not-spam" (the user says the
+// opposite) nor "auth-failure" (about our authentication, not the user).
+var complaintSuppresses = map[string]bool{"abuse": true, "fraud": true, "virus": true, "other": true, "": true}
 
 func (r *returnPath) suppressAddress(sent *spool.SentRecord, source, reason string) {
 	if r.suppress == nil {

@@ -182,6 +182,8 @@ func New(cfg *config.Config, log *zap.Logger) (_ *Server, err error) {
 		Directory: func() mailbox.Directory { return s.users },
 		Store:     mailboxStore{s.spool},
 		Quota:     int64(cfg.Mailboxes.Quota),
+		// Reports to the bounce domain are read however full its mailbox.
+		TakeWhenFull: func(address string) bool { return s.returns != nil && mta.Domain(address) == s.returns.domain },
 	}
 	d := cfg.Delivery
 	s.sched = scheduler.New(scheduler.Options{
