@@ -45,3 +45,15 @@ func ParseAddressField(v string) (*mail.Address, error) {
 var addressParser = mail.AddressParser{WordDecoder: &mime.WordDecoder{
 	CharsetReader: func(charset string, input io.Reader) (io.Reader, error) { return input, nil },
 }}
+
+// BearerToken returns the token of an HTTP Authorization field value of
+// the Bearer scheme (RFC 6750 §2.1), whose name is case-insensitive (RFC
+// 9110 §11.1): "bearer xyz" is as good as "Bearer xyz".
+func BearerToken(authorization string) (string, bool) {
+	scheme, token, ok := strings.Cut(strings.TrimSpace(authorization), " ")
+	if !ok || !strings.EqualFold(scheme, "Bearer") {
+		return "", false
+	}
+	token = strings.TrimLeft(token, " ")
+	return token, token != ""
+}

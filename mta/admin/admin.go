@@ -368,13 +368,13 @@ func Handler(store Store, token string) http.Handler {
 // and come from no foreign Origin, which a cross-site form or fetch
 // cannot fake without a CORS preflight that is never granted (415, 403).
 func Guard(token string, next http.Handler) http.Handler {
-	want := []byte("Bearer " + token)
+	want := []byte(token)
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if !localHost(r.Host) {
 			writeJSON(w, http.StatusMisdirectedRequest, Error{"Host must be an IP address or localhost"})
 			return
 		}
-		if token != "" && subtle.ConstantTimeCompare([]byte(r.Header.Get("Authorization")), want) != 1 {
+		if got, _ := mta.BearerToken(r.Header.Get("Authorization")); token != "" && subtle.ConstantTimeCompare([]byte(got), want) != 1 {
 			w.Header().Set("WWW-Authenticate", "Bearer")
 			writeJSON(w, http.StatusUnauthorized, Error{"admin API token missing or wrong (--admin-token, $MTA_ADMIN_TOKEN)"})
 			return

@@ -50,6 +50,10 @@ func TestGuard(t *testing.T) {
 		{"no token", locked.URL, "GET", nil, 401},
 		{"wrong token", locked.URL, "GET", map[string]string{"Authorization": "Bearer guess"}, 401},
 		{"token", locked.URL, "POST", map[string]string{"Authorization": "Bearer s3cret", "Content-Type": "application/json"}, 200},
+		{"scheme in lower case", locked.URL, "GET", map[string]string{"Authorization": "bearer s3cret"}, 200}, // RFC 9110 §11.1
+		{"another scheme", locked.URL, "GET", map[string]string{"Authorization": "Basic s3cret"}, 401},
+		{"the token alone", locked.URL, "GET", map[string]string{"Authorization": "s3cret"}, 401},
+		{"an empty token", locked.URL, "GET", map[string]string{"Authorization": "Bearer "}, 401},
 	} {
 		if got := call(tc.base, tc.method, tc.hdr); got != tc.want {
 			t.Errorf("%s: %d, want %d", tc.name, got, tc.want)

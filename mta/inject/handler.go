@@ -180,8 +180,8 @@ func (h *handler) tenant(r *http.Request) *Tenant { return Authenticate(h.opts.T
 
 // Authenticate returns the tenant whose bearer token r carries, or nil.
 func Authenticate(tenants []Tenant, r *http.Request) *Tenant {
-	token, ok := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
-	if !ok || token == "" {
+	token, ok := mta.BearerToken(r.Header.Get("Authorization"))
+	if !ok {
 		return nil
 	}
 	var found *Tenant

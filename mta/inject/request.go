@@ -93,5 +93,52 @@ func decode(b []byte) (*Request, error) {
 	if dec.More() {
 		return nil, errors.New("bad request body: more than one JSON value")
 	}
+	if k := duplicateKey(b); k != "" {
+		// encoding/json keeps the last silently: a request that says
+		// "recipients" twice would go to the second list only.
+		return nil, fmt.Errorf("bad request body: field %q is given twice in one object", k)
+	}
 	return &r, nil
+}
+
+// duplicateKey returns a key that some object of the JSON document b
+// (valid: decode checked it) has twice, or "".
+func duplicateKey(b []byte) string {
+	type object struct {
+		seen    map[string]bool
+		wantKey bool
+	}
+	var stack []*object // nil entries: arrays
+	dec := json.NewDecoder(bytes.NewReader(b))
+	valueDone := func() {
+		if n := len(stack); n > 0 && stack[n-1] != nil {
+			stack[n-1].wantKey = true
+		}
+	}
+	for {
+		t, err := dec.Token()
+		if err != nil {
+			return ""
+		}
+		if n := len(stack); n > 0 && stack[n-1] != nil && stack[n-1].wantKey {
+			if k, ok := t.(string); ok {
+				if stack[n-1].seen[k] {
+					return k
+				}
+				stack[n-1].seen[k], stack[n-1].wantKey = true, false
+				continue
+			}
+		}
+		switch t {
+		case json.Delim('{'):
+			stack = append(stack, &object{seen: map[string]bool{}, wantKey: true})
+		case json.Delim('['):
+			stack = append(stack, nil)
+		case json.Delim('}'), json.Delim(']'):
+			stack = stack[:len(stack)-1]
+			valueDone()
+		default:
+			valueDone()
+		}
+	}
 }

@@ -1,0 +1,26 @@
+package inject
+
+import (
+	"strings"
+	"testing"
+)
+
+// TestDuplicateKeysAreRefused: a field given twice in one object is an
+// error, at any depth, not the last one winning; the same key in two
+// objects is fine.
+func TestDuplicateKeysAreRefused(t *testing.T) {
+	for _, tc := range []struct{ body, dup string }{
+		{`{"recipients":[{"email":"a@x.test"}],"message":{"from":"f@x.test"},"recipients":[{"email":"b@x.test"}]}`, "recipients"},
+		{`{"recipients":[{"email":"a@x.test","email":"b@x.test"}]}`, "email"},
+		{`{"recipients":[{"email":"a@x.test","substitutions":{"n":{"k":1,"k":2}}}]}`, "k"},
+		{`{"recipients":[{"email":"a@x.test","metadata":{"k":"1"}},{"email":"b@x.test","metadata":{"k":"2"}}],"message":{"from":"f@x.test","subject":"s"}}`, ""},
+	} {
+		_, err := decode([]byte(tc.body))
+		switch {
+		case tc.dup == "" && err != nil:
+			t.Errorf("%s: %v", tc.body, err)
+		case tc.dup != "" && (err == nil || !strings.Contains(err.Error(), `"`+tc.dup+`" is given twice`)):
+			t.Errorf("%s: %v, want %q given twice", tc.body, err, tc.dup)
+		}
+	}
+}
