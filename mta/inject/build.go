@@ -288,6 +288,9 @@ type renderError struct{ err error }
 
 func (e *renderError) Error() string { return e.err.Error() }
 
+// Unwrap lets errors.Is see errTooBig from within a template's output.
+func (e *renderError) Unwrap() error { return e.err }
+
 // render writes the message for one recipient: its header fields and
 // MIME body, at most max octets.
 func (c *compiled) render(to *mail.Address, data map[string]any, messageID string, now time.Time, max int) ([]byte, error) {

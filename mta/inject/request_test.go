@@ -24,3 +24,18 @@ func TestDuplicateKeysAreRefused(t *testing.T) {
 		}
 	}
 }
+
+// TestRenderedMessageOverTheLimit: a template that renders a message over
+// the size limit gets 552 5.3.4, as docs/injection.md says, not a
+// template error.
+func TestRenderedMessageOverTheLimit(t *testing.T) {
+	h := newTestHandler(&memStore{}, nil) // MaxMessageSize 64 KiB
+	big := strings.Repeat("x", 40<<10)
+	code, body := post(t, h, token, map[string]any{
+		"message":    map[string]any{"from": "orders@shop.example", "subject": "s", "text": "{{.a}}{{.a}}"},
+		"recipients": []map[string]any{{"email": "ann@example.org", "substitutions": map[string]any{"a": big}}},
+	})
+	if !strings.Contains(body, `"code":552`) || !strings.Contains(body, `"enhanced":"5.3.4"`) {
+		t.Errorf("%d %s, want the recipient refused with 552 5.3.4", code, body)
+	}
+}
