@@ -232,6 +232,14 @@ func dropReturnPath(msg []byte) []byte {
 	return append(out, rest...)
 }
 
+// Forget drops what is known of mailbox's usage, so that the next quota
+// check measures it: call it when messages were removed from it.
+func (t *Transport) Forget(mailbox string) {
+	t.usageMu.Lock()
+	defer t.usageMu.Unlock()
+	delete(t.usage, mailbox)
+}
+
 // over reports whether size more octets would take mailbox over quota.
 func (t *Transport) over(mailbox string, size int64) (bool, error) {
 	if t.Quota <= 0 {

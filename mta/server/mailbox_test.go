@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"net/textproto"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -354,5 +355,33 @@ func TestAliasesInTwoLocalDomainsGetTwoCopies(t *testing.T) {
 	}
 	if len(seen) != 2 {
 		t.Errorf("Delivered-To headers seen: %v", seen)
+	}
+}
+
+// TestRoomMadeOverPOP3CountsAtOnce: once the owner of a full mailbox has
+// deleted its messages over POP3, mail for it is taken at once, not
+// refused for good (552) until the quota check's measurement expires.
+func TestRoomMadeOverPOP3CountsAtOnce(t *testing.T) {
+	w := localWorld(t, "3KiB")
+	id := w.send("app@example.org", []string{"alice@local.test"}, "Subject: fill\r\n\r\n"+strings.Repeat("x", 2500)+"\r\n")
+	w.waitFor("delivery", 10*time.Second, func() bool { return w.gone(id) })
+	w.waitFor("the mailbox full", 5*time.Second, func() bool {
+		return strings.HasPrefix(rcptReplies(t, w.srv.Addr("smtp"), " SIZE=1000", "alice@local.test")[0], "552 5.2.2 ")
+	})
+	c, err := textproto.Dial("tcp", w.srv.Addr("pop3"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	for _, cmd := range []string{"", "USER alice", "PASS alice-secret", "DELE 1", "QUIT"} {
+		if cmd != "" {
+			c.PrintfLine("%s", cmd)
+		}
+		if line, err := c.ReadLine(); err != nil || !strings.HasPrefix(line, "+OK") {
+			t.Fatalf("POP3 %q: %q %v", cmd, line, err)
+		}
+	}
+	if got := rcptReplies(t, w.srv.Addr("smtp"), " SIZE=1000", "alice@local.test"); !strings.HasPrefix(got[0], "250") {
+		t.Errorf("after the owner emptied the mailbox: %q, want 250", got)
 	}
 }

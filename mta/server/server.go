@@ -334,7 +334,7 @@ func New(cfg *config.Config, log *zap.Logger) (_ *Server, err error) {
 			return nil, err
 		}
 		srv := pop3d.New(pop3d.Options{
-			Name: l.name, Hostname: cfg.Hostname, Backend: pop3Backend{users: s.users, sp: s.spool},
+			Name: l.name, Hostname: cfg.Hostname, Backend: pop3Backend{users: s.users, sp: s.spool, mailboxes: s.mailboxes},
 			TLS: tlsCfg, ImplicitTLS: l.implicit, CleartextFromLoopback: cfg.Auth.CleartextFromLoopback,
 			Failures: authFailures, Locks: mailboxLocks, Metrics: pm, Logger: log.Named("pop3d"),
 		})

@@ -2,6 +2,7 @@ package server
 
 import (
 	"context"
+	"github.com/mtaproject/mta/mta/mailbox"
 	"os"
 	"sync"
 	"sync/atomic"
@@ -102,8 +103,9 @@ func every(ctx context.Context, interval time.Duration, fn func()) {
 // pop3Backend gives the POP3 edge the users file and the spool's
 // mailboxes (a user's mailbox is named after the user).
 type pop3Backend struct {
-	users *userDirectory
-	sp    *spool.Spool
+	users     *userDirectory
+	sp        *spool.Spool
+	mailboxes *mailbox.Transport // its usage of a mailbox is measured again after a deletion
 }
 
 func (b pop3Backend) Authenticate(user, password string) bool {
@@ -121,4 +123,13 @@ func (b pop3Backend) List(user string) ([]pop3d.Message, error) {
 
 func (b pop3Backend) Retrieve(user, uid string) ([]byte, error) { return b.sp.MailboxGet(user, uid) }
 
-func (b pop3Backend) Delete(user string, uids []string) error { return b.sp.MailboxDelete(user, uids) }
+// Delete removes the messages, and makes the quota check measure the
+// mailbox again: room its owner made counts at once, not when the
+// measurement would have expired anyway.
+func (b pop3Backend) Delete(user string, uids []string) error {
+	err := b.sp.MailboxDelete(user, uids)
+	if b.mailboxes != nil {
+		b.mailboxes.Forget(user)
+	}
+	return err
+}
