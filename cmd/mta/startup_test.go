@@ -36,6 +36,8 @@ func TestStartUpErrorsAreClear(t *testing.T) {
 	os.WriteFile(empty, nil, 0o600)
 	garbage := filepath.Join(dir, "garbage.pem")
 	os.WriteFile(garbage, []byte("not a certificate\n"), 0o600)
+	tenantToken := filepath.Join(dir, "tenant.token")
+	os.WriteFile(tenantToken, []byte("0123456789abcdef0123\n"), 0o600)
 	base := "data_dir: " + filepath.Join(dir, "data") + "\nlisten: {smtp: \"127.0.0.1:0\", submission: \"\", http: \"127.0.0.1:0\"}\n"
 	for _, tc := range []struct {
 		name, yaml string
@@ -55,6 +57,11 @@ func TestStartUpErrorsAreClear(t *testing.T) {
 		{"bad port", "listen: {smtp: \"127.0.0.1:70000\"}\n", "listen.smtp: \"127.0.0.1:70000\": bad port \"70000\" (line 1)", true},
 		{"listeners collide", "listen: {smtp: \"127.0.0.1:2999\", submission: \"0.0.0.0:2999\"}\n", "listen.submission: \"0.0.0.0:2999\": the same port as listen.smtp", true},
 		{"admin API open", "listen: {http: \"0.0.0.0:9999\"}\n", "listen.http: \"0.0.0.0:9999\" is not a loopback address", true},
+		{"API TLS without a certificate", "data_dir: " + filepath.Join(dir, "d2") + "\nlisten: {smtp: \"127.0.0.1:0\", submission: \"\", pop3: \"\", http: \"127.0.0.1:0\", api: \"127.0.0.1:0\"}\n" +
+			"tls: {self_signed: false}\napi: {tls: true, tenants: [{name: a, token_file: " + tenantToken + "}]}\n", "api.tls: needs a certificate", true},
+		{"garbage bounce rules", base + "local_domains: [b.test]\nbounces: {domain: b.test, rules_file: " + garbage + "}\n", "bounces.rules_file: " + garbage, true},
+		{"accounting log in no folder", base + "log: {accounting: {file: /nope/dir/a.log}}\n", "log.accounting.file:", true},
+		{"data_dir a file", "data_dir: " + garbage + "\nlisten: {smtp: \"127.0.0.1:0\", submission: \"\", http: \"\"}\n", "data_dir: " + garbage + ": not a directory", true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			path := filepath.Join(t.TempDir(), "mta.yaml")

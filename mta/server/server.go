@@ -5,10 +5,13 @@
 package server
 
 import (
+	"io/fs"
+
 	"context"
 	"crypto/tls"
 	"errors"
 	"fmt"
+	"golang.org/x/sys/unix"
 	"net"
 	"net/http"
 	"net/http/pprof"
@@ -116,6 +119,9 @@ func New(cfg *config.Config, log *zap.Logger) (_ *Server, err error) {
 			s.closeAll()
 		}
 	}()
+	if err := Check(cfg); err != nil {
+		return nil, err
+	}
 	if err := os.MkdirAll(cfg.DataDir, 0o750); err != nil {
 		return nil, fmt.Errorf("data_dir: %w", err)
 	}
@@ -229,18 +235,9 @@ func New(cfg *config.Config, log *zap.Logger) (_ *Server, err error) {
 	}
 	var returnPathFunc func(id, rcpt string) string
 	if cfg.Bounces.Domain != "" {
-		rules := bounceparse.DefaultRules
-		if cfg.Bounces.RulesFile != "" {
-			f, err := os.Open(cfg.Bounces.RulesFile)
-			if err != nil {
-				return nil, cfg.FieldErr("bounces.rules_file", err)
-			}
-			extra, err := bounceparse.ParseRules(f)
-			f.Close()
-			if err != nil {
-				return nil, cfg.FieldErr("bounces.rules_file", fmt.Errorf("%s: %w", cfg.Bounces.RulesFile, err))
-			}
-			rules = append(extra, rules...)
+		rules, err := bounceRules(cfg)
+		if err != nil {
+			return nil, err
 		}
 		secret, err := verpSecret(filepath.Join(cfg.DataDir, "verp.secret"))
 		if err != nil {
@@ -326,9 +323,6 @@ func New(cfg *config.Config, log *zap.Logger) (_ *Server, err error) {
 		if l.addr == "" {
 			continue
 		}
-		if l.implicit && tlsCfg == nil {
-			return nil, cfg.FieldErr("listen.pop3s", errors.New("needs TLS: set tls.cert_file and tls.key_file, or tls.self_signed"))
-		}
 		ln, err := listen(cfg, "listen."+l.name, l.addr)
 		if err != nil {
 			return nil, err
@@ -346,9 +340,6 @@ func New(cfg *config.Config, log *zap.Logger) (_ *Server, err error) {
 		}
 		s.apiLn = netutil.LimitListener(s.apiLn, maxAPIConnections)
 		if cfg.API.TLS {
-			if tlsCfg == nil {
-				return nil, cfg.FieldErr("api.tls", errors.New("needs a certificate: set tls.cert_file and tls.key_file, or tls.self_signed"))
-			}
 			s.apiLn = tls.NewListener(s.apiLn, tlsCfg)
 		}
 		apiMux := http.NewServeMux()
@@ -486,14 +477,81 @@ func loadSecrets(cfg *config.Config, generate bool) (*secrets, error) {
 }
 
 // Check runs every start-up check that needs no listener and no spool:
-// the certificate, users file, admin token, route passwords and hosts.
-// `mta config check` uses it, so that it finds what `mta serve` would.
+// the certificate and what needs one, the users file, tokens, keys and
+// secrets, route passwords and hosts, the bounce rules, and that data_dir
+// and the accounting log's folder can be written. New runs it first, and
+// `mta config check` uses it, so that the check finds what `mta serve`
+// would.
 func Check(cfg *config.Config) error {
 	if _, err := loadSecrets(cfg, false); err != nil {
 		return err
 	}
+	if cfg.TLS.CertFile == "" && !cfg.TLS.SelfSigned {
+		switch {
+		case cfg.Listen.POP3S != "":
+			return cfg.FieldErr("listen.pop3s", errors.New("needs TLS: set tls.cert_file and tls.key_file, or tls.self_signed"))
+		case cfg.Listen.API != "" && cfg.API.TLS:
+			return cfg.FieldErr("api.tls", errors.New("needs a certificate: set tls.cert_file and tls.key_file, or tls.self_signed"))
+		}
+	}
+	if err := writableDir(cfg.DataDir, true); err != nil {
+		return fmt.Errorf("data_dir: %w", err)
+	}
+	if f := cfg.Log.Accounting.File; f != "" {
+		if err := writableDir(filepath.Dir(f), false); err != nil {
+			return cfg.FieldErr("log.accounting.file", err)
+		}
+	}
+	if cfg.Bounces.Domain != "" {
+		if _, err := bounceRules(cfg); err != nil {
+			return err
+		}
+	}
 	_, err := newTransport(cfg, prometheus.NewRegistry(), nil)
 	return err
+}
+
+// writableDir checks that dir is a folder we may write in or, with
+// create, that the closest folder that exists above it is (so that it can
+// be made).
+func writableDir(dir string, create bool) error {
+	for d := dir; ; d = filepath.Dir(d) {
+		fi, err := os.Stat(d)
+		switch {
+		case err == nil && !fi.IsDir():
+			return fmt.Errorf("%s: not a directory", d)
+		case err == nil:
+			if unix.Access(d, unix.W_OK|unix.X_OK) != nil {
+				return fmt.Errorf("%s: not writable", d)
+			}
+			return nil
+		case !errors.Is(err, fs.ErrNotExist):
+			return err
+		case !create:
+			return fmt.Errorf("%s: no such directory", d)
+		case filepath.Dir(d) == d:
+			return err
+		}
+	}
+}
+
+// bounceRules are the rules that read non-standard bounces: bounces.rules_file's
+// first, then the built-in ones.
+func bounceRules(cfg *config.Config) ([]bounceparse.Rule, error) {
+	rules := bounceparse.DefaultRules
+	if cfg.Bounces.RulesFile == "" {
+		return rules, nil
+	}
+	f, err := os.Open(cfg.Bounces.RulesFile)
+	if err != nil {
+		return nil, cfg.FieldErr("bounces.rules_file", err)
+	}
+	defer f.Close()
+	extra, err := bounceparse.ParseRules(f)
+	if err != nil {
+		return nil, cfg.FieldErr("bounces.rules_file", fmt.Errorf("%s: %w", cfg.Bounces.RulesFile, err))
+	}
+	return append(extra, rules...), nil
 }
 
 // listen binds one listener, saying plainly when the port is taken.
