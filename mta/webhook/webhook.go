@@ -17,6 +17,7 @@ import (
 	"io"
 	"math/rand/v2"
 	"net/http"
+	"net/url"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -110,7 +111,7 @@ func New(opts Options) (*Dispatcher, error) {
 	d := &Dispatcher{opts: opts, hooks: map[string]*hook{}, in: make(chan queued, 10000)}
 	label := []string{"webhook"}
 	d.queued = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "mta_webhook_events_queued_total", Help: "Events queued for a webhook."}, label)
-	d.dropped = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "mta_webhook_events_dropped_total", Help: "Events dropped: the webhook's buffer was full."}, label)
+	d.dropped = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "mta_webhook_events_dropped_total", Help: "Events dropped: the webhook's buffer was full, or the receiver refused the event (400, 413, 415, 422) 5 times."}, label)
 	d.delivered = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "mta_webhook_events_delivered_total", Help: "Events the webhook accepted (2xx)."}, label)
 	d.posts = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "mta_webhook_posts_total", Help: "Batches posted to a webhook by result (ok, failed)."}, []string{"webhook", "result"})
 	d.buffered = prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "mta_webhook_buffer_bytes", Help: "Bytes of events waiting for a webhook."}, label)
@@ -241,8 +242,10 @@ func withID(event []byte, hook string, seq uint64) []byte {
 // exponential backoff and jitter.
 func (d *Dispatcher) send(ctx context.Context, h *hook) {
 	failures := 0
+	batch := d.opts.BatchSize // smaller after a 413, until a post is taken
+	refusals := 0             // of the one event at the head, by a refusal of its content
 	for ctx.Err() == nil {
-		evs, err := d.opts.Store.Events(h.Name, d.opts.BatchSize)
+		evs, err := d.opts.Store.Events(h.Name, batch)
 		if err != nil {
 			d.opts.Logger.Warn("webhook queue unreadable", zap.String("webhook", h.Name), zap.Error(err))
 		}
@@ -257,6 +260,23 @@ func (d *Dispatcher) send(ctx context.Context, h *hook) {
 		}
 		if err := d.post(ctx, h, evs); err != nil {
 			d.posts.WithLabelValues(h.Name, "failed").Inc()
+			var st statusError
+			if errors.As(err, &st) && refusesContent(int(st)) {
+				if len(evs) > 1 {
+					// Too large, or one event the receiver cannot take:
+					// smaller batches find it, and the rest goes on.
+					batch = max(1, len(evs)/2)
+					continue
+				}
+				if refusals++; refusals >= maxRefusals {
+					d.opts.Logger.Warn("webhook event refused by the receiver; dropped", zap.String("webhook", h.Name),
+						zap.Uint64("seq", evs[0].Seq), zap.Int("refusals", refusals), zap.Error(err))
+					d.dropped.WithLabelValues(h.Name).Inc()
+					d.remove(h, evs)
+					refusals = 0
+					continue
+				}
+			}
 			failures++
 			wait := min(d.opts.MinBackoff<<min(failures-1, 20), d.opts.MaxBackoff)
 			wait = wait/2 + rand.N(wait/2+1)
@@ -271,18 +291,61 @@ func (d *Dispatcher) send(ctx context.Context, h *hook) {
 			}
 			continue
 		}
-		failures = 0
+		failures, refusals, batch = 0, 0, d.opts.BatchSize
 		d.posts.WithLabelValues(h.Name, "ok").Inc()
 		d.delivered.WithLabelValues(h.Name).Add(float64(len(evs)))
-		if err := d.opts.Store.DeleteEvents(h.Name, evs[len(evs)-1].Seq); err != nil {
-			d.opts.Logger.Warn("webhook events delivered but not removed; they may be posted again", zap.String("webhook", h.Name), zap.Error(err))
-		}
-		var n int64
-		for _, e := range evs {
-			n += int64(len(e.Data))
-		}
-		d.buffered.WithLabelValues(h.Name).Set(float64(h.bytes.Add(-n)))
+		d.remove(h, evs)
 	}
+}
+
+// remove deletes evs, posted or dropped, from h's queue.
+func (d *Dispatcher) remove(h *hook, evs []StoredEvent) {
+	if err := d.opts.Store.DeleteEvents(h.Name, evs[len(evs)-1].Seq); err != nil {
+		d.opts.Logger.Warn("webhook events delivered but not removed; they may be posted again", zap.String("webhook", h.Name), zap.Error(err))
+	}
+	var n int64
+	for _, e := range evs {
+		n += int64(len(e.Data))
+	}
+	d.buffered.WithLabelValues(h.Name).Set(float64(h.bytes.Add(-n)))
+}
+
+// maxRefusals is how many times one event's content is refused, with
+// backoff between, before it is dropped: the receiver will not take it,
+// and it must not hold up every event behind it.
+const maxRefusals = 5
+
+// refusesContent reports whether an HTTP status refuses what was posted,
+// not where or when: 400, 413, 415, 422. Others (a wrong URL or
+// credentials: 401, 403, 404, 410; 408, 429, 5xx) are the endpoint's and
+// are retried without end, so that a fixed endpoint gets every event.
+func refusesContent(code int) bool {
+	switch code {
+	case http.StatusBadRequest, http.StatusRequestEntityTooLarge, http.StatusUnsupportedMediaType, http.StatusUnprocessableEntity:
+		return true
+	}
+	return false
+}
+
+// redacted is a webhook URL for the log: without its user information
+// and query, which may hold credentials.
+func redacted(u string) string {
+	p, err := url.Parse(u)
+	if err != nil {
+		return "(the webhook's URL)"
+	}
+	p.User = nil
+	if p.RawQuery != "" {
+		p.RawQuery = "…"
+	}
+	return p.String()
+}
+
+// statusError is a post answered with a status other than 2xx.
+type statusError int
+
+func (e statusError) Error() string {
+	return "HTTP " + strconv.Itoa(int(e)) + " " + http.StatusText(int(e))
 }
 
 // SignatureHeader is the header carrying the signature.
@@ -320,12 +383,16 @@ func (d *Dispatcher) post(ctx context.Context, h *hook, evs []StoredEvent) error
 	}
 	resp, err := d.opts.Client.Do(req)
 	if err != nil {
+		var ue *url.Error
+		if errors.As(err, &ue) {
+			ue.URL = redacted(h.URL) // the log must not show a token in the query
+		}
 		return err
 	}
 	defer resp.Body.Close()
 	_, _ = io.Copy(io.Discard, io.LimitReader(resp.Body, 64<<10))
 	if resp.StatusCode/100 != 2 {
-		return errors.New("HTTP " + resp.Status)
+		return statusError(resp.StatusCode)
 	}
 	return nil
 }

@@ -3,6 +3,7 @@ package webhook
 import (
 	"context"
 	"encoding/json"
+	"fmt"
 	"io"
 	"net/http"
 	"net/http/httptest"
@@ -142,5 +143,71 @@ func TestSign(t *testing.T) {
 	const want = "t=1700000000,v1=516856209dea79008d72e48f00c1c767cd294a440ae742a16140cd7375ced090"
 	if got != want {
 		t.Fatalf("Sign = %q", got)
+	}
+}
+
+// TestAnEventTheReceiverRefusesIsDropped: a receiver that answers 422 to
+// any batch holding one poisoned event gets the others (smaller batches
+// find it), and that event is dropped and counted after maxRefusals
+// tries, instead of holding every later event up for ever. A 404 (the
+// endpoint's problem, not the events') drops nothing.
+func TestAnEventTheReceiverRefusesIsDropped(t *testing.T) {
+	var mu sync.Mutex
+	got := map[string]bool{}
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		body, _ := io.ReadAll(r.Body)
+		var batch []map[string]any
+		json.Unmarshal(body, &batch)
+		for _, e := range batch {
+			if e["recipient"] == "poison@example.org" {
+				http.Error(w, "cannot take it", http.StatusUnprocessableEntity)
+				return
+			}
+		}
+		mu.Lock()
+		defer mu.Unlock()
+		for _, e := range batch {
+			got[e["recipient"].(string)] = true
+		}
+	}))
+	defer srv.Close()
+	store := &memStore{evs: map[string][]StoredEvent{}}
+	d, err := New(Options{Store: store, Hooks: []Hook{{Name: "h", URL: srv.URL, Secret: "s", MaxBuffer: 1 << 20}}, Registerer: prometheus.NewRegistry(),
+		MinBackoff: time.Millisecond, MaxBackoff: 2 * time.Millisecond, BatchSize: 8})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { defer close(done); d.Run(ctx) }()
+	for i := range 20 {
+		rcpt := fmt.Sprintf("r%d@example.org", i)
+		if i == 5 {
+			rcpt = "poison@example.org"
+		}
+		d.Enqueue("h", []byte(`{"event":"delivery","recipient":"`+rcpt+`"}`))
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for time.Now().Before(deadline) {
+		mu.Lock()
+		n := len(got)
+		mu.Unlock()
+		if n == 19 {
+			break
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	cancel()
+	<-done
+	mu.Lock()
+	defer mu.Unlock()
+	if len(got) != 19 || got["poison@example.org"] || testutil.ToFloat64(d.dropped.WithLabelValues("h")) != 1 {
+		t.Errorf("%d of the 19 good events posted, %v dropped; want all 19 and the poisoned one dropped", len(got), testutil.ToFloat64(d.dropped.WithLabelValues("h")))
+	}
+	if refusesContent(http.StatusNotFound) || refusesContent(http.StatusTooManyRequests) || !refusesContent(http.StatusRequestEntityTooLarge) {
+		t.Error("refusesContent: 404 and 429 are the endpoint's, 413 the content's")
+	}
+	if r := redacted("https://user:pw@hooks.example/x?token=SECRET"); r != "https://hooks.example/x?…" {
+		t.Errorf("redacted URL %q", r)
 	}
 }
