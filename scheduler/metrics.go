@@ -122,6 +122,11 @@ func newMetrics(s *Scheduler, reg prometheus.Registerer) *instruments {
 	for _, o := range []string{"delivered", "failed", "expired"} {
 		m.endToEnd.WithLabelValues(o)
 	}
+	// The outcomes of every day, at their usual codes, from the start.
+	m.replyCodes.WithLabelValues("delivered", "2.0.0")
+	m.replyCodes.WithLabelValues("deferred", "4.x.x")
+	m.replyCodes.WithLabelValues("failed", "5.x.x")
+	m.replyCodes.WithLabelValues("expired", "5.4.7")
 	for _, o := range knownOutcomes {
 		for _, c := range knownClasses {
 			m.outcomes.WithLabelValues(o, c)

@@ -65,7 +65,7 @@ func TestAlertsAndDashboardUseExistingMetrics(t *testing.T) {
 	}
 	for _, want := range []string{`mta_queue_messages{state="queued"}`, `mta_queue_messages_by_age{age="5m"}`, "mta_spool_compaction_debt_bytes",
 		"mta_spool_l0_files", "mta_spool_disk_bytes", "mta_dns_query_duration_seconds_bucket", `mta_delivery_end_to_end_seconds_bucket{outcome="delivered"`,
-		"mta_delivery_attempts_per_delivery_bucket", `mta_config_reloads_total{result="ok"}`, `mta_delivery_starttls_total{result="fell_back"}`, `mta_pop3_logins_total{listener="pop3",result="failure"}`} {
+		"mta_delivery_attempts_per_delivery_bucket", `mta_delivery_replies_total{code="2.0.0",outcome="delivered"} 0`, `mta_config_reloads_total{result="ok"}`, `mta_delivery_starttls_total{result="fell_back"}`, `mta_pop3_logins_total{listener="pop3",result="failure"}`} {
 		if !strings.Contains(scrape, want) {
 			t.Errorf("the scrape lacks %s", want)
 		}

@@ -126,6 +126,11 @@ func Handler(opts Options) http.Handler {
 			Help: "Injection API requests by tenant (unknown: no valid token) and HTTP reply code."}, []string{"tenant", "code"}),
 		accepted: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "mta_api_messages_accepted_total",
 			Help: "Messages stored through the injection API (one per recipient), by tenant."}, []string{"tenant"})}
+	for _, tn := range opts.Tenants { // known label values exist from the start
+		h.requests.WithLabelValues(tn.Name, "200")
+		h.accepted.WithLabelValues(tn.Name)
+	}
+	h.requests.WithLabelValues("unknown", "401")
 	if opts.Registerer != nil {
 		opts.Registerer.MustRegister(h.requests, h.accepted)
 	}

@@ -1,6 +1,7 @@
 package inject
 
 import (
+	"github.com/prometheus/client_golang/prometheus"
 	"strings"
 	"testing"
 )
@@ -37,5 +38,24 @@ func TestRenderedMessageOverTheLimit(t *testing.T) {
 	})
 	if !strings.Contains(body, `"code":552`) || !strings.Contains(body, `"enhanced":"5.3.4"`) {
 		t.Errorf("%d %s, want the recipient refused with 552 5.3.4", code, body)
+	}
+}
+
+// TestMetricsExistFromTheStart: the API's counters have their tenants'
+// series before the first request, so that dashboards and absent()
+// alerts do not start empty (docs/operations.md).
+func TestMetricsExistFromTheStart(t *testing.T) {
+	reg := prometheus.NewRegistry()
+	newTestHandler(&memStore{}, func(o *Options) { o.Registerer = reg })
+	mfs, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	series := map[string]int{}
+	for _, mf := range mfs {
+		series[mf.GetName()] = len(mf.GetMetric())
+	}
+	if series["mta_api_requests_total"] < 2 || series["mta_api_messages_accepted_total"] != 2 {
+		t.Errorf("series at the start: %v, want both tenants'", series)
 	}
 }
