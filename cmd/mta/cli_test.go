@@ -2,6 +2,7 @@ package main
 
 import (
 	"bufio"
+	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -723,5 +724,28 @@ func TestDialableListenAddress(t *testing.T) {
 		if got := dialable(in); got != want {
 			t.Errorf("dialable(%q) = %q, want %q", in, got, want)
 		}
+	}
+}
+
+// TestQueueListJSONListsEveryMessage: with more than a page (1000) queued,
+// `queue ls --json`, which scripts read, lists every message, as
+// postqueue -j does; the text listing stops at 1000 and says so.
+func TestQueueListJSONListsEveryMessage(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts subprocesses")
+	}
+	p := startMTA(t, t.TempDir(), "")
+	const n = 1010
+	res, err := bench.RunLoad(context.Background(), bench.LoadConfig{Addr: p.SMTP, Sessions: 10, Messages: n, Size: 300,
+		Domains: []string{"one.test"}, Pipelining: true, Seed: 3})
+	if err != nil || res.Accepted != n {
+		t.Fatalf("load: %d accepted, %v", res.Accepted, err)
+	}
+	admin := "--admin=http://" + p.HTTP
+	if lines := strings.Count(mtaCmd(t, true, "queue", "ls", admin, "--json"), "\n"); lines != n {
+		t.Errorf("queue ls --json: %d lines, want %d", lines, n)
+	}
+	if out := mtaCmd(t, true, "queue", "ls", admin); !strings.Contains(out, "... more: use --all") {
+		t.Errorf("queue ls with more than 1000: no note of the rest in\n%s", out[max(0, len(out)-300):])
 	}
 }

@@ -286,7 +286,7 @@ func queue(args []string, out io.Writer) error {
 		return errors.New("queue: want ls, shape, show, hold, release, rm, bounce or flush")
 	}
 	fs := flag.NewFlagSet("queue "+args[0], flag.ContinueOnError)
-	all := fs.Bool("all", false, "ls: list every message, not just the first 1000; hold/release/rm/bounce/flush: act on every message")
+	all := fs.Bool("all", false, "ls: list every message, not just the first 1000 (--json always does); hold/release/rm/bounce/flush: act on every message")
 	asJSON := fs.Bool("json", false, "ls: one JSON object per message; shape: the table as JSON")
 	top := fs.Int("top", 20, "shape: destinations shown (the rest are summed)")
 	var f admin.Filter
@@ -407,8 +407,10 @@ func queueList(ctx context.Context, c *admin.Client, f admin.Filter, all, asJSON
 			}
 			fmt.Fprintf(tw, "%s\t%d\t%s\t%s\t%s\t%d\t%d\n", printable(m.ID), m.Size, time.Since(m.Received).Round(time.Second), printable(m.State), from, len(m.Recipients), queued)
 		}
-		if page.Next == "" || !all && total >= 1000 {
-			if page.Next != "" && !asJSON {
+		// JSON is for scripts: it lists the whole queue, as postqueue -j
+		// does, rather than stopping silently at a page.
+		if page.Next == "" || !all && !asJSON && total >= 1000 {
+			if page.Next != "" {
 				fmt.Fprintln(tw, "... more: use --all")
 			}
 			break
