@@ -2,6 +2,7 @@ package scheduler
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"slices"
 	"strings"
@@ -250,5 +251,46 @@ func TestWorkForAnotherHostGetsANewConnection(t *testing.T) {
 	defer store.mu.Unlock()
 	if len(store.defers) != 0 || connects != 3 {
 		t.Errorf("deferrals %v, %d connections; want none, and a third connection for the work of the closing one", store.defers, connects)
+	}
+}
+
+// A connection failure is recorded with a reply code like any other
+// reason, so that the queue's --reply filter and a bounce's Status find
+// it: 451 4.4.1 for no connection, 451 4.4.2 for one lost, the server's
+// own code when it said something.
+func TestConnectionFailuresHaveCodes(t *testing.T) {
+	for _, tc := range []struct {
+		name                string
+		connectErr, sendErr error
+		want                string
+	}{
+		{"refused", errors.New("connect to 192.0.2.1:25: connection refused"), nil, "451 4.4.1 connect to"},
+		{"a 421 greeting", fmt.Errorf("mx said at greeting: %w", &mta.Reply{Code: 421, Enhanced: mta.Enhanced{4, 7, 0}, Text: "busy"}), nil, "421 4.7.0 mx said at greeting"},
+		{"lost", nil, errors.New("connection reset after the data"), "451 4.4.2 connection failed: connection reset"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			store, tr := newMemStore(), newFakeTransport()
+			if tc.connectErr != nil {
+				tr.connectErr["x.test"] = tc.connectErr
+			}
+			if tc.sendErr != nil {
+				tr.sendErr = func(string, int) error { return tc.sendErr }
+			}
+			h := start(t, nil, store, tr)
+			now := time.Now()
+			store.add("m1", now, now.Add(time.Hour), "r@x.test")
+			h.s.Submit("m1", []string{"x.test"}, mta.PriorityBulk)
+			waitFor(t, "the deferral", func() bool {
+				store.mu.Lock()
+				defer store.mu.Unlock()
+				return store.defers[workKey{"m1", "x.test"}] == 1
+			})
+			h.stop()
+			store.mu.Lock()
+			defer store.mu.Unlock()
+			if got := store.msgs["m1"].Recipients[0].LastReply; !strings.HasPrefix(got, tc.want) {
+				t.Errorf("last reply %q, want it to begin %q", got, tc.want)
+			}
+		})
 	}
 }

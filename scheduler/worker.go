@@ -333,7 +333,7 @@ func (s *Scheduler) deliver(conn Conn, route Route, w *work, a *attempt, reused 
 			}
 			unsent := slices.Concat(env.Recipients, rest)
 			s.m.outcomes.WithLabelValues("deferred", route.Class()).Add(float64(len(unsent)))
-			why := "connection failed: " + err.Error()
+			why := codedReason("4.4.2", fmt.Errorf("connection failed: %w", err))
 			// Logged like any outcome: after the data went out the server may
 			// have taken the message, and the retry may deliver it twice.
 			s.logLocal("deferred", m, addresses(unsent), why)
@@ -626,8 +626,26 @@ func (s *Scheduler) connectFailed(route Route, w *work, cause error) {
 		return
 	}
 	s.m.outcomes.WithLabelValues("deferred", route.Class()).Add(float64(len(rcpts)))
-	s.logLocal("deferred", m, addresses(rcpts), errText(cause))
-	s.temporary(w, m, addresses(rcpts), attempts, local(errText(cause)))
+	why := codedReason("4.4.1", cause)
+	s.logLocal("deferred", m, addresses(rcpts), why)
+	s.temporary(w, m, addresses(rcpts), attempts, local(why))
+}
+
+// codedReason is the queue's and the log's reason for a failed connection
+// (enhanced 4.4.1: no connection; 4.4.2: lost), led by a reply code as
+// every other reason is, so that `mta queue ls --reply 4.4.*` and a
+// bounce's Status find it: the server's own code when it said something
+// (a 421 greeting), else 451 and enhanced.
+func codedReason(enhanced string, err error) string {
+	var r *mta.Reply
+	if errors.As(err, &r) && r.Code >= 400 && r.Code < 600 {
+		e := r.Enhanced.String()
+		if e == "" {
+			e = fmt.Sprintf("%d.%s", r.Code/100, enhanced[2:])
+		}
+		return fmt.Sprintf("%d %s %s", r.Code, e, errText(err))
+	}
+	return "451 " + enhanced + " " + errText(err)
 }
 
 // logLocal reports an outcome decided without a remote reply (expiry, a
