@@ -85,6 +85,11 @@ func TestReloadOnSIGHUPAndCommand(t *testing.T) {
 		t.Errorf("mta reload of a broken file: %q", out)
 	}
 	waitLog(`"msg":"configuration reload refused; the running configuration stays"`)
+	for _, line := range strings.Split(p.Log(), "\n") {
+		if strings.Contains(line, "configuration reload refused") && (!strings.Contains(line, `"level":"warn"`) || strings.Contains(line, "stacktrace")) {
+			t.Errorf("a refused reload is an operator's mistake, a warning without a stack trace: %s", line)
+		}
+	}
 	if v, err := p.Metric(`mta_config_reloads_total{result="failed"}`); err != nil || v != 1 {
 		t.Errorf("failed reloads: %v %v", v, err)
 	}

@@ -103,7 +103,9 @@ func (s *Server) Reload() error {
 	result := "ok"
 	if err != nil {
 		result = "failed"
-		r.log.Error("configuration reload refused; the running configuration stays", zap.Error(err))
+		// A warning, not an error: an operator's mistake, not ours, and
+		// without the stack trace zap gives errors.
+		r.log.Warn("configuration reload refused; the running configuration stays", zap.Error(err))
 	}
 	r.reloads.WithLabelValues(result).Inc()
 	return err
