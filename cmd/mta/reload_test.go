@@ -1,11 +1,13 @@
 package main
 
 import (
+	"bytes"
 	"context"
 	"crypto/tls"
 	"errors"
 	"os"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -321,5 +323,34 @@ func TestReloadAppliesLimitsAndDeliverySettings(t *testing.T) {
 	}
 	if n := len(connIDs()); n != 4 {
 		t.Errorf("3 more messages with one message per connection: %d connections in all, want 1 + 3", n)
+	}
+}
+
+// TestReloadOfTheHostnameWaitsForTheRestart: hostname needs a restart, and
+// so does the EHLO name that follows it when delivery.helo_name is not
+// set: a reload does not change the one without the other.
+func TestReloadOfTheHostnameWaitsForTheRestart(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts subprocesses")
+	}
+	data := t.TempDir()
+	p := startMTA(t, data, "")
+	cfgPath := filepath.Join(data, "mta.yaml")
+	orig, _ := os.ReadFile(cfgPath)
+	renamed := regexp.MustCompile(`(?m)^hostname: .*$`).ReplaceAll(orig, []byte("hostname: renamed.test"))
+	if bytes.Equal(renamed, orig) {
+		t.Fatalf("no hostname line in\n%s", orig)
+	}
+	os.WriteFile(cfgPath, renamed, 0o600)
+	if out := mtaCmd(t, true, "reload", "--admin=http://"+p.HTTP); !strings.Contains(out, "configuration reloaded") {
+		t.Fatalf("mta reload: %q", out)
+	}
+	if !logHas(p, `"msg":"configuration reloaded"`) {
+		t.Fatalf("no reload line:\n%s", p.Log())
+	}
+	for _, line := range strings.Split(p.Log(), "\n") {
+		if strings.Contains(line, `"msg":"configuration reloaded"`) && (strings.Contains(line, "helo_name") || !strings.Contains(line, `"changed_needing_restart":["hostname"]`)) {
+			t.Errorf("reload line %s: want hostname needing a restart and the EHLO name left as it is", line)
+		}
 	}
 }

@@ -454,6 +454,13 @@ func (c *Config) Line(field string) int {
 	return 0
 }
 
+// IsSet reports whether the configuration file set field itself (a
+// dotted path), not left it to its default.
+func (c *Config) IsSet(field string) bool {
+	_, ok := c.lines[field]
+	return ok
+}
+
 // FieldErr returns err as the error of field, with its line in the file.
 func (c *Config) FieldErr(field string, err error) error {
 	reason := err.Error()

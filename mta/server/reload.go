@@ -127,6 +127,12 @@ func (r *reloader) apply() error {
 	if cfg.Auth.UsersFile != r.cfg.Auth.UsersFile {
 		return fmt.Errorf("auth.users_file: a different users file needs a restart (edit %s in place instead)", r.cfg.Auth.UsersFile)
 	}
+	if cfg.Hostname != r.cfg.Hostname && !cfg.IsSet("delivery.helo_name") {
+		// The EHLO name follows hostname when not set: it changes with it,
+		// at the restart, not now while the banner and Received: keep the
+		// old name.
+		cfg.Delivery.HeloName = r.cfg.Delivery.HeloName
+	}
 	routes, err := buildRoutes(cfg)
 	if err != nil {
 		return err
