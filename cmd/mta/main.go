@@ -11,6 +11,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"net/http"
 	"os"
 	"os/signal"
 	"runtime/debug"
@@ -147,7 +148,11 @@ func dispatch(args []string, stdin io.Reader, stdout io.Writer) error {
 		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 		defer cancel()
 		if err := c.Reload(ctx); err != nil {
-			return fmt.Errorf("reload refused, the running configuration stays: %w", err)
+			var ae *admin.APIError
+			if errors.As(err, &ae) && ae.Code != http.StatusUnauthorized && ae.Code != http.StatusForbidden && ae.Code != http.StatusMisdirectedRequest {
+				return fmt.Errorf("reload refused, the running configuration stays: %w", err)
+			}
+			return fmt.Errorf("reload not done: %w", err) // not reached, or not let in: nothing was tried
 		}
 		fmt.Fprintln(stdout, "configuration reloaded (the server log names what needs a restart)")
 		return nil
@@ -229,23 +234,33 @@ func serve(args []string) error {
 func adminClient(fs *flag.FlagSet, args []string) (*admin.Client, []string, error) {
 	url := fs.String("admin", os.Getenv("MTA_ADMIN"), "admin API base URL")
 	token := fs.String("admin-token", os.Getenv("MTA_ADMIN_TOKEN"), "admin API bearer token (admin.token_file on the server)")
-	cfgPath := fs.String("config", "", "configuration file, to find listen.http")
+	cfgPath := fs.String("config", "", "configuration file, to find listen.http and admin.token_file")
 	rest, err := parseInterspersed(fs, args)
 	if err != nil {
 		return nil, nil, err
 	}
-	base := *url
-	if base == "" {
+	base, tok := *url, *token
+	if base == "" || *cfgPath != "" {
 		cfg, err := config.Load(*cfgPath)
 		if err != nil {
 			return nil, nil, err
 		}
-		if cfg.Listen.HTTP == "" {
-			return nil, nil, errors.New("listen.http is disabled in the configuration: the queue commands need it")
+		if base == "" {
+			if cfg.Listen.HTTP == "" {
+				return nil, nil, errors.New("listen.http is disabled in the configuration: the queue commands need it")
+			}
+			base = "http://" + dialable(cfg.Listen.HTTP)
 		}
-		base = "http://" + dialable(cfg.Listen.HTTP)
+		if tok == "" && cfg.Admin.TokenFile != "" {
+			// The token the configuration names, when this user may read it.
+			b, err := os.ReadFile(cfg.Admin.TokenFile)
+			if err != nil {
+				return nil, nil, fmt.Errorf("admin.token_file: %w (or give --admin-token, $MTA_ADMIN_TOKEN)", err)
+			}
+			tok = strings.TrimSpace(string(b))
+		}
 	}
-	return &admin.Client{Base: base, Token: *token}, rest, nil
+	return &admin.Client{Base: base, Token: tok}, rest, nil
 }
 
 // dialable is a listen address as a client on this host reaches it: a

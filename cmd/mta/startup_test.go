@@ -118,7 +118,8 @@ func TestOperatorEndpointsNeedTheToken(t *testing.T) {
 	}
 	token := filepath.Join(t.TempDir(), "token")
 	os.WriteFile(token, []byte("s3cret-0123456789\n"), 0o600)
-	p := startMTA(t, t.TempDir(), "debug: {pprof: true}\nadmin: {token_file: "+token+"}\n")
+	data := t.TempDir()
+	p := startMTA(t, data, "debug: {pprof: true}\nadmin: {token_file: "+token+"}\n")
 	get := func(path, auth string) int {
 		req, _ := http.NewRequest("GET", "http://"+p.HTTP+path, nil)
 		if auth != "" {
@@ -155,6 +156,15 @@ func TestOperatorEndpointsNeedTheToken(t *testing.T) {
 	// The CLI still works.
 	if out := mtaCmd(t, true, "queue", "flush", "--admin=http://"+p.HTTP, "--admin-token=s3cret-0123456789"); !strings.Contains(out, "due now") {
 		t.Errorf("queue flush with the token: %q", out)
+	}
+	// Without the token the reload is not let in, and says so, not that
+	// the configuration was refused; with --config it reads the token
+	// file the configuration names.
+	if out := mtaCmd(t, false, "reload", "--admin=http://"+p.HTTP); !strings.Contains(out, "reload not done: admin API token") {
+		t.Errorf("reload without the token: %q", out)
+	}
+	if out := mtaCmd(t, true, "reload", "--admin=http://"+p.HTTP, "--config", filepath.Join(data, "mta.yaml")); !strings.Contains(out, "configuration reloaded") {
+		t.Errorf("reload with --config naming admin.token_file: %q", out)
 	}
 }
 

@@ -47,12 +47,21 @@ func (c *Client) do(ctx context.Context, method, path string, out any) error {
 	if resp.StatusCode/100 != 2 {
 		var e Error
 		if json.Unmarshal(body, &e) == nil && e.Error != "" {
-			return fmt.Errorf("%s", e.Error)
+			return &APIError{Code: resp.StatusCode, Text: e.Error}
 		}
-		return fmt.Errorf("%s %s: %s", method, path, resp.Status)
+		return &APIError{Code: resp.StatusCode, Text: fmt.Sprintf("%s %s: %s", method, path, resp.Status)}
 	}
 	return json.Unmarshal(body, out)
 }
+
+// APIError is the admin API's refusal of a request: its HTTP status and
+// what it said.
+type APIError struct {
+	Code int
+	Text string
+}
+
+func (e *APIError) Error() string { return e.Text }
 
 // List returns one page of the queue.
 func (c *Client) List(ctx context.Context, after string, limit int) (Page, error) {
