@@ -215,8 +215,8 @@ func Handler(store Store, token string) http.Handler {
 				}
 				for _, m := range msgs {
 					after = m.ID
-					if !f.Match(m, now) {
-						continue
+					if !f.Match(m, now) || name == "hold" && m.Held || name == "release" && !m.Held {
+						continue // (counted are the messages changed, as postsuper -H says)
 					}
 					err := fn(m.ID)
 					switch {
