@@ -757,3 +757,21 @@ func TestQueueListJSONListsEveryMessage(t *testing.T) {
 		t.Errorf("queue ls with more than 1000: no note of the rest in\n%s", out[max(0, len(out)-300):])
 	}
 }
+
+// TestCommandsRefuseWhatTheyWouldIgnore: a stray argument or a negative
+// age is an error, not a listing of the whole queue or a server started
+// as if it were not there.
+func TestCommandsRefuseWhatTheyWouldIgnore(t *testing.T) {
+	for _, tc := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"queue", "ls", "06H3YBJ5E0DFX08C", "--admin=http://127.0.0.1:1"}, `queue ls: unexpected "06H3YBJ5E0DFX08C"`},
+		{[]string{"queue", "ls", "--older-than", "-5h", "--admin=http://127.0.0.1:1"}, "--older-than -5h0m0s: want a duration of zero or more"},
+		{[]string{"serve", "--config", "/nope.yaml", "extra"}, `serve: unexpected "extra"`},
+	} {
+		if out := mtaCmd(t, false, tc.args...); !strings.Contains(out, tc.want) {
+			t.Errorf("mta %v: %q, want %q", tc.args, out, tc.want)
+		}
+	}
+}

@@ -190,6 +190,9 @@ func serve(args []string) error {
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
+	if fs.NArg() > 0 {
+		return fmt.Errorf("serve: unexpected %q (the configuration file goes with --config)", fs.Arg(0))
+	}
 	cfg, err := config.Load(*cfgPath)
 	if err != nil {
 		return err
@@ -321,6 +324,15 @@ func queue(args []string, out io.Writer) error {
 			return "", fmt.Errorf("queue %s: want one queue ID", args[0])
 		}
 		return rest[0], nil
+	}
+	if f.OlderThan < 0 {
+		return fmt.Errorf("queue %s: --older-than %s: want a duration of zero or more", args[0], f.OlderThan)
+	}
+	switch args[0] {
+	case "ls", "shape":
+		if len(rest) > 0 {
+			return fmt.Errorf("queue %s: unexpected %q (show ID for one message; filters are flags, such as --domain)", args[0], rest[0])
+		}
 	}
 	switch args[0] {
 	case "ls":

@@ -704,6 +704,10 @@ func (c *Config) validateDelivery(bad func(field, format string, args ...any)) {
 			bad(f.field, "must be greater than zero, got %d", f.v)
 		}
 	}
+	if d.MaxConnectionsPerDestination > d.MaxConnections && d.MaxConnections > 0 {
+		bad("delivery.max_connections_per_destination", "%d is more than delivery.max_connections (%d), the limit of all connections",
+			d.MaxConnectionsPerDestination, d.MaxConnections)
+	}
 	for _, f := range []struct {
 		field string
 		v     Duration
