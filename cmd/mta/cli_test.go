@@ -769,6 +769,8 @@ func TestCommandsRefuseWhatTheyWouldIgnore(t *testing.T) {
 		{[]string{"queue", "ls", "06H3YBJ5E0DFX08C", "--admin=http://127.0.0.1:1"}, `queue ls: unexpected "06H3YBJ5E0DFX08C"`},
 		{[]string{"queue", "ls", "--older-than", "-5h", "--admin=http://127.0.0.1:1"}, "--older-than -5h0m0s: want a duration of zero or more"},
 		{[]string{"serve", "--config", "/nope.yaml", "extra"}, `serve: unexpected "extra"`},
+		{[]string{"queue", "show", "", "--admin=http://127.0.0.1:1"}, "queue show: want one queue ID"},
+		{[]string{"dest", "suspend", "", "--admin=http://127.0.0.1:1"}, "dest suspend: want one domain"},
 	} {
 		if out := mtaCmd(t, false, tc.args...); !strings.Contains(out, tc.want) {
 			t.Errorf("mta %v: %q, want %q", tc.args, out, tc.want)

@@ -320,7 +320,7 @@ func queue(args []string, out io.Writer) error {
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
 	needID := func() (string, error) {
-		if len(rest) != 1 {
+		if len(rest) != 1 || strings.TrimSpace(rest[0]) == "" {
 			return "", fmt.Errorf("queue %s: want one queue ID", args[0])
 		}
 		return rest[0], nil
@@ -833,7 +833,7 @@ func dest(args []string, out io.Writer) error {
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 	if args[0] != "ls" {
-		if len(rest) != 1 {
+		if len(rest) != 1 || strings.TrimSpace(rest[0]) == "" {
 			return fmt.Errorf("dest %s: want one domain", args[0])
 		}
 		if *forD < 0 {

@@ -498,7 +498,13 @@ func (c *Config) checkFiles() error {
 		readable(fmt.Sprintf("api.tenants[%d].token_file", i), tn.TokenFile)
 	}
 	for i, k := range c.DKIM.Keys {
-		readable(fmt.Sprintf("dkim.keys[%d].key_file", i), k.KeyFile)
+		field := fmt.Sprintf("dkim.keys[%d].key_file", i)
+		readable(field, k.KeyFile)
+		if fi, err := os.Stat(k.KeyFile); err == nil && fi.Mode().Perm()&0o077 != 0 {
+			// OpenDKIM refuses such a key; a warning is enough to fix it.
+			c.warnings = append(c.warnings, fmt.Sprintf("%s: %s can be read by others (mode %04o): a private key should be chmod 600, owned by the user mta runs as",
+				field, k.KeyFile, fi.Mode().Perm()))
+		}
 	}
 	for i, w := range c.Webhooks {
 		readable(fmt.Sprintf("webhooks[%d].secret_file", i), w.SecretFile)

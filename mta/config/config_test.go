@@ -1,6 +1,7 @@
 package config
 
 import (
+	"fmt"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -261,5 +262,26 @@ func TestPOP3SNeedsACertificate(t *testing.T) {
 	}
 	if _, err := Parse([]byte("listen: {pop3s: \"127.0.0.1:2995\"}\n")); err != nil {
 		t.Fatalf("pop3s with the self-signed default: %v", err)
+	}
+}
+
+// TestWarnsOfAReadableDKIMKey: a private key file others may read is
+// named in the warnings (OpenDKIM refuses one); a mode 600 one is not.
+func TestWarnsOfAReadableDKIMKey(t *testing.T) {
+	dir := t.TempDir()
+	for _, mode := range []os.FileMode{0o644, 0o600} {
+		key := filepath.Join(dir, fmt.Sprintf("k%o.pem", mode))
+		os.WriteFile(key, []byte("x"), mode)
+		os.Chmod(key, mode)
+		path := filepath.Join(dir, "mta.yaml")
+		os.WriteFile(path, []byte("dkim: {keys: [{domain: shop.example, selector: s1, key_file: "+key+"}]}\n"), 0o600)
+		cfg, err := Load(path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		warned := strings.Contains(strings.Join(cfg.Warnings(), "\n"), "dkim.keys[0].key_file")
+		if warned != (mode == 0o644) {
+			t.Errorf("mode %o: warnings %q", mode, cfg.Warnings())
+		}
 	}
 }
