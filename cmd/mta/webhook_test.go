@@ -117,9 +117,9 @@ func TestWebhookEvents(t *testing.T) {
 	recv.down.Store(false)
 
 	// Per shop recipient: reception and delivery; the bounced one: reception,
-	// permanent failure; its bounce notice: one bounce event. The notice's
-	// own delivery belongs to the default tenant (null sender, no auth user).
-	want := 2*(n+1) + 1
+	// permanent failure; its bounce notice: one bounce event, and its own
+	// delivery, which belongs to the tenant of the message it is about.
+	want := 2*(n+1) + 2
 	var evs map[string]map[string]any
 	var dups, bad int
 	deadline := time.Now().Add(60 * time.Second)
@@ -153,7 +153,7 @@ func TestWebhookEvents(t *testing.T) {
 			}
 		}
 	}
-	if kinds["reception"] != n+1 || kinds["delivery"] != n || kinds["permanent_failure"] != 1 || kinds["bounce"] != 1 {
+	if kinds["reception"] != n+1 || kinds["delivery"] != n+1 || kinds["permanent_failure"] != 1 || kinds["bounce"] != 1 {
 		t.Errorf("events by kind: %v", kinds)
 	}
 	// The accounting log has the same shop events.

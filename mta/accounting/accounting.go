@@ -182,7 +182,9 @@ func (e *Event) AppendJSON(b []byte) []byte {
 	num("size", e.Size)
 	if e.QueuedFor > 0 {
 		b = append(b, `,"queued_for":`...)
-		b = strconv.AppendFloat(b, e.QueuedFor.Seconds(), 'f', 3, 64)
+		// Milliseconds, and at least one: a message delivered within half
+		// a millisecond did queue, and "0.000" would say it did not.
+		b = strconv.AppendFloat(b, max(e.QueuedFor.Seconds(), 0.001), 'f', 3, 64)
 	}
 	str("client_ip", e.ClientIP)
 	str("helo", e.HELO)

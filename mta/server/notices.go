@@ -105,7 +105,11 @@ func (n *notifier) notice(t *spool.Transition, body func() ([]byte, error)) (*sp
 	data, eightBit := dsn.Build(rep)
 	// A trace field like every message's, naming the notice's queue ID.
 	data = append([]byte("Received: by "+n.hostname+" (mta) id "+rep.ID+"; "+t.Now.Format(time.RFC1123Z)+"\r\n"), data...)
-	notice := &spool.Message{ID: rep.ID, Notice: kind, SMTPUTF8: m.SMTPUTF8, Body8Bit: eightBit,
+	// The original's submitter and metadata, so that the notice's own
+	// delivery events go to its tenant (its webhooks), as the events of
+	// the message it is about: not to the default tenant's, which must not
+	// see another's return paths.
+	notice := &spool.Message{ID: rep.ID, Notice: kind, SMTPUTF8: m.SMTPUTF8, Body8Bit: eightBit, AuthUser: m.AuthUser, Metadata: m.Metadata,
 		Recipients: []spool.RecipientState{{Recipient: mta.Recipient{Address: to, Notify: mta.NotifyNever}}}}
 	action := string(rcpts[0].Action)
 	addrs := make([]string, len(rcpts))
