@@ -126,7 +126,8 @@ func newMetrics(s *Scheduler, reg prometheus.Registerer) *instruments {
 	m.replyCodes.WithLabelValues("delivered", "2.0.0")
 	m.replyCodes.WithLabelValues("deferred", "4.x.x")
 	m.replyCodes.WithLabelValues("failed", "5.x.x")
-	m.replyCodes.WithLabelValues("expired", "5.4.7")
+	m.replyCodes.WithLabelValues("deferred", "none") // a connection failure
+	m.replyCodes.WithLabelValues("expired", "none")
 	for _, o := range knownOutcomes {
 		for _, c := range knownClasses {
 			m.outcomes.WithLabelValues(o, c)

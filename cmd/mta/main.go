@@ -243,7 +243,7 @@ func adminClient(fs *flag.FlagSet, args []string) (*admin.Client, []string, erro
 		return nil, nil, err
 	}
 	base, tok := *url, *token
-	if base == "" || *cfgPath != "" {
+	if base == "" || tok == "" && *cfgPath != "" {
 		cfg, err := config.Load(*cfgPath)
 		if err != nil {
 			return nil, nil, err
@@ -256,11 +256,9 @@ func adminClient(fs *flag.FlagSet, args []string) (*admin.Client, []string, erro
 		}
 		if tok == "" && cfg.Admin.TokenFile != "" {
 			// The token the configuration names, when this user may read it.
-			b, err := os.ReadFile(cfg.Admin.TokenFile)
-			if err != nil {
+			if tok, err = server.ReadAdminToken(cfg.Admin.TokenFile); err != nil {
 				return nil, nil, fmt.Errorf("admin.token_file: %w (or give --admin-token, $MTA_ADMIN_TOKEN)", err)
 			}
-			tok = strings.TrimSpace(string(b))
 		}
 	}
 	return &admin.Client{Base: base, Token: tok}, rest, nil

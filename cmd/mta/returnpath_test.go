@@ -221,8 +221,8 @@ func TestReturnPathTrustsOnlyBounces(t *testing.T) {
 		return fmt.Sprintf("From: MAILER-DAEMON@mx.example.org\nTo: %s\nSubject: failure\nMIME-Version: 1.0\n"+
 			"Content-Type: multipart/report; report-type=delivery-status; boundary=\"B\"\n\n--B\nContent-Type: text/plain\n\nFailed.\n"+
 			"%s\n--B\nContent-Type: message/delivery-status\n\nReporting-MTA: dns; mx.example.org\n\n"+
-			"Final-Recipient: rfc822; %s\nAction: failed\nStatus: 5.1.1\nDiagnostic-Code: smtp; 550 5.1.1 no such user\n\n--B--\n",
-			to, strings.Repeat("padding line of a long report\n", 40), final)
+			"Original-Recipient: rfc822;%s\nFinal-Recipient: rfc822; %s\nAction: failed\nStatus: 5.1.1\nDiagnostic-Code: smtp; 550 5.1.1 no such user\n\n--B--\n",
+			to, strings.Repeat("padding line of a long report\n", 40), strings.Split(strings.Split(final, ".forwarded")[0], "@")[0]+"@example.org", final)
 	}
 	send("fbl@provider.example", []string{"fbl@b.shop.example"}, fmt.Sprintf("From: fbl@provider.example\nTo: fbl@b.shop.example\nSubject: not spam\n"+
 		"MIME-Version: 1.0\nContent-Type: multipart/report; report-type=feedback-report; boundary=\"F\"\n\n--F\nContent-Type: text/plain\n\nx\n\n"+

@@ -710,7 +710,7 @@ func (c *Config) validateDelivery(bad func(field, format string, args ...any)) {
 			bad(f.field, "must be greater than zero, got %d", f.v)
 		}
 	}
-	if d.MaxConnectionsPerDestination > d.MaxConnections && d.MaxConnections > 0 {
+	if c.IsSet("delivery.max_connections_per_destination") && d.MaxConnectionsPerDestination > d.MaxConnections && d.MaxConnections > 0 {
 		bad("delivery.max_connections_per_destination", "%d is more than delivery.max_connections (%d), the limit of all connections",
 			d.MaxConnectionsPerDestination, d.MaxConnections)
 	}

@@ -233,6 +233,7 @@ routes:
 		{"delivery: {domains: {a.test: {max_connections: 501}}}", "delivery.domains.a.test.max_connections: 501 is more than delivery.max_connections (500)"},
 		{"delivery: {domains: {a.test: {max_messages_per_connection: -5}}}", "delivery.domains.a.test.max_messages_per_connection: must not be negative"},
 		{"delivery: {domains: {a.test: {}}}", "delivery.domains.a.test: sets none of"},
+		{"delivery: {max_connections: 10, max_connections_per_destination: 20}", "delivery.max_connections_per_destination: 20 is more than"},
 		{"delivery: {max_connections_per_destination: 1000}", "delivery.max_connections_per_destination: 1000 is more than delivery.max_connections (500)"},
 		{"delivery: {domains: {a.test: {max_recipients_per_transaction: -1}}}", "delivery.domains.a.test.max_recipients_per_transaction: must not be negative"},
 		{"delivery: {max_recipients_per_transaction: 0}", "delivery.max_recipients_per_transaction: must be greater than zero"},

@@ -165,9 +165,10 @@ func (r *returnPath) process(id string, env *mta.Envelope, body []byte) {
 		r.events.Write(&accounting.Event{Event: accounting.AsyncBounce, ID: sentID, MessageID: sent.MessageID, Recipient: sent.Recipient,
 			Enhanced: rc.Status, Reply: reply, Tenant: sent.Tenant, Metadata: sent.Metadata, DSNID: id})
 		// Suppressed only when the report is about the address we sent
-		// to: a failed forward names another (its Final-Recipient), and
-		// the address we sent to may still take mail.
-		if r.suppress != nil && r.suppress.matches(rc.Status) && (strings.EqualFold(rc.Address, sent.Recipient) || strings.EqualFold(rc.Original, sent.Recipient)) {
+		// to: a failed forward names another in its Final-Recipient (and
+		// often ours in Original-Recipient), and the address we sent to
+		// may still take mail.
+		if r.suppress != nil && r.suppress.matches(rc.Status) && strings.EqualFold(rc.Address, sent.Recipient) {
 			r.suppressAddress(sent, "bounce", rc.Status+" "+reply)
 		}
 		return // one message, one recipient: the first failed one is it

@@ -807,6 +807,10 @@ func (s *Server) closeAll() {
 // client could not guess.
 const minSecretLength = 16
 
+// ReadAdminToken reads the admin token as the server does from
+// admin.token_file, for the CLI.
+func ReadAdminToken(path string) (string, error) { return readSecret(path, "token") }
+
 // readSecret reads the first line of file, a token or secret (what), and
 // refuses one too short to be unguessable.
 func readSecret(file, what string) (string, error) {

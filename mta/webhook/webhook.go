@@ -111,7 +111,7 @@ func New(opts Options) (*Dispatcher, error) {
 	d := &Dispatcher{opts: opts, hooks: map[string]*hook{}, in: make(chan queued, 10000)}
 	label := []string{"webhook"}
 	d.queued = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "mta_webhook_events_queued_total", Help: "Events queued for a webhook."}, label)
-	d.dropped = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "mta_webhook_events_dropped_total", Help: "Events dropped: the webhook's buffer was full, or the receiver refused the event (400, 413, 415, 422) 5 times."}, label)
+	d.dropped = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "mta_webhook_events_dropped_total", Help: "Events dropped: the webhook's buffer was full."}, label)
 	d.delivered = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "mta_webhook_events_delivered_total", Help: "Events the webhook accepted (2xx)."}, label)
 	d.posts = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "mta_webhook_posts_total", Help: "Batches posted to a webhook by result (ok, failed)."}, []string{"webhook", "result"})
 	d.buffered = prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "mta_webhook_buffer_bytes", Help: "Bytes of events waiting for a webhook."}, label)
@@ -242,8 +242,7 @@ func withID(event []byte, hook string, seq uint64) []byte {
 // exponential backoff and jitter.
 func (d *Dispatcher) send(ctx context.Context, h *hook) {
 	failures := 0
-	batch := d.opts.BatchSize // smaller after a 413, until a post is taken
-	refusals := 0             // of the one event at the head, by a refusal of its content
+	batch := d.opts.BatchSize // smaller after a refusal of the content, until a post is taken
 	for ctx.Err() == nil {
 		evs, err := d.opts.Store.Events(h.Name, batch)
 		if err != nil {
@@ -261,21 +260,11 @@ func (d *Dispatcher) send(ctx context.Context, h *hook) {
 		if err := d.post(ctx, h, evs); err != nil {
 			d.posts.WithLabelValues(h.Name, "failed").Inc()
 			var st statusError
-			if errors.As(err, &st) && refusesContent(int(st)) {
-				if len(evs) > 1 {
-					// Too large, or one event the receiver cannot take:
-					// smaller batches find it, and the rest goes on.
-					batch = max(1, len(evs)/2)
-					continue
-				}
-				if refusals++; refusals >= maxRefusals {
-					d.opts.Logger.Warn("webhook event refused by the receiver; dropped", zap.String("webhook", h.Name),
-						zap.Uint64("seq", evs[0].Seq), zap.Int("refusals", refusals), zap.Error(err))
-					d.dropped.WithLabelValues(h.Name).Inc()
-					d.remove(h, evs)
-					refusals = 0
-					continue
-				}
+			if errors.As(err, &st) && refusesContent(int(st)) && len(evs) > 1 {
+				// Too large, or one event the receiver cannot take:
+				// smaller batches get what it can take through.
+				batch = max(1, len(evs)/2)
+				continue
 			}
 			failures++
 			wait := min(d.opts.MinBackoff<<min(failures-1, 20), d.opts.MaxBackoff)
@@ -291,7 +280,7 @@ func (d *Dispatcher) send(ctx context.Context, h *hook) {
 			}
 			continue
 		}
-		failures, refusals, batch = 0, 0, d.opts.BatchSize
+		failures, batch = 0, d.opts.BatchSize
 		d.posts.WithLabelValues(h.Name, "ok").Inc()
 		d.delivered.WithLabelValues(h.Name).Add(float64(len(evs)))
 		d.remove(h, evs)
@@ -310,15 +299,12 @@ func (d *Dispatcher) remove(h *hook, evs []StoredEvent) {
 	d.buffered.WithLabelValues(h.Name).Set(float64(h.bytes.Add(-n)))
 }
 
-// maxRefusals is how many times one event's content is refused, with
-// backoff between, before it is dropped: the receiver will not take it,
-// and it must not hold up every event behind it.
-const maxRefusals = 5
-
-// refusesContent reports whether an HTTP status refuses what was posted,
-// not where or when: 400, 413, 415, 422. Others (a wrong URL or
-// credentials: 401, 403, 404, 410; 408, 429, 5xx) are the endpoint's and
-// are retried without end, so that a fixed endpoint gets every event.
+// refusesContent reports whether an HTTP status may refuse what was
+// posted rather than where or when: 400, 413, 415, 422. A batch so
+// refused is split, so that one event too large or too odd for the
+// receiver does not keep the others back; nothing is ever dropped for it,
+// since a misconfigured receiver (a wrong secret gets 400 from common
+// webhook libraries) answers the same to every post.
 func refusesContent(code int) bool {
 	switch code {
 	case http.StatusBadRequest, http.StatusRequestEntityTooLarge, http.StatusUnsupportedMediaType, http.StatusUnprocessableEntity:

@@ -146,63 +146,73 @@ func TestSign(t *testing.T) {
 	}
 }
 
-// TestAnEventTheReceiverRefusesIsDropped: a receiver that answers 422 to
-// any batch holding one poisoned event gets the others (smaller batches
-// find it), and that event is dropped and counted after maxRefusals
-// tries, instead of holding every later event up for ever. A 404 (the
-// endpoint's problem, not the events') drops nothing.
-func TestAnEventTheReceiverRefusesIsDropped(t *testing.T) {
-	var mu sync.Mutex
-	got := map[string]bool{}
-	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		body, _ := io.ReadAll(r.Body)
-		var batch []map[string]any
-		json.Unmarshal(body, &batch)
-		for _, e := range batch {
-			if e["recipient"] == "poison@example.org" {
-				http.Error(w, "cannot take it", http.StatusUnprocessableEntity)
-				return
+// TestRefusedBatchesAreSplitNotDropped: a receiver that answers 413 to a
+// batch of more than 2 events gets every event in smaller batches; one
+// that answers 400 to every post (a wrong secret) loses nothing: the
+// events stay queued. 404 and 429 are the endpoint's, not the content's.
+func TestRefusedBatchesAreSplitNotDropped(t *testing.T) {
+	for _, tc := range []struct {
+		name   string
+		status func(batch int) int
+		posted int
+	}{
+		{"413 over 2", func(n int) int {
+			if n > 2 {
+				return http.StatusRequestEntityTooLarge
 			}
-		}
-		mu.Lock()
-		defer mu.Unlock()
-		for _, e := range batch {
-			got[e["recipient"].(string)] = true
-		}
-	}))
-	defer srv.Close()
-	store := &memStore{evs: map[string][]StoredEvent{}}
-	d, err := New(Options{Store: store, Hooks: []Hook{{Name: "h", URL: srv.URL, Secret: "s", MaxBuffer: 1 << 20}}, Registerer: prometheus.NewRegistry(),
-		MinBackoff: time.Millisecond, MaxBackoff: 2 * time.Millisecond, BatchSize: 8})
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan struct{})
-	go func() { defer close(done); d.Run(ctx) }()
-	for i := range 20 {
-		rcpt := fmt.Sprintf("r%d@example.org", i)
-		if i == 5 {
-			rcpt = "poison@example.org"
-		}
-		d.Enqueue("h", []byte(`{"event":"delivery","recipient":"`+rcpt+`"}`))
-	}
-	deadline := time.Now().Add(5 * time.Second)
-	for time.Now().Before(deadline) {
-		mu.Lock()
-		n := len(got)
-		mu.Unlock()
-		if n == 19 {
-			break
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
-	cancel()
-	<-done
-	mu.Lock()
-	defer mu.Unlock()
-	if len(got) != 19 || got["poison@example.org"] || testutil.ToFloat64(d.dropped.WithLabelValues("h")) != 1 {
-		t.Errorf("%d of the 19 good events posted, %v dropped; want all 19 and the poisoned one dropped", len(got), testutil.ToFloat64(d.dropped.WithLabelValues("h")))
+			return 200
+		}, 20},
+		{"always 400", func(int) int { return http.StatusBadRequest }, 0},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			var mu sync.Mutex
+			got := map[string]bool{}
+			srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+				body, _ := io.ReadAll(r.Body)
+				var batch []map[string]any
+				json.Unmarshal(body, &batch)
+				if code := tc.status(len(batch)); code != 200 {
+					http.Error(w, "no", code)
+					return
+				}
+				mu.Lock()
+				defer mu.Unlock()
+				for _, e := range batch {
+					got[e["recipient"].(string)] = true
+				}
+			}))
+			defer srv.Close()
+			store := &memStore{evs: map[string][]StoredEvent{}}
+			d, err := New(Options{Store: store, Hooks: []Hook{{Name: "h", URL: srv.URL, Secret: "s", MaxBuffer: 1 << 20}}, Registerer: prometheus.NewRegistry(),
+				MinBackoff: time.Millisecond, MaxBackoff: 2 * time.Millisecond, BatchSize: 8})
+			if err != nil {
+				t.Fatal(err)
+			}
+			ctx, cancel := context.WithCancel(context.Background())
+			done := make(chan struct{})
+			go func() { defer close(done); d.Run(ctx) }()
+			for i := range 20 {
+				d.Enqueue("h", []byte(fmt.Sprintf(`{"event":"delivery","recipient":"r%d@example.org"}`, i)))
+			}
+			deadline := time.Now().Add(time.Second)
+			for time.Now().Before(deadline) {
+				mu.Lock()
+				n := len(got)
+				mu.Unlock()
+				if n == tc.posted && tc.posted > 0 {
+					break
+				}
+				time.Sleep(5 * time.Millisecond)
+			}
+			cancel()
+			<-done
+			mu.Lock()
+			defer mu.Unlock()
+			if len(got) != tc.posted || store.count("h") != 20-tc.posted || testutil.ToFloat64(d.dropped.WithLabelValues("h")) != 0 {
+				t.Errorf("%d posted, %d still queued, %v dropped; want %d posted, the rest queued, none dropped",
+					len(got), store.count("h"), testutil.ToFloat64(d.dropped.WithLabelValues("h")), tc.posted)
+			}
+		})
 	}
 	if refusesContent(http.StatusNotFound) || refusesContent(http.StatusTooManyRequests) || !refusesContent(http.StatusRequestEntityTooLarge) {
 		t.Error("refusesContent: 404 and 429 are the endpoint's, 413 the content's")
